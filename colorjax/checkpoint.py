@@ -1,0 +1,93 @@
+"""Orbax checkpoints of the training state, and self-describing params-only exports for later stages.
+
+Training checkpoints (`<workdir>/checkpoints/<step>/`) hold params, optimizer state and step plus a JSON item with
+the config; they are written asynchronously and the last `keep` are kept. A params export (`<folder>/params/` +
+`<folder>/manifest.json`) is what finetune, score and eval read: the manifest names the architecture, the
+tokenizer and the data that made it, so a stage can refuse parameters that do not fit instead of trusting a path.
+"""
+import json
+import pathlib
+import time
+
+import jax
+import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+from colorjax import data
+from colorjax import metrics
+from colorjax import model
+
+PARAMS_FORMAT = "colorjax.params"
+
+
+class Checkpointer:
+  """Async, keep-N checkpoints of {'state': train state, 'meta': JSON} under <workdir>/checkpoints."""
+
+  def __init__(self, workdir, keep: int = 2):
+    options = ocp.CheckpointManagerOptions(max_to_keep=max(1, keep), create=True, enable_async_checkpointing=True)
+    self.directory = pathlib.Path(workdir).resolve() / "checkpoints"
+    self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+
+  def latest_step(self):
+    return self.manager.latest_step()
+
+  def save(self, step: int, state, meta: dict):
+    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+
+  def restore(self, step: int, abstract_state):
+    """State laid out as `abstract_state` (ShapeDtypeStructs carrying the target shardings), and its meta."""
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+    return restored.state, restored.meta
+
+  def wait(self):
+    self.manager.wait_until_finished()
+
+  def close(self):
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def export_params(folder, params, manifest: dict) -> pathlib.Path:
+  """Write params + manifest.json; refuses to overwrite an existing export."""
+  folder = pathlib.Path(folder).resolve()
+  if (folder / data.MANIFEST).exists():
+    raise data.DataError(f"{folder} already holds a params export; choose another folder or delete it first")
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(folder / "params", params, force=True)
+  checkpointer.wait_until_finished()
+  manifest = dict(manifest, format=PARAMS_FORMAT, time=time.strftime("%Y-%m-%dT%H:%M:%S"))
+  if metrics.is_main():
+    (folder / data.MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
+  multihost_utils.sync_global_devices(f"export {folder}")
+  return folder
+
+
+def read_params_manifest(folder) -> dict:
+  folder = pathlib.Path(folder)
+  manifest = data.read_manifest(folder)
+  if manifest.get("format") != PARAMS_FORMAT:
+    raise data.DataError(f"{folder / data.MANIFEST} is not a params export (format={manifest.get('format')!r}); "
+                         "pass the params folder of a finished pretrain/finetune run (<workdir>/params)")
+  return manifest
+
+
+def check_architecture(manifest: dict, spec: model.ModelSpec, where) -> None:
+  saved, wanted = manifest["model"], spec.architecture()
+  diff = {k: (saved.get(k), v) for k, v in wanted.items() if saved.get(k) != v}
+  if diff:
+    detail = ", ".join(f"{k}: saved {a} vs config {b}" for k, (a, b) in diff.items())
+    raise data.DataError(f"params in {where} do not fit the configured model ({detail}); set --config.model.* to "
+                         "match (or use the size config the params were trained with)")
+
+
+def load_params(folder, spec: model.ModelSpec, shardings=None):
+  """Params of an export, checked against the model spec, placed with `shardings` (a tree of NamedShardings)."""
+  folder = pathlib.Path(folder)
+  manifest = read_params_manifest(folder)
+  check_architecture(manifest, spec, folder)
+  abstract = model.abstract_params(spec)
+  if shardings is not None:
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  params = ocp.StandardCheckpointer().restore(folder / "params", abstract)
+  return params, manifest

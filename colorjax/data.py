@@ -1,0 +1,309 @@
+"""Token stores (reading), tokenizers, the deterministic data order, and the background batch loader.
+
+A token store is a folder of `.npy` arrays of fixed-length token sequences plus `manifest.json` (written by
+`prepare.py`). A sequence's global id is its row over the store's arrays in manifest order. Training order is a
+pure function of (seed, step): a keyed Feistel permutation of the ids (or of positions in an index of ids), so
+resuming needs no iterator state and any host can compute any step's ids.
+"""
+import hashlib
+import json
+import pathlib
+import queue
+import threading
+
+import numpy as np
+
+STORE_FORMAT = "colorjax.token_store"
+STORE_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+class DataError(ValueError):
+  """A data artifact is missing, corrupt or does not match what the stage expects."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tokenizers
+
+
+def load_tokenizer(name_or_path: str):
+  """A HF `tokenizers.Tokenizer` from a tokenizer.json path (or a folder holding one) or a hub name."""
+  from tokenizers import Tokenizer  # pylint: disable=import-outside-toplevel
+  if not name_or_path:
+    raise DataError("no tokenizer given: set --config.prepare.tokenizer to a tokenizer.json path or a hub name")
+  path = pathlib.Path(name_or_path)
+  if path.is_dir():
+    candidates = sorted(path.glob("*.json"))
+    if not candidates:
+      raise DataError(f"tokenizer folder {path} holds no tokenizer .json file")
+    path = candidates[0]
+  if path.suffix == ".json" or path.exists():
+    if not path.exists():
+      raise DataError(f"tokenizer file {path} does not exist; pass the path of a tokenizer.json")
+    try:
+      return Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises plain Exceptions
+      raise DataError(f"tokenizer file {path} could not be read ({e}); is it a HF tokenizers JSON file?") from e
+  try:
+    return Tokenizer.from_pretrained(name_or_path)
+  except Exception as e:
+    raise DataError(f"tokenizer {name_or_path!r} is not a local file and could not be fetched ({e}); pass the "
+                    "path of a tokenizer.json instead") from e
+
+
+def tokenizer_info(tokenizer, name: str) -> dict:
+  """What a store records of its tokenizer: a name, a content hash, its size and special ids."""
+  serialized = tokenizer.to_str()
+  vocab = tokenizer.get_vocab_size(with_added_tokens=True)
+  eos = tokenizer.token_to_id("<|endoftext|>")
+  pad = tokenizer.token_to_id("<|padding|>")
+  return {
+      "name": str(name),
+      "sha256": hashlib.sha256(serialized.encode("utf-8")).hexdigest(),
+      "vocab_size": int(vocab),
+      "eos_id": 0 if eos is None else int(eos),
+      "pad_id": 1 if pad is None else int(pad),
+  }
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+  return np.dtype(np.uint16) if vocab_size < 65536 else np.dtype(np.uint32)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading stores
+
+
+def read_manifest(path) -> dict:
+  """The manifest of an artifact folder, with errors that say what is wrong and how to fix it."""
+  folder = pathlib.Path(path)
+  manifest_path = folder / MANIFEST
+  if not folder.exists():
+    raise DataError(f"{folder} does not exist")
+  if not manifest_path.exists():
+    raise DataError(f"{manifest_path} is missing: {folder} is not a finished colorjax artifact (an interrupted run "
+                    "leaves no manifest); re-run the stage that makes it")
+  try:
+    return json.loads(manifest_path.read_text())
+  except json.JSONDecodeError as e:
+    raise DataError(f"{manifest_path} is not valid JSON ({e}); re-run the stage that makes it") from e
+
+
+class TokenStore:
+  """Read access to a token store by global sequence id."""
+
+  def __init__(self, path):
+    self.path = pathlib.Path(path)
+    self.manifest = read_manifest(self.path)
+    m = self.manifest
+    if m.get("format") != STORE_FORMAT:
+      raise DataError(f"{self.path / MANIFEST} is not a token store manifest (format={m.get('format')!r}); pass a "
+                      "folder written by the prepare stage")
+    if m.get("version") != STORE_VERSION:
+      raise DataError(f"{self.path} has token store version {m.get('version')}; this colorjax reads version "
+                      f"{STORE_VERSION}: re-run prepare")
+    self.seq_len = int(m["seq_len"])
+    self.dtype = np.dtype(m["dtype"])
+    self.vocab_size = int(m["tokenizer"]["vocab_size"])
+    self.eos_id = int(m["tokenizer"]["eos_id"])
+    self.pad_id = int(m["tokenizer"]["pad_id"])
+    self.padded = bool(m.get("padded", False))
+    self.files = m["files"]
+    self.num_sequences = int(m["num_sequences"])
+    counts = np.array([f["sequences"] for f in self.files], dtype=np.int64)
+    self.offsets = np.concatenate([[0], np.cumsum(counts)])
+    if int(self.offsets[-1]) != self.num_sequences:
+      raise DataError(f"{self.path / MANIFEST}: file sequence counts sum to {int(self.offsets[-1])}, not "
+                      f"num_sequences={self.num_sequences}; the manifest is corrupt, re-run prepare")
+    self._arrays: list = [None] * len(self.files)
+    self._labels: list = [None] * len(self.files)
+
+  @property
+  def id(self) -> str:
+    """Content id of the store (tokenizer, seq_len, sources, counts), recorded by downstream artifacts."""
+    return self.manifest["id"]
+
+  def _array(self, i: int) -> np.ndarray:
+    if self._arrays[i] is None:
+      entry = self.files[i]
+      path = self.path / entry["array"]
+      try:
+        array = np.load(path, mmap_mode="r")
+      except FileNotFoundError as e:
+        raise DataError(f"{path} is missing from token store {self.path}; re-run prepare") from e
+      except ValueError as e:
+        raise DataError(f"{path} is not a readable .npy file ({e}); the store is corrupt, re-run prepare") from e
+      expected = (entry["sequences"], self.seq_len)
+      if array.shape != expected or array.dtype != self.dtype:
+        raise DataError(f"{path} holds {array.dtype}{list(array.shape)}, the manifest says "
+                        f"{self.dtype}{list(expected)}; the store is corrupt, re-run prepare")
+      self._arrays[i] = array
+    return self._arrays[i]
+
+  def file_of(self, ids: np.ndarray) -> np.ndarray:
+    """Index (into manifest files) of the file holding each global id."""
+    return np.searchsorted(self.offsets, ids, side="right") - 1
+
+  def read(self, ids) -> np.ndarray:
+    """Sequences [len(ids), seq_len] for global ids, in the given order."""
+    ids = np.asarray(ids, dtype=np.int64)
+    if ids.size and (ids.min() < 0 or ids.max() >= self.num_sequences):
+      raise DataError(f"sequence ids out of range for {self.path} ({self.num_sequences} sequences): "
+                      f"min {ids.min()}, max {ids.max()}; is the index from another store?")
+    out = np.empty((ids.size, self.seq_len), self.dtype)
+    files = self.file_of(ids)
+    for i in np.unique(files):
+      rows = np.nonzero(files == i)[0]
+      local = ids[rows] - self.offsets[i]
+      order = np.argsort(local, kind="stable")  # sorted reads are kinder to disks and page cache
+      out[rows[order]] = self._array(int(i))[local[order]]
+    return out
+
+  def labels(self) -> list[str]:
+    return list(self.manifest.get("labels", []))
+
+  def label_ids(self, ids) -> np.ndarray:
+    """Per-sequence source label (index into `labels()`): the source of the sequence's first token's document."""
+    ids = np.asarray(ids, dtype=np.int64)
+    out = np.empty(ids.size, np.int32)
+    files = self.file_of(ids)
+    for i in np.unique(files):
+      rows = np.nonzero(files == i)[0]
+      entry = self.files[int(i)]
+      if "label_array" in entry:
+        if self._labels[i] is None:
+          self._labels[i] = np.load(self.path / entry["label_array"], mmap_mode="r")
+        out[rows] = self._labels[i][ids[rows] - self.offsets[i]]
+      else:
+        out[rows] = entry["label"]
+    return out
+
+
+def load_index(path, store: TokenStore | None = None) -> np.ndarray:
+  """A selection index: a 1-D .npy of global ids (checked against its manifest and the store when both exist)."""
+  path = pathlib.Path(path)
+  if path.is_dir():
+    path = path / "index.npy"
+  if not path.exists():
+    raise DataError(f"index file {path} does not exist; run the select stage or fix --config.data.index")
+  try:
+    index = np.load(path)
+  except ValueError as e:
+    raise DataError(f"{path} is not a readable .npy file ({e}); re-run the select stage") from e
+  if index.ndim != 1 or not np.issubdtype(index.dtype, np.integer):
+    raise DataError(f"{path} holds {index.dtype}{list(index.shape)}; an index is a 1-D integer array of ids")
+  manifest_path = path.parent / MANIFEST
+  if store is not None and manifest_path.exists():
+    recorded = json.loads(manifest_path.read_text()).get("store_id")
+    if recorded and recorded != store.id:
+      raise DataError(f"index {path} was selected from store {recorded}, but training reads store {store.id} "
+                      f"({store.path}); point --config.data.train_store at the store the selection came from")
+  if store is not None and index.size and (index.min() < 0 or index.max() >= store.num_sequences):
+    raise DataError(f"index {path} has ids outside [0, {store.num_sequences}) of store {store.path}")
+  return index.astype(np.int64)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Deterministic order
+
+
+def _mix64(x: np.ndarray, key: np.uint64) -> np.ndarray:
+  """splitmix64 finalizer of (x xor key): a cheap, well-mixed round function."""
+  with np.errstate(over="ignore"):
+    z = x ^ key
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+class Permutation:
+  """A keyed pseudo-random bijection of [0, n), O(1) memory: a balanced Feistel network with cycle walking."""
+
+  ROUNDS = 6
+
+  def __init__(self, n: int, seed: int, stream: int = 0):
+    if n <= 0:
+      raise ValueError(f"cannot permute {n} items")
+    self.n = int(n)
+    self.half_bits = max(1, (int(n - 1).bit_length() + 1) // 2)
+    self.mask = np.uint64((1 << self.half_bits) - 1)
+    words = np.random.SeedSequence([int(seed), int(stream), self.n]).generate_state(self.ROUNDS, dtype=np.uint64)
+    self.keys = [np.uint64(w) for w in words]
+
+  def _feistel(self, x: np.ndarray) -> np.ndarray:
+    shift = np.uint64(self.half_bits)
+    left, right = x >> shift, x & self.mask
+    for key in self.keys:
+      left, right = right, left ^ (_mix64(right, key) & self.mask)
+    return (left << shift) | right
+
+  def __call__(self, positions) -> np.ndarray:
+    x = np.asarray(positions, dtype=np.uint64)
+    out = self._feistel(x)
+    pending = out >= self.n
+    while pending.any():  # cycle walking: re-encrypt until inside [0, n); keeps it a bijection of [0, n)
+      out[pending] = self._feistel(out[pending])
+      pending = out >= self.n
+    return out.astype(np.int64)
+
+
+def step_ids(step: int, batch_size: int, num_items: int, seed: int, index: np.ndarray | None = None) -> np.ndarray:
+  """Global sequence ids of one step's batch: a fresh permutation per epoch over the store or the index."""
+  positions = step * batch_size + np.arange(batch_size, dtype=np.int64)
+  epochs, within = positions // num_items, positions % num_items
+  out = np.empty(batch_size, np.int64)
+  for epoch in np.unique(epochs):
+    rows = epochs == epoch
+    out[rows] = Permutation(num_items, seed, stream=int(epoch))(within[rows])
+  return out if index is None else index[out]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Background loading
+
+
+class Prefetcher:
+  """Runs `produce(step)` for consecutive steps in a background thread, `depth` steps ahead."""
+
+  def __init__(self, produce, steps, depth: int = 4):
+    self._produce = produce
+    self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._run, args=(list(steps),), daemon=True)
+    self._thread.start()
+
+  def _run(self, steps):
+    try:
+      for step in steps:
+        item = (step, self._produce(step), None)
+        while not self._stop.is_set():
+          try:
+            self._queue.put(item, timeout=0.1)
+            break
+          except queue.Full:
+            continue
+        if self._stop.is_set():
+          return
+    except BaseException as e:  # surfaced in the consumer, with its traceback
+      self._queue.put((None, None, e))
+      return
+    self._queue.put((None, None, StopIteration()))
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    step, item, error = self._queue.get()
+    if isinstance(error, StopIteration):
+      raise StopIteration
+    if error is not None:
+      raise error
+    return step, item
+
+  def close(self):
+    self._stop.set()
+    while self._thread.is_alive():
+      try:
+        self._queue.get(timeout=0.05)
+      except queue.Empty:
+        pass

@@ -1,0 +1,111 @@
+"""Console progress bars, the run's metrics.jsonl, and MFU bookkeeping. Only process 0 writes or prints."""
+import json
+import pathlib
+import sys
+import time
+
+import jax
+
+# Dense bf16 peak FLOP/s per device, by substrings of jax's device_kind (SPEC §5 uses 989 TFLOP/s for H100).
+PEAK_FLOPS = (
+    ("H200", 989e12), ("H100", 989e12), ("GH200", 989e12), ("A100", 312e12), ("L4", 121e12), ("A10", 125e12),
+    ("B200", 2250e12), ("TPU v6", 918e12), ("TPU v5p", 459e12), ("TPU v5 lite", 197e12), ("TPU v5e", 197e12),
+    ("TPU v4", 275e12), ("TPU v3", 123e12),
+)
+
+
+def is_main() -> bool:
+  return jax.process_index() == 0
+
+
+def peak_flops(configured: float = 0.0) -> float:
+  """Per-device peak for MFU: the configured value, else a lookup by device kind; 0 when unknown (e.g. CPU)."""
+  if configured:
+    return float(configured)
+  kind = jax.devices()[0].device_kind
+  for name, flops in PEAK_FLOPS:
+    if name.lower() in kind.lower():
+      return flops
+  return 0.0
+
+
+def human(n: float) -> str:
+  for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+    if abs(n) >= scale:
+      return f"{n / scale:.2f}{unit}"
+  return f"{n:.0f}"
+
+
+class Progress:
+  """A one-line progress bar on stderr (a line per update when stderr is not a terminal, at most every 10 s)."""
+
+  def __init__(self, total, unit: str = "it", desc: str = "", enabled: bool | None = None):
+    self.total, self.unit, self.desc = total, unit, desc
+    self.count = 0
+    self.start = time.time()
+    self._last_print = 0.0
+    self.enabled = is_main() if enabled is None else enabled
+    self._tty = sys.stderr.isatty()
+
+  @property
+  def elapsed(self) -> float:
+    return time.time() - self.start
+
+  def update(self, n: int = 1, extra: str = "", force: bool = False):
+    self.count += n
+    now = time.time()
+    interval = 0.2 if self._tty else 10.0
+    if not self.enabled or (not force and now - self._last_print < interval):
+      return
+    self._last_print = now
+    rate = self.count / max(self.elapsed, 1e-9)
+    if self.total:
+      frac = min(1.0, self.count / self.total)
+      filled = int(frac * 24)
+      eta = (self.total - self.count) / rate if rate else 0
+      head = f"{self.desc} [{'#' * filled}{'.' * (24 - filled)}] {self.count:,}/{self.total:,} {self.unit}"
+      line = f"{head} ({frac:.0%}, {rate:,.1f} {self.unit}/s, eta {eta:,.0f}s)"
+    else:
+      line = f"{self.desc} {self.count:,} {self.unit} ({rate:,.1f} {self.unit}/s)"
+    if extra:
+      line += f" {extra}"
+    sys.stderr.write(("\r" + line + "\x1b[K") if self._tty else line + "\n")
+    sys.stderr.flush()
+
+  def close(self, extra: str = ""):
+    self.update(0, extra=extra, force=True)
+    if self.enabled and self._tty:
+      sys.stderr.write("\n")
+      sys.stderr.flush()
+
+
+class MetricsWriter:
+  """Appends one JSON object per line to <workdir>/metrics.jsonl (process 0 only)."""
+
+  def __init__(self, workdir, truncate_after_step: int | None = None):
+    self.path = pathlib.Path(workdir) / "metrics.jsonl"
+    self.enabled = is_main()
+    if self.enabled and truncate_after_step is not None and self.path.exists():
+      self._drop_after(truncate_after_step)
+
+  def _drop_after(self, step: int):
+    """On resume, drop records of steps past the checkpoint: the resumed run writes them again, identically."""
+    lines = self.path.read_text().splitlines()
+    keep = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    if len(keep) != len(lines):
+      print(f"resume: dropping {len(lines) - len(keep)} metric records after step {step} (they are recomputed)")
+      self.path.write_text("".join(line + "\n" for line in keep))
+
+  def write(self, record: dict):
+    if not self.enabled:
+      return
+    record = {k: (float(v) if hasattr(v, "dtype") else v) for k, v in record.items()}
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(workdir) -> list[dict]:
+  path = pathlib.Path(workdir) / "metrics.jsonl"
+  if not path.exists():
+    return []
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,318 @@
+"""The `prepare` stage: tokenize text files in parallel worker processes into a token store.
+
+Each input file is tokenized by one worker (HF `tokenizers`, its Rust threads sharing the cores left over),
+documents are joined with EOS (one after every document), and the file's token stream is cut into non-overlapping
+`seq_len` sequences; the remainder of each file is dropped (as in the original). The store is built in
+`<output>.partial/` and renamed into place only when complete, so a finished store is never half-written and an
+interrupted prepare resumes file by file.
+"""
+import glob
+import gzip
+import hashlib
+import json
+import multiprocessing
+import os
+import pathlib
+import shutil
+import socket
+import time
+
+import numpy as np
+
+from colorjax import data
+from colorjax import metrics
+
+_PROGRESS = None  # worker side: the queue progress increments go to
+
+
+def expand_inputs(patterns) -> list[pathlib.Path]:
+  """Files named by paths or globs, in the given order (each glob's matches sorted), duplicates removed."""
+  if isinstance(patterns, str):
+    patterns = [patterns]
+  if not patterns:
+    raise data.DataError("no inputs: set --config.prepare.inputs to text files or globs")
+  files, seen = [], set()
+  for pattern in patterns:
+    matches = sorted(glob.glob(os.path.expanduser(str(pattern)), recursive=True))
+    matches = [m for m in matches if os.path.isfile(m)]
+    if not matches:
+      raise data.DataError(f"input {pattern!r} matches no file; fix --config.prepare.inputs")
+    for match in matches:
+      path = pathlib.Path(match).resolve()
+      if path not in seen:
+        seen.add(path)
+        files.append(path)
+  return files
+
+
+def source_label(path: pathlib.Path) -> str:
+  """A file's default source name: its file name without data extensions (kjv.jsonl.gz -> kjv)."""
+  name = path.name
+  for ext in (".gz", ".jsonl", ".json", ".txt", ".parquet"):
+    if name.endswith(ext):
+      name = name[: -len(ext)]
+  return name
+
+
+def iter_documents(path: pathlib.Path, text_field: str, source_field: str):
+  """(text, source) per document: jsonl(.gz) lines, a whole .txt(.gz) file, or parquet rows."""
+  name, default_source = path.name, source_label(path)
+  if name.endswith(".parquet"):
+    try:
+      import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+    except ImportError as e:
+      raise data.DataError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from e
+    table = pq.read_table(path)
+    if text_field not in table.column_names:
+      raise data.DataError(f"{path} has no column {text_field!r} (columns: {table.column_names}); set "
+                           "--config.prepare.text_field")
+    sources = table.column(source_field).to_pylist() if source_field in table.column_names else None
+    for i, text in enumerate(table.column(text_field).to_pylist()):
+      yield text or "", (sources[i] if sources else default_source)
+    return
+  opener = gzip.open if name.endswith(".gz") else open
+  stem = name[:-3] if name.endswith(".gz") else name
+  try:
+    with opener(path, "rt", encoding="utf-8") as f:
+      if stem.endswith(".txt"):
+        yield f.read(), default_source
+        return
+      if not stem.endswith((".jsonl", ".json")):
+        raise data.DataError(f"{path}: unsupported file type; use .jsonl, .jsonl.gz, .txt, .txt.gz or .parquet")
+      for line_no, line in enumerate(f, 1):
+        if not line.strip():
+          continue
+        try:
+          doc = json.loads(line)
+        except json.JSONDecodeError as e:
+          raise data.DataError(f"{path}:{line_no}: invalid JSON ({e}); fix or remove the file") from e
+        if not isinstance(doc, dict) or text_field not in doc:
+          raise data.DataError(f"{path}:{line_no}: no {text_field!r} field; set --config.prepare.text_field")
+        yield str(doc[text_field]), str(doc.get(source_field, default_source))
+  except (OSError, EOFError, UnicodeDecodeError) as e:
+    raise data.DataError(f"{path}: cannot be read ({e}); the file is corrupt or not UTF-8 text") from e
+
+
+def file_sha256(path: pathlib.Path) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def _init_worker(progress_queue, rayon_threads: int):
+  global _PROGRESS
+  _PROGRESS = progress_queue
+  os.environ["RAYON_NUM_THREADS"] = str(rayon_threads)
+  os.environ["TOKENIZERS_PARALLELISM"] = "true"
+
+
+def tokenize_file(job: dict) -> dict:
+  """Tokenize one file into `<folder>/seqs-XXXXX.npy` (+ per-sequence labels when it mixes sources)."""
+  from tokenizers import Tokenizer  # pylint: disable=import-outside-toplevel
+  path, folder, seq_len = pathlib.Path(job["path"]), pathlib.Path(job["folder"]), job["seq_len"]
+  tokenizer = Tokenizer.from_str(job["tokenizer_json"])
+  dtype, eos = np.dtype(job["dtype"]), job["eos_id"]
+  stem = f"{job['file_index']:05d}"
+  raw_path = folder / f"tokens-{stem}.bin"
+  doc_starts, doc_labels, label_names = [], [], {}
+  num_docs = num_tokens = 0
+
+  def flush(texts, labels):
+    nonlocal num_docs, num_tokens
+    encodings = tokenizer.encode_batch(texts, add_special_tokens=False)
+    chunk = []
+    for encoding, label in zip(encodings, labels):
+      doc_starts.append(num_tokens)
+      doc_labels.append(label_names.setdefault(label, len(label_names)))
+      ids = encoding.ids
+      chunk.append(np.asarray(ids, dtype=dtype))
+      chunk.append(np.asarray([eos], dtype=dtype))
+      num_tokens += len(ids) + 1
+    num_docs += len(texts)
+    if chunk:
+      np.concatenate(chunk).tofile(raw)
+    if _PROGRESS is not None:
+      _PROGRESS.put((len(texts), sum(len(c) for c in chunk)))
+
+  with open(raw_path, "wb") as raw:
+    texts, labels = [], []
+    for text, label in iter_documents(path, job["text_field"], job["source_field"]):
+      texts.append(text)
+      labels.append(label)
+      if len(texts) >= job["docs_per_chunk"]:
+        flush(texts, labels)
+        texts, labels = [], []
+    if texts:
+      flush(texts, labels)
+
+  num_sequences = num_tokens // seq_len
+  array_name = f"seqs-{stem}.npy"
+  out = np.lib.format.open_memmap(folder / array_name, mode="w+", dtype=dtype, shape=(num_sequences, seq_len))
+  stream = np.memmap(raw_path, dtype=dtype, mode="r") if num_tokens else np.zeros(0, dtype)
+  rows_per_copy = max(1, (64 << 20) // (seq_len * dtype.itemsize))
+  for start in range(0, num_sequences, rows_per_copy):
+    stop = min(num_sequences, start + rows_per_copy)
+    out[start:stop] = np.asarray(stream[start * seq_len: stop * seq_len]).reshape(stop - start, seq_len)
+  out.flush()
+  del out, stream
+  raw_path.unlink()
+
+  entry = {
+      "path": str(path),
+      "sha256": file_sha256(path),
+      "bytes": path.stat().st_size,
+      "documents": num_docs,
+      "tokens": num_tokens,
+      "sequences": num_sequences,
+      "dropped_tokens": num_tokens - num_sequences * seq_len,
+      "array": array_name,
+      "label_names": sorted(label_names, key=label_names.get),
+  }
+  if len(label_names) > 1:  # label of the document holding each sequence's first token
+    starts = np.asarray(doc_starts, dtype=np.int64)
+    first_doc = np.searchsorted(starts, np.arange(num_sequences, dtype=np.int64) * seq_len, side="right") - 1
+    label_array = f"labels-{stem}.npy"
+    np.save(folder / label_array, np.asarray(doc_labels, dtype=np.uint16)[first_doc])
+    entry["label_array"] = label_array
+  (folder / f"done-{stem}.json").write_text(json.dumps(entry))
+  return entry
+
+
+def _request(cfg, files, tok_info) -> dict:
+  """What determines a store's content; a partial or finished store must match it to be reused."""
+  return {
+      "inputs": [str(f) for f in files],
+      "tokenizer_sha256": tok_info["sha256"],
+      "seq_len": int(cfg.prepare.seq_len),
+      "text_field": cfg.prepare.text_field,
+      "source_field": cfg.prepare.source_field,
+  }
+
+
+def _finalize_labels(entries: list, folder: pathlib.Path) -> list[str]:
+  """Global label list; single-label files get an id, mixed files' label arrays are remapped to global ids."""
+  names: list[str] = []
+  for entry in entries:
+    for name in entry["label_names"]:
+      if name not in names:
+        names.append(name)
+  for entry in entries:
+    local_names = entry.pop("label_names")
+    if "label_array" in entry:
+      to_global = np.asarray([names.index(n) for n in local_names], dtype=np.uint16)
+      path = folder / entry["label_array"]
+      np.save(path, to_global[np.load(path)])
+    else:
+      entry["label"] = names.index(local_names[0]) if local_names else 0
+  return names
+
+
+def store_id(tok_info: dict, seq_len: int, entries: list) -> str:
+  digest = hashlib.sha256(json.dumps(
+      [tok_info["sha256"], seq_len, [(e["sha256"], e["sequences"]) for e in entries]]).encode())
+  return digest.hexdigest()[:16]
+
+
+def run(cfg) -> pathlib.Path:
+  """Build (or find up to date) the token store described by cfg.prepare."""
+  pcfg = cfg.prepare
+  if not pcfg.output:
+    raise data.DataError("set --config.prepare.output to the token store folder to write")
+  if pcfg.seq_len < 2:
+    raise data.DataError(f"prepare.seq_len={pcfg.seq_len}; a sequence needs at least 2 tokens")
+  output = pathlib.Path(pcfg.output).resolve()
+  files = expand_inputs(pcfg.inputs)
+  tokenizer = data.load_tokenizer(pcfg.tokenizer)
+  tok_info = data.tokenizer_info(tokenizer, pcfg.tokenizer)
+  request = _request(cfg, files, tok_info)
+
+  if output.exists():
+    manifest = data.read_manifest(output) if (output / data.MANIFEST).exists() else None
+    if manifest is not None and manifest.get("request") == request:
+      print(f"prepare: {output} is up to date ({manifest['num_sequences']:,} sequences); nothing to do")
+      return output
+    raise data.DataError(f"{output} already exists and was made from other inputs/tokenizer/seq_len; choose another "
+                         "--config.prepare.output or delete it first (nothing was overwritten)")
+
+  partial = output.with_name(output.name + ".partial")
+  partial.mkdir(parents=True, exist_ok=True)
+  request_path = partial / "request.json"
+  if request_path.exists() and json.loads(request_path.read_text()) != request:
+    raise data.DataError(f"{partial} holds an interrupted prepare of other inputs; delete it or finish that one")
+  request_path.write_text(json.dumps(request, indent=1))
+
+  done = {}
+  for i in range(len(files)):
+    marker = partial / f"done-{i:05d}.json"
+    if marker.exists():
+      done[i] = json.loads(marker.read_text())
+  jobs = [dict(file_index=i, path=str(f), folder=str(partial), seq_len=int(pcfg.seq_len),
+               tokenizer_json=tokenizer.to_str(), dtype=data.token_dtype(tok_info["vocab_size"]).str,
+               eos_id=tok_info["eos_id"], text_field=pcfg.text_field, source_field=pcfg.source_field,
+               docs_per_chunk=int(pcfg.docs_per_chunk))
+          for i, f in enumerate(files) if i not in done]
+  cores = os.cpu_count() or 1
+  workers = max(1, min(pcfg.workers or cores, len(jobs) or 1))
+  print(f"prepare: {len(files)} files ({len(done)} already done), {workers} workers, tokenizer "
+        f"{tok_info['name']} (vocab {tok_info['vocab_size']}), seq_len {pcfg.seq_len} -> {output}")
+
+  if jobs:
+    ctx = multiprocessing.get_context("spawn")
+    progress_queue = ctx.Queue()
+    bar = metrics.Progress(total=None, unit="docs", desc="prepare")
+    tokens = 0
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(progress_queue, max(1, cores // workers))) as pool:
+      pending = pool.map_async(tokenize_file, jobs, chunksize=1)
+      while not pending.ready() or not progress_queue.empty():
+        try:
+          ndocs, ntokens = progress_queue.get(timeout=0.2)
+        except Exception:  # queue.Empty from a multiprocessing queue
+          continue
+        tokens += ntokens
+        bar.update(ndocs, extra=f"{tokens / max(bar.elapsed, 1e-9):,.0f} tok/s, {tokens:,} tokens")
+      for entry in pending.get():
+        done[int(pathlib.Path(entry["array"]).stem.split("-")[1])] = entry
+    bar.close()
+
+  entries = [done[i] for i in range(len(files))]
+  labels = _finalize_labels(entries, partial)
+  offset = 0
+  for entry in entries:
+    entry["first_id"] = offset
+    offset += entry["sequences"]
+  manifest = {
+      "format": data.STORE_FORMAT,
+      "version": data.STORE_VERSION,
+      "id": store_id(tok_info, int(pcfg.seq_len), entries),
+      "seq_len": int(pcfg.seq_len),
+      "dtype": data.token_dtype(tok_info["vocab_size"]).name,
+      "tokenizer": tok_info,
+      "num_sequences": offset,
+      "num_tokens": offset * int(pcfg.seq_len),
+      "num_documents": sum(e["documents"] for e in entries),
+      "labels": labels,
+      "files": entries,
+      "request": request,
+      "created_by": {"stage": "prepare", "config": cfg.to_dict(), "host": socket.gethostname(),
+                     "time": time.strftime("%Y-%m-%dT%H:%M:%S")},
+  }
+  for marker in partial.glob("done-*.json"):
+    marker.unlink()
+  request_path.unlink()
+  (partial / data.MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
+  shutil.move(str(partial), str(output))
+  print(f"prepare: wrote {output}: {offset:,} sequences of {pcfg.seq_len} tokens "
+        f"({manifest['num_documents']:,} documents, id {manifest['id']})")
+  return output
+
+
+def describe(cfg) -> None:
+  """Dry run: check inputs and tokenizer, report what would be written."""
+  files = expand_inputs(cfg.prepare.inputs)
+  tok_info = data.tokenizer_info(data.load_tokenizer(cfg.prepare.tokenizer), cfg.prepare.tokenizer)
+  total = sum(f.stat().st_size for f in files)
+  print(f"prepare (dry run): {len(files)} files, {total / 1e6:,.1f} MB, tokenizer {tok_info['name']} "
+        f"vocab {tok_info['vocab_size']} (sha256 {tok_info['sha256'][:12]}), seq_len {cfg.prepare.seq_len}, dtype "
+        f"{data.token_dtype(tok_info['vocab_size']).name} -> {cfg.prepare.output or '(no output set)'}")

@@ -1,0 +1,390 @@
+"""Training: pretraining the prior, finetuning conditionals, and training targets on a selection (SPEC §3).
+
+One jitted step per optimizer update (gradient accumulation over micro-batches is a `lax.scan` inside it), with
+explicit in/out shardings and the train state donated. Metrics are fetched one step late so the host never stalls
+the device. The data order depends only on (seed, step), so a resumed run reproduces an uninterrupted one.
+"""
+import dataclasses
+import json
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from colorjax import checkpoint
+from colorjax import data
+from colorjax import evaluate
+from colorjax import metrics
+from colorjax import model
+from colorjax import plan
+from colorjax import sharding
+
+
+def lr_at(step, lr: float, warmup: int, max_steps: int, min_ratio: float):
+  """OLMo's schedule, step counted from 1: linear warmup min_ratio·lr -> lr, cosine to min_ratio·lr at max_steps."""
+  step = jnp.asarray(step, jnp.float32)
+  floor = lr * min_ratio
+  warm = floor + (lr - floor) * jnp.minimum(step, warmup) / max(warmup, 1)
+  progress = jnp.clip((step - warmup) / max(max_steps - warmup, 1), 0.0, 1.0)
+  cosine = floor + (lr - floor) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+  return jnp.where(step < warmup, warm, cosine)
+
+
+def make_optimizer(tcfg, schedule_steps: int):
+  """Global-norm clip, then AdamW on the schedule above (optax counts updates from 0, the schedule from 1)."""
+  schedule = lambda count: lr_at(count + 1, tcfg.lr, tcfg.warmup_steps, schedule_steps, tcfg.min_lr_ratio)
+  tx = optax.chain(
+      optax.clip_by_global_norm(tcfg.grad_clip),
+      optax.adamw(schedule, b1=tcfg.b1, b2=tcfg.b2, eps=tcfg.eps, weight_decay=tcfg.weight_decay))
+  return tx, schedule
+
+
+@dataclasses.dataclass(frozen=True)
+class StepPlan:
+  """How long a run is and how its batches are cut."""
+  total_steps: int  # optimizer steps this run will take
+  schedule_steps: int  # steps the LR schedule is defined over
+  schedule: str  # "nominal" (max_steps, the original) or "data" (annealed to the data size)
+  global_batch: int
+  micro_batch: int
+  seq_len: int
+  num_items: int  # sequences (or index entries) the order permutes
+
+  @property
+  def n_micro(self) -> int:
+    return self.global_batch // self.micro_batch
+
+  @property
+  def tokens(self) -> int:
+    return self.total_steps * self.global_batch * self.seq_len
+
+
+def step_plan(cfg, num_items: int | None, seq_len: int, data_parallel: int) -> StepPlan:
+  tcfg = cfg.train
+  batch = int(tcfg.global_batch_size)
+  micro = int(tcfg.micro_batch_size) or batch
+  if batch <= 0 or batch % micro:
+    raise ValueError(f"train.global_batch_size={batch} must be a positive multiple of train.micro_batch_size={micro}")
+  if micro % data_parallel:
+    raise ValueError(f"train.micro_batch_size={micro} must be divisible by the data-parallel size {data_parallel} "
+                     "(mesh data×fsdp); change the batch or the mesh")
+  total = int(tcfg.max_steps)
+  schedule_steps, schedule = total, "nominal"
+  if tcfg.single_pass and num_items is not None:
+    data_steps = num_items // batch
+    if data_steps == 0:
+      raise ValueError(f"single pass over {num_items} sequences cannot fill one batch of {batch}")
+    total = min(total, data_steps)
+    if tcfg.anneal_to_data:
+      schedule_steps, schedule = total, "data"
+  return StepPlan(total, schedule_steps, schedule, batch, micro, seq_len, num_items or 0)
+
+
+def loss_mask(tokens_bt, pad_id: int | None):
+  """1.0 where the next token counts: everywhere, or (SFT rows) where the target is not PAD."""
+  targets = tokens_bt[:, 1:]
+  if pad_id is None:
+    return jnp.ones(targets.shape, jnp.float32)
+  return (targets != pad_id).astype(jnp.float32)
+
+
+def build_train_step(spec, tx, schedule, plan_: StepPlan, state_sh, batch_sh, param_sh, z_weight: float,
+                     pad_id: int | None, loss_chunk: int):
+  """The jitted update: token-mean CE + z-loss over the whole global batch, accumulated over micro-batches."""
+
+  def micro_loss(params, tokens_bt):
+    tokens_bt = tokens_bt.astype(jnp.int32)
+    nll_bt, lse_bt = model.next_token_nll(spec, params, tokens_bt, loss_chunk)
+    mask_bt = loss_mask(tokens_bt, pad_id)
+    ce_sum = jnp.sum(nll_bt * mask_bt)
+    z_sum = jnp.sum(jnp.square(lse_bt) * mask_bt)
+    return ce_sum + z_weight * z_sum, (ce_sum, z_sum, jnp.sum(mask_bt))
+
+  grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+  def step_fn(state, tokens_mbt):
+    params = state["params"]
+    if tokens_mbt.shape[0] == 1:
+      (_, (ce, z, count)), grads = grad_fn(params, tokens_mbt[0])
+    else:
+      def accumulate(carry, tokens_bt):
+        acc, ce, z, count = carry
+        (_, (ce_i, z_i, count_i)), g = grad_fn(params, tokens_bt)
+        acc = jax.lax.with_sharding_constraint(jax.tree.map(jnp.add, acc, g), param_sh)
+        return (acc, ce + ce_i, z + z_i, count + count_i), None
+      zeros = jax.lax.with_sharding_constraint(jax.tree.map(jnp.zeros_like, params), param_sh)
+      (grads, ce, z, count), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0, 0.0), tokens_mbt)
+    denom = jnp.maximum(count, 1.0)
+    grads = jax.tree.map(lambda g: g / denom, grads)
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state, "step": state["step"] + 1}
+    stats = {"loss": ce / denom, "z_loss": z / denom, "grad_norm": optax.tree.norm(grads),
+             "lr": schedule(state["step"]), "tokens": count}
+    return new_state, stats
+
+  return jax.jit(step_fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=(0,))
+
+
+class BatchSource:
+  """Produces this host's rows of step `s`'s [n_micro, micro, seq] batch as a global jax.Array."""
+
+  def __init__(self, store: data.TokenStore, plan_: StepPlan, seed: int, index, batch_sh: NamedSharding):
+    self.store, self.plan, self.seed, self.index, self.sharding = store, plan_, seed, index, batch_sh
+    self.shape = (plan_.n_micro, plan_.micro_batch, store.seq_len)
+    self.row_start, self.row_stop = sharding.host_rows(batch_sh, self.shape, dim=1)
+
+  def ids(self, step: int) -> np.ndarray:
+    ids = data.step_ids(step, self.plan.global_batch, self.plan.num_items, self.seed, self.index)
+    return ids.reshape(self.plan.n_micro, self.plan.micro_batch)
+
+  def __call__(self, step: int):
+    local_ids = self.ids(step)[:, self.row_start:self.row_stop]
+    rows = self.store.read(local_ids.reshape(-1)).reshape(local_ids.shape + (self.store.seq_len,))
+    return sharding.put_host_rows(rows, self.sharding, self.shape, self.row_start, dim=1)
+
+
+def _parse_eval_stores(entries, train_store: data.TokenStore) -> dict:
+  sets = {}
+  for entry in entries:
+    if "=" not in entry:
+      raise ValueError(f"data.eval_stores entry {entry!r} must look like name=path")
+    name, path = entry.split("=", 1)
+    store = data.TokenStore(path)
+    if store.manifest["tokenizer"]["sha256"] != train_store.manifest["tokenizer"]["sha256"]:
+      raise data.DataError(f"eval store {path} was tokenized with {store.manifest['tokenizer']['name']}, the "
+                           f"training store {train_store.path} with {train_store.manifest['tokenizer']['name']}; "
+                           "prepare both with the same tokenizer")
+    sets[name] = store
+  return sets
+
+
+def check_store_fits(store: data.TokenStore, spec: model.ModelSpec) -> None:
+  if store.vocab_size > spec.vocab_size:
+    raise data.DataError(f"token store {store.path} has vocab {store.vocab_size} but model.vocab_size="
+                         f"{spec.vocab_size}; set --config.model.vocab_size to at least {store.vocab_size} "
+                         f"(rounded up to a multiple of 64: {-(-store.vocab_size // 64) * 64})")
+  if store.seq_len > spec.max_seq_len:
+    raise data.DataError(f"token store {store.path} has seq_len {store.seq_len} > model.max_seq_len="
+                         f"{spec.max_seq_len}; raise model.max_seq_len or prepare with a shorter seq_len")
+
+
+# Config fields that must not change when a run is resumed (they change the data order or the math).
+_RESUME_KEYS = ("seed", "model", "data.train_store", "data.index", "train.global_batch_size", "train.max_steps",
+                "train.lr", "train.warmup_steps", "train.min_lr_ratio", "train.b1", "train.b2", "train.eps",
+                "train.weight_decay", "train.grad_clip", "train.z_loss", "train.single_pass", "train.anneal_to_data",
+                "train.init_from")
+
+
+def _lookup(d: dict, dotted: str):
+  for part in dotted.split("."):
+    d = d.get(part) if isinstance(d, dict) else None
+  return d
+
+
+def _check_resumable(cfg, workdir: pathlib.Path):
+  """Refuse to clobber an earlier run; on resume, refuse a config that would change the math."""
+  config_path = workdir / "config.json"
+  if not config_path.exists():
+    return
+  if not cfg.train.resume:
+    raise data.DataError(f"{workdir} already holds a run; pass --config.train.resume=True to continue it, or "
+                         "choose another --config.workdir (nothing was overwritten)")
+  saved = json.loads(config_path.read_text())
+  now = json.loads(cfg.to_json())
+  changed = [k for k in _RESUME_KEYS if _lookup(saved, k) != _lookup(now, k)]
+  if changed:
+    raise data.DataError(f"cannot resume {workdir}: {', '.join(changed)} differ from the run's config.json; "
+                         "resume with the original settings or start a new workdir")
+
+
+def _prepare_workdir(cfg, workdir: pathlib.Path):
+  _check_resumable(cfg, workdir)
+  if metrics.is_main():
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(cfg.to_json(indent=1))
+
+
+def _print(msg: str):
+  if metrics.is_main():
+    print(msg, flush=True)
+
+
+def run(cfg) -> pathlib.Path:
+  """Train per cfg; returns the folder of the params export (<workdir>/params)."""
+  if not cfg.workdir:
+    raise ValueError("set --config.workdir to the run folder")
+  workdir = pathlib.Path(cfg.workdir).resolve()
+  export_dir = workdir / "params"
+  if (export_dir / data.MANIFEST).exists():
+    if not cfg.train.resume:
+      raise data.DataError(f"{workdir} holds a finished run; choose another --config.workdir (nothing was "
+                           "overwritten)")
+    _check_resumable(cfg, workdir)
+    _print(f"{cfg.stage}: {workdir} is already finished ({export_dir}); nothing to do")
+    return export_dir
+
+  spec = model.ModelSpec.from_config(cfg.model)
+  mesh = sharding.make_mesh(cfg.mesh)
+  store = data.TokenStore(cfg.data.train_store)
+  check_store_fits(store, spec)
+  index = data.load_index(cfg.data.index, store) if cfg.data.index else None
+  num_items = store.num_sequences if index is None else index.size
+  plan_ = step_plan(cfg, num_items, store.seq_len, sharding.data_parallel_size(mesh))
+  eval_sets = _parse_eval_stores(cfg.data.eval_stores, store)
+  pad_id = store.pad_id if (store.padded and not cfg.sft.loss_on_padding) else None
+  _prepare_workdir(cfg, workdir)
+
+  tx, schedule = make_optimizer(cfg.train, plan_.schedule_steps)
+  param_sh = sharding.tree_shardings(model.abstract_params(spec), model.param_axes(spec), mesh)
+
+  def init_state(key, params=None):
+    params = model.init_params(spec, key) if params is None else params
+    return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+
+  abstract_state = jax.eval_shape(init_state, jax.random.key(0))
+  state_sh = {"params": param_sh, "step": sharding.replicated(mesh),
+              "opt_state": sharding.mirror_params(abstract_state["opt_state"], param_sh, sharding.replicated(mesh))}
+  batch_sh = NamedSharding(mesh, P(None, sharding.RULES["batch"], None))
+
+  ckpt = checkpoint.Checkpointer(workdir, cfg.train.keep_checkpoints)
+  start_step = 0
+  init_manifest = None
+  latest = ckpt.latest_step() if cfg.train.resume else None
+  with sharding.use_mesh(mesh):
+    if latest is not None:
+      target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_sh)
+      state, _ = ckpt.restore(latest, target)
+      start_step = int(latest)
+      _print(f"{cfg.stage}: resumed {workdir} at step {start_step}")
+    elif cfg.train.init_from:
+      params, init_manifest = checkpoint.load_params(cfg.train.init_from, spec, param_sh)
+      if init_manifest["tokenizer"]["sha256"] != store.manifest["tokenizer"]["sha256"]:
+        raise data.DataError(f"{cfg.train.init_from} was trained with tokenizer {init_manifest['tokenizer']['name']},"
+                             f" but {store.path} uses {store.manifest['tokenizer']['name']}; use one tokenizer")
+      state = jax.jit(lambda p: init_state(None, p), out_shardings=state_sh)(params)
+    else:
+      state = jax.jit(init_state, out_shardings=state_sh)(jax.random.key(cfg.seed))
+
+    writer = metrics.MetricsWriter(workdir, truncate_after_step=start_step if cfg.train.resume else None)
+    counts = model.param_counts(spec)
+    flops_token = model.flops_per_token(spec, store.seq_len, training=True)
+    peak = metrics.peak_flops(cfg.train.peak_flops)
+    header = {
+        "event": "start", "step": start_step, "stage": cfg.stage, "params_total": counts["total"],
+        "params_non_embedding": counts["non_embedding"], "flops_per_token": flops_token,
+        "total_steps": plan_.total_steps, "schedule_steps": plan_.schedule_steps, "schedule": plan_.schedule,
+        "tokens_planned": plan_.tokens, "train_items": num_items, "mesh": dict(mesh.shape),
+        "param_bytes_per_device": sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(state["params"])),
+    }
+    writer.write(header)
+    _print(f"params: total={counts['total']:,} non_embedding={counts['non_embedding']:,}")
+    _print(f"flops/token: {flops_token:,.0f} (6N+12LdT, N={counts['non_embedding'] + counts['head']:,}); mesh "
+           f"{sharding.describe(mesh)}; {plan_.total_steps:,} steps x {plan_.global_batch} x {store.seq_len} = "
+           f"{plan_.tokens:,} tokens; schedule over {plan_.schedule_steps:,} steps ({plan_.schedule}); "
+           f"{plan_.n_micro} micro-batch(es) of {plan_.micro_batch}")
+
+    train_step = build_train_step(spec, tx, schedule, plan_, state_sh, batch_sh, param_sh, cfg.train.z_loss,
+                                  pad_id, cfg.train.loss_chunk)
+    evaluator = evaluate.HeldoutEvaluator(spec, mesh, param_sh, eval_sets, cfg) if eval_sets else None
+    source = BatchSource(store, plan_, cfg.seed, index, batch_sh)
+    meta = {"config": json.loads(cfg.to_json()), "store_id": store.id}
+
+    def log_eval(step: int):
+      if evaluator is None:
+        return
+      losses = evaluator(state["params"])
+      writer.write({"event": "eval", "step": step, **{f"eval/{k}": v for k, v in losses.items()}})
+      _print(f"step {step}: " + ", ".join(f"eval/{k}={v:.4f}" for k, v in losses.items()))
+
+    if start_step == 0 and evaluator is not None:
+      log_eval(0)
+    bar = metrics.Progress(total=plan_.total_steps, unit="steps", desc=cfg.stage)
+    bar.count = start_step
+    prefetch = data.Prefetcher(source, range(start_step, plan_.total_steps), cfg.data.prefetch)
+    window = {"loss": 0.0, "z_loss": 0.0, "tokens": 0.0, "n": 0, "t0": time.time()}
+    pending = None
+
+    def consume(step_done: int, stats):
+      stats = jax.device_get(stats)
+      for k in ("loss", "z_loss", "tokens"):
+        window[k] += float(stats[k])
+      window["n"] += 1
+      if step_done % cfg.train.log_every and step_done != plan_.total_steps:
+        return
+      elapsed = max(time.time() - window["t0"], 1e-9)
+      tokens_per_s = window["n"] * plan_.global_batch * store.seq_len / elapsed
+      record = {"event": "train", "step": step_done, "loss": window["loss"] / window["n"],
+                "z_loss": window["z_loss"] / window["n"], "grad_norm": float(stats["grad_norm"]),
+                "lr": float(stats["lr"]), "tokens_per_s": tokens_per_s,
+                "tokens_seen": step_done * plan_.global_batch * store.seq_len,
+                "mfu": tokens_per_s * flops_token / (peak * jax.device_count()) if peak else None}
+      writer.write(record)
+      bar.update(0, extra=f"loss {record['loss']:.4f} lr {record['lr']:.2e} {metrics.human(tokens_per_s)} tok/s"
+                 + (f" mfu {record['mfu']:.1%}" if record["mfu"] else ""), force=True)
+      window.update(loss=0.0, z_loss=0.0, tokens=0.0, n=0, t0=time.time())
+
+    try:
+      for step, batch in prefetch:
+        state, stats = train_step(state, batch)
+        if pending is not None:
+          consume(*pending)
+        pending = (step + 1, stats)
+        bar.update(1)
+        done = step + 1
+        if cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0 and done < plan_.total_steps:
+          ckpt.save(done, state, meta)
+        if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < plan_.total_steps:
+          consume(*pending)
+          pending = None
+          log_eval(done)
+      if pending is not None:
+        consume(*pending)
+    finally:
+      prefetch.close()
+    bar.close()
+    if start_step < plan_.total_steps:
+      ckpt.save(plan_.total_steps, state, meta)
+    ckpt.close()
+    log_eval(plan_.total_steps)
+
+    final = {k: v for k, v in (metrics.read_metrics(workdir)[-1] if metrics.is_main() else {}).items()
+             if k.startswith("eval/")}
+    manifest = {
+        "stage": cfg.stage, "model": spec.architecture(), "model_spec": spec.to_dict(),
+        "tokenizer": store.manifest["tokenizer"], "train_store": {"path": str(store.path), "id": store.id},
+        "index": str(cfg.data.index) if cfg.data.index else None, "steps": plan_.total_steps,
+        "tokens": plan_.tokens, "schedule": plan_.schedule, "schedule_steps": plan_.schedule_steps,
+        "seed": cfg.seed, "init_from": cfg.train.init_from or None,
+        "init_from_id": init_manifest.get("id") if init_manifest else None,
+        "id": f"{store.id}-{cfg.stage}-{cfg.seed}-{plan_.total_steps}-{int(time.time())}",
+        "final_eval": final, "config": json.loads(cfg.to_json()),
+    }
+    checkpoint.export_params(export_dir, state["params"], manifest)
+    _print(f"{cfg.stage}: done; params exported to {export_dir}")
+  return export_dir
+
+
+def describe(cfg) -> dict:
+  """Dry run: sizes, FLOPs, steps, tokens and per-device memory, all without allocating."""
+  spec = model.ModelSpec.from_config(cfg.model)
+  num_devices = cfg.dry_run_devices or jax.device_count()
+  mesh = sharding.abstract_mesh(cfg.mesh, num_devices)
+  num_items = None
+  seq_len = spec.max_seq_len
+  if cfg.data.train_store and pathlib.Path(cfg.data.train_store, data.MANIFEST).exists():
+    store = data.TokenStore(cfg.data.train_store)
+    check_store_fits(store, spec)
+    seq_len = store.seq_len
+    num_items = data.load_index(cfg.data.index, store).size if cfg.data.index else store.num_sequences
+  dp = int(np.prod([mesh.shape[a] for a in sharding.RULES["batch"]]))
+  plan_ = step_plan(cfg, num_items, seq_len, dp)
+  tx, _ = make_optimizer(cfg.train, plan_.schedule_steps)
+  abstract_params = model.abstract_params(spec)
+  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  note = None if num_items is not None else "train store not found: the step count is the nominal max_steps"
+  return plan.print_model_and_training(cfg.stage, spec, mesh, plan_, abstract_params, abstract_opt, data_note=note,
+                                       loss_chunk=cfg.train.loss_chunk)

@@ -1,0 +1,99 @@
+"""The one config every stage shares; stage and size files override a few fields of it.
+
+Every field has a default and a one-line comment. `main.py` locks the config, so an override that names a field
+that does not exist (a typo) fails before anything runs.
+"""
+import ml_collections
+
+# Model sizes. The 150m and 1.2b rows are the paper's (SPEC §2); tiny is for CPU development and tests.
+MODEL_SIZES = {
+    "demo": dict(d_model=64, n_layers=2, n_heads=2, mlp_hidden=256),
+    "tiny": dict(d_model=128, n_layers=2, n_heads=2, mlp_hidden=512),
+    "150m": dict(d_model=1024, n_layers=12, n_heads=16, mlp_hidden=4096),
+    "1.2b": dict(d_model=2048, n_layers=24, n_heads=32, mlp_hidden=8192),
+}
+
+
+def model_config(size: str = "150m") -> ml_collections.ConfigDict:
+  """OLMo-style decoder hyperparameters (SPEC §2)."""
+  if size not in MODEL_SIZES:
+    raise ValueError(f"unknown model size {size!r}; choose one of {sorted(MODEL_SIZES)}")
+  m = ml_collections.ConfigDict()
+  m.size = size  # name of the size preset these numbers came from (informational)
+  m.d_model = MODEL_SIZES[size]["d_model"]  # residual stream width
+  m.n_layers = MODEL_SIZES[size]["n_layers"]  # number of transformer blocks
+  m.n_heads = MODEL_SIZES[size]["n_heads"]  # attention heads (head dim = d_model / n_heads)
+  m.mlp_hidden = MODEL_SIZES[size]["mlp_hidden"]  # MLP hidden width
+  m.vocab_size = 50304  # embedding rows: the tokenizer's vocab padded to a multiple of 64
+  m.max_seq_len = 512  # longest sequence the model is trained/evaluated on
+  m.rope_theta = 10000.0  # RoPE base
+  m.norm_eps = 1e-5  # LayerNorm epsilon
+  m.compute_dtype = "bfloat16"  # matmul/attention dtype; params, norms, softmax and losses stay fp32
+  m.attention = "auto"  # attention kernel: auto (cudnn on GPU with bf16, else xla) | xla | cudnn
+  m.remat = False  # recompute each block in the backward pass (less memory, ~1/3 more compute)
+  return m
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.stage = "pretrain"  # what main runs: prepare | pretrain | finetune | eval | score | select | export | pipeline | report
+  c.workdir = ""  # run folder: config, metrics.jsonl, checkpoints and outputs of this stage
+  c.seed = 0  # seeds init and data order; data order depends only on (seed, step)
+  c.dry_run = False  # validate, build everything abstractly, print sizes/FLOPs/memory, exit
+  c.dry_run_devices = 0  # dry run only: pretend the mesh has this many devices (0 = the real ones)
+
+  c.model = model_config("150m")
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = 1  # pure data-parallel replicas (params replicated across this axis)
+  c.mesh.fsdp = -1  # FSDP shards (params/optimizer sharded, batch split); -1 = all remaining devices
+  c.mesh.tensor = 1  # tensor-parallel shards of heads/MLP/vocab
+  c.mesh.distributed = "auto"  # multi-host init: auto (when the environment names a cluster) | on | off
+
+  c.prepare = ml_collections.ConfigDict()
+  c.prepare.inputs = ()  # text files or globs (jsonl, jsonl.gz, txt, txt.gz); order kept, each glob sorted
+  c.prepare.output = ""  # token store folder to write (must not exist yet, unless resuming a partial one)
+  c.prepare.tokenizer = ""  # path to a tokenizer.json, or a name `tokenizers` can fetch when online
+  c.prepare.seq_len = 512  # tokens per stored sequence
+  c.prepare.text_field = "text"  # JSON field holding a document's text
+  c.prepare.source_field = "source"  # JSON field naming a document's source (optional; else the file stem)
+  c.prepare.workers = 0  # tokenizer worker processes (0 = one per CPU core, at most one per file)
+  c.prepare.docs_per_chunk = 512  # documents per encode_batch call
+
+  c.data = ml_collections.ConfigDict()
+  c.data.train_store = ""  # token store to train on
+  c.data.index = ""  # optional .npy of global sequence ids to train on (a selection); empty = whole store
+  c.data.eval_stores = ()  # held-out LM-loss sets as "name=path" token stores
+  c.data.prefetch = 4  # batches the background loader keeps ready
+
+  c.sft = ml_collections.ConfigDict()
+  c.sft.loss_on_padding = False  # True reproduces the original: loss also on PAD positions of padded SFT rows
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.batch_size = 0  # sequences per eval forward pass (0 = the train micro-batch)
+
+  c.train = ml_collections.ConfigDict()
+  c.train.global_batch_size = 256  # sequences per optimizer step (all hosts together)
+  c.train.micro_batch_size = 0  # sequences per forward/backward pass; 0 = whole batch (no accumulation)
+  c.train.max_steps = 24000  # nominal length; the LR schedule is defined on it
+  c.train.lr = 1e-3  # peak learning rate
+  c.train.warmup_steps = 2000  # linear warmup from min_lr_ratio*lr to lr
+  c.train.min_lr_ratio = 0.1  # warmup start and cosine floor, as a fraction of lr
+  c.train.b1 = 0.9  # AdamW beta1
+  c.train.b2 = 0.95  # AdamW beta2
+  c.train.eps = 1e-15  # AdamW epsilon
+  c.train.weight_decay = 0.0  # AdamW decoupled weight decay
+  c.train.grad_clip = 1.0  # global gradient-norm clip
+  c.train.z_loss = 1e-4  # weight of mean(logsumexp^2) added to the training loss
+  c.train.loss_chunk = 0  # compute the output head and loss in chunks of this many positions (0 = at once)
+  c.train.single_pass = False  # stop when the data (store or index) is used once instead of at max_steps
+  c.train.anneal_to_data = False  # single pass: define the schedule on the data size, not max_steps
+  c.train.init_from = ""  # params export to start from (finetune); empty = fresh init
+  c.train.log_every = 10  # steps between console/metrics.jsonl lines
+  c.train.eval_every = 500  # steps between held-out evals (0 = only at the end)
+  c.train.eval_batches = 20  # batches of each eval store per eval (0 = the whole store)
+  c.train.checkpoint_every = 1000  # steps between checkpoints (0 = only at the end)
+  c.train.keep_checkpoints = 2  # checkpoints kept on disk
+  c.train.resume = False  # continue the run in workdir from its latest checkpoint
+  c.train.peak_flops = 0.0  # per-device peak FLOP/s for MFU (0 = look up by device kind)
+  return c

@@ -1,0 +1,81 @@
+"""Shared fixtures: where the real data lives, and small helpers."""
+import os
+import pathlib
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def find_data_dir():
+  """The shared data folder: $COLORJAX_DATA, else ../shared/data beside the checkout."""
+  candidates = [os.environ.get("COLORJAX_DATA"), REPO.parent / "shared" / "data"]
+  for candidate in candidates:
+    if candidate and (pathlib.Path(candidate) / "tokenizer").is_dir():
+      return pathlib.Path(candidate)
+  return None
+
+
+@pytest.fixture(scope="session")
+def data_dir():
+  path = find_data_dir()
+  if path is None:
+    pytest.skip("shared data not found: set COLORJAX_DATA or place it at ../shared/data")
+  return path
+
+
+@pytest.fixture(scope="session")
+def neox_tokenizer_path(data_dir):
+  return data_dir / "tokenizer" / "gpt-neox-20b-pii-special.json"
+
+
+def run_cli(args, env_extra=None, timeout=900, check=True):
+  """Run `python -m colorjax.main ...` in a subprocess (fresh JAX, e.g. with simulated devices)."""
+  import subprocess
+  import sys
+  env = dict(os.environ)
+  env.update(env_extra or {})
+  env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+  proc = subprocess.run([sys.executable, "-m", "colorjax.main", *args], cwd=REPO, env=env, capture_output=True,
+                        text=True, timeout=timeout)
+  if check and proc.returncode != 0:
+    raise AssertionError(f"command failed ({proc.returncode}): {args}\nstdout:\n{proc.stdout[-4000:]}\n"
+                         f"stderr:\n{proc.stderr[-4000:]}")
+  return proc
+
+
+def make_config(name: str, arg: str | None = None, **overrides):
+  """A locked config from configs/<name>.py[:arg] with dotted overrides, as main would build it."""
+  import importlib
+  module = importlib.import_module(f"configs.{name}")
+  cfg = module.get_config(arg) if arg is not None else module.get_config()
+  for dotted, value in overrides.items():
+    node = cfg
+    *parents, leaf = dotted.split("__")
+    for parent in parents:
+      node = node[parent]
+    node[leaf] = value
+  cfg.lock()
+  return cfg
+
+
+@pytest.fixture(scope="session")
+def synthetic_store(tmp_path_factory):
+  """A small synthetic multi-domain token store (vocab 512, seq_len 64) and its tokenizer."""
+  from colorjax import prepare, synthetic
+  root = tmp_path_factory.mktemp("synthetic")
+  files = [synthetic.write_domain(root / "text" / f"{d}.jsonl.gz", d, 150, seed=1) for d in synthetic.DOMAINS]
+  tokenizer = synthetic.train_tokenizer(files, root / "tokenizer.json", vocab_size=512)
+  cfg = make_config("prepare", prepare__inputs=tuple(str(f) for f in files), prepare__tokenizer=str(tokenizer),
+                    prepare__output=str(root / "store"), prepare__seq_len=64, prepare__workers=2)
+  prepare.run(cfg)
+  return root / "store"
+
+
+def tiny_train_overrides(store, workdir, **extra):
+  """Overrides for a seconds-long pretrain of the demo model on the synthetic store (fp32 for tight checks)."""
+  base = dict(data__train_store=str(store), workdir=str(workdir), model__vocab_size=512, model__compute_dtype="float32",
+              train__global_batch_size=16, train__max_steps=12, train__warmup_steps=3, train__log_every=1,
+              train__eval_every=0, train__checkpoint_every=0, data__prefetch=2)
+  base.update(extra)
+  return base

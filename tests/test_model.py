@@ -1,0 +1,197 @@
+"""The OLMo decoder: exact sizes, init, and the forward pass against an independent float64 numpy reference."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from colorjax import model
+from configs import base
+
+
+def spec_for(size, **kw):
+  m = base.model_config(size)
+  for k, v in kw.items():
+    m[k] = v
+  return model.ModelSpec.from_config(m)
+
+
+@pytest.mark.parametrize("size,total,non_embedding", [
+    ("150m", 254_067_712, 151_045_120),
+    ("1.2b", 1_414_203_392, 1_208_158_208),
+])
+def test_parameter_counts_match_the_paper(size, total, non_embedding):
+  counts = model.param_counts(spec_for(size))
+  assert counts["total"] == total
+  assert counts["non_embedding"] == non_embedding
+  assert counts["embedding"] == counts["head"] == 50304 * base.MODEL_SIZES[size]["d_model"]
+
+
+def test_flops_per_token_follows_the_spec_convention():
+  spec = spec_for("150m")
+  n = 151_045_120 + 51_511_296
+  assert model.flops_per_token(spec, 512, training=True) == 6 * n + 12 * 12 * 1024 * 512
+  assert model.flops_per_token(spec, 512, training=False) == 2 * n + 4 * 12 * 1024 * 512
+
+
+def test_mitchell_init_scales_per_layer():
+  spec = spec_for("tiny", vocab_size=512, n_layers=3)
+  params = jax.jit(lambda k: model.init_params(spec, k))(jax.random.key(0))
+  d, h = spec.d_model, spec.mlp_hidden
+  trunc = math.sqrt(1 - 6 * math.exp(-4.5) / math.sqrt(2 * math.pi) / (math.erf(3 / math.sqrt(2))))  # std of N(0,1)|±3
+  expect = {("embed",): 1 / math.sqrt(d), ("head",): 1 / math.sqrt(d)}
+  for layer in range(3):
+    scale = math.sqrt(2 * (layer + 1))
+    expect[(f"block_{layer}", "attn", "qkv", "kernel")] = 1 / math.sqrt(d)
+    expect[(f"block_{layer}", "attn", "out", "kernel")] = 1 / math.sqrt(d) / scale
+    expect[(f"block_{layer}", "mlp", "up", "kernel")] = 1 / math.sqrt(d)
+    expect[(f"block_{layer}", "mlp", "down", "kernel")] = 1 / math.sqrt(h) / scale
+  for path, std in expect.items():
+    w = np.asarray(params[path[0]] if len(path) == 1 else params[path[0]][path[1]][path[2]][path[3]])
+    assert w.dtype == np.float32
+    assert abs(w.std() / (std * trunc) - 1) < 0.03, path
+    assert np.abs(w).max() <= 3 * std * (1 + 1e-6), path
+  assert np.all(np.asarray(params["block_0"]["attn"]["q_norm"]["scale"]) == 1.0)
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  assert not any("bias" in jax.tree_util.keystr(p) for p, _ in flat)
+
+
+def _np_layernorm(x, g, eps=1e-5):
+  mu = x.mean(-1, keepdims=True)
+  var = ((x - mu) ** 2).mean(-1, keepdims=True)
+  return (x - mu) / np.sqrt(var + eps) * g
+
+
+def _np_rope(x, theta=10000.0):  # x [T, H, hd]
+  t, _, hd = x.shape
+  inv = 1.0 / theta ** (np.arange(0, hd, 2) / hd)
+  ang = np.arange(t)[:, None] * inv[None]
+  ang = np.concatenate([ang, ang], -1)[:, None, :]
+  x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
+  return x * np.cos(ang) + np.concatenate([-x2, x1], -1) * np.sin(ang)
+
+
+def _np_gelu(x):
+  return 0.5 * x * (1 + np.vectorize(math.erf)(x / math.sqrt(2)))
+
+
+def reference_logits(spec, params, tokens):
+  """SPEC §2 written out directly in float64 numpy, one sequence at a time."""
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+  out = []
+  for seq in np.asarray(tokens):
+    x = p["embed"][seq]
+    t = len(seq)
+    for layer in range(spec.n_layers):
+      b = p[f"block_{layer}"]
+      h = _np_layernorm(x, b["attn_norm"]["scale"])
+      q, k, v = np.split(h @ b["attn"]["qkv"]["kernel"], 3, -1)
+      q = _np_layernorm(q, b["attn"]["q_norm"]["scale"])
+      k = _np_layernorm(k, b["attn"]["k_norm"]["scale"])
+      shape = (t, spec.n_heads, spec.head_dim)
+      q, k, v = _np_rope(q.reshape(shape)), _np_rope(k.reshape(shape)), v.reshape(shape)
+      scores = np.einsum("thd,shd->hts", q, k) / math.sqrt(spec.head_dim)
+      scores = np.where(np.tril(np.ones((t, t), bool))[None], scores, -np.inf)
+      probs = np.exp(scores - scores.max(-1, keepdims=True))
+      probs /= probs.sum(-1, keepdims=True)
+      attn = np.einsum("hts,shd->thd", probs, v).reshape(t, spec.d_model)
+      x = x + attn @ b["attn"]["out"]["kernel"]
+      h = _np_layernorm(x, b["mlp_norm"]["scale"])
+      x = x + _np_gelu(h @ b["mlp"]["up"]["kernel"]) @ b["mlp"]["down"]["kernel"]
+    out.append(_np_layernorm(x, p["final_norm"]["scale"]) @ p["head"])
+  return np.stack(out)
+
+
+def _perturbed_params(spec, seed=0):
+  """Random init plus non-trivial norm gains, so the gains' placement is tested too."""
+  params = jax.jit(lambda k: model.init_params(spec, k))(jax.random.key(seed))
+  rng = np.random.default_rng(seed)
+  return jax.tree_util.tree_map_with_path(
+      lambda p, x: x * (1 + 0.3 * rng.standard_normal(x.shape).astype(np.float32))
+      if "scale" in jax.tree_util.keystr(p) else x, params)
+
+
+def test_forward_matches_independent_float64_reference():
+  spec = spec_for("tiny", vocab_size=256, n_layers=2, d_model=64, n_heads=2, mlp_hidden=128, compute_dtype="float32")
+  params = _perturbed_params(spec)
+  tokens = np.random.default_rng(1).integers(0, 256, (2, 24))
+  got = np.asarray(model.bind(spec, params)(jnp.asarray(tokens)))
+  want = reference_logits(spec, params, tokens)
+  assert got.dtype == np.float32
+  np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4)
+
+
+def test_bf16_compute_stays_close_to_fp32():
+  kw = dict(vocab_size=256, n_layers=2, d_model=64, n_heads=2, mlp_hidden=128)
+  spec32, spec16 = spec_for("tiny", compute_dtype="float32", **kw), spec_for("tiny", compute_dtype="bfloat16", **kw)
+  params = _perturbed_params(spec32)
+  tokens = jnp.asarray(np.random.default_rng(2).integers(0, 256, (2, 32)))
+  l32 = np.asarray(model.bind(spec32, params)(tokens))
+  l16 = np.asarray(model.bind(spec16, params)(tokens))
+  assert l16.dtype == np.float32  # logits are fp32 even with bf16 operands
+  assert np.abs(l16 - l32).max() < 0.1
+  assert not np.array_equal(l16, l32)
+
+
+def test_causal_future_tokens_do_not_change_past_logits():
+  spec = spec_for("tiny", vocab_size=256, compute_dtype="float32")
+  params = _perturbed_params(spec)
+  a = np.random.default_rng(3).integers(0, 256, (1, 20))
+  b = a.copy()
+  b[0, 12:] = (b[0, 12:] + 7) % 256
+  fwd = jax.jit(lambda p, t: model.bind(spec, p)(t))
+  la, lb = np.asarray(fwd(params, a)), np.asarray(fwd(params, b))
+  np.testing.assert_allclose(la[0, :12], lb[0, :12], rtol=1e-6, atol=1e-6)
+  assert np.abs(la[0, 12:] - lb[0, 12:]).max() > 1e-3
+
+
+def test_next_token_nll_matches_log_softmax_and_chunking_is_exact():
+  spec = spec_for("tiny", vocab_size=256, compute_dtype="float32")
+  params = _perturbed_params(spec)
+  tokens = jnp.asarray(np.random.default_rng(4).integers(0, 256, (3, 33)))
+  logits = np.asarray(model.bind(spec, params)(tokens), np.float64)[:, :-1]
+  logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(
+      -1, keepdims=True)
+  want = -np.take_along_axis(logp, np.asarray(tokens)[:, 1:, None], -1)[..., 0]
+  losses = jax.jit(lambda p, c: model.next_token_nll(spec, p, tokens, c), static_argnums=1)
+  nll, lse = losses(params, 0)
+  assert nll.shape == (3, 32) and nll.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(nll), want, rtol=1e-5, atol=1e-5)
+  for chunk in (5, 8, 32):
+    nll_c, lse_c = losses(params, chunk)
+    np.testing.assert_allclose(np.asarray(nll_c), np.asarray(nll), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(lse_c), np.asarray(lse), rtol=1e-6, atol=1e-6)
+  grad = lambda c: jax.jit(jax.grad(lambda p: model.next_token_nll(spec, p, tokens, c)[0].mean()))(params)
+  g0, g5 = grad(0), grad(5)
+  for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g5)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-7)
+
+
+def test_rope_is_relative():
+  rng = np.random.default_rng(5)
+  q, k = rng.standard_normal((1, 1, 1, 64)), rng.standard_normal((1, 1, 1, 64))
+  def at(x, pos):
+    seq = np.zeros((1, pos + 1, 1, 64))
+    seq[0, pos] = x[0, 0]
+    return np.asarray(model.rope(jnp.asarray(seq, jnp.float32), 10000.0))[0, pos, 0]
+  assert abs(at(q, 3) @ at(k, 1) - at(q, 9) @ at(k, 7)) < 1e-4
+  assert abs(np.linalg.norm(at(q, 11)) - np.linalg.norm(q)) < 1e-4
+
+
+def test_remat_gives_the_same_gradients():
+  kw = dict(vocab_size=256, compute_dtype="float32")
+  spec, spec_remat = spec_for("tiny", **kw), spec_for("tiny", remat=True, **kw)
+  params = _perturbed_params(spec)
+  tokens = jnp.asarray(np.random.default_rng(6).integers(0, 256, (2, 16)))
+  grads = [jax.jit(jax.grad(lambda p, s=s: model.next_token_nll(s, p, tokens)[0].mean()))(params)
+           for s in (spec, spec_remat)]
+  for a, b in zip(*map(jax.tree.leaves, grads)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_model_spec_rejects_bad_heads():
+  m = base.model_config("tiny")
+  m.n_heads = 3
+  with pytest.raises(ValueError, match="divisible"):
+    model.ModelSpec.from_config(m)

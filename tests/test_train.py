@@ -1,0 +1,187 @@
+"""Training: schedule and optimizer, real loss decrease, accumulation, 1 vs 8 devices, kill-and-resume, CLI."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from colorjax import checkpoint
+from colorjax import data
+from colorjax import metrics
+from colorjax import model
+from colorjax import train
+from conftest import REPO, make_config, run_cli, tiny_train_overrides
+
+
+def train_losses(workdir):
+  return {r["step"]: r["loss"] for r in metrics.read_metrics(workdir) if r.get("event") == "train"}
+
+
+def cli_args(overrides: dict, size="demo"):
+  return ["--config", f"configs/pretrain.py:{size}"] + [
+      f"--config.{k.replace('__', '.')}={v if isinstance(v, str) else repr(v)}" for k, v in overrides.items()]
+
+
+def test_lr_schedule_matches_olmo():
+  lr, warm, total = 1e-3, 10, 110
+  at = lambda s: float(train.lr_at(s, lr, warm, total, 0.1))
+  assert at(1) == pytest.approx(1e-4 + 9e-4 * 0.1)
+  assert at(5) == pytest.approx(1e-4 + 9e-4 * 0.5)
+  assert at(10) == pytest.approx(lr)
+  assert at(60) == pytest.approx(1e-4 + 9e-4 * 0.5)  # half-way down the cosine
+  assert at(110) == pytest.approx(1e-4)
+  assert at(500) == pytest.approx(1e-4)
+
+
+def test_optimizer_is_clipped_adamw_with_tiny_eps():
+  cfg = make_config("pretrain", "demo")
+  tx, schedule = train.make_optimizer(cfg.train, 100)
+  params = {"w": jnp.zeros(4)}
+  grads = {"w": jnp.array([30.0, -40.0, 1e-3, 0.0])}  # norm 50: clipped to 1 before Adam
+  updates, _ = tx.update(grads, tx.init(params), params)
+  lr1 = float(schedule(0))
+  assert lr1 == pytest.approx(cfg.train.lr * (0.1 + 0.9 / cfg.train.warmup_steps))
+  # First Adam step: m/(sqrt(v)+eps) = sign(g) because eps = 1e-15 is negligible even for tiny gradients.
+  np.testing.assert_allclose(np.asarray(updates["w"]), [-lr1, lr1, -lr1, 0.0], rtol=1e-5)
+  assert (cfg.train.b1, cfg.train.b2, cfg.train.eps, cfg.train.weight_decay) == (0.9, 0.95, 1e-15, 0.0)
+
+
+def test_pretrain_learns_writes_metrics_and_exports(synthetic_store, tmp_path):
+  workdir = tmp_path / "run"
+  eval_set = f"synthetic={synthetic_store}"
+  cfg = make_config("pretrain", "demo", **tiny_train_overrides(
+      synthetic_store, workdir, train__max_steps=40, train__eval_every=20, data__eval_stores=(eval_set,),
+      train__eval_batches=2, train__checkpoint_every=20))
+  export = train.run(cfg)
+  records = metrics.read_metrics(workdir)
+  losses = train_losses(workdir)
+  assert sorted(losses) == list(range(1, 41))
+  assert losses[40] < losses[1] - 1.5
+  evals = [r["eval/synthetic_loss"] for r in records if r.get("event") == "eval"]
+  assert len(evals) == 3 and evals[-1] < evals[0] - 1.5
+  start = records[0]
+  assert start["params_total"] == model.param_counts(model.ModelSpec.from_config(cfg.model))["total"]
+  for key in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "tokens_seen"):
+    assert key in records[-2]
+  manifest = checkpoint.read_params_manifest(export)
+  assert manifest["steps"] == 40 and manifest["tokens"] == 40 * 16 * 64
+  assert manifest["train_store"]["id"] == data.TokenStore(synthetic_store).id
+  assert manifest["model"]["d_model"] == cfg.model.d_model
+  assert json.loads((workdir / "config.json").read_text())["train"]["max_steps"] == 40
+  params, _ = checkpoint.load_params(export, model.ModelSpec.from_config(cfg.model))
+  assert params["embed"].shape == (512, cfg.model.d_model)
+
+  with pytest.raises(data.DataError, match="holds a finished run"):
+    train.run(cfg)
+  wrong = make_config("pretrain", "tiny", **tiny_train_overrides(synthetic_store, tmp_path / "other"))
+  with pytest.raises(data.DataError, match="d_model: saved"):
+    checkpoint.load_params(export, model.ModelSpec.from_config(wrong.model))
+
+
+def test_gradient_accumulation_equals_the_full_batch(synthetic_store, tmp_path):
+  full = make_config("pretrain", "demo", **tiny_train_overrides(synthetic_store, tmp_path / "full", train__max_steps=5))
+  micro = make_config("pretrain", "demo", **tiny_train_overrides(
+      synthetic_store, tmp_path / "micro", train__max_steps=5, train__micro_batch_size=4))
+  train.run(full)
+  train.run(micro)
+  a, b = train_losses(tmp_path / "full"), train_losses(tmp_path / "micro")
+  np.testing.assert_allclose([a[s] for s in sorted(a)], [b[s] for s in sorted(b)], rtol=2e-5)
+
+
+def test_eight_devices_fsdp_match_one_device(synthetic_store, tmp_path):
+  runs = {}
+  for devices in (1, 8):
+    workdir = tmp_path / f"d{devices}"
+    env = {"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
+    run_cli(cli_args(tiny_train_overrides(synthetic_store, workdir, train__max_steps=8)), env_extra=env)
+    runs[devices] = workdir
+  one, eight = train_losses(runs[1]), train_losses(runs[8])
+  np.testing.assert_allclose([eight[s] for s in sorted(eight)], [one[s] for s in sorted(one)], rtol=1e-4)
+  start1, start8 = (metrics.read_metrics(runs[d])[0] for d in (1, 8))
+  assert start8["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
+  assert start8["param_bytes_per_device"] < start1["param_bytes_per_device"] / 7  # FSDP: ~1/8 of the params each
+
+
+def _wait_for_step(workdir, step, proc, timeout=300):
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if proc.poll() is not None:
+      raise AssertionError(f"run ended before step {step}: {proc.stderr.read()[-3000:]}")
+    if max(train_losses(workdir), default=0) >= step:
+      return
+    time.sleep(0.2)
+  raise AssertionError(f"run did not reach step {step}")
+
+
+def test_killed_run_resumes_with_identical_losses(synthetic_store, tmp_path):
+  common = dict(train__max_steps=16, train__checkpoint_every=4)
+  reference = tmp_path / "reference"
+  train.run(make_config("pretrain", "demo", **tiny_train_overrides(synthetic_store, reference, **common)))
+
+  killed = tmp_path / "killed"
+  env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
+  args = [sys.executable, "-m", "colorjax.main"] + cli_args(tiny_train_overrides(synthetic_store, killed, **common))
+  proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  _wait_for_step(killed, 10, proc)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert not (killed / "params").exists()
+
+  with pytest.raises(AssertionError, match="already holds a run"):
+    run_cli(cli_args(tiny_train_overrides(synthetic_store, killed, **common)))
+  with pytest.raises(AssertionError, match="train.lr differ"):
+    run_cli(cli_args(tiny_train_overrides(synthetic_store, killed, train__resume=True, train__lr=0.5, **common)))
+  resumed = run_cli(cli_args(tiny_train_overrides(synthetic_store, killed, train__resume=True, **common)))
+  assert "resumed" in resumed.stdout
+  ref, got = train_losses(reference), train_losses(killed)
+  assert sorted(got) == list(range(1, 17))
+  np.testing.assert_allclose([got[s] for s in range(1, 17)], [ref[s] for s in range(1, 17)], rtol=1e-6)
+  finished = run_cli(cli_args(tiny_train_overrides(synthetic_store, killed, train__resume=True, **common)))
+  assert "nothing to do" in finished.stdout
+
+
+def test_single_pass_over_an_index_stops_when_exhausted(synthetic_store, tmp_path):
+  np.save(tmp_path / "index.npy", np.arange(0, 100, 2))
+  for anneal, schedule in ((False, "nominal"), (True, "data")):
+    workdir = tmp_path / f"sel-{anneal}"
+    cfg = make_config("pretrain", "demo", **tiny_train_overrides(
+        synthetic_store, workdir, data__index=str(tmp_path / "index.npy"), train__single_pass=True,
+        train__anneal_to_data=anneal, train__max_steps=100))
+    manifest = checkpoint.read_params_manifest(train.run(cfg))
+    assert manifest["steps"] == 3 and manifest["schedule"] == schedule  # 50 ids // 16 per batch
+    assert manifest["schedule_steps"] == (3 if anneal else 100)
+
+
+def test_cli_dry_run_prints_exact_sizes_and_memory():
+  out = run_cli(["--config", "configs/pretrain.py:150m", "--config.dry_run=True"]).stdout
+  assert "params: total=254,067,712 non_embedding=151,045,120" in out
+  assert "24,000 x 256 x 512 = 3,145,728,000 tokens" in out
+  out = run_cli(["--config", "configs/pretrain.py:1.2b", "--config.dry_run=True", "--config.dry_run_devices=8"]).stdout
+  assert "params: total=1,414,203,392 non_embedding=1,208,158,208" in out
+  assert "fsdp=8" in out and "memory/device (estimate)" in out
+  assert "192,000 x 256 x 512" in out
+
+
+def test_cli_rejects_config_typos():
+  proc = run_cli(["--config", "configs/pretrain.py:tiny", "--config.train.lrr=1", "--config.dry_run=True"], check=False)
+  assert proc.returncode != 0
+  assert "lrr" in proc.stderr
+
+
+def test_shardings_follow_logical_rules():
+  from colorjax import sharding
+  spec = model.ModelSpec.from_config(make_config("pretrain", "tiny").model)
+  mesh = jax.sharding.AbstractMesh((1, 4, 2), sharding.MESH_AXES)
+  axes = model.param_axes(spec)
+  assert sharding.fit_spec(sharding.logical_to_spec(axes["embed"]), (50304, 128), mesh) == jax.P("tensor", "fsdp")
+  qkv = axes["block_0"]["attn"]["qkv"]["kernel"]
+  assert sharding.fit_spec(sharding.logical_to_spec(qkv), (128, 384), mesh) == jax.P("fsdp", "tensor")
+  assert sharding.fit_spec(sharding.logical_to_spec(("norm",)), (128,), mesh) == jax.P(None)
+  assert sharding.fit_spec(sharding.logical_to_spec(("embed",)), (6,), mesh) == jax.P(None)  # 6 % 4: replicate
+  assert sharding.logical_to_spec(("batch", "seq")) == jax.P(("data", "fsdp"), None)
