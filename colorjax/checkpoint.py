@@ -7,6 +7,7 @@ tokenizer and the data that made it, so a stage can refuse parameters that do no
 """
 import json
 import pathlib
+import shutil
 import time
 
 import jax
@@ -48,8 +49,8 @@ class Checkpointer:
     self.manager.close()
 
 
-def export_params(folder, params, manifest: dict) -> pathlib.Path:
-  """Write params + manifest.json; refuses to overwrite an existing export."""
+def export_params(folder, params, manifest: dict, tokenizer_path) -> pathlib.Path:
+  """Write params, the tokenizer they were trained with, and (last, marking completion) manifest.json."""
   folder = pathlib.Path(folder).resolve()
   if (folder / data.MANIFEST).exists():
     raise data.DataError(f"{folder} already holds a params export; choose another folder or delete it first")
@@ -58,6 +59,7 @@ def export_params(folder, params, manifest: dict) -> pathlib.Path:
   checkpointer.wait_until_finished()
   manifest = dict(manifest, format=PARAMS_FORMAT, time=time.strftime("%Y-%m-%dT%H:%M:%S"))
   if metrics.is_main():
+    shutil.copyfile(tokenizer_path, folder / data.TOKENIZER)
     (folder / data.MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
   multihost_utils.sync_global_devices(f"export {folder}")
   return folder
@@ -79,6 +81,14 @@ def check_architecture(manifest: dict, spec: model.ModelSpec, where) -> None:
     detail = ", ".join(f"{k}: saved {a} vs config {b}" for k, (a, b) in diff.items())
     raise data.DataError(f"params in {where} do not fit the configured model ({detail}); set --config.model.* to "
                          "match (or use the size config the params were trained with)")
+
+
+def spec_from_manifest(manifest: dict, model_cfg) -> model.ModelSpec:
+  """The architecture an export was trained with; how to compute (dtype, attention kernel, remat) from config."""
+  saved = dict(manifest["model_spec"])
+  for key in ("compute_dtype", "attention", "remat"):
+    saved[key] = model_cfg[key]
+  return model.ModelSpec(**saved)
 
 
 def load_params(folder, spec: model.ModelSpec, shardings=None):

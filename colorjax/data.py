@@ -16,6 +16,7 @@ import numpy as np
 STORE_FORMAT = "colorjax.token_store"
 STORE_VERSION = 1
 MANIFEST = "manifest.json"
+TOKENIZER = "tokenizer.json"  # every store and params export carries the tokenizer that made its tokens
 
 
 class DataError(ValueError):
@@ -159,6 +160,9 @@ class TokenStore:
       out[rows[order]] = self._array(int(i))[local[order]]
     return out
 
+  def tokenizer_path(self) -> pathlib.Path:
+    return checked_tokenizer_path(self.path, self.manifest["tokenizer"])
+
   def labels(self) -> list[str]:
     return list(self.manifest.get("labels", []))
 
@@ -177,6 +181,18 @@ class TokenStore:
       else:
         out[rows] = entry["label"]
     return out
+
+
+def checked_tokenizer_path(folder, tok_info: dict) -> pathlib.Path:
+  """The tokenizer.json an artifact carries, checked against the hash its manifest records."""
+  path = pathlib.Path(folder) / TOKENIZER
+  if not path.exists():
+    raise DataError(f"{path} is missing; re-run the stage that made {folder} (its tokenizer travels with it)")
+  digest = hashlib.sha256(path.read_bytes()).hexdigest()
+  if digest != tok_info["sha256"]:
+    raise DataError(f"{path} does not match the tokenizer hash in {pathlib.Path(folder) / MANIFEST}; the artifact "
+                    "was modified, re-run the stage that made it")
+  return path
 
 
 def load_index(path, store: TokenStore | None = None) -> np.ndarray:

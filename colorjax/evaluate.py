@@ -1,17 +1,28 @@
-"""Evaluation: held-out LM loss on token stores (and, with tasks.py, zero-shot multiple choice).
+"""Evaluation: held-out LM loss on token stores, zero-shot multiple choice on the 8 tasks, and the `eval` stage.
 
 Held-out loss is the mean over sequences of each sequence's mean next-token CE (fp32, no z-loss) at the store's
-sequence length, i.e. the training context length. Batches have a fixed shape; the last partial batch is padded
-with weight-0 rows, so one compiled function serves every batch.
+sequence length, i.e. the training context length. Multiple choice scores each (context, continuation) as the fp32
+sum of the continuation's token log-probs (the original summed bf16 log-probs) with contexts left-truncated to the
+model's context length (the original evaluated a 512-token model at 2048). Every batch has a fixed shape (held-out:
+one; multiple choice: one per length bucket) and partial batches are padded with weight-0 rows, so nothing
+recompiles per batch.
 """
+import dataclasses
+import json
+import pathlib
+import time
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from colorjax import checkpoint
 from colorjax import data
+from colorjax import metrics
 from colorjax import model
 from colorjax import sharding
+from colorjax import tasks
 
 
 def sequence_nll(spec, params, tokens_bt, pad_id, chunk: int = 0):
@@ -74,3 +85,210 @@ class HeldoutEvaluator:
 
   def __call__(self, params) -> dict:
     return {f"{name}_loss": self.store_loss(params, store) for name, store in self.stores.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Zero-shot multiple choice
+
+
+@dataclasses.dataclass
+class Bucket:
+  """Requests padded to one fixed length, scored in fixed-shape batches (one compilation per bucket)."""
+  length: int
+  batch: int
+  inputs: np.ndarray  # [n, length] tokens fed to the model
+  targets: np.ndarray  # [n, length] next tokens
+  mask: np.ndarray  # [n, length] 1.0 on continuation targets
+  request_ids: np.ndarray  # [n] index into the flat request list
+
+
+def bucket_lengths(max_len: int, smallest: int = 32) -> list[int]:
+  lengths, length = [], smallest
+  while length < max_len:
+    lengths.append(length)
+    length *= 2
+  return lengths + [max_len]
+
+
+def encode_requests(tokenizer, examples, max_len: int, eos_id: int):
+  """(inputs, targets, n_continuation) per choice, flattened example-major, as OLMo builds them: context and
+  continuation tokenized separately and concatenated; the model sees at most `max_len` tokens, left-truncated."""
+  contexts = [c for e in examples for c in e.contexts]
+  continuations = [c for e in examples for c in e.continuations]
+  ctx_ids = [e.ids for e in tokenizer.encode_batch(contexts, add_special_tokens=False)]
+  cont_ids = [e.ids for e in tokenizer.encode_batch(continuations, add_special_tokens=False)]
+  requests = []
+  for ctx, cont in zip(ctx_ids, cont_ids):
+    full = (ctx or [eos_id]) + cont
+    full = full[-(max_len + 1):]
+    requests.append((np.asarray(full[:-1], np.int32), np.asarray(full[1:], np.int32), min(len(cont), len(full) - 1)))
+  return requests
+
+
+def make_buckets(requests, max_len: int, batch_tokens: int, data_parallel: int, pad_id: int) -> list[Bucket]:
+  lengths = bucket_lengths(max_len)
+  sizes = np.array([len(r[0]) for r in requests])
+  which = np.searchsorted(lengths, sizes)
+  buckets = []
+  for b, length in enumerate(lengths):
+    members = np.nonzero(which == b)[0]
+    if not members.size:
+      continue
+    members = members[np.argsort(sizes[members], kind="stable")]
+    inputs = np.full((members.size, length), pad_id, np.int32)
+    targets = np.full((members.size, length), pad_id, np.int32)
+    mask = np.zeros((members.size, length), np.float32)
+    for row, r in enumerate(members):
+      x, y, n = requests[r]
+      inputs[row, : len(x)], targets[row, : len(y)] = x, y
+      mask[row, len(y) - n: len(y)] = 1.0
+    batch = max(data_parallel, batch_tokens // length // data_parallel * data_parallel)
+    buckets.append(Bucket(length, batch, inputs, targets, mask, members))
+  return buckets
+
+
+def load_task_examples(task_names, data_dir, split: str = "", limit: int = 0) -> dict:
+  """{task: (split, [MCExample])} for the given tasks, each on its SPEC §4 eval split unless `split` is set."""
+  out = {}
+  for task in task_names:
+    task_split = split or tasks.EVAL_SPLIT[task]
+    docs = tasks.load_docs(task, task_split, data_dir or None, limit=limit or None)
+    out[task] = (task_split, [tasks.render(task, doc, doc_id=i) for i, doc in enumerate(docs)])
+  return out
+
+
+class MultipleChoiceEvaluator:
+  """Zero-shot accuracy on downstream tasks: fp32 sum of continuation log-probs per choice, argmax per doc."""
+
+  def __init__(self, spec, mesh, param_sh, tokenizer_path, task_examples: dict, batch_tokens: int = 16384,
+               chunk: int = 0):
+    self.spec, self.mesh = spec, mesh
+    tokenizer = data.load_tokenizer(str(tokenizer_path))
+    info = data.tokenizer_info(tokenizer, str(tokenizer_path))
+    self.task_examples = {}
+    requests = []
+    for task, (task_split, examples) in task_examples.items():
+      self.task_examples[task] = (task_split, examples, len(requests))
+      requests += encode_requests(tokenizer, examples, spec.max_seq_len, info["eos_id"])
+    self.num_requests = len(requests)
+    self.buckets = make_buckets(requests, spec.max_seq_len, batch_tokens, sharding.data_parallel_size(mesh),
+                                info["pad_id"])
+    self.row_sh = NamedSharding(mesh, P(sharding.RULES["batch"], None))
+
+    def logprob_sums(params, inputs_bt, targets_bt, mask_bt):
+      nll_bt, _ = model.target_nll(spec, params, inputs_bt, targets_bt, chunk)
+      return -jnp.sum(nll_bt * mask_bt, axis=1)
+
+    self._fn = jax.jit(logprob_sums, in_shardings=(param_sh, self.row_sh, self.row_sh, self.row_sh),
+                       out_shardings=sharding.replicated(mesh))
+
+  def logprobs(self, params) -> np.ndarray:
+    """Summed continuation log-prob of every request (flat, example-major)."""
+    out = np.zeros(self.num_requests, np.float64)
+    with sharding.use_mesh(self.mesh):
+      for bucket in self.buckets:
+        shape = (bucket.batch, bucket.length)
+        start, stop = sharding.host_rows(self.row_sh, shape, dim=0)
+        pending = []
+        for first in range(0, len(bucket.request_ids), bucket.batch):
+          rows = np.arange(first, first + bucket.batch)
+          valid = rows < len(bucket.request_ids)
+          local = np.where(valid, rows, 0)[start:stop]
+          arrays = [sharding.put_host_rows(np.where(valid[start:stop, None], a[local], 0).astype(a.dtype),
+                                           self.row_sh, shape, start)
+                    for a in (bucket.inputs, bucket.targets, bucket.mask)]
+          pending.append((rows[valid], self._fn(params, *arrays)))
+        for rows, sums in pending:
+          out[bucket.request_ids[rows]] = np.asarray(sums)[: rows.size]
+    return out
+
+  def __call__(self, params) -> dict:
+    flat = self.logprobs(params)
+    results = {}
+    for task, (_, examples, first) in self.task_examples.items():
+      sums, offset = [], first
+      for example in examples:
+        sums.append(flat[offset: offset + len(example.continuations)].tolist())
+        offset += len(example.continuations)
+      results[f"mc/{task}"] = tasks.accuracy(task, examples, sums)
+    if results:
+      results["mc/mean"] = float(np.mean(list(results.values())))
+    return results
+
+
+def format_table(results: dict) -> str:
+  """Results as an aligned two-column table, held-out losses first, then task accuracies and their mean."""
+  rows = [(k, f"{v:.4f}") for k, v in results.items() if not k.startswith("mc/")]
+  rows += [(k[3:], f"{100 * v:.2f}") for k, v in results.items() if k.startswith("mc/") and k != "mc/mean"]
+  if "mc/mean" in results:
+    rows.append(("mean (8-task)" if len(rows) >= 8 else "mean", f"{100 * results['mc/mean']:.2f}"))
+  width = max((len(k) for k, _ in rows), default=4)
+  return "\n".join(f"{k:<{width}}  {v:>8}" for k, v in rows)
+
+
+def build_evaluators(cfg, spec, mesh, param_sh, tokenizer_path, stores: dict):
+  """The held-out and multiple-choice evaluators a config asks for (either may be None)."""
+  heldout = HeldoutEvaluator(spec, mesh, param_sh, stores, cfg) if stores else None
+  mc = None
+  if cfg.eval.tasks:
+    examples = load_task_examples(tuple(cfg.eval.tasks), cfg.eval.tasks_dir, cfg.eval.split, cfg.eval.limit)
+    mc = MultipleChoiceEvaluator(spec, mesh, param_sh, tokenizer_path, examples, cfg.eval.batch_tokens,
+                                 cfg.train.loss_chunk)
+  return heldout, mc
+
+
+def run(cfg) -> dict:
+  """The eval stage: held-out losses and task accuracies of one params export, written to <workdir>/eval.json."""
+  if not cfg.eval.params:
+    raise ValueError("set --config.eval.params to a params export (<run>/params)")
+  params_dir = pathlib.Path(cfg.eval.params).resolve()
+  manifest = checkpoint.read_params_manifest(params_dir)
+  spec = checkpoint.spec_from_manifest(manifest, cfg.model)
+  workdir = pathlib.Path(cfg.workdir).resolve() if cfg.workdir else params_dir.parent / "eval"
+  out_path = workdir / "eval.json"
+  if out_path.exists():
+    raise data.DataError(f"{out_path} already exists; choose another --config.workdir (nothing was overwritten)")
+  mesh = sharding.make_mesh(cfg.mesh)
+  param_sh = sharding.tree_shardings(model.abstract_params(spec), model.param_axes(spec), mesh)
+  stores = {}
+  for entry in cfg.data.eval_stores:
+    name, path = entry.split("=", 1) if "=" in entry else (pathlib.Path(entry).name, entry)
+    store = data.TokenStore(path)
+    if store.manifest["tokenizer"]["sha256"] != manifest["tokenizer"]["sha256"]:
+      raise data.DataError(f"eval store {path} uses tokenizer {store.manifest['tokenizer']['name']}, the params "
+                           f"{params_dir} were trained with {manifest['tokenizer']['name']}")
+    stores[name] = store
+  tokenizer_path = cfg.eval.tokenizer or data.checked_tokenizer_path(params_dir, manifest["tokenizer"])
+  heldout, mc = build_evaluators(cfg, spec, mesh, param_sh, tokenizer_path, stores)
+  if heldout is None and mc is None:
+    raise ValueError("nothing to evaluate: set --config.data.eval_stores and/or --config.eval.tasks")
+  params, _ = checkpoint.load_params(params_dir, spec, param_sh)
+  start = time.time()
+  results = {}
+  with sharding.use_mesh(mesh):
+    if heldout is not None:
+      results.update(heldout(params))
+    if mc is not None:
+      results.update(mc(params))
+  seconds = time.time() - start
+  if metrics.is_main():
+    workdir.mkdir(parents=True, exist_ok=True)
+    record = {"event": "eval", "step": manifest.get("steps", 0), "params": str(params_dir), "seconds": seconds,
+              **results}
+    metrics.MetricsWriter(workdir).write(record)
+    splits = {t: s for t, (s, _, _) in (mc.task_examples.items() if mc else [])}
+    out_path.write_text(json.dumps({"params": str(params_dir), "params_id": manifest.get("id"), "results": results,
+                                    "splits": splits, "limit": cfg.eval.limit, "seconds": seconds}, indent=1))
+    print(format_table(results))
+    print(f"eval: {seconds:.1f}s; results in {out_path}")
+  return results
+
+
+def describe(cfg) -> None:
+  manifest = checkpoint.read_params_manifest(cfg.eval.params)
+  spec = checkpoint.spec_from_manifest(manifest, cfg.model)
+  counts = model.param_counts(spec)
+  print(f"eval (dry run): params {cfg.eval.params}: total={counts['total']:,} non_embedding="
+        f"{counts['non_embedding']:,}; tasks {', '.join(cfg.eval.tasks) or '-'}; held-out "
+        f"{', '.join(cfg.data.eval_stores) or '-'}; flops/token (forward) "
+        f"{model.flops_per_token(spec, spec.max_seq_len, training=False):,.0f}")

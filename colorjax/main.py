@@ -18,6 +18,8 @@ STAGES = {
     "prepare": "colorjax.prepare",
     "pretrain": "colorjax.train",
     "finetune": "colorjax.train",
+    "eval": "colorjax.evaluate",
+    "pipeline": "colorjax.pipeline",
 }
 
 

@@ -18,6 +18,16 @@ def is_main() -> bool:
   return jax.process_index() == 0
 
 
+def on_main_then_sync(fn, name: str):
+  """Run fn on process 0 only (e.g. writing a shared artifact), then let every process continue; returns fn()'s
+  result on process 0 and None elsewhere."""
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  result = fn() if is_main() else None
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+  return result
+
+
 def peak_flops(configured: float = 0.0) -> float:
   """Per-device peak for MFU: the configured value, else a lookup by device kind; 0 when unknown (e.g. CPU)."""
   if configured:

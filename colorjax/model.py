@@ -258,12 +258,21 @@ def flops_per_token(spec: ModelSpec, seq_len: int, training: bool = True) -> flo
 def next_token_nll(spec: ModelSpec, params: dict, tokens_bt, chunk: int = 0):
   """Per-position next-token NLL and logsumexp, both fp32 [batch, seq-1] (position t predicts token t+1).
 
-  With `chunk`, the head and log-softmax run over `chunk` positions at a time under rematerialization, so the
-  [batch, seq, vocab] fp32 logits never exist at once (forward or backward).
+  The model runs on all `seq` tokens (as OLMo does) and the last position's prediction is dropped.
   """
   module = bind(spec, params)
-  hidden_btd = module.hidden(tokens_bt)[:, :-1]
-  targets_bt = tokens_bt[:, 1:].astype(jnp.int32)
+  return _head_nll(module, module.hidden(tokens_bt)[:, :-1], tokens_bt[:, 1:].astype(jnp.int32), chunk)
+
+
+def target_nll(spec: ModelSpec, params: dict, inputs_bt, targets_bt, chunk: int = 0):
+  """NLL and logsumexp [batch, seq] of `targets_bt[:, t]` given `inputs_bt[:, :t+1]` (used to score choices)."""
+  module = bind(spec, params)
+  return _head_nll(module, module.hidden(inputs_bt), targets_bt.astype(jnp.int32), chunk)
+
+
+def _head_nll(module: Transformer, hidden_btd, targets_bt, chunk: int):
+  """Head, log-softmax and NLL in fp32. With `chunk`, `chunk` positions at a time under rematerialization, so the
+  [batch, seq, vocab] fp32 logits never exist at once (forward or backward)."""
 
   def head_nll(h_btd, t_bt):
     logits_btv = module.logits(h_btd)

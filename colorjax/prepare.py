@@ -301,10 +301,68 @@ def run(cfg) -> pathlib.Path:
   for marker in partial.glob("done-*.json"):
     marker.unlink()
   request_path.unlink()
+  (partial / data.TOKENIZER).write_text(tokenizer.to_str())
   (partial / data.MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
   shutil.move(str(partial), str(output))
   print(f"prepare: wrote {output}: {offset:,} sequences of {pcfg.seq_len} tokens "
         f"({manifest['num_documents']:,} documents, id {manifest['id']})")
+  return output
+
+
+def build_sft_store(task_names, data_dir, split: str, tokenizer_path, seq_len: int, output,
+                    limit: int = 0) -> pathlib.Path:
+  """Downstream-task SFT rows as a padded token store: one document per row, its gold context + continuation,
+  right-padded with PAD (rows longer than seq_len keep their last seq_len tokens, so the answer survives).
+
+  Reused when a store made from the same tasks, split, tokenizer and seq_len is already there.
+  """
+  from colorjax import tasks  # pylint: disable=import-outside-toplevel
+  output = pathlib.Path(output).resolve()
+  tokenizer = data.load_tokenizer(str(tokenizer_path))
+  tok_info = data.tokenizer_info(tokenizer, str(tokenizer_path))
+  files = [tasks.split_path(t, split, data_dir) if data_dir else None for t in task_names]
+  request = {"kind": "sft", "tasks": list(task_names), "split": split, "limit": int(limit),
+             "tokenizer_sha256": tok_info["sha256"],
+             "seq_len": int(seq_len), "files": [file_sha256(f) if f else None for f in files]}
+  if (output / data.MANIFEST).exists():
+    if data.read_manifest(output).get("request") == request:
+      return output
+    raise data.DataError(f"{output} holds SFT rows of other tasks/split/tokenizer; delete it or choose another "
+                         "folder (nothing was overwritten)")
+  partial = output.with_name(output.name + ".partial")
+  if partial.exists():
+    shutil.rmtree(partial)
+  partial.mkdir(parents=True)
+  dtype, pad = data.token_dtype(tok_info["vocab_size"]), tok_info["pad_id"]
+  entries, offset = [], 0
+  for i, (task, path) in enumerate(zip(task_names, files)):
+    docs = tasks.load_docs(task, split, data_dir or None, limit=limit or None)
+    encodings = tokenizer.encode_batch([tasks.render_sft(task, doc) for doc in docs], add_special_tokens=False)
+    rows = np.full((len(docs), seq_len), pad, dtype)
+    truncated = 0
+    for row, encoding in zip(rows, encodings):
+      ids = encoding.ids[-seq_len:]
+      truncated += len(encoding.ids) > seq_len
+      row[: len(ids)] = ids
+    array = f"seqs-{i:05d}.npy"
+    np.save(partial / array, rows)
+    entries.append({"path": str(path or f"hf:{tasks.HF_SOURCES[task][0]}"), "sha256": request["files"][i],
+                    "documents": len(docs), "tokens": int(sum(len(e.ids) for e in encodings)),
+                    "sequences": len(docs), "truncated_rows": int(truncated), "array": array, "label": i,
+                    "first_id": offset})
+    offset += len(docs)
+  manifest = {
+      "format": data.STORE_FORMAT, "version": data.STORE_VERSION, "kind": "sft", "padded": True,
+      "id": store_id(tok_info, int(seq_len), entries), "seq_len": int(seq_len), "dtype": dtype.name,
+      "tokenizer": tok_info, "num_sequences": offset, "num_tokens": offset * int(seq_len),
+      "num_documents": offset, "labels": list(task_names), "files": entries, "request": request,
+      "created_by": {"stage": "sft", "split": split, "host": socket.gethostname(),
+                     "time": time.strftime("%Y-%m-%dT%H:%M:%S")},
+  }
+  (partial / data.TOKENIZER).write_text(tokenizer.to_str())
+  (partial / data.MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
+  shutil.move(str(partial), str(output))
+  print(f"sft rows: {output}: {offset:,} rows of {seq_len} ({', '.join(task_names)}; split {split})")
   return output
 
 

@@ -47,6 +47,7 @@ def maybe_initialize_distributed(mode: str = "auto") -> None:
   if mode == "auto" and "TPU_WORKER_HOSTNAMES" in os.environ:
     in_cluster = "," in os.environ["TPU_WORKER_HOSTNAMES"]
   if mode == "on" or in_cluster:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU hosts (tests); no effect on GPU/TPU
     address = os.environ.get("JAX_COORDINATOR_ADDRESS")
     if address:
       jax.distributed.initialize(

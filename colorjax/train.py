@@ -5,6 +5,7 @@ explicit in/out shardings and the train state donated. Metrics are fetched one s
 the device. The data order depends only on (seed, step), so a resumed run reproduces an uninterrupted one.
 """
 import dataclasses
+import functools
 import json
 import pathlib
 import time
@@ -13,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from colorjax import checkpoint
@@ -21,6 +23,7 @@ from colorjax import evaluate
 from colorjax import metrics
 from colorjax import model
 from colorjax import plan
+from colorjax import prepare
 from colorjax import sharding
 
 
@@ -73,6 +76,10 @@ def step_plan(cfg, num_items: int | None, seq_len: int, data_parallel: int) -> S
     raise ValueError(f"train.micro_batch_size={micro} must be divisible by the data-parallel size {data_parallel} "
                      "(mesh data×fsdp); change the batch or the mesh")
   total = int(tcfg.max_steps)
+  if total <= 0:
+    if num_items is None:
+      raise ValueError("train.max_steps <= 0 means one pass over the data, but the data size is unknown")
+    total = num_items // batch
   schedule_steps, schedule = total, "nominal"
   if tcfg.single_pass and num_items is not None:
     data_steps = num_items // batch
@@ -92,18 +99,22 @@ def loss_mask(tokens_bt, pad_id: int | None):
   return (targets != pad_id).astype(jnp.float32)
 
 
+def batch_loss(spec, params, tokens_bt, pad_id: int | None, z_weight: float, chunk: int = 0):
+  """Summed training loss of a batch (CE + z_weight·logsumexp²) and its parts (CE sum, z sum, counted targets);
+  the step divides by the count over the whole global batch, so micro-batching does not change the mean."""
+  tokens_bt = tokens_bt.astype(jnp.int32)
+  nll_bt, lse_bt = model.next_token_nll(spec, params, tokens_bt, chunk)
+  mask_bt = loss_mask(tokens_bt, pad_id)
+  ce_sum = jnp.sum(nll_bt * mask_bt)
+  z_sum = jnp.sum(jnp.square(lse_bt) * mask_bt)
+  return ce_sum + z_weight * z_sum, (ce_sum, z_sum, jnp.sum(mask_bt))
+
+
 def build_train_step(spec, tx, schedule, plan_: StepPlan, state_sh, batch_sh, param_sh, z_weight: float,
                      pad_id: int | None, loss_chunk: int):
   """The jitted update: token-mean CE + z-loss over the whole global batch, accumulated over micro-batches."""
 
-  def micro_loss(params, tokens_bt):
-    tokens_bt = tokens_bt.astype(jnp.int32)
-    nll_bt, lse_bt = model.next_token_nll(spec, params, tokens_bt, loss_chunk)
-    mask_bt = loss_mask(tokens_bt, pad_id)
-    ce_sum = jnp.sum(nll_bt * mask_bt)
-    z_sum = jnp.sum(jnp.square(lse_bt) * mask_bt)
-    return ce_sum + z_weight * z_sum, (ce_sum, z_sum, jnp.sum(mask_bt))
-
+  micro_loss = functools.partial(batch_loss, spec, pad_id=pad_id, z_weight=z_weight, chunk=loss_chunk)
   grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
   def step_fn(state, tokens_mbt):
@@ -162,6 +173,28 @@ def _parse_eval_stores(entries, train_store: data.TokenStore) -> dict:
   return sets
 
 
+def training_store(cfg, workdir: pathlib.Path, spec: model.ModelSpec):
+  """The token store to train on, and (task finetuning) the held-out SFT store: data.train_store as given, or the
+  downstream tasks rendered into padded SFT rows with the tokenizer of the params being finetuned."""
+  if not cfg.sft.tasks:
+    if not cfg.data.train_store:
+      raise ValueError("set --config.data.train_store (or --config.sft.tasks to finetune on downstream tasks)")
+    return cfg.data.train_store, None
+  if cfg.data.train_store:
+    raise ValueError("set either data.train_store or sft.tasks, not both")
+  if not cfg.train.init_from:
+    raise ValueError("task finetuning starts from a prior: set --config.train.init_from=<prior run>/params")
+  manifest = checkpoint.read_params_manifest(cfg.train.init_from)
+  tokenizer = data.checked_tokenizer_path(cfg.train.init_from, manifest["tokenizer"])
+  def make(split, name):
+    build = lambda: prepare.build_sft_store(cfg.sft.tasks, cfg.sft.data_dir, split, tokenizer, spec.max_seq_len,
+                                            workdir / name, limit=cfg.sft.limit)
+    metrics.on_main_then_sync(build, f"sft rows {split}")
+    return workdir / name
+
+  return make(cfg.sft.train_split, "sft_train"), (make(cfg.sft.eval_split, "sft_eval") if cfg.sft.eval_split else None)
+
+
 def check_store_fits(store: data.TokenStore, spec: model.ModelSpec) -> None:
   if store.vocab_size > spec.vocab_size:
     raise data.DataError(f"token store {store.path} has vocab {store.vocab_size} but model.vocab_size="
@@ -203,6 +236,7 @@ def _check_resumable(cfg, workdir: pathlib.Path):
 
 def _prepare_workdir(cfg, workdir: pathlib.Path):
   _check_resumable(cfg, workdir)
+  multihost_utils.sync_global_devices(f"checked {workdir}")  # every host checks before process 0 writes
   if metrics.is_main():
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(cfg.to_json(indent=1))
@@ -229,12 +263,16 @@ def run(cfg) -> pathlib.Path:
 
   spec = model.ModelSpec.from_config(cfg.model)
   mesh = sharding.make_mesh(cfg.mesh)
-  store = data.TokenStore(cfg.data.train_store)
+  _check_resumable(cfg, workdir)
+  store_path, sft_eval = training_store(cfg, workdir, spec)
+  store = data.TokenStore(store_path)
   check_store_fits(store, spec)
   index = data.load_index(cfg.data.index, store) if cfg.data.index else None
   num_items = store.num_sequences if index is None else index.size
   plan_ = step_plan(cfg, num_items, store.seq_len, sharding.data_parallel_size(mesh))
   eval_sets = _parse_eval_stores(cfg.data.eval_stores, store)
+  if sft_eval is not None:
+    eval_sets[f"tasks_{cfg.sft.eval_split}"] = data.TokenStore(sft_eval)
   pad_id = store.pad_id if (store.padded and not cfg.sft.loss_on_padding) else None
   _prepare_workdir(cfg, workdir)
 
@@ -289,18 +327,21 @@ def run(cfg) -> pathlib.Path:
 
     train_step = build_train_step(spec, tx, schedule, plan_, state_sh, batch_sh, param_sh, cfg.train.z_loss,
                                   pad_id, cfg.train.loss_chunk)
-    evaluator = evaluate.HeldoutEvaluator(spec, mesh, param_sh, eval_sets, cfg) if eval_sets else None
+    evaluators = [e for e in evaluate.build_evaluators(cfg, spec, mesh, param_sh, store.tokenizer_path(), eval_sets)
+                  if e is not None]
     source = BatchSource(store, plan_, cfg.seed, index, batch_sh)
     meta = {"config": json.loads(cfg.to_json()), "store_id": store.id}
 
     def log_eval(step: int):
-      if evaluator is None:
+      if not evaluators:
         return
-      losses = evaluator(state["params"])
-      writer.write({"event": "eval", "step": step, **{f"eval/{k}": v for k, v in losses.items()}})
-      _print(f"step {step}: " + ", ".join(f"eval/{k}={v:.4f}" for k, v in losses.items()))
+      results = {}
+      for evaluator in evaluators:
+        results.update(evaluator(state["params"]))
+      writer.write({"event": "eval", "step": step, **{f"eval/{k}": v for k, v in results.items()}})
+      _print(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in results.items()))
 
-    if start_step == 0 and evaluator is not None:
+    if start_step == 0:
       log_eval(0)
     bar = metrics.Progress(total=plan_.total_steps, unit="steps", desc=cfg.stage)
     bar.count = start_step
@@ -363,7 +404,7 @@ def run(cfg) -> pathlib.Path:
         "id": f"{store.id}-{cfg.stage}-{cfg.seed}-{plan_.total_steps}-{int(time.time())}",
         "final_eval": final, "config": json.loads(cfg.to_json()),
     }
-    checkpoint.export_params(export_dir, state["params"], manifest)
+    checkpoint.export_params(export_dir, state["params"], manifest, store.tokenizer_path())
     _print(f"{cfg.stage}: done; params exported to {export_dir}")
   return export_dir
 

@@ -34,6 +34,35 @@ def model_config(size: str = "150m") -> ml_collections.ConfigDict:
   return m
 
 
+def train_config() -> ml_collections.ConfigDict:
+  """Optimizer, schedule, batch and loop settings (SPEC §3); pretrain, finetune and target training share it."""
+  t = ml_collections.ConfigDict()
+  t.global_batch_size = 256  # sequences per optimizer step (all hosts together)
+  t.micro_batch_size = 0  # sequences per forward/backward pass; 0 = whole batch (no accumulation)
+  t.max_steps = 24000  # nominal length, on which the LR schedule is defined (<= 0: one pass over the data)
+  t.lr = 1e-3  # peak learning rate
+  t.warmup_steps = 2000  # linear warmup from min_lr_ratio*lr to lr
+  t.min_lr_ratio = 0.1  # warmup start and cosine floor, as a fraction of lr
+  t.b1 = 0.9  # AdamW beta1
+  t.b2 = 0.95  # AdamW beta2
+  t.eps = 1e-15  # AdamW epsilon
+  t.weight_decay = 0.0  # AdamW decoupled weight decay
+  t.grad_clip = 1.0  # global gradient-norm clip
+  t.z_loss = 1e-4  # weight of mean(logsumexp^2) added to the training loss
+  t.loss_chunk = 0  # compute the output head and loss in chunks of this many positions (0 = at once)
+  t.single_pass = False  # stop when the data (store or index) is used once instead of at max_steps
+  t.anneal_to_data = False  # single pass: define the schedule on the data size, not max_steps
+  t.init_from = ""  # params export to start from (finetune); empty = fresh init
+  t.log_every = 10  # steps between console/metrics.jsonl lines
+  t.eval_every = 500  # steps between held-out evals (0 = only at the end)
+  t.eval_batches = 20  # batches of each eval store per eval (0 = the whole store)
+  t.checkpoint_every = 1000  # steps between checkpoints (0 = only at the end)
+  t.keep_checkpoints = 2  # checkpoints kept on disk
+  t.resume = False  # continue the run in workdir from its latest checkpoint
+  t.peak_flops = 0.0  # per-device peak FLOP/s for MFU (0 = look up by device kind)
+  return t
+
+
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.stage = "pretrain"  # what main runs: prepare | pretrain | finetune | eval | score | select | export | pipeline | report
@@ -67,33 +96,22 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.prefetch = 4  # batches the background loader keeps ready
 
   c.sft = ml_collections.ConfigDict()
+  c.sft.tasks = ()  # finetune on these tasks' rows (context + gold continuation); empty = data.train_store
+  c.sft.data_dir = ""  # folder of <task>/<split>.jsonl(.gz) files; empty = HuggingFace datasets (online)
+  c.sft.train_split = "train"  # split rendered into training rows
+  c.sft.limit = 0  # documents per task and split (0 = all)
+  c.sft.eval_split = "validation"  # split rendered into the held-out set "tasks_<split>" ("" = none)
   c.sft.loss_on_padding = False  # True reproduces the original: loss also on PAD positions of padded SFT rows
 
   c.eval = ml_collections.ConfigDict()
-  c.eval.batch_size = 0  # sequences per eval forward pass (0 = the train micro-batch)
+  c.eval.params = ""  # eval stage: the params export to evaluate (<run>/params)
+  c.eval.tasks = ()  # multiple-choice tasks (eval stage, and in-loop during training when set)
+  c.eval.tasks_dir = ""  # folder of <task>/<split>.jsonl(.gz) files; empty = HuggingFace datasets (online)
+  c.eval.split = ""  # split for every task ("" = each task's eval split of SPEC §4)
+  c.eval.limit = 0  # documents per task (0 = all)
+  c.eval.batch_size = 0  # sequences per held-out eval batch (0 = the train micro-batch)
+  c.eval.batch_tokens = 16384  # tokens per multiple-choice batch (batch = this / bucket length)
+  c.eval.tokenizer = ""  # tokenizer.json for the prompts ("" = the one the params or store carry)
 
-  c.train = ml_collections.ConfigDict()
-  c.train.global_batch_size = 256  # sequences per optimizer step (all hosts together)
-  c.train.micro_batch_size = 0  # sequences per forward/backward pass; 0 = whole batch (no accumulation)
-  c.train.max_steps = 24000  # nominal length; the LR schedule is defined on it
-  c.train.lr = 1e-3  # peak learning rate
-  c.train.warmup_steps = 2000  # linear warmup from min_lr_ratio*lr to lr
-  c.train.min_lr_ratio = 0.1  # warmup start and cosine floor, as a fraction of lr
-  c.train.b1 = 0.9  # AdamW beta1
-  c.train.b2 = 0.95  # AdamW beta2
-  c.train.eps = 1e-15  # AdamW epsilon
-  c.train.weight_decay = 0.0  # AdamW decoupled weight decay
-  c.train.grad_clip = 1.0  # global gradient-norm clip
-  c.train.z_loss = 1e-4  # weight of mean(logsumexp^2) added to the training loss
-  c.train.loss_chunk = 0  # compute the output head and loss in chunks of this many positions (0 = at once)
-  c.train.single_pass = False  # stop when the data (store or index) is used once instead of at max_steps
-  c.train.anneal_to_data = False  # single pass: define the schedule on the data size, not max_steps
-  c.train.init_from = ""  # params export to start from (finetune); empty = fresh init
-  c.train.log_every = 10  # steps between console/metrics.jsonl lines
-  c.train.eval_every = 500  # steps between held-out evals (0 = only at the end)
-  c.train.eval_batches = 20  # batches of each eval store per eval (0 = the whole store)
-  c.train.checkpoint_every = 1000  # steps between checkpoints (0 = only at the end)
-  c.train.keep_checkpoints = 2  # checkpoints kept on disk
-  c.train.resume = False  # continue the run in workdir from its latest checkpoint
-  c.train.peak_flops = 0.0  # per-device peak FLOP/s for MFU (0 = look up by device kind)
+  c.train = train_config()
   return c

@@ -79,3 +79,13 @@ def tiny_train_overrides(store, workdir, **extra):
               train__eval_every=0, train__checkpoint_every=0, data__prefetch=2)
   base.update(extra)
   return base
+
+
+@pytest.fixture(scope="session")
+def synthetic_prior(synthetic_store, tmp_path_factory):
+  """A demo-size model briefly pretrained on the synthetic store: (params export folder, its config)."""
+  from colorjax import train
+  workdir = tmp_path_factory.mktemp("prior") / "run"
+  cfg = make_config("pretrain", "demo", **tiny_train_overrides(synthetic_store, workdir, train__max_steps=30,
+                                                                model__max_seq_len=128))
+  return train.run(cfg), cfg

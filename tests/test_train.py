@@ -185,3 +185,18 @@ def test_shardings_follow_logical_rules():
   assert sharding.fit_spec(sharding.logical_to_spec(("norm",)), (128,), mesh) == jax.P(None)
   assert sharding.fit_spec(sharding.logical_to_spec(("embed",)), (6,), mesh) == jax.P(None)  # 6 % 4: replicate
   assert sharding.logical_to_spec(("batch", "seq")) == jax.P(("data", "fsdp"), None)
+
+
+def test_two_hosts_match_one_host(synthetic_store, tmp_path):
+  """Two processes x two CPU devices (gloo): per-host loading, orbax multi-host saves, process-0 metrics."""
+  overrides = tiny_train_overrides(synthetic_store, tmp_path / "hosts", train__max_steps=6, train__checkpoint_every=3)
+  env = dict(os.environ, HOSTS="2", DEVICES="2", PYTHONPATH=str(REPO))
+  proc = subprocess.run(["bash", "launch/local_hosts.sh"] + cli_args(overrides), cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  single = tiny_train_overrides(synthetic_store, tmp_path / "single", train__max_steps=6, train__checkpoint_every=3)
+  train.run(make_config("pretrain", "demo", **single))
+  two, one = train_losses(tmp_path / "hosts"), train_losses(tmp_path / "single")
+  np.testing.assert_allclose([two[s] for s in range(1, 7)], [one[s] for s in range(1, 7)], rtol=1e-4)
+  assert metrics.read_metrics(tmp_path / "hosts")[0]["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+  assert (tmp_path / "hosts" / "params" / "manifest.json").exists()

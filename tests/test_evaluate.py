@@ -1,0 +1,179 @@
+"""Evaluation: the multiple-choice scorer against an independent computation, accuracy on a task with a known
+answer pattern, PAD masking, finetuning (books-like and task SFT) and the eval stage."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from tokenizers import Tokenizer
+
+from colorjax import checkpoint
+from colorjax import data
+from colorjax import evaluate
+from colorjax import metrics
+from colorjax import model
+from colorjax import prepare
+from colorjax import sharding
+from colorjax import tasks
+from colorjax import train
+from conftest import make_config, run_cli, tiny_train_overrides
+from reference import reference_logits
+
+
+def _setup(prior, max_seq_len=None):
+  export, cfg = prior
+  manifest = checkpoint.read_params_manifest(export)
+  mcfg = make_config("pretrain", "demo").model
+  mcfg.unlock()
+  mcfg.compute_dtype = "float32"
+  spec = checkpoint.spec_from_manifest(manifest, mcfg)
+  if max_seq_len:
+    spec = model.ModelSpec(**dict(spec.to_dict(), max_seq_len=max_seq_len))
+  mesh = sharding.make_mesh(make_config("pretrain", "demo").mesh)
+  param_sh = sharding.tree_shardings(model.abstract_params(spec), model.param_axes(spec), mesh)
+  params, _ = checkpoint.load_params(export, spec, param_sh)
+  return spec, mesh, param_sh, params, export / "tokenizer.json"
+
+
+def _reference_logprob(spec, params, tokenizer, context, continuation):
+  """Unpadded, unbucketed: the float64 numpy forward and log-softmax over one full sequence."""
+  ctx = tokenizer.encode(context, add_special_tokens=False).ids
+  cont = tokenizer.encode(continuation, add_special_tokens=False).ids
+  full = (ctx + cont)[-(spec.max_seq_len + 1):]
+  logits = reference_logits(spec, params, [full[:-1]])[0]
+  logp = logits - logits.max(-1, keepdims=True)
+  logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+  n = min(len(cont), len(full) - 1)
+  positions = np.arange(len(full) - 1 - n, len(full) - 1)
+  return float(sum(logp[p, full[p + 1]] for p in positions))
+
+
+def test_choice_logprobs_equal_an_independent_full_sequence_log_softmax(synthetic_prior, data_dir):
+  spec, mesh, param_sh, params, tok_path = _setup(synthetic_prior, max_seq_len=96)  # 96: long contexts truncate
+  examples = evaluate.load_task_examples(("winogrande", "hellaswag", "boolq", "arc_easy"), data_dir / "tasks",
+                                         limit=4)
+  evaluator = evaluate.MultipleChoiceEvaluator(spec, mesh, param_sh, tok_path, examples, batch_tokens=256)
+  assert len(evaluator.buckets) >= 2
+  got = evaluator.logprobs(params)
+  tokenizer = Tokenizer.from_file(str(tok_path))
+  want = [_reference_logprob(spec, params, tokenizer, ctx, cont)
+          for _, exs in examples.values() for e in exs for ctx, cont in zip(e.contexts, e.continuations)]
+  assert got.shape == (len(want),)
+  np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-4)
+  boolq_lengths = [len(tokenizer.encode(e.contexts[0]).ids) for e in examples["boolq"][1]]
+  assert max(boolq_lengths) > 96  # the check above covered left-truncated contexts
+
+
+def test_accuracy_on_a_constructed_task_with_a_known_answer(synthetic_prior):
+  """A model with zero final-norm gain predicts the uniform distribution, so every token costs log V: "acc" picks
+  the choice with fewer tokens, "len_norm" the one with fewer tokens per character."""
+  spec, mesh, param_sh, params, tok_path = _setup(synthetic_prior)
+  params = jax.tree_util.tree_map_with_path(
+      lambda p, x: jnp.zeros_like(x) if "final_norm" in jax.tree_util.keystr(p) else x, params)
+  tokenizer = Tokenizer.from_file(str(tok_path))
+  short, long = " yes", " yes yes yes yes"
+  assert len(tokenizer.encode(short).ids) < len(tokenizer.encode(long).ids)
+  golds = [0, 1, 0, 0, 1, 0, 1, 0, 0, 0]  # the short choice is gold in 7 of 10
+  acc_examples = [tasks.MCExample("boolq", i, ("Q",) * 2, (short, long), g) for i, g in enumerate(golds)]
+  dense = " Once upon a time"  # frequent in the synthetic text: few tokens per character
+  sparse = " qzx"  # rare: about a token per character
+  per_char = lambda s: len(tokenizer.encode(s).ids) / (len(s) - 1)
+  assert per_char(dense) < per_char(sparse)
+  norm_examples = [tasks.MCExample("piqa", i, ("Q",) * 2, (sparse, dense), g) for i, g in enumerate(golds)]
+  evaluator = evaluate.MultipleChoiceEvaluator(
+      spec, mesh, param_sh, tok_path, {"boolq": ("x", acc_examples), "piqa": ("x", norm_examples)})
+  results = evaluator(params)
+  assert results["mc/boolq"] == pytest.approx(0.7)  # always picks the short choice
+  assert results["mc/piqa"] == pytest.approx(0.3)  # always picks `dense` (index 1)
+  assert results["mc/mean"] == pytest.approx(0.5)
+
+
+def test_buckets_have_fixed_shapes_and_cover_every_request():
+  rng = np.random.default_rng(0)
+  requests = []
+  for _ in range(50):
+    n = int(rng.integers(2, 130))
+    cont = int(rng.integers(1, n))
+    seq = rng.integers(0, 100, n + 1)
+    requests.append((seq[:-1].astype(np.int32), seq[1:].astype(np.int32), cont))
+  buckets = evaluate.make_buckets(requests, max_len=128, batch_tokens=512, data_parallel=2, pad_id=1)
+  assert [b.length for b in buckets] == [32, 64, 128]
+  seen = np.concatenate([b.request_ids for b in buckets])
+  assert sorted(seen.tolist()) == list(range(50))
+  for b in buckets:
+    assert b.batch % 2 == 0 and b.batch == max(2, 512 // b.length // 2 * 2)
+    for row, r in enumerate(b.request_ids):
+      x, _, n = requests[r]
+      assert len(x) <= b.length and (b.length == 32 or len(x) > b.length // 2)
+      assert b.mask[row].sum() == n and b.mask[row, len(x) - n: len(x)].all()
+
+
+def test_pad_masking_makes_the_loss_independent_of_padding(synthetic_prior, data_dir, tmp_path):
+  spec, _, _, params, tok_path = _setup(synthetic_prior)
+  rows = {}
+  for seq_len in (256, 512):
+    store = prepare.build_sft_store(("arc_easy",), data_dir / "tasks", "train", tok_path, seq_len,
+                                    tmp_path / f"sft{seq_len}", limit=8)
+    s = data.TokenStore(store)
+    assert s.padded and s.manifest["files"][0]["truncated_rows"] == 0
+    rows[seq_len] = s.read(np.arange(8))
+  spec = model.ModelSpec(**dict(spec.to_dict(), max_seq_len=512))
+  loss = jax.jit(lambda t, pad: train.batch_loss(spec, params, t, pad, 0.0)[1], static_argnums=1)
+  masked = [(lambda r: float(r[0] / r[2]))(loss(jnp.asarray(rows[n]), 1)) for n in (256, 512)]
+  unmasked = [(lambda r: float(r[0] / r[2]))(loss(jnp.asarray(rows[n]), None)) for n in (256, 512)]
+  assert masked[0] == pytest.approx(masked[1], rel=1e-5)
+  assert abs(unmasked[0] - unmasked[1]) > 0.05
+  assert abs(masked[0] - unmasked[0]) > 0.05
+
+
+def test_finetuning_on_a_domain_lowers_its_heldout_loss(synthetic_prior, synthetic_store, tmp_path):
+  export, _ = synthetic_prior
+  base_store = data.TokenStore(synthetic_store)
+  tokenizer = base_store.tokenizer_path()
+  stories = [f for f in base_store.manifest["files"] if "stories" in f["path"]][0]["path"]
+  target = prepare.run(make_config("prepare", prepare__inputs=(stories,), prepare__tokenizer=str(tokenizer),
+                                   prepare__output=str(tmp_path / "stories"), prepare__seq_len=64))
+  overrides = tiny_train_overrides(target, tmp_path / "cond", train__init_from=str(export), model__max_seq_len=128,
+                                   data__eval_stores=(f"stories={target}",), train__eval_batches=0,
+                                   train__max_steps=0, train__warmup_steps=2)
+  cfg = make_config("finetune", "books,demo", **overrides)
+  train.run(cfg)
+  evals = [r["eval/stories_loss"] for r in metrics.read_metrics(tmp_path / "cond") if r.get("event") == "eval"]
+  assert evals[-1] < evals[0] - 0.3
+  manifest = checkpoint.read_params_manifest(tmp_path / "cond" / "params")
+  assert manifest["schedule"] == "data" and manifest["steps"] == data.TokenStore(target).num_sequences // 16
+  assert manifest["init_from"] == str(export)
+
+
+def test_task_finetuning_lowers_heldout_task_loss(synthetic_prior, data_dir, tmp_path):
+  export, _ = synthetic_prior
+  overrides = tiny_train_overrides("", tmp_path / "cond", train__init_from=str(export), model__max_seq_len=128,
+                                   sft__data_dir=str(data_dir / "tasks"), sft__limit=64,
+                                   sft__tasks=("piqa", "arc_easy", "winogrande"), train__max_steps=0,
+                                   train__warmup_steps=2, train__eval_batches=0)
+  cfg = make_config("finetune", "tasks,demo", **overrides)
+  train.run(cfg)
+  evals = [r["eval/tasks_validation_loss"] for r in metrics.read_metrics(tmp_path / "cond")
+           if r.get("event") == "eval"]
+  assert evals[-1] < evals[0] - 0.3
+  store = data.TokenStore(tmp_path / "cond" / "sft_train")
+  assert store.num_sequences == 3 * 64 and store.labels() == ["piqa", "arc_easy", "winogrande"]
+  with pytest.raises(ValueError, match="init_from"):
+    train.run(make_config("finetune", "tasks,demo", **dict(overrides, train__init_from="",
+                                                            workdir=str(tmp_path / "x"))))
+
+
+def test_eval_stage_reports_all_eight_tasks(synthetic_prior, synthetic_store, data_dir, tmp_path):
+  export, _ = synthetic_prior
+  out = run_cli(["--config", "configs/eval.py:tiny", f"--config.eval.params={export}",
+                 f"--config.eval.tasks_dir={data_dir / 'tasks'}", "--config.eval.limit=12",
+                 f"--config.data.eval_stores=('synthetic={synthetic_store}',)", f"--config.workdir={tmp_path}/ev"])
+  results = json.loads((tmp_path / "ev" / "eval.json").read_text())["results"]
+  assert set(results) == {f"mc/{t}" for t in tasks.TASK_NAMES} | {"mc/mean", "synthetic_loss"}
+  assert all(0.0 <= results[f"mc/{t}"] <= 1.0 for t in tasks.TASK_NAMES)
+  assert results["mc/mean"] == pytest.approx(np.mean([results[f"mc/{t}"] for t in tasks.TASK_NAMES]))
+  assert "arc_challenge" in out.stdout and "mean (8-task)" in out.stdout
+  again = run_cli(["--config", "configs/eval.py:tiny", f"--config.eval.params={export}",
+                   f"--config.workdir={tmp_path}/ev", f"--config.eval.tasks_dir={data_dir / 'tasks'}"], check=False)
+  assert again.returncode != 0 and "already exists" in again.stderr
