@@ -19,6 +19,9 @@ STAGES = {
     "pretrain": "colorjax.train",
     "finetune": "colorjax.train",
     "eval": "colorjax.evaluate",
+    "score": "colorjax.score",
+    "select": "colorjax.select",
+    "export": "colorjax.export",
     "pipeline": "colorjax.pipeline",
 }
 

@@ -113,5 +113,26 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.batch_tokens = 16384  # tokens per multiple-choice batch (batch = this / bucket length)
   c.eval.tokenizer = ""  # tokenizer.json for the prompts ("" = the one the params or store carry)
 
+  c.score = ml_collections.ConfigDict()
+  c.score.store = ""  # the pool token store to score
+  c.score.prior = ""  # params export of the prior model
+  c.score.conditionals = ()  # params exports of one or more conditional models (same architecture as the prior)
+  c.score.batch_size = 256  # sequences per scoring step (all hosts together)
+  c.score.loss_chunk = 64  # head + log-softmax over this many positions at a time (bounds logits memory)
+  c.score.chunk_rows = 0  # rows per output chunk, the unit of writing and resuming (0 = about 65,536)
+  c.score.shard = ""  # "i/n": score only the i-th of n row ranges (independent jobs, one shared output)
+
+  c.select = ml_collections.ConfigDict()
+  c.select.scores = ""  # score folder written by the score stage
+  c.select.method = "color"  # color (NLL_prior - NLL_cond) | conditional_only (-NLL_cond) | random
+  c.select.conditional = "conditional_0"  # which conditional column of the scores to use
+  c.select.tau = 16.0  # keep the top floor(N / tau) sequences
+  c.select.tokens = 0  # instead of tau: keep floor(tokens / seq_len) sequences (0 = use tau)
+  c.select.block_rows = 1 << 20  # rows per streamed block (memory is O(block_rows), not O(N))
+
+  c.export = ml_collections.ConfigDict()
+  c.export.selection = ""  # selection folder (select stage output) whose sequences to write out as text
+  c.export.max_rows = 0  # write at most this many sequences (0 = all), in id order
+
   c.train = train_config()
   return c

@@ -1,0 +1,72 @@
+"""The `export` stage: a selection written back out as text, so people can read, audit or share the filtered data.
+
+Writes `<workdir>/selection.jsonl.gz` ({"id": global id, "score": CoLoR score or null, "source": label, "text":
+detokenized sequence} per selected sequence, in id order) and `breakdown.json` (per-source pool and selected
+counts), and prints the breakdown.
+"""
+import gzip
+import json
+import pathlib
+
+import numpy as np
+
+from colorjax import data
+from colorjax import metrics
+from colorjax import score as score_lib
+from colorjax import select as select_lib
+
+
+def run(cfg) -> pathlib.Path:
+  if not cfg.export.selection:
+    raise ValueError("set --config.export.selection to a selection folder (select stage output)")
+  selection = pathlib.Path(cfg.export.selection).resolve()
+  manifest = data.read_manifest(selection)
+  if manifest.get("format") != "colorjax.selection":
+    raise data.DataError(f"{selection / data.MANIFEST} is not a selection manifest")
+  store = data.TokenStore(manifest["store_path"])
+  ids = data.load_index(selection, store)
+  if cfg.export.max_rows:
+    ids = ids[: cfg.export.max_rows]
+  workdir = pathlib.Path(cfg.workdir).resolve() if cfg.workdir else selection / "export"
+  out_path = workdir / "selection.jsonl.gz"
+  if out_path.exists():
+    raise data.DataError(f"{out_path} already exists; choose another --config.workdir (nothing was overwritten)")
+  tokenizer = data.load_tokenizer(str(store.tokenizer_path()))
+  scores = score_lib.Scores(manifest["scores"]["path"]) if manifest.get("scores") else None
+  method = manifest["method"] if manifest["method"] != "random" else "color"
+  labels = store.labels() or ["all"]
+  workdir.mkdir(parents=True, exist_ok=True)
+  tmp = out_path.with_name(out_path.name + ".tmp")
+  bar = metrics.Progress(total=ids.size, unit="seq", desc="export")
+  with gzip.open(tmp, "wt", encoding="utf-8") as f:
+    for start in range(0, ids.size, 4096):
+      block = ids[start:start + 4096]
+      rows = store.read(block)
+      texts = tokenizer.decode_batch([r.tolist() for r in rows], skip_special_tokens=False)
+      label_ids = store.label_ids(block)
+      values = _scores_of(scores, method, manifest.get("conditional") or "conditional_0", block)
+      for i, sid in enumerate(block):
+        f.write(json.dumps({"id": int(sid), "score": None if values is None else float(values[i]),
+                            "source": labels[label_ids[i]], "text": texts[i]}) + "\n")
+      bar.update(block.size)
+  bar.close()
+  tmp.rename(out_path)
+  breakdown = select_lib.label_rates(store, ids, 1 << 20)
+  (workdir / "breakdown.json").write_text(json.dumps(breakdown, indent=1))
+  print(f"export: {ids.size:,} sequences -> {out_path}")
+  for name, r in sorted(breakdown.items(), key=lambda x: -x[1]["selected"]):
+    print(f"  {name:<16} {r['selected']:>9,} of {r['pool']:>11,} ({r['rate']:.1%})")
+  return workdir
+
+
+def _scores_of(scores, method: str, conditional: str, ids: np.ndarray):
+  if scores is None:
+    return None
+  cond = scores.column(conditional)
+  rows = scores.nll.oindex[np.asarray(ids)].read().result()  # only the selected rows are read
+  return -rows[:, cond] if method == "conditional_only" else rows[:, scores.column("prior")] - rows[:, cond]
+
+
+def describe(cfg) -> None:
+  manifest = data.read_manifest(cfg.export.selection)
+  print(f"export (dry run): {manifest['k']:,} sequences of {manifest['store_path']} -> text")

@@ -1,0 +1,273 @@
+"""The `score` stage: per-sequence mean NLL of every pool sequence under the prior and K conditional models.
+
+One jitted step evaluates all K+1 models on the same batch with `jax.vmap` over their stacked parameters, so the
+pool is read once (the original read it once per model). The head and log-softmax run in sequence chunks
+(`score.loss_chunk`) so the fp32 [models, batch, seq, vocab] logits never exist at once.
+
+Output: a tensorstore zarr array `nll.zarr` [num_sequences, models] float32 keyed by global sequence id, plus
+`done.zarr` (one flag per row chunk) and `manifest.json`. The pool is cut into row chunks of `chunk_rows`; each
+host scores whole chunks (its own rows, no gather to one host) and writes a chunk, then its done flag, when it is
+complete. A restarted job skips done chunks and, because a chunk's batches are always cut the same way, ends with
+exactly the bytes an uninterrupted job writes. `score.shard=i/n` restricts a job to the i-th of n chunk ranges,
+for many independent machines writing to one shared folder.
+"""
+import json
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tensorstore as ts
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from colorjax import checkpoint
+from colorjax import data
+from colorjax import evaluate
+from colorjax import metrics
+from colorjax import model
+from colorjax import sharding
+
+SCORES_FORMAT = "colorjax.scores"
+
+
+def _zarr(path: pathlib.Path, create: bool = False, **kw):
+  spec = {"driver": "zarr", "kvstore": {"driver": "file", "path": str(path)}}
+  if create:
+    return ts.open(spec, create=True, **kw).result()
+  return ts.open(spec, open=True).result()
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+  if not text:
+    return 0, 1
+  try:
+    i, n = (int(x) for x in text.split("/"))
+  except ValueError as e:
+    raise ValueError(f"score.shard={text!r}: write it as i/n, e.g. 0/4") from e
+  if not 0 <= i < n:
+    raise ValueError(f"score.shard={text!r}: need 0 <= i < n")
+  return i, n
+
+
+class Scores:
+  """Read access to a score folder (manifest + nll.zarr + done.zarr)."""
+
+  def __init__(self, path):
+    self.path = pathlib.Path(path)
+    self.manifest = data.read_manifest(self.path)
+    if self.manifest.get("format") != SCORES_FORMAT:
+      raise data.DataError(f"{self.path / data.MANIFEST} is not a score manifest; pass the folder the score stage "
+                           "wrote")
+    self.num_sequences = int(self.manifest["num_sequences"])
+    self.columns = [m["name"] for m in self.manifest["models"]]
+    self.chunk_rows = int(self.manifest["chunk_rows"])
+    self._nll = None
+
+  @property
+  def nll(self):
+    if self._nll is None:
+      self._nll = _zarr(self.path / "nll.zarr")
+    return self._nll
+
+  def done(self) -> np.ndarray:
+    return _zarr(self.path / "done.zarr").read().result().astype(bool)
+
+  def check_complete(self):
+    done = self.done()
+    if not done.all():
+      raise data.DataError(f"{self.path} is incomplete: {int((~done).sum())} of {done.size} row chunks are not "
+                           "scored yet; finish the score stage (re-run it, or every --config.score.shard job)")
+
+  def column(self, name: str) -> int:
+    if name not in self.columns:
+      raise data.DataError(f"{self.path} has no model column {name!r}; columns: {self.columns}")
+    return self.columns.index(name)
+
+  def read(self, start: int, stop: int) -> np.ndarray:
+    """Rows [start, stop) of the [num_sequences, models] NLL array (stop clipped to the end)."""
+    return self.nll[start:min(stop, self.num_sequences)].read().result()
+
+
+def load_models(cfg, mesh):
+  """Prior + conditionals: checked to share an architecture, stacked along a leading "models" axis."""
+  scfg = cfg.score
+  paths = [("prior", scfg.prior)] + [(f"conditional_{i}", p) for i, p in enumerate(scfg.conditionals)]
+  if not scfg.prior or not scfg.conditionals:
+    raise ValueError("set --config.score.prior and --config.score.conditionals (one or more params exports)")
+  manifests = [checkpoint.read_params_manifest(p) for _, p in paths]
+  spec = checkpoint.spec_from_manifest(manifests[0], cfg.model)
+  for (name, path), manifest in zip(paths, manifests):
+    checkpoint.check_architecture(manifest, spec, path)
+    if manifest["tokenizer"]["sha256"] != manifests[0]["tokenizer"]["sha256"]:
+      raise data.DataError(f"{path} was trained with another tokenizer than the prior {scfg.prior}")
+  axes = model.param_axes(spec)
+  param_sh = sharding.tree_shardings(model.abstract_params(spec), axes, mesh)
+  stacked_axes = jax.tree.map(lambda a: ("models",) + a, axes, is_leaf=sharding.is_axes)
+  stacked_abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct((len(paths),) + a.shape, a.dtype),
+                                  model.abstract_params(spec))
+  stacked_sh = sharding.tree_shardings(stacked_abstract, stacked_axes, mesh)
+  loaded = [checkpoint.load_params(p, spec, param_sh)[0] for _, p in paths]
+  stacked = jax.jit(lambda *ps: jax.tree.map(lambda *xs: jnp.stack(xs), *ps), out_shardings=stacked_sh)(*loaded)
+  del loaded
+  models = [{"name": name, "path": str(pathlib.Path(p).resolve()), "id": m.get("id"), "steps": m.get("steps")}
+            for (name, p), m in zip(paths, manifests)]
+  return spec, stacked, stacked_sh, models, manifests[0]["tokenizer"]
+
+
+def build_score_step(spec, stacked_sh, batch_sh, out_sh, pad_id, chunk: int):
+  """[batch, seq] tokens -> [batch, models] mean NLL, all models in one vmapped pass over the batch."""
+
+  def score(stacked, tokens_bt):
+    per_model = jax.vmap(lambda p: evaluate.sequence_nll(spec, p, tokens_bt, pad_id, chunk))(stacked)
+    return per_model.T
+
+  return jax.jit(score, in_shardings=(stacked_sh, batch_sh), out_shardings=out_sh)
+
+
+def _open_output(workdir: pathlib.Path, manifest: dict, num_chunks: int):
+  """Create the score folder, or check that an existing one was made by the same job (store, models, layout)."""
+  path = workdir / data.MANIFEST
+  keys = ("store", "models", "num_sequences", "chunk_rows", "batch_size", "columns")
+  if path.exists():
+    existing = json.loads(path.read_text())
+    strip = lambda m: {k: m.get(k) for k in keys}
+    if strip(existing) != strip(manifest):
+      diff = [k for k in keys if existing.get(k) != manifest.get(k)]
+      raise data.DataError(f"{workdir} holds scores of another job (differs in {', '.join(diff)}); choose another "
+                           "--config.workdir (nothing was overwritten)")
+    return
+  if metrics.is_main():
+    workdir.mkdir(parents=True, exist_ok=True)
+    n, k = manifest["num_sequences"], len(manifest["models"])
+    _zarr(workdir / "nll.zarr", create=True, dtype=ts.float32, shape=[n, k], fill_value=np.nan,
+          chunk_layout=ts.ChunkLayout(chunk_shape=[manifest["chunk_rows"], k]))
+    _zarr(workdir / "done.zarr", create=True, dtype=ts.uint8, shape=[num_chunks], fill_value=0,
+          chunk_layout=ts.ChunkLayout(chunk_shape=[1]))
+    path.write_text(json.dumps(manifest, indent=1, default=str))
+
+
+def run(cfg) -> pathlib.Path:
+  scfg = cfg.score
+  if not cfg.workdir:
+    raise ValueError("set --config.workdir to the folder the scores go to")
+  workdir = pathlib.Path(cfg.workdir).resolve()
+  mesh = sharding.make_mesh(cfg.mesh)
+  store = data.TokenStore(scfg.store)
+  spec, stacked, stacked_sh, models, tok_info = load_models(cfg, mesh)
+  if tok_info["sha256"] != store.manifest["tokenizer"]["sha256"]:
+    raise data.DataError(f"pool {store.path} was tokenized with {store.manifest['tokenizer']['name']}, the models "
+                         f"with {tok_info['name']}; prepare the pool with the models' tokenizer")
+  if store.seq_len > spec.max_seq_len:
+    raise data.DataError(f"pool seq_len {store.seq_len} exceeds the models' context {spec.max_seq_len}")
+
+  dp = sharding.data_parallel_size(mesh)
+  batch = -(-int(scfg.batch_size) // dp) * dp
+  batch_sh = NamedSharding(mesh, P(sharding.RULES["batch"], None))
+  out_sh = NamedSharding(mesh, P(sharding.RULES["batch"], None))
+  row_start, row_stop = sharding.host_rows(batch_sh, (batch, store.seq_len))
+  host_batch = row_stop - row_start
+  hosts = jax.process_count()
+  if batch % hosts:
+    raise ValueError(f"score.batch_size={batch} must split evenly over {hosts} hosts")
+  chunk_rows = int(scfg.chunk_rows) or host_batch * max(1, 65536 // host_batch)
+  if chunk_rows % host_batch:
+    raise ValueError(f"score.chunk_rows={chunk_rows} must be a multiple of the per-host batch {host_batch}")
+  n = store.num_sequences
+  num_chunks = -(-n // chunk_rows)
+  manifest = {
+      "format": SCORES_FORMAT, "num_sequences": n, "columns": [m["name"] for m in models], "models": models,
+      "store": {"path": str(store.path), "id": store.id, "seq_len": store.seq_len}, "dtype": "float32",
+      "value": "per-sequence mean next-token NLL (fp32, no z-loss)", "chunk_rows": chunk_rows,
+      "batch_size": batch, "model": spec.architecture(), "tokenizer": tok_info,
+      "config": json.loads(cfg.to_json()), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+  }
+  metrics.on_main_then_sync(lambda: _open_output(workdir, manifest, num_chunks), "score output")
+  if not metrics.is_main():
+    _open_output(workdir, manifest, num_chunks)  # every host checks the folder it will write into
+  out = Scores(workdir)
+  shard_i, shard_n = parse_shard(scfg.shard)
+  mine = np.arange(num_chunks)[shard_i * num_chunks // shard_n:(shard_i + 1) * num_chunks // shard_n]
+  todo = mine[~out.done()[mine]]
+  per_host = [todo[h::hosts] for h in range(hosts)]
+  slots = max((len(c) for c in per_host), default=0)
+  my_chunks = per_host[jax.process_index()]
+  steps_per_chunk = chunk_rows // host_batch
+  pad_id = store.pad_id if store.padded else None
+  step_fn = build_score_step(spec, stacked_sh, batch_sh, out_sh, pad_id, int(scfg.loss_chunk))
+  flops = model.flops_per_token(spec, store.seq_len, training=False) * len(models)
+  peak = metrics.peak_flops(cfg.train.peak_flops)
+
+  print_main = lambda msg: print(msg, flush=True) if metrics.is_main() else None
+  print_main(f"score: {n:,} sequences x {len(models)} models ({', '.join(m['name'] for m in models)}); "
+             f"{len(mine) - len(todo)} of {len(mine)} chunks already done; batch {batch}, chunk {chunk_rows} rows; "
+             f"mesh {sharding.describe(mesh)}")
+
+  def produce(step: int):
+    slot, j = divmod(step, steps_per_chunk)
+    rows = np.zeros((host_batch, store.seq_len), store.dtype)
+    if slot < len(my_chunks):
+      first = int(my_chunks[slot]) * chunk_rows + j * host_batch
+      ids = np.arange(first, min(first + host_batch, n))
+      if ids.size:
+        rows[: ids.size] = store.read(ids)
+    return sharding.put_host_rows(rows, batch_sh, (batch, store.seq_len), row_start)
+
+  bar = metrics.Progress(total=slots * steps_per_chunk * batch, unit="seq", desc="score")
+  buffer = np.empty((chunk_rows, len(models)), np.float32)
+  start = time.time()
+  prefetch = data.Prefetcher(produce, range(slots * steps_per_chunk), cfg.data.prefetch)
+  pending = None
+
+  def finish(step, result):
+    slot, j = divmod(step, steps_per_chunk)
+    shards = {s.index[0].start or 0: s for s in result.addressable_shards}  # replicas (tensor axis) once
+    local = np.concatenate([np.asarray(shards[k].data) for k in sorted(shards)])
+    buffer[j * host_batch:(j + 1) * host_batch] = local[:host_batch]
+    if j == steps_per_chunk - 1 and slot < len(my_chunks):
+      chunk = int(my_chunks[slot])
+      first, stop = chunk * chunk_rows, min(n, (chunk + 1) * chunk_rows)
+      out.nll[first:stop].write(buffer[: stop - first]).result()
+      _zarr(workdir / "done.zarr")[chunk].write(np.uint8(1)).result()
+    elapsed = max(time.time() - start, 1e-9)
+    seq_per_s = bar.count / elapsed
+    mfu = f" mfu {seq_per_s * store.seq_len * flops / (peak * jax.device_count()):.1%}" if peak else ""
+    bar.update(batch, extra=f"{metrics.human(seq_per_s * store.seq_len)} tok/s{mfu}")
+
+  try:
+    with sharding.use_mesh(mesh):
+      for step, tokens in prefetch:
+        result = step_fn(stacked, tokens)
+        if pending is not None:
+          finish(*pending)  # one step late: the device is already busy with the next batch
+        pending = (step, result)
+      if pending is not None:
+        finish(*pending)
+  finally:
+    prefetch.close()
+  bar.close()
+  seconds = time.time() - start
+  done = out.done()
+  metrics.on_main_then_sync(lambda: None, "score finished")
+  if metrics.is_main():
+    scored = slots * steps_per_chunk * batch
+    record = {"event": "score", "shard": f"{shard_i}/{shard_n}", "chunks": int(len(todo)), "seconds": seconds,
+              "sequences_per_s": scored / max(seconds, 1e-9),
+              "tokens_per_s_per_model": scored * store.seq_len / max(seconds, 1e-9),
+              "complete": bool(done.all())}
+    metrics.MetricsWriter(workdir).write(record)
+    state = "complete" if done.all() else f"{int(done.sum())} of {done.size} chunks done"
+    print(f"score: {state}; {record['tokens_per_s_per_model']:,.0f} tokens/s per model; {workdir}")
+  return workdir
+
+
+def describe(cfg) -> None:
+  manifest = checkpoint.read_params_manifest(cfg.score.prior)
+  spec = checkpoint.spec_from_manifest(manifest, cfg.model)
+  k = 1 + len(cfg.score.conditionals)
+  store = data.TokenStore(cfg.score.store) if pathlib.Path(cfg.score.store, data.MANIFEST).exists() else None
+  n = store.num_sequences if store else 0
+  seq_len = store.seq_len if store else spec.max_seq_len
+  flops = model.flops_per_token(spec, seq_len, training=False)
+  print(f"score (dry run): {k} models, {n:,} sequences x {seq_len} tokens; flops/token/model {flops:,.0f} "
+        f"(2N+4LdT); total {flops * k * n * seq_len:.3e} FLOPs")

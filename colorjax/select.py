@@ -1,0 +1,190 @@
+"""The `select` stage: the exact global top ⌊N/τ⌋ sequences by score, in memory independent of N.
+
+score(x) = NLL_prior(x) − NLL_cond(x) in fp32 (CoLoR-Filter), or −NLL_cond(x) (conditional_only); `random` draws a
+uniform sample of the same size. Top-k is a two-level radix select on the scores' order-preserving 32-bit keys:
+one streaming pass histograms the top 16 bits, a second the low 16 bits inside the boundary bucket, which gives the
+exact k-th largest score; a third pass collects every id above it plus the lowest ids among the ties at it. Memory
+is a block of rows plus 65,536 counters, and the output itself.
+
+Output: `index.npy` (selected global ids, int64, ascending) and `manifest.json` (method, τ, k, threshold, score
+statistics and histogram, per-source selection rates, the scores and store it came from).
+"""
+import json
+import pathlib
+import time
+
+import numpy as np
+
+from colorjax import data
+from colorjax import metrics
+from colorjax import score as score_lib
+
+HIST_BINS = 100
+
+
+def sortable_keys(values: np.ndarray) -> np.ndarray:
+  """uint32 keys whose unsigned order is the float32 order of `values` (−0.0 and +0.0 aside)."""
+  bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+  negative = (bits >> np.uint32(31)).astype(bool)
+  return np.where(negative, ~bits, bits | np.uint32(0x80000000))
+
+
+def key_to_float(key: int) -> float:
+  key = np.uint32(key)
+  bits = key & np.uint32(0x7FFFFFFF) if key >> np.uint32(31) else ~key
+  return float(np.array([bits], np.uint32).view(np.float32)[0])
+
+
+def _kth_bucket(counts: np.ndarray, k: int) -> tuple[int, int]:
+  """Bucket holding the k-th largest element, and how many elements lie in buckets above it."""
+  above = np.cumsum(counts[::-1])  # above[i] = elements in the top i+1 buckets
+  i = int(np.searchsorted(above, k))  # first i with above[i] >= k
+  bucket = counts.size - 1 - i
+  return bucket, int(above[i - 1]) if i else 0
+
+
+class ScoreStream:
+  """Streams fp32 scores of one selection method over the score array, `block_rows` rows at a time."""
+
+  def __init__(self, scores: score_lib.Scores, method: str, conditional: str, block_rows: int):
+    self.scores, self.block_rows = scores, int(block_rows)
+    self.cond = scores.column(conditional)
+    self.prior = scores.column("prior") if method == "color" else None
+
+  def __iter__(self):
+    n = self.scores.num_sequences
+    for start in range(0, n, self.block_rows):
+      rows = self.scores.read(start, min(n, start + self.block_rows))
+      values = -rows[:, self.cond] if self.prior is None else rows[:, self.prior] - rows[:, self.cond]
+      if np.isnan(values).any():
+        bad = start + int(np.argmax(np.isnan(values)))
+        raise data.DataError(f"{self.scores.path}: score of sequence {bad} is NaN (unscored or corrupt); re-run the "
+                             "score stage")
+      yield start, values.astype(np.float32)
+
+
+def top_k(stream, k: int):
+  """(sorted ids of the k largest scores, ties broken by lower id; the k-th largest score)."""
+  if k <= 0:
+    return np.zeros(0, np.int64), float("nan")
+  high = np.zeros(1 << 16, np.int64)
+  for _, values in stream:
+    high += np.bincount(sortable_keys(values) >> np.uint32(16), minlength=1 << 16)
+  bucket_high, above_high = _kth_bucket(high, k)
+  low = np.zeros(1 << 16, np.int64)
+  for _, values in stream:
+    keys = sortable_keys(values)
+    inside = keys[(keys >> np.uint32(16)) == bucket_high]
+    low += np.bincount(inside & np.uint32(0xFFFF), minlength=1 << 16)
+  bucket_low, above_low = _kth_bucket(low, k - above_high)
+  threshold = (bucket_high << 16) | bucket_low
+  ties_needed = k - above_high - above_low
+  chosen = []
+  for start, values in stream:
+    keys = sortable_keys(values)
+    chosen.append(start + np.nonzero(keys > threshold)[0])
+    if ties_needed:
+      ties = start + np.nonzero(keys == threshold)[0][:ties_needed]
+      chosen.append(ties)
+      ties_needed -= ties.size
+  ids = np.sort(np.concatenate(chosen)).astype(np.int64)
+  assert ids.size == k, (ids.size, k)
+  return ids, key_to_float(threshold)
+
+
+def score_statistics(stream) -> dict:
+  """Mean, std, extremes and a fixed-bin histogram of the scores (two streaming passes)."""
+  count, total, total_sq, lo, hi = 0, 0.0, 0.0, np.inf, -np.inf
+  for _, values in stream:
+    v = values.astype(np.float64)
+    count += v.size
+    total += v.sum()
+    total_sq += np.square(v).sum()
+    lo, hi = min(lo, float(v.min())), max(hi, float(v.max()))
+  edges = np.linspace(lo, hi if hi > lo else lo + 1.0, HIST_BINS + 1)
+  hist = np.zeros(HIST_BINS, np.int64)
+  for _, values in stream:
+    hist += np.histogram(values, bins=edges)[0]
+  mean = total / max(count, 1)
+  return {"count": count, "mean": mean, "std": float(np.sqrt(max(total_sq / max(count, 1) - mean ** 2, 0.0))),
+          "min": lo, "max": hi, "hist_edges": edges.tolist(), "hist_counts": hist.tolist()}
+
+
+def label_rates(store: data.TokenStore, ids: np.ndarray, block_rows: int) -> dict:
+  """Per-source pool counts, selected counts and selection rates (by each sequence's first document's source)."""
+  labels = store.labels() or ["all"]
+  pool = np.zeros(len(labels), np.int64)
+  for start in range(0, store.num_sequences, block_rows):
+    stop = min(store.num_sequences, start + block_rows)
+    pool += np.bincount(store.label_ids(np.arange(start, stop)), minlength=len(labels))
+  chosen = np.bincount(store.label_ids(ids), minlength=len(labels)) if ids.size else np.zeros(len(labels), np.int64)
+  return {name: {"pool": int(p), "selected": int(c), "rate": float(c / p) if p else 0.0}
+          for name, p, c in zip(labels, pool, chosen)}
+
+
+def selection_size(cfg, n: int, seq_len: int) -> int:
+  scfg = cfg.select
+  if scfg.tokens:
+    return min(n, int(scfg.tokens) // seq_len)
+  if scfg.tau < 1:
+    raise ValueError(f"select.tau={scfg.tau}: keep the top 1/tau, so tau >= 1")
+  return int(n // scfg.tau)
+
+
+def run(cfg) -> pathlib.Path:
+  scfg = cfg.select
+  if scfg.method not in ("color", "conditional_only", "random"):
+    raise ValueError(f"select.method={scfg.method!r}; choose color, conditional_only or random")
+  if not cfg.workdir:
+    raise ValueError("set --config.workdir to the folder the selection goes to")
+  workdir = pathlib.Path(cfg.workdir).resolve()
+  if (workdir / data.MANIFEST).exists():
+    raise data.DataError(f"{workdir} already holds a selection; choose another --config.workdir (nothing was "
+                         "overwritten)")
+  scores = score_lib.Scores(scfg.scores)
+  scores.check_complete()
+  store = data.TokenStore(scores.manifest["store"]["path"])
+  if store.id != scores.manifest["store"]["id"]:
+    raise data.DataError(f"store {store.path} changed since it was scored (id {store.id}, scores say "
+                         f"{scores.manifest['store']['id']}); re-run the score stage")
+  n = scores.num_sequences
+  k = selection_size(cfg, n, store.seq_len)
+  start = time.time()
+  stats, threshold = None, None
+  if scfg.method == "random":
+    from colorjax.data import Permutation  # pylint: disable=import-outside-toplevel
+    ids = np.sort(Permutation(n, cfg.seed, stream=7)(np.arange(k))) if k else np.zeros(0, np.int64)
+  else:
+    stream = ScoreStream(scores, scfg.method, scfg.conditional, scfg.block_rows)
+    ids, threshold = top_k(stream, k)
+    stats = score_statistics(stream)
+  manifest = {
+      "format": "colorjax.selection", "method": scfg.method, "tau": float(n / k) if k else None,
+      "tau_requested": float(scfg.tau), "tokens_requested": int(scfg.tokens), "k": int(k), "num_sequences": n,
+      "tokens": int(k) * store.seq_len, "threshold": threshold, "seed": cfg.seed if scfg.method == "random" else None,
+      "conditional": scfg.conditional if scfg.method != "random" else None,
+      "scores": {"path": str(scores.path), "models": scores.manifest["models"]},
+      "store_id": store.id, "store_path": str(store.path), "score_stats": stats,
+      "sources": label_rates(store, ids, scfg.block_rows), "seconds": time.time() - start,
+      "config": json.loads(cfg.to_json()), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+  }
+  if metrics.is_main():
+    partial = workdir.with_name(workdir.name + ".partial")
+    partial.mkdir(parents=True, exist_ok=True)
+    np.save(partial / "index.npy", ids)
+    (partial / data.MANIFEST).write_text(json.dumps(manifest, indent=1))
+    partial.rename(workdir)
+    rate = lambda r: f"{r['selected']:,}/{r['pool']:,} ({r['rate']:.1%})"
+    print(f"select: {scfg.method} k={k:,} of {n:,} (tau {manifest['tau'] or 0:.2f})"
+          + (f", threshold {threshold:.4f}" if threshold is not None else "") + f" -> {workdir}")
+    for name, r in sorted(manifest["sources"].items(), key=lambda x: -x[1]["rate"]):
+      print(f"  {name:<16} {rate(r)}")
+  return workdir
+
+
+def describe(cfg) -> None:
+  scores = score_lib.Scores(cfg.select.scores)
+  n = scores.num_sequences
+  k = selection_size(cfg, n, scores.manifest["store"]["seq_len"])
+  print(f"select (dry run): {cfg.select.method} keeps {k:,} of {n:,} sequences "
+        f"({k * scores.manifest['store']['seq_len']:,} tokens)")

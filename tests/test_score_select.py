@@ -1,0 +1,242 @@
+"""Scoring (vmapped multi-model, sharded, resumable, shardable, multi-host), exact bounded top-k selection, export."""
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from colorjax import checkpoint
+from colorjax import data
+from colorjax import evaluate
+from colorjax import model
+from colorjax import score as score_lib
+from colorjax import select as select_lib
+from conftest import REPO, make_config, run_cli
+
+
+@pytest.fixture(scope="module")
+def conditional(synthetic_prior, tmp_path_factory):
+  """A second params export: the prior with perturbed weights (a stand-in conditional with different scores)."""
+  export, _ = synthetic_prior
+  manifest = checkpoint.read_params_manifest(export)
+  spec = checkpoint.spec_from_manifest(manifest, make_config("pretrain", "demo").model)
+  params, _ = checkpoint.load_params(export, spec)
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda x: x + 0.02 * rng.standard_normal(x.shape).astype(np.float32), params)
+  folder = tmp_path_factory.mktemp("cond") / "params"
+  return checkpoint.export_params(folder, params, dict(manifest, id="perturbed"), export / "tokenizer.json")
+
+
+def score_args(store, prior, conditional, workdir, **extra):
+  base = {"score.store": store, "score.prior": prior, "score.conditionals": (str(conditional),),
+          "workdir": workdir, "score.batch_size": 16, "score.chunk_rows": 64, "model.compute_dtype": "float32"}
+  base.update(extra)
+  return ["--config", "configs/score.py:demo"] + [
+      f"--config.{k}={v if isinstance(v, str) else repr(v)}" for k, v in base.items()]
+
+
+def read_bits(folder):
+  scores = score_lib.Scores(folder)
+  return scores.read(0, scores.num_sequences).view(np.uint32)
+
+
+def test_vmapped_scores_equal_separate_plain_forward_on_1_and_8_devices(synthetic_store, synthetic_prior,
+                                                                        conditional, tmp_path):
+  prior, _ = synthetic_prior
+  outs = {}
+  for devices in (1, 8):
+    env = {"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
+    run_cli(score_args(str(synthetic_store), str(prior), conditional, str(tmp_path / f"d{devices}")), env_extra=env)
+    outs[devices] = score_lib.Scores(tmp_path / f"d{devices}")
+  store = data.TokenStore(synthetic_store)
+  n = store.num_sequences
+  got = outs[1].read(0, n)
+  assert got.shape == (n, 2) and got.dtype == np.float32 and outs[1].columns == ["prior", "conditional_0"]
+  outs[1].check_complete()
+  np.testing.assert_allclose(outs[8].read(0, n), got, rtol=2e-5)
+  spec = checkpoint.spec_from_manifest(checkpoint.read_params_manifest(prior),
+                                       make_config("score", "demo", model__compute_dtype="float32").model)
+  tokens = jnp.asarray(store.read(np.arange(n)))  # rows in global-id order
+  for column, folder in enumerate((prior, conditional)):
+    params, _ = checkpoint.load_params(folder, spec)
+    plain = jax.jit(lambda p, t: evaluate.sequence_nll(spec, p, t, None))
+    want = np.concatenate([np.asarray(plain(params, tokens[i:i + 128])) for i in range(0, n, 128)])
+    np.testing.assert_allclose(got[:, column], want, rtol=1e-5)
+  assert np.abs(got[:, 0] - got[:, 1]).max() > 1e-3  # the two models really differ
+
+
+def _done_count(folder):
+  try:
+    return int(score_lib.Scores(folder).done().sum())
+  except Exception:  # not created yet
+    return 0
+
+
+def test_killed_scoring_resumes_to_a_byte_identical_array(synthetic_store, synthetic_prior, conditional, tmp_path):
+  prior, _ = synthetic_prior
+  reference = tmp_path / "reference"
+  run_cli(score_args(str(synthetic_store), str(prior), conditional, str(reference)))
+  want = read_bits(reference)
+  total = score_lib.Scores(reference).done().size
+  env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
+  for kill_after in (1, total // 2, total - 2):
+    folder = tmp_path / f"killed{kill_after}"
+    args = [sys.executable, "-m", "colorjax.main"] + score_args(str(synthetic_store), str(prior), conditional,
+                                                               str(folder))
+    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while _done_count(folder) < kill_after and proc.poll() is None and time.time() < deadline:
+      time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = _done_count(folder)
+    assert 0 < partial < total, f"kill point {kill_after} missed: {partial} of {total} chunks done"
+    resumed = run_cli(score_args(str(synthetic_store), str(prior), conditional, str(folder)))
+    assert f"{partial} of {total} chunks already done" in resumed.stdout
+    np.testing.assert_array_equal(read_bits(folder), want)
+
+
+def test_independent_shards_fill_one_array(synthetic_store, synthetic_prior, conditional, tmp_path):
+  prior, _ = synthetic_prior
+  run_cli(score_args(str(synthetic_store), str(prior), conditional, str(tmp_path / "whole")))
+  for shard in ("1/3", "0/3"):
+    out = run_cli(score_args(str(synthetic_store), str(prior), conditional, str(tmp_path / "sharded"),
+                             **{"score.shard": shard})).stdout
+    assert "complete" not in out.splitlines()[-1] or shard == "0/3"
+  with pytest.raises(data.DataError, match="incomplete"):
+    score_lib.Scores(tmp_path / "sharded").check_complete()
+  run_cli(score_args(str(synthetic_store), str(prior), conditional, str(tmp_path / "sharded"),
+                     **{"score.shard": "2/3"}))
+  np.testing.assert_array_equal(read_bits(tmp_path / "sharded"), read_bits(tmp_path / "whole"))
+  clash = run_cli(score_args(str(synthetic_store), str(prior), conditional, str(tmp_path / "whole"),
+                             **{"score.chunk_rows": 128}), check=False)
+  assert clash.returncode != 0 and "holds scores of another job" in clash.stderr
+
+
+def test_two_hosts_write_their_own_rows(synthetic_store, synthetic_prior, conditional, tmp_path):
+  prior, _ = synthetic_prior
+  run_cli(score_args(str(synthetic_store), str(prior), conditional, str(tmp_path / "one")))
+  env = dict(os.environ, HOSTS="2", DEVICES="2", PYTHONPATH=str(REPO))
+  proc = subprocess.run(["bash", "launch/local_hosts.sh"] + score_args(
+      str(synthetic_store), str(prior), conditional, str(tmp_path / "two")), cwd=REPO, env=env, capture_output=True,
+      text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  np.testing.assert_allclose(score_lib.Scores(tmp_path / "two").read(0, 10 ** 6),
+                             score_lib.Scores(tmp_path / "one").read(0, 10 ** 6), rtol=2e-5)
+
+
+class ArrayStream:
+  def __init__(self, values, block):
+    self.values, self.block = values, block
+
+  def __iter__(self):
+    for start in range(0, self.values.size, self.block):
+      yield start, self.values[start:start + self.block]
+
+
+def reference_top_k(values, k):
+  order = np.lexsort((np.arange(values.size), -values.astype(np.float64)))  # by score desc, then id asc
+  return np.sort(order[:k])
+
+
+@pytest.mark.parametrize("n,tau,distinct,block", [(10_007, 7, None, 1000), (5_000, 16, 13, 333),
+                                                  (999, 64, 2, 100), (1_000, 1, None, 64), (64, 7, 1, 10)])
+def test_top_k_equals_argsort_reference(n, tau, distinct, block):
+  rng = np.random.default_rng(n)
+  values = rng.standard_normal(n).astype(np.float32) * 3
+  if distinct:
+    values = rng.integers(-distinct // 2, distinct - distinct // 2, n).astype(np.float32) / 4  # many exact ties
+  k = n // tau
+  ids, threshold = select_lib.top_k(ArrayStream(values, block), k)
+  np.testing.assert_array_equal(ids, reference_top_k(values, k))
+  assert ids.dtype == np.int64 and threshold == np.sort(values)[::-1][k - 1]
+
+
+def test_sortable_keys_preserve_float_order():
+  values = np.array([-np.inf, -1e30, -2.5, -1e-40, 0.0, 1e-40, 1.0, 3.5e20, np.inf], np.float32)
+  keys = select_lib.sortable_keys(values)
+  assert np.all(np.diff(keys.astype(np.int64)) > 0)
+  assert [select_lib.key_to_float(k) for k in keys] == values.tolist()
+
+
+def _fake_scores(folder, store, nll):
+  """A finished score folder holding given NLLs (to test selection without a model)."""
+  manifest = {"format": score_lib.SCORES_FORMAT, "num_sequences": len(nll), "columns": ["prior", "conditional_0"],
+              "models": [{"name": "prior"}, {"name": "conditional_0"}], "chunk_rows": 64, "batch_size": 16,
+              "store": {"path": str(store.path), "id": store.id, "seq_len": store.seq_len}}
+  score_lib._open_output(folder, manifest, -(-len(nll) // 64))
+  scores = score_lib.Scores(folder)
+  scores.nll[:].write(nll).result()
+  score_lib._zarr(folder / "done.zarr")[:].write(np.ones(-(-len(nll) // 64), np.uint8)).result()
+  return scores
+
+
+def test_select_stage_methods_and_manifest(synthetic_store, tmp_path):
+  store = data.TokenStore(synthetic_store)
+  n = store.num_sequences
+  rng = np.random.default_rng(1)
+  nll = np.stack([rng.uniform(2, 6, n), rng.uniform(2, 6, n)], 1).astype(np.float32)
+  _fake_scores(tmp_path / "scores", store, nll)
+  common = {"select__scores": str(tmp_path / "scores"), "select__block_rows": 100}
+  color = select_lib.run(make_config("select", "color,7", workdir=str(tmp_path / "color"), **common))
+  ids = np.load(color / "index.npy")
+  manifest = json.loads((color / "manifest.json").read_text())
+  k = n // 7
+  assert manifest["k"] == k == ids.size and manifest["store_id"] == store.id
+  np.testing.assert_array_equal(ids, reference_top_k(nll[:, 0] - nll[:, 1], k))
+  assert manifest["threshold"] == pytest.approx(np.sort(nll[:, 0] - nll[:, 1])[::-1][k - 1])
+  assert sum(r["pool"] for r in manifest["sources"].values()) == n
+  assert sum(manifest["score_stats"]["hist_counts"]) == n
+  cond_only = select_lib.run(make_config("select", "conditional_only,7", workdir=str(tmp_path / "c"), **common))
+  np.testing.assert_array_equal(np.load(cond_only / "index.npy"), reference_top_k(-nll[:, 1], k))
+  rand = [np.load(select_lib.run(make_config("select", "random,7", workdir=str(tmp_path / f"r{i}"), seed=s,
+                                             **common)) / "index.npy") for i, s in enumerate((0, 0, 1))]
+  assert rand[0].size == k and len(set(rand[0].tolist())) == k and np.all(np.diff(rand[0]) > 0)
+  np.testing.assert_array_equal(rand[0], rand[1])
+  assert not np.array_equal(rand[0], rand[2])
+  by_tokens = select_lib.run(make_config("select", "color", workdir=str(tmp_path / "t"), select__tokens=100 * 64,
+                                         **common))
+  assert np.load(by_tokens / "index.npy").size == 100
+  with pytest.raises(data.DataError, match="already holds a selection"):
+    select_lib.run(make_config("select", "color,7", workdir=str(tmp_path / "color"), **common))
+  nll[5, 0] = np.nan
+  score_lib.Scores(tmp_path / "scores").nll[:].write(nll).result()
+  with pytest.raises(data.DataError, match="sequence 5 is NaN"):
+    select_lib.run(make_config("select", "color,7", workdir=str(tmp_path / "nan"), **common))
+
+
+def test_export_writes_the_selected_text(synthetic_store, tmp_path):
+  store = data.TokenStore(synthetic_store)
+  nll = np.stack([np.arange(store.num_sequences), np.zeros(store.num_sequences)], 1).astype(np.float32)
+  _fake_scores(tmp_path / "scores", store, nll)
+  selection = select_lib.run(make_config("select", "color,50", workdir=str(tmp_path / "sel"),
+                                         select__scores=str(tmp_path / "scores")))
+  out = run_cli(["--config", "configs/select.py", "--config.stage=export", f"--config.export.selection={selection}",
+                 f"--config.workdir={tmp_path / 'export'}"]).stdout
+  rows = [json.loads(line) for line in gzip.open(tmp_path / "export" / "selection.jsonl.gz", "rt")]
+  ids = np.load(selection / "index.npy")
+  assert [r["id"] for r in rows] == ids.tolist()
+  assert [r["score"] for r in rows] == pytest.approx(ids.astype(float).tolist())  # prior NLL = id, cond = 0
+  from tokenizers import Tokenizer
+  tok = Tokenizer.from_file(str(store.tokenizer_path()))
+  assert tok.encode(rows[0]["text"], add_special_tokens=False).ids[:20] == store.read([ids[0]])[0][:20].tolist()
+  breakdown = json.loads((tmp_path / "export" / "breakdown.json").read_text())
+  assert sum(r["selected"] for r in breakdown.values()) == ids.size
+  assert {r["source"] for r in rows} <= set(store.labels()) and "selected" not in out
+
+
+def test_index_from_another_store_is_refused(synthetic_store, tmp_path):
+  store = data.TokenStore(synthetic_store)
+  folder = tmp_path / "sel"
+  folder.mkdir()
+  np.save(folder / "index.npy", np.arange(10))
+  (folder / "manifest.json").write_text(json.dumps({"store_id": "somethingelse"}))
+  with pytest.raises(data.DataError, match="point --config.data.train_store"):
+    data.load_index(folder, store)
