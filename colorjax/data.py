@@ -195,6 +195,13 @@ def checked_tokenizer_path(folder, tok_info: dict) -> pathlib.Path:
   return path
 
 
+def index_id(path) -> str:
+  """Content id of a selection index (its .npy bytes), recorded by runs trained on it."""
+  path = pathlib.Path(path)
+  path = path / "index.npy" if path.is_dir() else path
+  return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
 def load_index(path, store: TokenStore | None = None) -> np.ndarray:
   """A selection index: a 1-D .npy of global ids (checked against its manifest and the store when both exist)."""
   path = pathlib.Path(path)

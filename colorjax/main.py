@@ -23,6 +23,7 @@ STAGES = {
     "select": "colorjax.select",
     "export": "colorjax.export",
     "pipeline": "colorjax.pipeline",
+    "report": "colorjax.report",
 }
 
 

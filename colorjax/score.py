@@ -26,6 +26,7 @@ from colorjax import data
 from colorjax import evaluate
 from colorjax import metrics
 from colorjax import model
+from colorjax import plan
 from colorjax import sharding
 
 SCORES_FORMAT = "colorjax.scores"
@@ -89,18 +90,31 @@ class Scores:
     return self.nll[start:min(stop, self.num_sequences)].read().result()
 
 
-def load_models(cfg, mesh):
-  """Prior + conditionals: checked to share an architecture, stacked along a leading "models" axis."""
+def model_entries(cfg):
+  """(name, path, manifest) of the prior and each conditional, checked to share architecture and tokenizer."""
   scfg = cfg.score
-  paths = [("prior", scfg.prior)] + [(f"conditional_{i}", p) for i, p in enumerate(scfg.conditionals)]
   if not scfg.prior or not scfg.conditionals:
     raise ValueError("set --config.score.prior and --config.score.conditionals (one or more params exports)")
-  manifests = [checkpoint.read_params_manifest(p) for _, p in paths]
-  spec = checkpoint.spec_from_manifest(manifests[0], cfg.model)
-  for (name, path), manifest in zip(paths, manifests):
+  paths = [("prior", scfg.prior)] + [(f"conditional_{i}", p) for i, p in enumerate(scfg.conditionals)]
+  entries = [(name, path, checkpoint.read_params_manifest(path)) for name, path in paths]
+  spec = checkpoint.spec_from_manifest(entries[0][2], cfg.model)
+  for _, path, manifest in entries:
     checkpoint.check_architecture(manifest, spec, path)
-    if manifest["tokenizer"]["sha256"] != manifests[0]["tokenizer"]["sha256"]:
+    if manifest["tokenizer"]["sha256"] != entries[0][2]["tokenizer"]["sha256"]:
       raise data.DataError(f"{path} was trained with another tokenizer than the prior {scfg.prior}")
+  return entries, spec
+
+
+def describe_models(entries) -> list[dict]:
+  return [{"name": name, "path": str(pathlib.Path(p).resolve()), "id": m.get("id"), "steps": m.get("steps")}
+          for name, p, m in entries]
+
+
+def load_models(cfg, mesh):
+  """Prior + conditionals: checked to share an architecture, stacked along a leading "models" axis."""
+  entries, spec = model_entries(cfg)
+  paths = [(name, path) for name, path, _ in entries]
+  manifests = [m for _, _, m in entries]
   axes = model.param_axes(spec)
   param_sh = sharding.tree_shardings(model.abstract_params(spec), axes, mesh)
   stacked_axes = jax.tree.map(lambda a: ("models",) + a, axes, is_leaf=sharding.is_axes)
@@ -110,9 +124,16 @@ def load_models(cfg, mesh):
   loaded = [checkpoint.load_params(p, spec, param_sh)[0] for _, p in paths]
   stacked = jax.jit(lambda *ps: jax.tree.map(lambda *xs: jnp.stack(xs), *ps), out_shardings=stacked_sh)(*loaded)
   del loaded
-  models = [{"name": name, "path": str(pathlib.Path(p).resolve()), "id": m.get("id"), "steps": m.get("steps")}
-            for (name, p), m in zip(paths, manifests)]
-  return spec, stacked, stacked_sh, models, manifests[0]["tokenizer"]
+  return spec, stacked, stacked_sh, describe_models(entries), manifests[0]["tokenizer"]
+
+
+def is_complete(workdir: pathlib.Path, store: data.TokenStore, models: list[dict]) -> bool:
+  """Whether `workdir` already holds finished scores of this pool under these models."""
+  if not (workdir / data.MANIFEST).exists():
+    return False
+  scores = Scores(workdir)
+  same = scores.manifest["store"]["id"] == store.id and scores.manifest["models"] == models
+  return same and bool(scores.done().all())
 
 
 def build_score_step(spec, stacked_sh, batch_sh, out_sh, pad_id, chunk: int):
@@ -152,8 +173,12 @@ def run(cfg) -> pathlib.Path:
   if not cfg.workdir:
     raise ValueError("set --config.workdir to the folder the scores go to")
   workdir = pathlib.Path(cfg.workdir).resolve()
-  mesh = sharding.make_mesh(cfg.mesh)
   store = data.TokenStore(scfg.store)
+  if is_complete(workdir, store, describe_models(model_entries(cfg)[0])):
+    if metrics.is_main():
+      print(f"score: {workdir} is complete for this pool and these models; nothing to do")
+    return workdir
+  mesh = sharding.make_mesh(cfg.mesh)
   spec, stacked, stacked_sh, models, tok_info = load_models(cfg, mesh)
   if tok_info["sha256"] != store.manifest["tokenizer"]["sha256"]:
     raise data.DataError(f"pool {store.path} was tokenized with {store.manifest['tokenizer']['name']}, the models "
@@ -261,13 +286,29 @@ def run(cfg) -> pathlib.Path:
   return workdir
 
 
-def describe(cfg) -> None:
-  manifest = checkpoint.read_params_manifest(cfg.score.prior)
-  spec = checkpoint.spec_from_manifest(manifest, cfg.model)
-  k = 1 + len(cfg.score.conditionals)
-  store = data.TokenStore(cfg.score.store) if pathlib.Path(cfg.score.store, data.MANIFEST).exists() else None
-  n = store.num_sequences if store else 0
-  seq_len = store.seq_len if store else spec.max_seq_len
+def describe_nominal(cfg, num_sequences: int, seq_len: int, models: int) -> float:
+  """Dry-run report of scoring `num_sequences` with `models` models of cfg.model's architecture; returns FLOPs."""
+  spec = model.ModelSpec.from_config(cfg.model)
   flops = model.flops_per_token(spec, seq_len, training=False)
-  print(f"score (dry run): {k} models, {n:,} sequences x {seq_len} tokens; flops/token/model {flops:,.0f} "
-        f"(2N+4LdT); total {flops * k * n * seq_len:.3e} FLOPs")
+  total = flops * models * num_sequences * seq_len
+  devices = cfg.dry_run_devices or jax.device_count()
+  mesh = sharding.abstract_mesh(cfg.mesh, devices)
+  dp = int(np.prod([mesh.shape[a] for a in sharding.RULES["batch"]]))
+  batch = -(-int(cfg.score.batch_size) // dp) * dp
+  params_b = models * plan.sharded_bytes(model.abstract_params(spec), model.param_axes(spec), mesh)
+  act_b = models * plan.activation_bytes(spec, batch // dp, seq_len, False, cfg.score.loss_chunk, training=False,
+                                         tensor=mesh.shape["tensor"])
+  print(f"score (dry run): {models} models x {num_sequences:,} sequences x {seq_len} tokens, one vmapped pass; "
+        f"{-(-num_sequences // batch):,} steps of {batch}")
+  print(f"flops/token/model: {flops:,.0f} (2N+4LdT); total {total:.3e} FLOPs")
+  print(f"memory/device (estimate): params {params_b / plan.GIB:.2f} GiB + activations {act_b / plan.GIB:.2f} GiB")
+  return total
+
+
+def describe(cfg) -> None:
+  entries, spec = model_entries(cfg)
+  store = data.TokenStore(cfg.score.store)
+  cfg_model = cfg.model
+  for key, value in spec.architecture().items():
+    cfg_model[key] = value
+  describe_nominal(cfg, store.num_sequences, store.seq_len, len(entries))

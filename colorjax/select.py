@@ -122,6 +122,15 @@ def label_rates(store: data.TokenStore, ids: np.ndarray, block_rows: int) -> dic
           for name, p, c in zip(labels, pool, chosen)}
 
 
+def selection_request(cfg, scores: score_lib.Scores) -> dict:
+  """What decides a selection's content; an existing selection is reused only when this matches."""
+  scfg = cfg.select
+  return {"method": scfg.method, "tau": float(scfg.tau), "tokens": int(scfg.tokens),
+          "conditional": scfg.conditional if scfg.method != "random" else None,
+          "seed": int(cfg.seed) if scfg.method == "random" else None, "scores": str(scores.path.resolve()),
+          "models": scores.manifest["models"], "store_id": scores.manifest["store"]["id"]}
+
+
 def selection_size(cfg, n: int, seq_len: int) -> int:
   scfg = cfg.select
   if scfg.tokens:
@@ -138,10 +147,14 @@ def run(cfg) -> pathlib.Path:
   if not cfg.workdir:
     raise ValueError("set --config.workdir to the folder the selection goes to")
   workdir = pathlib.Path(cfg.workdir).resolve()
-  if (workdir / data.MANIFEST).exists():
-    raise data.DataError(f"{workdir} already holds a selection; choose another --config.workdir (nothing was "
-                         "overwritten)")
   scores = score_lib.Scores(scfg.scores)
+  request = selection_request(cfg, scores)
+  if (workdir / data.MANIFEST).exists():
+    if data.read_manifest(workdir).get("request") == request:
+      print(f"select: {workdir} is up to date; nothing to do")
+      return workdir
+    raise data.DataError(f"{workdir} already holds another selection; choose another --config.workdir (nothing was "
+                         "overwritten)")
   scores.check_complete()
   store = data.TokenStore(scores.manifest["store"]["path"])
   if store.id != scores.manifest["store"]["id"]:
@@ -166,7 +179,7 @@ def run(cfg) -> pathlib.Path:
       "scores": {"path": str(scores.path), "models": scores.manifest["models"]},
       "store_id": store.id, "store_path": str(store.path), "score_stats": stats,
       "sources": label_rates(store, ids, scfg.block_rows), "seconds": time.time() - start,
-      "config": json.loads(cfg.to_json()), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+      "request": request, "config": json.loads(cfg.to_json()), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
   }
   if metrics.is_main():
     partial = workdir.with_name(workdir.name + ".partial")

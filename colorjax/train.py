@@ -397,7 +397,8 @@ def run(cfg) -> pathlib.Path:
     manifest = {
         "stage": cfg.stage, "model": spec.architecture(), "model_spec": spec.to_dict(),
         "tokenizer": store.manifest["tokenizer"], "train_store": {"path": str(store.path), "id": store.id},
-        "index": str(cfg.data.index) if cfg.data.index else None, "steps": plan_.total_steps,
+        "index": str(cfg.data.index) if cfg.data.index else None,
+        "index_id": data.index_id(cfg.data.index) if cfg.data.index else None, "steps": plan_.total_steps,
         "tokens": plan_.tokens, "schedule": plan_.schedule, "schedule_steps": plan_.schedule_steps,
         "seed": cfg.seed, "init_from": cfg.train.init_from or None,
         "init_from_id": init_manifest.get("id") if init_manifest else None,
@@ -409,12 +410,12 @@ def run(cfg) -> pathlib.Path:
   return export_dir
 
 
-def describe(cfg) -> dict:
-  """Dry run: sizes, FLOPs, steps, tokens and per-device memory, all without allocating."""
+def describe(cfg, num_items: int | None = None) -> dict:
+  """Dry run: sizes, FLOPs, steps, tokens and per-device memory, all without allocating. `num_items` stands in for
+  the data size when the store (or index) does not exist yet, e.g. when planning a whole pipeline."""
   spec = model.ModelSpec.from_config(cfg.model)
   num_devices = cfg.dry_run_devices or jax.device_count()
   mesh = sharding.abstract_mesh(cfg.mesh, num_devices)
-  num_items = None
   seq_len = spec.max_seq_len
   if cfg.data.train_store and pathlib.Path(cfg.data.train_store, data.MANIFEST).exists():
     store = data.TokenStore(cfg.data.train_store)
@@ -427,5 +428,7 @@ def describe(cfg) -> dict:
   abstract_params = model.abstract_params(spec)
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
   note = None if num_items is not None else "train store not found: the step count is the nominal max_steps"
+  if num_items is not None and not pathlib.Path(cfg.data.train_store or "-", data.MANIFEST).exists():
+    note = f"data size taken as {num_items:,} sequences (nominal)"
   return plan.print_model_and_training(cfg.stage, spec, mesh, plan_, abstract_params, abstract_opt, data_note=note,
                                        loss_chunk=cfg.train.loss_chunk)

@@ -1,35 +1,152 @@
-"""The whole CoLoR-Filter pipeline in one work directory. Arg: preset (demo).
+"""The whole CoLoR-Filter pipeline in one work directory. Arg: preset.
 
-  python -m colorjax.main --config configs/pipeline.py:demo      # embedded synthetic data, CPU minutes
+  demo        embedded synthetic domains and a locally trained tokenizer; no downloads; CPU minutes
+  books       real text (../shared/data/corpus or --config.pipeline.data_dir): target = Shakespeare, pool = all
+              sources; CPU tens of minutes
+  tasks       conditional finetuned on the downstream tasks' train splits; targets scored on the 8-task suite
+  paper-150m  the paper's 150M setting (pool store given by path; accelerators); check it with a dry run
+  paper-1.2b  the paper's 1.2B targets (192k-step schedule) on the same selections
+
+  python -m colorjax.main --config configs/pipeline.py:demo
+  python -m colorjax.main --config configs/pipeline.py:paper-1.2b --config.dry_run=True --config.dry_run_devices=64
 """
 import ml_collections
 
 from configs import base
 
+PRESETS = ("demo", "books", "tasks", "paper-150m", "paper-1.2b")
+TASKS_WITH_TRAIN = ("piqa", "hellaswag", "winogrande", "openbookqa", "boolq", "arc_easy", "arc_challenge")
+ALL_TASKS = ("piqa", "hellaswag", "winogrande", "openbookqa", "boolq", "sciq", "arc_easy", "arc_challenge")
+
+
+def _small_train(steps: int, batch: int = 16, warmup: int = 10) -> ml_collections.ConfigDict:
+  t = base.train_config()
+  t.global_batch_size = batch
+  t.max_steps = steps
+  t.warmup_steps = warmup
+  t.log_every = 25
+  t.eval_every = 0
+  t.eval_batches = 0
+  t.checkpoint_every = 200
+  return t
+
 
 def get_config(preset: str = "demo"):
-  if preset != "demo":
-    raise ValueError(f"unknown pipeline preset {preset!r}; choose demo")
+  if preset not in PRESETS:
+    raise ValueError(f"unknown pipeline preset {preset!r}; choose one of {', '.join(PRESETS)}")
   c = base.get_config()
   c.stage = "pipeline"
-  c.workdir = "runs/demo"
+  c.workdir = f"runs/{preset}"
 
-  c.pipeline = ml_collections.ConfigDict()
-  c.pipeline.preset = preset  # which preset built this config (informational)
-  c.pipeline.seq_len = 128  # tokens per sequence of every store the pipeline prepares
-  c.pipeline.synthetic_docs = 2000  # documents per synthetic domain (demo)
-  c.pipeline.synthetic_seed = 0  # seed of the synthetic text (demo)
-  c.pipeline.synthetic_vocab = 1024  # BPE vocabulary trained on the synthetic text (demo)
+  p = c.pipeline = ml_collections.ConfigDict()
+  p.preset = preset  # which preset built this config (recorded in the report)
+  p.target = "text"  # text: target = held-out documents of target files | tasks: the downstream task suite
+  p.data_dir = ""  # folder the file lists below are relative to ("" = $COLORJAX_DATA/corpus or ../shared/data/corpus)
+  p.target_files = ("shakespeare.jsonl.gz",)  # target-domain documents (split into finetune / eval / pool parts)
+  p.target_split = (0.4, 0.2)  # fractions of target works used to finetune the conditional and to evaluate
+  p.group_regex = r"\n\nby William Shakespeare"  # a document matching this starts a new work ("" = each doc)
+  p.split_seed = 0  # seed of the work-level split and of pool sampling
+  p.pool_files = ("*.jsonl.gz",)  # candidate pool files (target files are swapped for their pool part)
+  p.max_docs_per_file = 0  # sample at most this many documents per pool file (0 = all)
+  p.tokenizer = ""  # tokenizer.json for every store ("" = train a byte-level BPE on the pool text)
+  p.tokenizer_vocab = 4096  # vocabulary of that BPE (model.vocab_size must be >= it, a multiple of 64)
+  p.seq_len = 256  # tokens per sequence of every store
+  p.tasks = TASKS_WITH_TRAIN  # target=tasks: tasks whose train splits finetune the conditional
+  p.taus = (4.0, 8.0)  # selection ratios: keep the top 1/tau of the pool
+  p.seeds = (0, 1)  # target-model seeds (init and data order; and the random selection's draw)
+  p.methods = ("color", "random")  # selections compared at each tau: color | random | conditional_only
+  p.curve_tau = 2.0  # one random run per seed over 1/curve_tau of the pool, its learning curve gives data efficiency
+  p.curve_eval_every = 0  # eval interval of those curve runs (0 = the target's train.eval_every)
+  p.synthetic_docs = 0  # demo: documents per synthetic domain (0 = read real files instead)
+  p.synthetic_seed = 0  # demo: seed of the synthetic text
+  p.pool_store = ""  # paper presets: an existing pool token store (skips split and prepare)
+  p.target_train_store = ""  # paper presets, target=text: token store of target text for the conditional
+  p.target_eval_store = ""  # paper presets, target=text: held-out target token store
+  p.pool_sequences = 0  # dry runs: pool size to plan with when the pool store does not exist yet
+  p.target_sequences = 0  # dry runs: conditional's data size to plan with
 
   c.prior = ml_collections.ConfigDict()
-  c.prior.model = base.model_config("demo")  # the prior's architecture
-  c.prior.model.vocab_size = 1024
-  c.prior.train = base.train_config()  # the prior's pretraining recipe
-  c.prior.train.global_batch_size = 16
-  c.prior.train.max_steps = 150
-  c.prior.train.warmup_steps = 15
-  c.prior.train.log_every = 25
-  c.prior.train.eval_every = 50
-  c.prior.train.eval_batches = 4
-  c.prior.train.checkpoint_every = 50
+  c.prior.model = base.model_config("demo")  # the prior's (and conditional's) architecture
+  c.prior.model.vocab_size = 4096
+  c.prior.train = _small_train(600)  # the prior's pretraining recipe
+  c.conditional = ml_collections.ConfigDict()
+  c.conditional.train = _small_train(0, warmup=20)  # finetuning recipe: one epoch (max_steps <= 0)
+  c.conditional.train.single_pass = True
+  c.conditional.train.anneal_to_data = True
+  c.target = ml_collections.ConfigDict()
+  c.target.model = base.model_config("demo")  # the target models' architecture
+  c.target.model.vocab_size = 4096
+  c.target.train = _small_train(100000)  # target recipe: single pass over each selection
+  c.target.train.single_pass = True
+  c.target.train.anneal_to_data = True  # miniature: each run completes its schedule (paper presets: nominal)
+  c.target.train.eval_every = 100
+
+  if preset == "demo":
+    p.synthetic_docs = 1200
+    p.target_files = ("stories.jsonl.gz",)
+    p.group_regex = ""
+    p.target_split = (0.3, 0.2)
+    p.tokenizer_vocab = 1024
+    p.seq_len = 128
+    p.taus = (8.0,)
+    p.seeds = (0,)
+    p.curve_tau = 2.0
+    c.prior.model.vocab_size = c.target.model.vocab_size = 1024
+    c.prior.train.max_steps = 150
+    c.target.train.global_batch_size = 8
+    c.target.train.eval_every = 20
+    c.score.batch_size = 64
+    c.score.loss_chunk = 0
+  elif preset == "books":
+    p.max_docs_per_file = 250
+    c.score.batch_size = 64
+    c.score.loss_chunk = 0
+  elif preset == "tasks":
+    p.target = "tasks"
+    p.max_docs_per_file = 250
+    p.taus = (4.0,)
+    c.sft.limit = 2000
+    c.eval.tasks = ALL_TASKS
+    c.eval.limit = 500
+    c.eval.tasks_dir = ""  # set to <data>/tasks (e.g. ../shared/data/tasks); "" = HuggingFace datasets
+    c.conditional.train.warmup_steps = 100
+    c.score.batch_size = 64
+    c.score.loss_chunk = 0
+  else:
+    _paper(c, preset)
   return c
+
+
+def _paper(c, preset: str):
+  """SPEC §1-3: 150M prior 24k x 256 x 512 on C4, conditionals on tasks, taus 7..64, 150M or 1.2B targets."""
+  p = c.pipeline
+  p.target = "tasks"
+  p.tokenizer = "gpt-neox-20b-pii-special.json"  # GPT-NeoX-20B; point at your copy
+  p.seq_len = 512
+  p.taus = (7.0, 16.0, 32.0, 64.0)
+  p.seeds = (0,)
+  p.curve_tau = 0.0
+  p.pool_sequences = 342_000_000  # C4: ~175B tokens in 512-token sequences (SPEC §1)
+  p.target_sequences = 114_170  # the 7 offline tasks' train documents, one SFT row each
+  c.eval.tasks = ALL_TASKS
+  c.prior.model = base.model_config("150m")
+  c.prior.train = base.train_config()  # 24,000 x 256 x 512, warmup 2000, SPEC §3
+  c.prior.train.micro_batch_size = 64
+  c.conditional.train = base.train_config()
+  c.conditional.train.max_steps = 0
+  c.conditional.train.single_pass = True
+  c.conditional.train.anneal_to_data = True
+  c.conditional.train.warmup_steps = 100
+  c.conditional.train.micro_batch_size = 64
+  size = "150m" if preset == "paper-150m" else "1.2b"
+  c.target.model = base.model_config(size)
+  c.target.train = base.train_config()
+  c.target.train.single_pass = True
+  c.target.train.anneal_to_data = False  # the original: schedule on the nominal max_steps
+  c.target.train.eval_every = 2000
+  c.target.train.micro_batch_size = 64 if size == "150m" else 16
+  if size == "1.2b":
+    c.target.train.max_steps = 192_000
+    c.target.train.warmup_steps = 8000
+  c.score.batch_size = 256
+  c.score.loss_chunk = 64

@@ -204,8 +204,9 @@ def test_select_stage_methods_and_manifest(synthetic_store, tmp_path):
   by_tokens = select_lib.run(make_config("select", "color", workdir=str(tmp_path / "t"), select__tokens=100 * 64,
                                          **common))
   assert np.load(by_tokens / "index.npy").size == 100
-  with pytest.raises(data.DataError, match="already holds a selection"):
-    select_lib.run(make_config("select", "color,7", workdir=str(tmp_path / "color"), **common))
+  assert select_lib.run(make_config("select", "color,7", workdir=str(tmp_path / "color"), **common)) == color
+  with pytest.raises(data.DataError, match="already holds another selection"):
+    select_lib.run(make_config("select", "color,8", workdir=str(tmp_path / "color"), **common))
   nll[5, 0] = np.nan
   score_lib.Scores(tmp_path / "scores").nll[:].write(nll).result()
   with pytest.raises(data.DataError, match="sequence 5 is NaN"):

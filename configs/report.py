@@ -1,0 +1,11 @@
+"""Regenerate report.md / report.json / plots of a pipeline work directory.
+
+  python -m colorjax.main --config configs/report.py --config.workdir=runs/books
+"""
+from configs import base
+
+
+def get_config():
+  c = base.get_config()
+  c.stage = "report"
+  return c
