@@ -68,6 +68,7 @@ class Progress:
     if not self.enabled or (not force and now - self._last_print < interval):
       return
     self._last_print = now
+    self._printed_count = self.count
     rate = self.count / max(self.elapsed, 1e-9)
     if self.total:
       frac = min(1.0, self.count / self.total)
@@ -83,7 +84,8 @@ class Progress:
     sys.stderr.flush()
 
   def close(self, extra: str = ""):
-    self.update(0, extra=extra, force=True)
+    if extra or getattr(self, "_printed_count", None) != self.count:
+      self.update(0, extra=extra, force=True)
     if self.enabled and self._tty:
       sys.stderr.write("\n")
       sys.stderr.flush()

@@ -120,6 +120,18 @@ def _digest(text: str) -> str:
   return hashlib.sha1(text.encode("utf-8")).hexdigest()
 
 
+def _sample_chars(docs: list[dict], budget: int, seed: int) -> list[dict]:
+  """A seeded random sample of whole documents, in file order, of about `budget` characters."""
+  order = sorted(range(len(docs)), key=lambda i: _digest(f"{seed}/{docs[i]['text']}"))
+  chosen, total = [], 0
+  for i in order:
+    if total >= budget:
+      break
+    chosen.append(i)
+    total += len(docs[i]["text"])
+  return [docs[i] for i in sorted(chosen)]
+
+
 def _groups(docs: list[dict], regex: str) -> list[list[int]]:
   """Consecutive documents grouped into works: a document matching `regex` starts a new group ('' = one each)."""
   if not regex:
@@ -158,7 +170,7 @@ def split_data(cfg, root: pathlib.Path, data_dir: str) -> dict:
   marker = out / "split.json"
   request = {"target_files": [(str(f), prepare.file_sha256(f)) for f in target_files],
              "pool_files": [str(f) for f in pool_files], "fractions": list(pcfg.target_split),
-             "group_regex": pcfg.group_regex, "max_docs_per_file": pcfg.max_docs_per_file,
+             "group_regex": pcfg.group_regex, "max_chars_per_file": pcfg.max_chars_per_file,
              "split_seed": pcfg.split_seed}
   parts = {"target_train": [out / "target_train.jsonl.gz"], "target_eval": [out / "target_eval.jsonl.gz"],
            "pool": [out / "pool" / f"{prepare.source_label(f)}.jsonl.gz" for f in target_files + pool_files]}
@@ -191,9 +203,8 @@ def split_data(cfg, root: pathlib.Path, data_dir: str) -> dict:
     docs = pool_by_file.get(path, [])
     kept = [d for d in docs if _digest(d["text"]) not in held]
     dropped += len(docs) - len(kept)
-    if pcfg.max_docs_per_file and len(kept) > pcfg.max_docs_per_file:
-      order = sorted(range(len(kept)), key=lambda i: _digest(f"{pcfg.split_seed}/{kept[i]['text']}"))
-      kept = [kept[i] for i in sorted(order[: pcfg.max_docs_per_file])]
+    if pcfg.max_chars_per_file:
+      kept = _sample_chars(kept, pcfg.max_chars_per_file, pcfg.split_seed)
     _write_docs(out / "pool" / f"{prepare.source_label(path)}.jsonl.gz", kept)
     counts[prepare.source_label(path)] = len(kept)
   _write_docs(parts["target_train"][0], finetune)

@@ -136,6 +136,18 @@ def is_complete(workdir: pathlib.Path, store: data.TokenStore, models: list[dict
   return same and bool(scores.done().all())
 
 
+def step_schedule(per_host: list, n: int, chunk_rows: int, host_batch: int) -> list[tuple[int, int, bool]]:
+  """(slot, batch within the chunk, last batch of the slot) for every global step. Hosts work through their own
+  chunk lists in lockstep; a slot takes as many batches as its largest chunk there needs (a short last chunk of
+  the pool takes fewer), and a chunk is always cut into the same batches, whichever host or job scores it."""
+  schedule = []
+  for slot in range(max((len(c) for c in per_host), default=0)):
+    rows = [min(chunk_rows, n - int(c[slot]) * chunk_rows) for c in per_host if slot < len(c)]
+    steps = -(-max(rows) // host_batch)
+    schedule += [(slot, j, j == steps - 1) for j in range(steps)]
+  return schedule
+
+
 def build_score_step(spec, stacked_sh, batch_sh, out_sh, pad_id, chunk: int):
   """[batch, seq] tokens -> [batch, models] mean NLL, all models in one vmapped pass over the batch."""
 
@@ -215,9 +227,8 @@ def run(cfg) -> pathlib.Path:
   mine = np.arange(num_chunks)[shard_i * num_chunks // shard_n:(shard_i + 1) * num_chunks // shard_n]
   todo = mine[~out.done()[mine]]
   per_host = [todo[h::hosts] for h in range(hosts)]
-  slots = max((len(c) for c in per_host), default=0)
   my_chunks = per_host[jax.process_index()]
-  steps_per_chunk = chunk_rows // host_batch
+  schedule = step_schedule(per_host, n, chunk_rows, host_batch)
   pad_id = store.pad_id if store.padded else None
   step_fn = build_score_step(spec, stacked_sh, batch_sh, out_sh, pad_id, int(scfg.loss_chunk))
   flops = model.flops_per_token(spec, store.seq_len, training=False) * len(models)
@@ -229,7 +240,7 @@ def run(cfg) -> pathlib.Path:
              f"mesh {sharding.describe(mesh)}")
 
   def produce(step: int):
-    slot, j = divmod(step, steps_per_chunk)
+    slot, j, _ = schedule[step]
     rows = np.zeros((host_batch, store.seq_len), store.dtype)
     if slot < len(my_chunks):
       first = int(my_chunks[slot]) * chunk_rows + j * host_batch
@@ -238,18 +249,18 @@ def run(cfg) -> pathlib.Path:
         rows[: ids.size] = store.read(ids)
     return sharding.put_host_rows(rows, batch_sh, (batch, store.seq_len), row_start)
 
-  bar = metrics.Progress(total=slots * steps_per_chunk * batch, unit="seq", desc="score")
+  bar = metrics.Progress(total=len(schedule) * batch, unit="seq", desc="score")
   buffer = np.empty((chunk_rows, len(models)), np.float32)
   start = time.time()
-  prefetch = data.Prefetcher(produce, range(slots * steps_per_chunk), cfg.data.prefetch)
+  prefetch = data.Prefetcher(produce, range(len(schedule)), cfg.data.prefetch)
   pending = None
 
   def finish(step, result):
-    slot, j = divmod(step, steps_per_chunk)
+    slot, j, last = schedule[step]
     shards = {s.index[0].start or 0: s for s in result.addressable_shards}  # replicas (tensor axis) once
     local = np.concatenate([np.asarray(shards[k].data) for k in sorted(shards)])
     buffer[j * host_batch:(j + 1) * host_batch] = local[:host_batch]
-    if j == steps_per_chunk - 1 and slot < len(my_chunks):
+    if last and slot < len(my_chunks):
       chunk = int(my_chunks[slot])
       first, stop = chunk * chunk_rows, min(n, (chunk + 1) * chunk_rows)
       out.nll[first:stop].write(buffer[: stop - first]).result()
@@ -272,10 +283,10 @@ def run(cfg) -> pathlib.Path:
     prefetch.close()
   bar.close()
   seconds = time.time() - start
+  metrics.on_main_then_sync(lambda: None, "score finished")  # every host's chunks are written
   done = out.done()
-  metrics.on_main_then_sync(lambda: None, "score finished")
   if metrics.is_main():
-    scored = slots * steps_per_chunk * batch
+    scored = len(schedule) * batch
     record = {"event": "score", "shard": f"{shard_i}/{shard_n}", "chunks": int(len(todo)), "seconds": seconds,
               "sequences_per_s": scored / max(seconds, 1e-9),
               "tokens_per_s_per_model": scored * store.seq_len / max(seconds, 1e-9),

@@ -92,6 +92,18 @@ def top_k(stream, k: int):
   return ids, key_to_float(threshold)
 
 
+def random_sample(n: int, k: int, seed: int, block_rows: int) -> np.ndarray:
+  """k distinct ids of [0, n), uniform, sorted: the first k positions of a seeded permutation, built blockwise so
+  the temporaries stay O(block_rows) beside the output."""
+  perm = data.Permutation(n, seed, stream=7) if n else None
+  ids = np.empty(k, np.int64)
+  for start in range(0, k, block_rows):
+    stop = min(k, start + block_rows)
+    ids[start:stop] = perm(np.arange(start, stop))
+  ids.sort()
+  return ids
+
+
 def score_statistics(stream) -> dict:
   """Mean, std, extremes and a fixed-bin histogram of the scores (two streaming passes)."""
   count, total, total_sq, lo, hi = 0, 0.0, 0.0, np.inf, -np.inf
@@ -165,8 +177,7 @@ def run(cfg) -> pathlib.Path:
   start = time.time()
   stats, threshold = None, None
   if scfg.method == "random":
-    from colorjax.data import Permutation  # pylint: disable=import-outside-toplevel
-    ids = np.sort(Permutation(n, cfg.seed, stream=7)(np.arange(k))) if k else np.zeros(0, np.int64)
+    ids = random_sample(n, k, cfg.seed, scfg.block_rows)
   else:
     stream = ScoreStream(scores, scfg.method, scfg.conditional, scfg.block_rows)
     ids, threshold = top_k(stream, k)

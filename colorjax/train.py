@@ -346,12 +346,12 @@ def run(cfg) -> pathlib.Path:
     bar = metrics.Progress(total=plan_.total_steps, unit="steps", desc=cfg.stage)
     bar.count = start_step
     prefetch = data.Prefetcher(source, range(start_step, plan_.total_steps), cfg.data.prefetch)
-    window = {"loss": 0.0, "z_loss": 0.0, "tokens": 0.0, "n": 0, "t0": time.time()}
+    window = {"loss": 0.0, "z_loss": 0.0, "n": 0, "t0": time.time()}
     pending = None
 
     def consume(step_done: int, stats):
       stats = jax.device_get(stats)
-      for k in ("loss", "z_loss", "tokens"):
+      for k in ("loss", "z_loss"):
         window[k] += float(stats[k])
       window["n"] += 1
       if step_done % cfg.train.log_every and step_done != plan_.total_steps:
@@ -366,7 +366,7 @@ def run(cfg) -> pathlib.Path:
       writer.write(record)
       bar.update(0, extra=f"loss {record['loss']:.4f} lr {record['lr']:.2e} {metrics.human(tokens_per_s)} tok/s"
                  + (f" mfu {record['mfu']:.1%}" if record["mfu"] else ""), force=True)
-      window.update(loss=0.0, z_loss=0.0, tokens=0.0, n=0, t0=time.time())
+      window.update(loss=0.0, z_loss=0.0, n=0, t0=time.time())
 
     try:
       for step, batch in prefetch:

@@ -47,7 +47,7 @@ def get_config(preset: str = "demo"):
   p.group_regex = r"\n\nby William Shakespeare"  # a document matching this starts a new work ("" = each doc)
   p.split_seed = 0  # seed of the work-level split and of pool sampling
   p.pool_files = ("*.jsonl.gz",)  # candidate pool files (target files are swapped for their pool part)
-  p.max_docs_per_file = 0  # sample at most this many documents per pool file (0 = all)
+  p.max_chars_per_file = 0  # sample whole documents up to about this many characters per pool file (0 = all)
   p.tokenizer = ""  # tokenizer.json for every store ("" = train a byte-level BPE on the pool text)
   p.tokenizer_vocab = 4096  # vocabulary of that BPE (model.vocab_size must be >= it, a multiple of 64)
   p.seq_len = 256  # tokens per sequence of every store
@@ -98,12 +98,12 @@ def get_config(preset: str = "demo"):
     c.score.batch_size = 64
     c.score.loss_chunk = 0
   elif preset == "books":
-    p.max_docs_per_file = 250
+    p.max_chars_per_file = 1_000_000
     c.score.batch_size = 64
     c.score.loss_chunk = 0
   elif preset == "tasks":
     p.target = "tasks"
-    p.max_docs_per_file = 250
+    p.max_chars_per_file = 1_000_000
     p.taus = (4.0,)
     c.sft.limit = 2000
     c.eval.tasks = ALL_TASKS

@@ -76,7 +76,7 @@ def test_report_stage_regenerates_from_the_work_directory(demo_run):
 
 
 def test_books_split_keeps_plays_whole_and_parts_disjoint(data_dir, tmp_path):
-  cfg = make_config("pipeline", "books", workdir=str(tmp_path), pipeline__max_docs_per_file=40,
+  cfg = make_config("pipeline", "books", workdir=str(tmp_path), pipeline__max_chars_per_file=200_000,
                     pipeline__data_dir=str(data_dir / "corpus"))
   parts = pipeline.split_data(cfg, tmp_path, str(data_dir / "corpus"))
   read = lambda p: [json.loads(line)["text"] for line in gzip.open(p, "rt")]
@@ -90,13 +90,15 @@ def test_books_split_keeps_plays_whole_and_parts_disjoint(data_dir, tmp_path):
   for part in (finetune, held_out):
     assert "\n\nby William Shakespeare" in part[0][:2000]
   assert starts(finetune) > starts(held_out) > 0
-  assert len(read(tmp_path / "data" / "pool" / "kjv.jsonl.gz")) == 40
-  assert len(shakespeare_pool) <= 40
+  for name in ("kjv", "linux_doc", "perl_doc"):
+    chars = sum(map(len, read(tmp_path / "data" / "pool" / f"{name}.jsonl.gz")))
+    assert 200_000 <= chars < 300_000  # whole documents up to the budget
+  assert 0 < sum(map(len, shakespeare_pool)) < 300_000
   summary = json.loads((tmp_path / "data" / "split.json").read_text())
   assert summary["documents"]["target_train"] == len(finetune)
   assert pipeline.split_data(cfg, tmp_path, str(data_dir / "corpus")) == parts  # done: reused
-  other = make_config("pipeline", "books", workdir=str(tmp_path), pipeline__max_docs_per_file=41)
-  with pytest.raises(Exception, match="max_docs_per_file"):
+  other = make_config("pipeline", "books", workdir=str(tmp_path), pipeline__max_chars_per_file=100_000)
+  with pytest.raises(Exception, match="max_chars_per_file"):
     pipeline.split_data(other, tmp_path, str(data_dir / "corpus"))
 
 

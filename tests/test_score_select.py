@@ -115,9 +115,11 @@ def test_independent_shards_fill_one_array(synthetic_store, synthetic_prior, con
   run_cli(score_args(str(synthetic_store), str(prior), conditional, str(tmp_path / "sharded"),
                      **{"score.shard": "2/3"}))
   np.testing.assert_array_equal(read_bits(tmp_path / "sharded"), read_bits(tmp_path / "whole"))
-  clash = run_cli(score_args(str(synthetic_store), str(prior), conditional, str(tmp_path / "whole"),
-                             **{"score.chunk_rows": 128}), check=False)
-  assert clash.returncode != 0 and "holds scores of another job" in clash.stderr
+  same = run_cli(score_args(str(synthetic_store), str(prior), conditional, str(tmp_path / "whole"),
+                            **{"score.chunk_rows": 128}))
+  assert "nothing to do" in same.stdout  # finished scores of the same pool and models are reused
+  clash = run_cli(score_args(str(synthetic_store), str(prior), prior, str(tmp_path / "whole")), check=False)
+  assert clash.returncode != 0 and "holds scores of another job (differs in models" in clash.stderr
 
 
 def test_two_hosts_write_their_own_rows(synthetic_store, synthetic_prior, conditional, tmp_path):
@@ -219,7 +221,7 @@ def test_export_writes_the_selected_text(synthetic_store, tmp_path):
   _fake_scores(tmp_path / "scores", store, nll)
   selection = select_lib.run(make_config("select", "color,50", workdir=str(tmp_path / "sel"),
                                          select__scores=str(tmp_path / "scores")))
-  out = run_cli(["--config", "configs/select.py", "--config.stage=export", f"--config.export.selection={selection}",
+  out = run_cli(["--config", "configs/export.py", f"--config.export.selection={selection}",
                  f"--config.workdir={tmp_path / 'export'}"]).stdout
   rows = [json.loads(line) for line in gzip.open(tmp_path / "export" / "selection.jsonl.gz", "rt")]
   ids = np.load(selection / "index.npy")

@@ -47,11 +47,12 @@ sys.path.insert(0, {repo!r})
 from colorjax import score as score_lib, select as select_lib
 scores = score_lib.Scores({folder!r})
 stream = select_lib.ScoreStream(scores, "color", "conditional_0", {block})
+baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # interpreter + jax/tensorstore imports
 start = time.time()
 ids, threshold = select_lib.top_k(stream, {k})
 seconds = time.time() - start
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(json.dumps(dict(k=int(ids.size), threshold=threshold, seconds=seconds, peak_bytes=peak,
+print(json.dumps(dict(k=int(ids.size), threshold=threshold, seconds=seconds, peak_bytes=peak, baseline=baseline,
                       sorted=bool((ids[1:] > ids[:-1]).all()), first=ids[:3].tolist())))
 """
 
@@ -72,7 +73,8 @@ def main():
   argsort_bytes = 16 * args.n
   print(f"N={args.n:,} tau={args.tau:g} k={result['k']:,} block_rows={args.block:,}")
   print(f"select: {result['seconds']:.1f}s ({args.n / result['seconds'] / 1e6:.1f}M scores/s, 3 passes), "
-        f"peak RSS {result['peak_bytes'] / 2**20:,.0f} MiB (output ids alone: {8 * k / 2**20:,.0f} MiB; an "
+        f"peak RSS {result['peak_bytes'] / 2**20:,.0f} MiB, of which {result['baseline'] / 2**20:,.0f} MiB before "
+        f"selecting (imports) (output ids alone: {8 * k / 2**20:,.0f} MiB; an "
         f"in-memory argsort would need >= {argsort_bytes / 2**20:,.0f} MiB); ids sorted: {result['sorted']}")
 
 
