@@ -2,14 +2,14 @@
 # Simulate a multi-host job on one machine: N processes on the CPU, each with D devices, talking over gloo.
 # Useful to check that a stage's multi-host paths (per-host data loading, per-host writes) behave.
 #
-#   HOSTS=2 DEVICES=4 launch/local_hosts.sh --config configs/pretrain.py:tiny --config.data.train_store=...
+#   HOSTS=2 DEVICES=4 [PYTHON=.venv/bin/python] launch/local_hosts.sh --config configs/pretrain.py:tiny --config.data.train_store=...
 set -euo pipefail
-HOSTS="${HOSTS:-2}"; DEVICES="${DEVICES:-4}"; PORT="${PORT:-$((20000 + RANDOM % 10000))}"
+HOSTS="${HOSTS:-2}"; DEVICES="${DEVICES:-4}"; PYTHON="${PYTHON:-python3}"; PORT="${PORT:-$((20000 + RANDOM % 10000))}"
 pids=()
 for ((i = 0; i < HOSTS; i++)); do
   JAX_PLATFORMS=cpu XLA_FLAGS="--xla_force_host_platform_device_count=$DEVICES" \
   JAX_COORDINATOR_ADDRESS="localhost:$PORT" JAX_NUM_PROCESSES="$HOSTS" JAX_PROCESS_ID="$i" \
-    python3 -m colorjax.main "$@" &
+    "$PYTHON" -m colorjax.main "$@" &
   pids+=($!)
 done
 status=0

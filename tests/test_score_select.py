@@ -125,7 +125,7 @@ def test_independent_shards_fill_one_array(synthetic_store, synthetic_prior, con
 def test_two_hosts_write_their_own_rows(synthetic_store, synthetic_prior, conditional, tmp_path):
   prior, _ = synthetic_prior
   run_cli(score_args(str(synthetic_store), str(prior), conditional, str(tmp_path / "one")))
-  env = dict(os.environ, HOSTS="2", DEVICES="2", PYTHONPATH=str(REPO))
+  env = dict(os.environ, HOSTS="2", DEVICES="2", PYTHON=sys.executable, PYTHONPATH=str(REPO))
   proc = subprocess.run(["bash", "launch/local_hosts.sh"] + score_args(
       str(synthetic_store), str(prior), conditional, str(tmp_path / "two")), cwd=REPO, env=env, capture_output=True,
       text=True, timeout=600)

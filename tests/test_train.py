@@ -190,7 +190,7 @@ def test_shardings_follow_logical_rules():
 def test_two_hosts_match_one_host(synthetic_store, tmp_path):
   """Two processes x two CPU devices (gloo): per-host loading, orbax multi-host saves, process-0 metrics."""
   overrides = tiny_train_overrides(synthetic_store, tmp_path / "hosts", train__max_steps=6, train__checkpoint_every=3)
-  env = dict(os.environ, HOSTS="2", DEVICES="2", PYTHONPATH=str(REPO))
+  env = dict(os.environ, HOSTS="2", DEVICES="2", PYTHON=sys.executable, PYTHONPATH=str(REPO))
   proc = subprocess.run(["bash", "launch/local_hosts.sh"] + cli_args(overrides), cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
