@@ -182,9 +182,10 @@ class MultipleChoiceEvaluator:
     self._fn = jax.jit(logprob_sums, in_shardings=(param_sh, self.row_sh, self.row_sh, self.row_sh),
                        out_shardings=sharding.replicated(mesh))
 
-  def logprobs(self, params) -> np.ndarray:
+  def logprobs(self, params, progress: bool = False) -> np.ndarray:
     """Summed continuation log-prob of every request (flat, example-major)."""
     out = np.zeros(self.num_requests, np.float64)
+    bar = metrics.Progress(total=self.num_requests, unit="choices", desc="tasks", enabled=progress and metrics.is_main())
     with sharding.use_mesh(self.mesh):
       for bucket in self.buckets:
         shape = (bucket.batch, bucket.length)
@@ -200,10 +201,12 @@ class MultipleChoiceEvaluator:
           pending.append((rows[valid], self._fn(params, *arrays)))
         for rows, sums in pending:
           out[bucket.request_ids[rows]] = np.asarray(sums)[: rows.size]
+          bar.update(rows.size)
+    bar.close()
     return out
 
-  def __call__(self, params) -> dict:
-    flat = self.logprobs(params)
+  def __call__(self, params, progress: bool = False) -> dict:
+    flat = self.logprobs(params, progress)
     results = {}
     for task, (_, examples, first) in self.task_examples.items():
       sums, offset = [], first
@@ -269,7 +272,7 @@ def run(cfg) -> dict:
     if heldout is not None:
       results.update(heldout(params))
     if mc is not None:
-      results.update(mc(params))
+      results.update(mc(params, progress=True))
   seconds = time.time() - start
   if metrics.is_main():
     workdir.mkdir(parents=True, exist_ok=True)

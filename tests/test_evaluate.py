@@ -174,6 +174,7 @@ def test_eval_stage_reports_all_eight_tasks(synthetic_prior, synthetic_store, da
   assert all(0.0 <= results[f"mc/{t}"] <= 1.0 for t in tasks.TASK_NAMES)
   assert results["mc/mean"] == pytest.approx(np.mean([results[f"mc/{t}"] for t in tasks.TASK_NAMES]))
   assert "arc_challenge" in out.stdout and "mean (8-task)" in out.stdout
+  assert "choices (100%" in out.stderr  # the progress bar of a standalone eval
   again = run_cli(["--config", "configs/eval.py:tiny", f"--config.eval.params={export}",
                    f"--config.workdir={tmp_path}/ev", f"--config.eval.tasks_dir={data_dir / 'tasks'}"], check=False)
   assert again.returncode != 0 and "already exists" in again.stderr
