@@ -186,11 +186,16 @@ class MultipleChoiceEvaluator:
     """Summed continuation log-prob of every request (flat, example-major)."""
     out = np.zeros(self.num_requests, np.float64)
     bar = metrics.Progress(total=self.num_requests, unit="choices", desc="tasks", enabled=progress and metrics.is_main())
+    pending = None
+
+    def finish(request_ids, sums):
+      out[request_ids] = np.asarray(sums)[: request_ids.size]
+      bar.update(request_ids.size)
+
     with sharding.use_mesh(self.mesh):
       for bucket in self.buckets:
         shape = (bucket.batch, bucket.length)
         start, stop = sharding.host_rows(self.row_sh, shape, dim=0)
-        pending = []
         for first in range(0, len(bucket.request_ids), bucket.batch):
           rows = np.arange(first, first + bucket.batch)
           valid = rows < len(bucket.request_ids)
@@ -198,10 +203,12 @@ class MultipleChoiceEvaluator:
           arrays = [sharding.put_host_rows(np.where(valid[start:stop, None], a[local], 0).astype(a.dtype),
                                            self.row_sh, shape, start)
                     for a in (bucket.inputs, bucket.targets, bucket.mask)]
-          pending.append((rows[valid], self._fn(params, *arrays)))
-        for rows, sums in pending:
-          out[bucket.request_ids[rows]] = np.asarray(sums)[: rows.size]
-          bar.update(rows.size)
+          result = (bucket.request_ids[rows[valid]], self._fn(params, *arrays))
+          if pending is not None:
+            finish(*pending)  # one batch late: the device is already busy with the next one
+          pending = result
+    if pending is not None:
+      finish(*pending)
     bar.close()
     return out
 
