@@ -185,7 +185,8 @@ class MultipleChoiceEvaluator:
   def logprobs(self, params, progress: bool = False) -> np.ndarray:
     """Summed continuation log-prob of every request (flat, example-major)."""
     out = np.zeros(self.num_requests, np.float64)
-    bar = metrics.Progress(total=self.num_requests, unit="choices", desc="tasks", enabled=progress and metrics.is_main())
+    bar = metrics.Progress(total=self.num_requests, unit="choices", desc="tasks",
+                           enabled=progress and metrics.is_main())
     pending = None
 
     def finish(request_ids, sums):
