@@ -54,6 +54,7 @@ class Progress:
     self.count = 0
     self.start = time.time()
     self._last_print = 0.0
+    self._printed_count = None  # count at the last printed line, so close() does not repeat it
     self.enabled = is_main() if enabled is None else enabled
     self._tty = sys.stderr.isatty()
 
@@ -84,7 +85,7 @@ class Progress:
     sys.stderr.flush()
 
   def close(self, extra: str = ""):
-    if extra or getattr(self, "_printed_count", None) != self.count:
+    if extra or self._printed_count != self.count:
       self.update(0, extra=extra, force=True)
     if self.enabled and self._tty:
       sys.stderr.write("\n")
