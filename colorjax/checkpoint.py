@@ -84,9 +84,10 @@ def check_architecture(manifest: dict, spec: model.ModelSpec, where) -> None:
 
 
 def spec_from_manifest(manifest: dict, model_cfg) -> model.ModelSpec:
-  """The architecture an export was trained with; how to compute (dtype, attention kernel, remat) from config."""
+  """The architecture an export was trained with; how to compute (dtype, precision, attention kernel, remat) from
+  config."""
   saved = dict(manifest["model_spec"])
-  for key in ("compute_dtype", "attention", "remat"):
+  for key in ("compute_dtype", "attention", "remat", "precision"):
     saved[key] = model_cfg[key]
   return model.ModelSpec(**saved)
 

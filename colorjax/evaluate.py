@@ -19,18 +19,11 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from colorjax import checkpoint
 from colorjax import data
+from colorjax import losses
 from colorjax import metrics
 from colorjax import model
 from colorjax import sharding
 from colorjax import tasks
-
-
-def sequence_nll(spec, params, tokens_bt, pad_id, chunk: int = 0):
-  """Mean next-token NLL of each sequence [batch] (fp32), PAD targets excluded when pad_id is given."""
-  nll_bt, _ = model.next_token_nll(spec, params, tokens_bt.astype(jnp.int32), chunk)
-  targets = tokens_bt[:, 1:]
-  mask_bt = jnp.ones(nll_bt.shape, jnp.float32) if pad_id is None else (targets != pad_id).astype(jnp.float32)
-  return jnp.sum(nll_bt * mask_bt, axis=1) / jnp.maximum(jnp.sum(mask_bt, axis=1), 1.0)
 
 
 def eval_batch_size(cfg, mesh) -> int:
@@ -57,7 +50,7 @@ class HeldoutEvaluator:
   def _fn(self, pad_id):
     if pad_id not in self._fns:
       def weighted_sum(params, tokens_bt, weight_b):
-        per_seq = sequence_nll(self.spec, params, tokens_bt, pad_id, self.chunk)
+        per_seq = losses.sequence_nll(self.spec, params, tokens_bt, pad_id, self.chunk)
         return jnp.sum(per_seq * weight_b), jnp.sum(weight_b)
       self._fns[pad_id] = jax.jit(weighted_sum, in_shardings=(self.param_sh, self.row_sh, self.weight_sh))
     return self._fns[pad_id]
@@ -97,8 +90,9 @@ class Bucket:
   length: int
   batch: int
   inputs: np.ndarray  # [n, length] tokens fed to the model
-  targets: np.ndarray  # [n, length] next tokens
-  mask: np.ndarray  # [n, length] 1.0 on continuation targets
+  positions: np.ndarray  # [n, k] input positions whose next token is a continuation token (k: longest continuation)
+  targets: np.ndarray  # [n, k] those continuation tokens
+  mask: np.ndarray  # [n, k] 1.0 on real continuation tokens, 0.0 on padding
   request_ids: np.ndarray  # [n] index into the flat request list
 
 
@@ -135,15 +129,19 @@ def make_buckets(requests, max_len: int, batch_tokens: int, data_parallel: int, 
     if not members.size:
       continue
     members = members[np.argsort(sizes[members], kind="stable")]
+    k = max(1, max(requests[r][2] for r in members))
     inputs = np.full((members.size, length), pad_id, np.int32)
-    targets = np.full((members.size, length), pad_id, np.int32)
-    mask = np.zeros((members.size, length), np.float32)
+    positions = np.zeros((members.size, k), np.int32)
+    targets = np.full((members.size, k), pad_id, np.int32)
+    mask = np.zeros((members.size, k), np.float32)
     for row, r in enumerate(members):
       x, y, n = requests[r]
-      inputs[row, : len(x)], targets[row, : len(y)] = x, y
-      mask[row, len(y) - n: len(y)] = 1.0
+      inputs[row, : len(x)] = x
+      positions[row, :n] = np.arange(len(y) - n, len(y))
+      targets[row, :n] = y[len(y) - n:]
+      mask[row, :n] = 1.0
     batch = max(data_parallel, batch_tokens // length // data_parallel * data_parallel)
-    buckets.append(Bucket(length, batch, inputs, targets, mask, members))
+    buckets.append(Bucket(length, batch, inputs, positions, targets, mask, members))
   return buckets
 
 
@@ -175,11 +173,11 @@ class MultipleChoiceEvaluator:
                                 info["pad_id"])
     self.row_sh = NamedSharding(mesh, P(sharding.RULES["batch"], None))
 
-    def logprob_sums(params, inputs_bt, targets_bt, mask_bt):
-      nll_bt, _ = model.target_nll(spec, params, inputs_bt, targets_bt, chunk)
-      return -jnp.sum(nll_bt * mask_bt, axis=1)
+    def logprob_sums(params, inputs_bt, positions_bk, targets_bk, mask_bk):
+      nll_bk = losses.gathered_nll(spec, params, inputs_bt, positions_bk, targets_bk, chunk)
+      return -jnp.sum(nll_bk * mask_bk, axis=1)
 
-    self._fn = jax.jit(logprob_sums, in_shardings=(param_sh, self.row_sh, self.row_sh, self.row_sh),
+    self._fn = jax.jit(logprob_sums, in_shardings=(param_sh,) + (self.row_sh,) * 4,
                        out_shardings=sharding.replicated(mesh))
 
   def logprobs(self, params, progress: bool = False) -> np.ndarray:
@@ -195,15 +193,14 @@ class MultipleChoiceEvaluator:
 
     with sharding.use_mesh(self.mesh):
       for bucket in self.buckets:
-        shape = (bucket.batch, bucket.length)
-        start, stop = sharding.host_rows(self.row_sh, shape, dim=0)
+        start, stop = sharding.host_rows(self.row_sh, (bucket.batch, bucket.length), dim=0)
         for first in range(0, len(bucket.request_ids), bucket.batch):
           rows = np.arange(first, first + bucket.batch)
           valid = rows < len(bucket.request_ids)
           local = np.where(valid, rows, 0)[start:stop]
           arrays = [sharding.put_host_rows(np.where(valid[start:stop, None], a[local], 0).astype(a.dtype),
-                                           self.row_sh, shape, start)
-                    for a in (bucket.inputs, bucket.targets, bucket.mask)]
+                                           self.row_sh, (bucket.batch, a.shape[1]), start)
+                    for a in (bucket.inputs, bucket.positions, bucket.targets, bucket.mask)]
           result = (bucket.request_ids[rows[valid]], self._fn(params, *arrays))
           if pending is not None:
             finish(*pending)  # one batch late: the device is already busy with the next one

@@ -1,7 +1,11 @@
 """The OLMo-style decoder of SPEC §2, in Flax NNX.
 
-Parameters are fp32; matmuls and attention run in `compute_dtype` (bf16 by default); LayerNorm, RoPE, the residual
-stream, logits and log-softmax stay fp32, as under OLMo's autocast. Every parameter carries `logical_axes` metadata;
+Parameters are fp32; matmuls and attention run in `compute_dtype` (bf16 by default). `precision` says what else:
+  original       what the paper's runs did (FSDP bf16 params under autocast, SPEC §3): bf16 residual stream and
+                 activations, norm gains applied as bf16, LayerNorm/QK-norm statistics and RoPE in fp32 inside the
+                 op, bf16 logits (cross-entropy in fp32 on them). Faithful, and the fastest: half the bytes.
+  fp32_residual  more precise than the original: fp32 residual stream, norm gains and logits.
+Every parameter carries `logical_axes` metadata;
 `sharding.py` maps those names to mesh axes, so nothing here knows about devices. Activations are annotated through
 `sharding.constrain`, a no-op outside a mesh.
 
@@ -18,6 +22,8 @@ from flax import nnx
 
 from colorjax import sharding
 
+PRECISIONS = ("original", "fp32_residual")
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
@@ -33,10 +39,25 @@ class ModelSpec:
   compute_dtype: str = "bfloat16"
   attention: str = "auto"
   remat: bool = False
+  precision: str = "original"
+
+  def __post_init__(self):
+    if self.precision not in PRECISIONS:
+      raise ValueError(f"model.precision={self.precision!r}; choose one of {PRECISIONS}")
 
   @property
   def head_dim(self) -> int:
     return self.d_model // self.n_heads
+
+  @property
+  def residual_dtype(self):
+    """The residual stream's dtype: the compute dtype under "original", fp32 under "fp32_residual"."""
+    return jnp.dtype(self.compute_dtype) if self.precision == "original" else jnp.dtype(jnp.float32)
+
+  @property
+  def logits_dtype(self):
+    """What the head's output is rounded to before the fp32 log-softmax."""
+    return self.residual_dtype
 
   @classmethod
   def from_config(cls, m) -> "ModelSpec":
@@ -70,17 +91,21 @@ class Linear(nnx.Module):
 
 
 class LayerNorm(nnx.Module):
-  """LayerNorm with a gain and no bias, computed in fp32 (OLMo's non-parametric-bias variant)."""
+  """LayerNorm with a gain and no bias, computed in fp32 (OLMo's non-parametric-bias variant); the gain is applied
+  as `gain_dtype` (bf16 under precision "original": the original's params were bf16 copies). Output fp32: the
+  consumer casts, and XLA fuses that cast into this op."""
 
-  def __init__(self, dim: int, eps: float):
+  def __init__(self, dim: int, eps: float, gain_dtype):
     self.scale = nnx.Param(jnp.ones((dim,), jnp.float32), logical_axes=("norm",))
     self.eps = eps
+    self.gain_dtype = gain_dtype
 
   def __call__(self, x):
     x = x.astype(jnp.float32)
     mean = jnp.mean(x, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
-    return (x - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...]
+    gain = self.scale[...].astype(self.gain_dtype).astype(jnp.float32)
+    return (x - mean) * jax.lax.rsqrt(var + self.eps) * gain
 
 
 def rope(x_bthd, theta: float):
@@ -112,8 +137,8 @@ class Attention(nnx.Module):
     d, dtype = spec.d_model, jnp.dtype(spec.compute_dtype)
     std = 1.0 / math.sqrt(d)
     self.qkv = Linear(d, 3 * d, std, ("embed", "qkv"), dtype, rngs=rngs)
-    self.q_norm = LayerNorm(d, spec.norm_eps)
-    self.k_norm = LayerNorm(d, spec.norm_eps)
+    self.q_norm = LayerNorm(d, spec.norm_eps, spec.residual_dtype)
+    self.k_norm = LayerNorm(d, spec.norm_eps, spec.residual_dtype)
     self.out = Linear(d, d, std / math.sqrt(2 * (layer + 1)), ("heads", "embed"), dtype, rngs=rngs)
     self.spec = spec
 
@@ -148,17 +173,18 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-  """Pre-norm block: h = x + Attn(LN1(x)); y = h + MLP(LN2(h)); the residual stream is fp32."""
+  """Pre-norm block: h = x + Attn(LN1(x)); y = h + MLP(LN2(h)); the residual stream is `spec.residual_dtype`."""
 
   def __init__(self, spec: ModelSpec, layer: int, *, rngs: nnx.Rngs):
-    self.attn_norm = LayerNorm(spec.d_model, spec.norm_eps)
+    self.attn_norm = LayerNorm(spec.d_model, spec.norm_eps, spec.residual_dtype)
     self.attn = Attention(spec, layer, rngs=rngs)
-    self.mlp_norm = LayerNorm(spec.d_model, spec.norm_eps)
+    self.mlp_norm = LayerNorm(spec.d_model, spec.norm_eps, spec.residual_dtype)
     self.mlp = MLP(spec, layer, rngs=rngs)
+    self.residual_dtype = spec.residual_dtype
 
   def __call__(self, x_btd):
-    x_btd = x_btd + self.attn(self.attn_norm(x_btd)).astype(jnp.float32)
-    x_btd = x_btd + self.mlp(self.mlp_norm(x_btd)).astype(jnp.float32)
+    x_btd = x_btd + self.attn(self.attn_norm(x_btd)).astype(self.residual_dtype)
+    x_btd = x_btd + self.mlp(self.mlp_norm(x_btd)).astype(self.residual_dtype)
     return sharding.constrain(x_btd, ("batch", "seq", "act_embed"))
 
 
@@ -171,14 +197,15 @@ class Transformer(nnx.Module):
         _trunc_normal(std)(rngs.params(), (spec.vocab_size, d), jnp.float32), logical_axes=("vocab", "embed"))
     for layer in range(spec.n_layers):
       setattr(self, f"block_{layer}", Block(spec, layer, rngs=rngs))
-    self.final_norm = LayerNorm(d, spec.norm_eps)
+    self.final_norm = LayerNorm(d, spec.norm_eps, spec.residual_dtype)
     self.head = nnx.Param(
         _trunc_normal(std)(rngs.params(), (d, spec.vocab_size), jnp.float32), logical_axes=("embed", "vocab"))
     self.spec = spec
 
   def hidden(self, tokens_bt):
-    """Final-norm hidden states [batch, seq, d_model] in fp32."""
-    x_btd = jnp.take(self.embed[...], tokens_bt, axis=0)
+    """Final-norm hidden states [batch, seq, d_model] in the compute dtype (the head's operand)."""
+    # Gather fp32 rows, then cast: the same values as a bf16 table, but the embedding gradient accumulates in fp32.
+    x_btd = jnp.take(self.embed[...], tokens_bt, axis=0).astype(self.spec.residual_dtype)
     x_btd = sharding.constrain(x_btd, ("batch", "seq", "act_embed"))
     for layer in range(self.spec.n_layers):
       block = getattr(self, f"block_{layer}")
@@ -186,12 +213,14 @@ class Transformer(nnx.Module):
         x_btd = nnx.remat(lambda blk, x: blk(x))(block, x_btd)
       else:
         x_btd = block(x_btd)
-    return self.final_norm(x_btd)
+    return self.final_norm(x_btd).astype(self.spec.compute_dtype)
 
   def logits(self, hidden_btd):
-    """fp32 logits over the full padded vocabulary (bf16 operands, fp32 accumulation)."""
+    """fp32 logits over the full padded vocabulary (bf16 operands, fp32 accumulation, rounded through the policy's
+    logits dtype). Losses do not call this: `losses.py` applies the head in chunks."""
     dtype = jnp.dtype(self.spec.compute_dtype)
     logits_btv = jnp.dot(hidden_btd.astype(dtype), self.head[...].astype(dtype), preferred_element_type=jnp.float32)
+    logits_btv = logits_btv.astype(self.spec.logits_dtype).astype(jnp.float32)
     return sharding.constrain(logits_btv, ("batch", "seq", "act_vocab"))
 
   def __call__(self, tokens_bt):
@@ -253,40 +282,3 @@ def flops_per_token(spec: ModelSpec, seq_len: int, training: bool = True) -> flo
   if training:
     return 6.0 * n + 12.0 * spec.n_layers * spec.d_model * seq_len
   return 2.0 * n + 4.0 * spec.n_layers * spec.d_model * seq_len
-
-
-def next_token_nll(spec: ModelSpec, params: dict, tokens_bt, chunk: int = 0):
-  """Per-position next-token NLL and logsumexp, both fp32 [batch, seq-1] (position t predicts token t+1).
-
-  The model runs on all `seq` tokens (as OLMo does) and the last position's prediction is dropped.
-  """
-  module = bind(spec, params)
-  return _head_nll(module, module.hidden(tokens_bt)[:, :-1], tokens_bt[:, 1:].astype(jnp.int32), chunk)
-
-
-def target_nll(spec: ModelSpec, params: dict, inputs_bt, targets_bt, chunk: int = 0):
-  """NLL and logsumexp [batch, seq] of `targets_bt[:, t]` given `inputs_bt[:, :t+1]` (used to score choices)."""
-  module = bind(spec, params)
-  return _head_nll(module, module.hidden(inputs_bt), targets_bt.astype(jnp.int32), chunk)
-
-
-def _head_nll(module: Transformer, hidden_btd, targets_bt, chunk: int):
-  """Head, log-softmax and NLL in fp32. With `chunk`, `chunk` positions at a time under rematerialization, so the
-  [batch, seq, vocab] fp32 logits never exist at once (forward or backward)."""
-
-  def head_nll(h_btd, t_bt):
-    logits_btv = module.logits(h_btd)
-    lse_bt = jax.nn.logsumexp(logits_btv, axis=-1)
-    target_logit_bt = jnp.take_along_axis(logits_btv, t_bt[..., None], axis=-1)[..., 0]
-    return lse_bt - target_logit_bt, lse_bt
-
-  batch, positions, d = hidden_btd.shape
-  if not chunk or chunk >= positions:
-    return head_nll(hidden_btd, targets_bt)
-  n_chunks = -(-positions // chunk)
-  pad = n_chunks * chunk - positions
-  hidden_cbtd = jnp.pad(hidden_btd, ((0, 0), (0, pad), (0, 0))).reshape(batch, n_chunks, chunk, d).swapaxes(0, 1)
-  targets_cbt = jnp.pad(targets_bt, ((0, 0), (0, pad))).reshape(batch, n_chunks, chunk).swapaxes(0, 1)
-  nll_cbt, lse_cbt = jax.lax.map(jax.checkpoint(lambda args: head_nll(*args)), (hidden_cbtd, targets_cbt))
-  unchunk = lambda x: x.swapaxes(0, 1).reshape(batch, n_chunks * chunk)[:, :positions]
-  return unchunk(nll_cbt), unchunk(lse_cbt)

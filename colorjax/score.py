@@ -23,7 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from colorjax import checkpoint
 from colorjax import data
-from colorjax import evaluate
+from colorjax import losses
 from colorjax import metrics
 from colorjax import model
 from colorjax import plan
@@ -152,7 +152,7 @@ def build_score_step(spec, stacked_sh, batch_sh, out_sh, pad_id, chunk: int):
   """[batch, seq] tokens -> [batch, models] mean NLL, all models in one vmapped pass over the batch."""
 
   def score(stacked, tokens_bt):
-    per_model = jax.vmap(lambda p: evaluate.sequence_nll(spec, p, tokens_bt, pad_id, chunk))(stacked)
+    per_model = jax.vmap(lambda p: losses.sequence_nll(spec, p, tokens_bt, pad_id, chunk))(stacked)
     return per_model.T
 
   return jax.jit(score, in_shardings=(stacked_sh, batch_sh), out_shardings=out_sh)

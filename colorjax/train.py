@@ -20,6 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from colorjax import checkpoint
 from colorjax import data
 from colorjax import evaluate
+from colorjax import losses
 from colorjax import metrics
 from colorjax import model
 from colorjax import plan
@@ -91,30 +92,11 @@ def step_plan(cfg, num_items: int | None, seq_len: int, data_parallel: int) -> S
   return StepPlan(total, schedule_steps, schedule, batch, micro, seq_len, num_items or 0)
 
 
-def loss_mask(tokens_bt, pad_id: int | None):
-  """1.0 where the next token counts: everywhere, or (SFT rows) where the target is not PAD."""
-  targets = tokens_bt[:, 1:]
-  if pad_id is None:
-    return jnp.ones(targets.shape, jnp.float32)
-  return (targets != pad_id).astype(jnp.float32)
-
-
-def batch_loss(spec, params, tokens_bt, pad_id: int | None, z_weight: float, chunk: int = 0):
-  """Summed training loss of a batch (CE + z_weight·logsumexp²) and its parts (CE sum, z sum, counted targets);
-  the step divides by the count over the whole global batch, so micro-batching does not change the mean."""
-  tokens_bt = tokens_bt.astype(jnp.int32)
-  nll_bt, lse_bt = model.next_token_nll(spec, params, tokens_bt, chunk)
-  mask_bt = loss_mask(tokens_bt, pad_id)
-  ce_sum = jnp.sum(nll_bt * mask_bt)
-  z_sum = jnp.sum(jnp.square(lse_bt) * mask_bt)
-  return ce_sum + z_weight * z_sum, (ce_sum, z_sum, jnp.sum(mask_bt))
-
-
 def build_train_step(spec, tx, schedule, plan_: StepPlan, state_sh, batch_sh, param_sh, z_weight: float,
                      pad_id: int | None, loss_chunk: int):
   """The jitted update: token-mean CE + z-loss over the whole global batch, accumulated over micro-batches."""
 
-  micro_loss = functools.partial(batch_loss, spec, pad_id=pad_id, z_weight=z_weight, chunk=loss_chunk)
+  micro_loss = functools.partial(losses.batch_loss, spec, pad_id=pad_id, z_weight=z_weight, chunk=loss_chunk)
   grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
   def step_fn(state, tokens_mbt):

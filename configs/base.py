@@ -28,7 +28,8 @@ def model_config(size: str = "150m") -> ml_collections.ConfigDict:
   m.max_seq_len = 512  # longest sequence the model is trained/evaluated on
   m.rope_theta = 10000.0  # RoPE base
   m.norm_eps = 1e-5  # LayerNorm epsilon
-  m.compute_dtype = "bfloat16"  # matmul/attention dtype; params, norms, softmax and losses stay fp32
+  m.compute_dtype = "bfloat16"  # matmul/attention dtype; params, optimizer, norm statistics, softmax, losses fp32
+  m.precision = "original"  # original (bf16 residual stream and logits, as the paper's runs) | fp32_residual
   m.attention = "auto"  # attention kernel: auto (cudnn on GPU with bf16, else xla) | xla | cudnn
   m.remat = False  # recompute each block in the backward pass (less memory, ~1/3 more compute)
   return m

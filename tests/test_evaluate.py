@@ -12,6 +12,7 @@ from colorjax import checkpoint
 from colorjax import data
 from colorjax import evaluate
 from colorjax import metrics
+from colorjax import losses
 from colorjax import model
 from colorjax import prepare
 from colorjax import sharding
@@ -106,7 +107,12 @@ def test_buckets_have_fixed_shapes_and_cover_every_request():
     for row, r in enumerate(b.request_ids):
       x, _, n = requests[r]
       assert len(x) <= b.length and (b.length == 32 or len(x) > b.length // 2)
-      assert b.mask[row].sum() == n and b.mask[row, len(x) - n: len(x)].all()
+      x_full, y_full, _ = requests[r]
+      assert b.mask[row].sum() == n and b.mask[row, :n].all()
+      assert (b.positions[row, :n] == np.arange(len(x) - n, len(x))).all()
+      assert (b.targets[row, :n] == y_full[len(x) - n:]).all()
+      assert (b.inputs[row, :len(x)] == x_full).all()
+    assert b.positions.shape[1] == max(requests[r][2] for r in b.request_ids)
 
 
 def test_pad_masking_makes_the_loss_independent_of_padding(synthetic_prior, data_dir, tmp_path):
@@ -119,7 +125,7 @@ def test_pad_masking_makes_the_loss_independent_of_padding(synthetic_prior, data
     assert s.padded and s.manifest["files"][0]["truncated_rows"] == 0
     rows[seq_len] = s.read(np.arange(8))
   spec = model.ModelSpec(**dict(spec.to_dict(), max_seq_len=512))
-  loss = jax.jit(lambda t, pad: train.batch_loss(spec, params, t, pad, 0.0)[1], static_argnums=1)
+  loss = jax.jit(lambda t, pad: losses.batch_loss(spec, params, t, pad, 0.0)[1], static_argnums=1)
   masked = [(lambda r: float(r[0] / r[2]))(loss(jnp.asarray(rows[n]), 1)) for n in (256, 512)]
   unmasked = [(lambda r: float(r[0] / r[2]))(loss(jnp.asarray(rows[n]), None)) for n in (256, 512)]
   assert masked[0] == pytest.approx(masked[1], rel=1e-5)

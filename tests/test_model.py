@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from colorjax import losses
 from colorjax import model
 from configs import base
 from reference import reference_logits
@@ -109,15 +110,15 @@ def test_next_token_nll_matches_log_softmax_and_chunking_is_exact():
   logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(
       -1, keepdims=True)
   want = -np.take_along_axis(logp, np.asarray(tokens)[:, 1:, None], -1)[..., 0]
-  losses = jax.jit(lambda p, c: model.next_token_nll(spec, p, tokens, c), static_argnums=1)
-  nll, lse = losses(params, 0)
+  nll_fn = jax.jit(lambda p, c: losses.next_token_nll(spec, p, tokens, c), static_argnums=1)
+  nll, lse = nll_fn(params, 0)
   assert nll.shape == (3, 32) and nll.dtype == jnp.float32
   np.testing.assert_allclose(np.asarray(nll), want, rtol=1e-5, atol=1e-5)
   for chunk in (5, 8, 32):
-    nll_c, lse_c = losses(params, chunk)
+    nll_c, lse_c = nll_fn(params, chunk)
     np.testing.assert_allclose(np.asarray(nll_c), np.asarray(nll), rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(np.asarray(lse_c), np.asarray(lse), rtol=1e-6, atol=1e-6)
-  grad = lambda c: jax.jit(jax.grad(lambda p: model.next_token_nll(spec, p, tokens, c)[0].mean()))(params)
+  grad = lambda c: jax.jit(jax.grad(lambda p: losses.next_token_nll(spec, p, tokens, c)[0].mean()))(params)
   g0, g5 = grad(0), grad(5)
   for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g5)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-7)
@@ -139,7 +140,7 @@ def test_remat_gives_the_same_gradients():
   spec, spec_remat = spec_for("tiny", **kw), spec_for("tiny", remat=True, **kw)
   params = _perturbed_params(spec)
   tokens = jnp.asarray(np.random.default_rng(6).integers(0, 256, (2, 16)))
-  grads = [jax.jit(jax.grad(lambda p, s=s: model.next_token_nll(s, p, tokens)[0].mean()))(params)
+  grads = [jax.jit(jax.grad(lambda p, s=s: losses.next_token_nll(s, p, tokens)[0].mean()))(params)
            for s in (spec, spec_remat)]
   for a, b in zip(*map(jax.tree.leaves, grads)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)

@@ -15,6 +15,7 @@ import pytest
 from colorjax import checkpoint
 from colorjax import data
 from colorjax import evaluate
+from colorjax import losses
 from colorjax import model
 from colorjax import score as score_lib
 from colorjax import select as select_lib
@@ -66,7 +67,7 @@ def test_vmapped_scores_equal_separate_plain_forward_on_1_and_8_devices(syntheti
   tokens = jnp.asarray(store.read(np.arange(n)))  # rows in global-id order
   for column, folder in enumerate((prior, conditional)):
     params, _ = checkpoint.load_params(folder, spec)
-    plain = jax.jit(lambda p, t: evaluate.sequence_nll(spec, p, t, None))
+    plain = jax.jit(lambda p, t: losses.sequence_nll(spec, p, t, None))
     want = np.concatenate([np.asarray(plain(params, tokens[i:i + 128])) for i in range(0, n, 128)])
     np.testing.assert_allclose(got[:, column], want, rtol=1e-5)
   assert np.abs(got[:, 0] - got[:, 1]).max() > 1e-3  # the two models really differ

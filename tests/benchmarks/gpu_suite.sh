@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Every GPU measurement of the speed work in one device call, each under its own timeout (seconds, first argument
+# of `run`). JSON lines go to stdout and $OUT/results.jsonl; full logs and profiler tables to $OUT/log.txt.
+# Optional: .bench_base/ (an older checkout, run as the baseline in the same call), .bench_store/books (a token
+# store for the real-loader measurement), .whl/ (wheels missing on the device image, e.g. ml_collections).
+set -u
+OUT=${OUT:-/tmp/colorjax-bench}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+fi
+BENCH="python3 tests/benchmarks/bench_throughput.py"
+STORE=""; [ -f .bench_store/books/manifest.json ] && STORE="--store .bench_store/books"
+run() {
+  local limit=$1; shift
+  echo "=== $* (limit ${limit}s)" | tee -a "$OUT/log.txt"
+  timeout "$limit" "$@" >>"$OUT/log.txt" 2>&1; echo "rc=$?" >>"$OUT/log.txt"
+}
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader
+python3 -c "import jax; print('jax', jax.__version__, jax.devices())"
+run "${T_NEW:-110}" $BENCH --size 150m --micro 128 --steps 5 $STORE --profile /tmp/prof --tag new
+[ -d .bench_base ] && (cd .bench_base && run "${T_BASE:-100}" python3 tests/benchmarks/bench_throughput.py \
+  --size 150m --batch 256 --micro 128 --steps 5)
+run "${T_BIG:-130}" $BENCH --size 1.2b --micro 32 --what train --steps 3 --tag new
+run "${T_M256:-75}" $BENCH --size 150m --micro 256 --steps 5 --score-models 1 --tag micro256
+run "${T_FP32:-75}" $BENCH --size 150m --micro 128 --steps 5 --precision fp32_residual --tag fp32_residual
+XLA_FLAGS="--xla_gpu_enable_triton_gemm=false" run "${T_FLAGS:-75}" $BENCH --size 150m --micro 128 --steps 5 \
+  --tag no_triton_gemm
+grep -h '^{' "$OUT/log.txt" > "$OUT/results.jsonl"
+grep -h -E '^(train|score)' "$OUT/log.txt" | sed 's/^/baseline /'
+grep -h -E '^\{' "$OUT/log.txt" | python3 -c '
+import json, sys
+for line in sys.stdin:
+  r = json.loads(line)
+  keep = ("measure", "tag", "size", "precision", "micro", "ms_per_step", "tokens_per_s", "pool_tokens_per_s", "mfu",
+          "peak_memory_gib", "compile_s", "ms_per_step")
+  print({k: r[k] for k in keep if k in r})'
+grep -h -E 'Error|error:|rc=[1-9]' "$OUT/log.txt" | sort | uniq -c | head -20
