@@ -50,7 +50,7 @@ def train_config() -> ml_collections.ConfigDict:
   t.weight_decay = 0.0  # AdamW decoupled weight decay
   t.grad_clip = 1.0  # global gradient-norm clip
   t.z_loss = 1e-4  # weight of mean(logsumexp^2) added to the training loss
-  t.loss_chunk = 0  # compute the output head and loss in chunks of this many positions (0 = at once)
+  t.loss_chunk = 128  # output head + loss over this many positions (x all rows) at a time (0 = all at once)
   t.single_pass = False  # stop when the data (store or index) is used once instead of at max_steps
   t.anneal_to_data = False  # single pass: define the schedule on the data size, not max_steps
   t.init_from = ""  # params export to start from (finetune); empty = fresh init

@@ -20,6 +20,10 @@ run() {
 }
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader
 python3 -c "import jax; print('jax', jax.__version__, jax.devices())"
+if [ "${1:-full}" = quick ]; then  # the short set: activation variants, the default step, micro 256, 1.2B
+  run 80 $BENCH --size 150m --micro 128 --steps 5 --tag quick
+  run 100 $BENCH --size 1.2b --micro 32 --what train --steps 3 --tag quick
+else
 run "${T_NEW:-110}" $BENCH --size 150m --micro 128 --steps 5 $STORE --profile /tmp/prof --tag new
 [ -d .bench_base ] && (cd .bench_base && run "${T_BASE:-100}" python3 tests/benchmarks/bench_throughput.py \
   --size 150m --batch 256 --micro 128 --steps 5)
@@ -28,13 +32,14 @@ run "${T_M256:-75}" $BENCH --size 150m --micro 256 --steps 5 --score-models 1 --
 run "${T_FP32:-75}" $BENCH --size 150m --micro 128 --steps 5 --precision fp32_residual --tag fp32_residual
 XLA_FLAGS="--xla_gpu_enable_triton_gemm=false" run "${T_FLAGS:-75}" $BENCH --size 150m --micro 128 --steps 5 \
   --tag no_triton_gemm
+fi
 grep -h '^{' "$OUT/log.txt" > "$OUT/results.jsonl"
 grep -h -E '^(train|score)' "$OUT/log.txt" | sed 's/^/baseline /'
 grep -h -E '^\{' "$OUT/log.txt" | python3 -c '
 import json, sys
 for line in sys.stdin:
   r = json.loads(line)
-  keep = ("measure", "tag", "size", "precision", "micro", "ms_per_step", "tokens_per_s", "pool_tokens_per_s", "mfu",
+  keep = ("measure", "variant", "ms", "max_bf16_ulps", "tag", "size", "precision", "micro", "ms_per_step", "tokens_per_s", "pool_tokens_per_s", "mfu",
           "peak_memory_gib", "compile_s", "ms_per_step")
   print({k: r[k] for k in keep if k in r})'
 grep -h -E 'Error|error:|rc=[1-9]' "$OUT/log.txt" | sort | uniq -c | head -20
