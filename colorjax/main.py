@@ -36,6 +36,7 @@ def main(argv):
   if cfg.stage not in STAGES:
     raise app.UsageError(f"config.stage={cfg.stage!r} is not a stage; choose one of {', '.join(STAGES)}")
   logging.set_verbosity(logging.WARNING)  # orbax reports every save at INFO
+  sharding.add_xla_flags(cfg.mesh.xla_flags)  # before anything initializes a backend
   sharding.maybe_initialize_distributed(cfg.mesh.distributed)
   stage = importlib.import_module(STAGES[cfg.stage])
   if cfg.dry_run:

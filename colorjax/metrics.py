@@ -122,3 +122,37 @@ def read_metrics(workdir) -> list[dict]:
   if not path.exists():
     return []
   return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class StepProfiler:
+  """Traces steps [a, b) of a loop (`profile_steps="a:b"`) with jax.profiler into `folder`: a TensorBoard /
+  Perfetto trace (`*.trace.json.gz`) of what the devices ran; `tests/benchmarks/trace_summary.py` tabulates it."""
+
+  def __init__(self, steps: str, folder):
+    self.folder, self.active = pathlib.Path(folder), False
+    self.start = self.stop = -1
+    if steps:
+      try:
+        self.start, self.stop = (int(x) for x in steps.split(":"))
+      except ValueError as e:
+        raise ValueError(f"profile_steps={steps!r}: write it as a:b, e.g. 10:13") from e
+      if not 0 <= self.start < self.stop:
+        raise ValueError(f"profile_steps={steps!r}: need 0 <= a < b")
+
+  def before(self, step: int) -> None:
+    if step == self.start:
+      self.folder.mkdir(parents=True, exist_ok=True)
+      jax.profiler.start_trace(str(self.folder), create_perfetto_trace=True)
+      self.active = True
+
+  def after(self, step: int, outputs) -> None:
+    if self.active and step + 1 >= self.stop:
+      self.close(outputs)
+
+  def close(self, outputs=None) -> None:
+    if self.active:
+      jax.block_until_ready(outputs)
+      jax.profiler.stop_trace()
+      self.active = False
+      if is_main():
+        print(f"profile: steps {self.start}:{self.stop} traced into {self.folder}", flush=True)

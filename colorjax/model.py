@@ -90,6 +90,16 @@ class Linear(nnx.Module):
     return jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
 
 
+@functools.partial(jax.checkpoint, static_argnums=(2,))
+def layer_norm(x, gain, eps: float):
+  """fp32 LayerNorm with a gain and no bias. Checkpointed: the backward pass keeps only `x` (bf16 under "original")
+  and recomputes the fp32 statistics, instead of keeping several fp32 copies of the activation per norm."""
+  x = x.astype(jnp.float32)
+  mean = jnp.mean(x, axis=-1, keepdims=True)
+  var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+  return (x - mean) * jax.lax.rsqrt(var + eps) * gain.astype(jnp.float32)
+
+
 class LayerNorm(nnx.Module):
   """LayerNorm with a gain and no bias, computed in fp32 (OLMo's non-parametric-bias variant); the gain is applied
   as `gain_dtype` (bf16 under precision "original": the original's params were bf16 copies). Output fp32: the
@@ -101,11 +111,7 @@ class LayerNorm(nnx.Module):
     self.gain_dtype = gain_dtype
 
   def __call__(self, x):
-    x = x.astype(jnp.float32)
-    mean = jnp.mean(x, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
-    gain = self.scale[...].astype(self.gain_dtype).astype(jnp.float32)
-    return (x - mean) * jax.lax.rsqrt(var + self.eps) * gain
+    return layer_norm(x, self.scale[...].astype(self.gain_dtype), self.eps)
 
 
 def rope(x_bthd, theta: float):

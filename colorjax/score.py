@@ -185,6 +185,7 @@ def run(cfg) -> pathlib.Path:
   if not cfg.workdir:
     raise ValueError("set --config.workdir to the folder the scores go to")
   workdir = pathlib.Path(cfg.workdir).resolve()
+  profiler = metrics.StepProfiler(cfg.profile_steps, workdir / "profile")
   store = data.TokenStore(scfg.store)
   if is_complete(workdir, store, describe_models(model_entries(cfg)[0])):
     if metrics.is_main():
@@ -273,7 +274,9 @@ def run(cfg) -> pathlib.Path:
   try:
     with sharding.use_mesh(mesh):
       for step, tokens in prefetch:
+        profiler.before(step)
         result = step_fn(stacked, tokens)
+        profiler.after(step, result)
         if pending is not None:
           finish(*pending)  # one step late: the device is already busy with the next batch
         pending = (step, result)
@@ -281,6 +284,7 @@ def run(cfg) -> pathlib.Path:
         finish(*pending)
   finally:
     prefetch.close()
+    profiler.close()
   bar.close()
   seconds = time.time() - start
   metrics.on_main_then_sync(lambda: None, "score finished")  # every host's chunks are written

@@ -60,6 +60,16 @@ def maybe_initialize_distributed(mode: str = "auto") -> None:
                  jax.local_device_count())
 
 
+def add_xla_flags(flags: str) -> None:
+  """Append XLA flags to $XLA_FLAGS (read once, when the first backend starts); a flag the user already set there
+  wins. GPU flags are parsed but unused on CPU and TPU."""
+  current = os.environ.get("XLA_FLAGS", "")
+  set_names = {f.split("=", 1)[0] for f in current.split()}
+  extra = [f for f in flags.split() if f.split("=", 1)[0] not in set_names]
+  if extra:
+    os.environ["XLA_FLAGS"] = " ".join(current.split() + extra)
+
+
 def mesh_shape(mesh_cfg, num_devices: int) -> dict:
   """Resolve the configured (data, fsdp, tensor) sizes, one of which may be -1, against the device count."""
   sizes = {axis: int(mesh_cfg[axis]) for axis in MESH_AXES}

@@ -244,6 +244,7 @@ def run(cfg) -> pathlib.Path:
     return export_dir
 
   spec = model.ModelSpec.from_config(cfg.model)
+  metrics.StepProfiler(cfg.profile_steps, workdir / "profile")  # a malformed range fails before any work
   mesh = sharding.make_mesh(cfg.mesh)
   _check_resumable(cfg, workdir)
   store_path, sft_eval = training_store(cfg, workdir, spec)
@@ -328,6 +329,7 @@ def run(cfg) -> pathlib.Path:
     bar = metrics.Progress(total=plan_.total_steps, unit="steps", desc=cfg.stage)
     bar.count = start_step
     prefetch = data.Prefetcher(source, range(start_step, plan_.total_steps), cfg.data.prefetch)
+    profiler = metrics.StepProfiler(cfg.profile_steps, workdir / "profile")
     window = {"loss": 0.0, "z_loss": 0.0, "n": 0, "t0": time.time()}
     pending = None
 
@@ -352,7 +354,9 @@ def run(cfg) -> pathlib.Path:
 
     try:
       for step, batch in prefetch:
+        profiler.before(step)
         state, stats = train_step(state, batch)
+        profiler.after(step, stats)
         if pending is not None:
           consume(*pending)
         pending = (step + 1, stats)
@@ -368,6 +372,7 @@ def run(cfg) -> pathlib.Path:
         consume(*pending)
     finally:
       prefetch.close()
+      profiler.close(state)
     bar.close()
     if start_step < plan_.total_steps:
       ckpt.save(plan_.total_steps, state, meta)
