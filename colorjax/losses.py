@@ -105,11 +105,6 @@ def head_loss(hidden_btd, head_dv, targets_bt, weight_bt, z_weight: float, logit
   return _head_loss_and_grads(hidden_btd, head_dv, targets_bt, weight_bt, z_weight, logits_dtype, chunk)[0]
 
 
-def _head_loss_fwd(hidden_btd, head_dv, targets_bt, weight_bt, z_weight, logits_dtype, chunk):
-  out, grads = _head_loss_and_grads(hidden_btd, head_dv, targets_bt, weight_bt, z_weight, logits_dtype, chunk)
-  return out, grads
-
-
 def _head_loss_bwd(z_weight, logits_dtype, chunk, grads, cotangents):
   del z_weight, logits_dtype, chunk
   grad_h, grad_head = grads
@@ -117,7 +112,7 @@ def _head_loss_bwd(z_weight, logits_dtype, chunk, grads, cotangents):
   return (grad_h * g.astype(grad_h.dtype), grad_head * g.astype(grad_head.dtype), None, None)
 
 
-head_loss.defvjp(_head_loss_fwd, _head_loss_bwd)
+head_loss.defvjp(_head_loss_and_grads, _head_loss_bwd)
 
 
 def next_token_nll(spec: model.ModelSpec, params: dict, tokens_bt, chunk: int = 0):

@@ -9,6 +9,7 @@ import pytest
 from colorjax import checkpoint
 from colorjax import data
 from colorjax import losses
+from colorjax import metrics
 from colorjax import model
 from colorjax import train
 from configs import base
@@ -156,3 +157,15 @@ def test_150m_step_at_micro_256_fits_80gb():
   print(f"150M micro 256: residuals {kept / 2**30:.1f} GiB + state {state / 2**30:.1f} GiB + head chunk "
         f"{logits_chunk / 2**30:.1f} GiB = {total_gib:.1f} GiB")
   assert 30 < total_gib < 80
+
+
+def test_bad_precision_and_profile_ranges_fail_before_any_work(tmp_path):
+  with pytest.raises(ValueError, match="model.precision='bf16'"):
+    spec_for(precision="bf16")
+  for bad in ("5-9", "9:5", "a:b"):
+    with pytest.raises(ValueError, match="profile_steps"):
+      metrics.StepProfiler(bad, tmp_path / "profile")
+  assert not (tmp_path / "profile").exists()
+  profiler = metrics.StepProfiler("1:2", tmp_path / "profile")
+  profiler.before(0)
+  assert not profiler.active and not (tmp_path / "profile").exists()
