@@ -13,14 +13,15 @@ import threading
 
 import numpy as np
 
+from colorjax import errors
+
 STORE_FORMAT = "colorjax.token_store"
 STORE_VERSION = 1
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer.json"  # every store and params export carries the tokenizer that made its tokens
 
 
-class DataError(ValueError):
-  """A data artifact is missing, corrupt or does not match what the stage expects."""
+DataError = errors.DataError  # the name every stage raises and tests catch
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from colorjax import checkpoint
 from colorjax import data
+from colorjax import errors
 from colorjax import losses
 from colorjax import metrics
 from colorjax import model
@@ -248,7 +249,7 @@ def build_evaluators(cfg, spec, mesh, param_sh, tokenizer_path, stores: dict):
 def run(cfg) -> dict:
   """The eval stage: held-out losses and task accuracies of one params export, written to <workdir>/eval.json."""
   if not cfg.eval.params:
-    raise ValueError("set --config.eval.params to a params export (<run>/params)")
+    raise errors.ConfigError("set --config.eval.params to a params export (<run>/params)")
   params_dir = pathlib.Path(cfg.eval.params).resolve()
   manifest = checkpoint.read_params_manifest(params_dir)
   spec = checkpoint.spec_from_manifest(manifest, cfg.model)
@@ -269,7 +270,7 @@ def run(cfg) -> dict:
   tokenizer_path = cfg.eval.tokenizer or data.checked_tokenizer_path(params_dir, manifest["tokenizer"])
   heldout, mc = build_evaluators(cfg, spec, mesh, param_sh, tokenizer_path, stores)
   if heldout is None and mc is None:
-    raise ValueError("nothing to evaluate: set --config.data.eval_stores and/or --config.eval.tasks")
+    raise errors.ConfigError("nothing to evaluate: set --config.data.eval_stores and/or --config.eval.tasks")
   params, _ = checkpoint.load_params(params_dir, spec, param_sh)
   start = time.time()
   results = {}

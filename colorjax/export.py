@@ -11,6 +11,7 @@ import pathlib
 import numpy as np
 
 from colorjax import data
+from colorjax import errors
 from colorjax import metrics
 from colorjax import score as score_lib
 from colorjax import select as select_lib
@@ -18,7 +19,7 @@ from colorjax import select as select_lib
 
 def run(cfg) -> pathlib.Path:
   if not cfg.export.selection:
-    raise ValueError("set --config.export.selection to a selection folder (select stage output)")
+    raise errors.ConfigError("set --config.export.selection to a selection folder (select stage output)")
   selection = pathlib.Path(cfg.export.selection).resolve()
   manifest = data.read_manifest(selection)
   if manifest.get("format") != "colorjax.selection":

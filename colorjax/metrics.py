@@ -6,6 +6,8 @@ import time
 
 import jax
 
+from colorjax import errors
+
 # Dense bf16 peak FLOP/s per device, by substrings of jax's device_kind (SPEC §5 uses 989 TFLOP/s for H100).
 PEAK_FLOPS = (
     ("H200", 989e12), ("H100", 989e12), ("GH200", 989e12), ("A100", 312e12), ("L4", 121e12), ("A10", 125e12),
@@ -135,9 +137,9 @@ class StepProfiler:
       try:
         self.start, self.stop = (int(x) for x in steps.split(":"))
       except ValueError as e:
-        raise ValueError(f"profile_steps={steps!r}: write it as a:b, e.g. 10:13") from e
+        raise errors.ConfigError(f"profile_steps={steps!r}: write it as a:b, e.g. 10:13") from e
       if not 0 <= self.start < self.stop:
-        raise ValueError(f"profile_steps={steps!r}: need 0 <= a < b")
+        raise errors.ConfigError(f"profile_steps={steps!r}: need 0 <= a < b")
 
   def before(self, step: int) -> None:
     if step == self.start:

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from colorjax import errors
 from colorjax import sharding
 
 PRECISIONS = ("original", "fp32_residual")
@@ -43,7 +44,7 @@ class ModelSpec:
 
   def __post_init__(self):
     if self.precision not in PRECISIONS:
-      raise ValueError(f"model.precision={self.precision!r}; choose one of {PRECISIONS}")
+      raise errors.ConfigError(f"model.precision={self.precision!r}; choose one of {PRECISIONS}")
 
   @property
   def head_dim(self) -> int:
@@ -62,7 +63,7 @@ class ModelSpec:
   @classmethod
   def from_config(cls, m) -> "ModelSpec":
     if m.d_model % m.n_heads:
-      raise ValueError(f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}")
+      raise errors.ConfigError(f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}")
     return cls(**{f.name: m[f.name] for f in dataclasses.fields(cls)})
 
   def to_dict(self) -> dict:
@@ -132,7 +133,7 @@ def attention_impl(spec: ModelSpec):
     use_cudnn = jax.default_backend() == "gpu" and spec.compute_dtype in ("bfloat16", "float16")
     return "cudnn" if use_cudnn else "xla"
   if spec.attention not in ("xla", "cudnn"):
-    raise ValueError(f"model.attention={spec.attention!r}; choose auto, xla or cudnn")
+    raise errors.ConfigError(f"model.attention={spec.attention!r}; choose auto, xla or cudnn")
   return spec.attention
 
 

@@ -28,6 +28,7 @@ import ml_collections
 import numpy as np
 
 from colorjax import data
+from colorjax import errors
 from colorjax import metrics
 from colorjax import prepare
 from colorjax import report
@@ -276,7 +277,7 @@ def _train(cfg, section, stage: str, workdir: pathlib.Path, store, eval_stores, 
 
 def run(cfg):
   if not cfg.workdir:
-    raise ValueError("set --config.workdir to the pipeline's work directory")
+    raise errors.ConfigError("set --config.workdir to the pipeline's work directory")
   root = pathlib.Path(cfg.workdir).resolve()
   root.mkdir(parents=True, exist_ok=True)
   pcfg = cfg.pipeline

@@ -16,6 +16,7 @@ import time
 import numpy as np
 
 from colorjax import data
+from colorjax import errors
 from colorjax import metrics
 from colorjax import score as score_lib
 from colorjax import select as select_lib
@@ -259,7 +260,7 @@ def write(root) -> pathlib.Path:
 
 def run(cfg):
   if not cfg.workdir:
-    raise ValueError("set --config.workdir to a pipeline work directory")
+    raise errors.ConfigError("set --config.workdir to a pipeline work directory")
   path = write(cfg.workdir)
   print(f"report: {path}")
   return path

@@ -23,6 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from colorjax import checkpoint
 from colorjax import data
+from colorjax import errors
 from colorjax import losses
 from colorjax import metrics
 from colorjax import model
@@ -45,9 +46,9 @@ def parse_shard(text: str) -> tuple[int, int]:
   try:
     i, n = (int(x) for x in text.split("/"))
   except ValueError as e:
-    raise ValueError(f"score.shard={text!r}: write it as i/n, e.g. 0/4") from e
+    raise errors.ConfigError(f"score.shard={text!r}: write it as i/n, e.g. 0/4") from e
   if not 0 <= i < n:
-    raise ValueError(f"score.shard={text!r}: need 0 <= i < n")
+    raise errors.ConfigError(f"score.shard={text!r}: need 0 <= i < n")
   return i, n
 
 
@@ -94,7 +95,7 @@ def model_entries(cfg):
   """(name, path, manifest) of the prior and each conditional, checked to share architecture and tokenizer."""
   scfg = cfg.score
   if not scfg.prior or not scfg.conditionals:
-    raise ValueError("set --config.score.prior and --config.score.conditionals (one or more params exports)")
+    raise errors.ConfigError("set --config.score.prior and --config.score.conditionals (one or more params exports)")
   paths = [("prior", scfg.prior)] + [(f"conditional_{i}", p) for i, p in enumerate(scfg.conditionals)]
   entries = [(name, path, checkpoint.read_params_manifest(path)) for name, path in paths]
   spec = checkpoint.spec_from_manifest(entries[0][2], cfg.model)
@@ -183,7 +184,7 @@ def _open_output(workdir: pathlib.Path, manifest: dict, num_chunks: int):
 def run(cfg) -> pathlib.Path:
   scfg = cfg.score
   if not cfg.workdir:
-    raise ValueError("set --config.workdir to the folder the scores go to")
+    raise errors.ConfigError("set --config.workdir to the folder the scores go to")
   workdir = pathlib.Path(cfg.workdir).resolve()
   profiler = metrics.StepProfiler(cfg.profile_steps, workdir / "profile")
   store = data.TokenStore(scfg.store)
@@ -207,10 +208,10 @@ def run(cfg) -> pathlib.Path:
   host_batch = row_stop - row_start
   hosts = jax.process_count()
   if batch % hosts:
-    raise ValueError(f"score.batch_size={batch} must split evenly over {hosts} hosts")
+    raise errors.ConfigError(f"score.batch_size={batch} must split evenly over {hosts} hosts")
   chunk_rows = int(scfg.chunk_rows) or host_batch * max(1, 65536 // host_batch)
   if chunk_rows % host_batch:
-    raise ValueError(f"score.chunk_rows={chunk_rows} must be a multiple of the per-host batch {host_batch}")
+    raise errors.ConfigError(f"score.chunk_rows={chunk_rows} must be a multiple of the per-host batch {host_batch}")
   n = store.num_sequences
   num_chunks = -(-n // chunk_rows)
   manifest = {

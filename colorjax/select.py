@@ -16,6 +16,7 @@ import time
 import numpy as np
 
 from colorjax import data
+from colorjax import errors
 from colorjax import metrics
 from colorjax import score as score_lib
 
@@ -148,16 +149,16 @@ def selection_size(cfg, n: int, seq_len: int) -> int:
   if scfg.tokens:
     return min(n, int(scfg.tokens) // seq_len)
   if scfg.tau < 1:
-    raise ValueError(f"select.tau={scfg.tau}: keep the top 1/tau, so tau >= 1")
+    raise errors.ConfigError(f"select.tau={scfg.tau}: keep the top 1/tau, so tau >= 1")
   return int(n // scfg.tau)
 
 
 def run(cfg) -> pathlib.Path:
   scfg = cfg.select
   if scfg.method not in ("color", "conditional_only", "random"):
-    raise ValueError(f"select.method={scfg.method!r}; choose color, conditional_only or random")
+    raise errors.ConfigError(f"select.method={scfg.method!r}; choose color, conditional_only or random")
   if not cfg.workdir:
-    raise ValueError("set --config.workdir to the folder the selection goes to")
+    raise errors.ConfigError("set --config.workdir to the folder the selection goes to")
   workdir = pathlib.Path(cfg.workdir).resolve()
   scores = score_lib.Scores(scfg.scores)
   request = selection_request(cfg, scores)

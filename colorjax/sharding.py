@@ -13,6 +13,8 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from colorjax import errors
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # Logical axis name -> mesh axis (or axes, or None = replicated). Params first, then activations.
@@ -38,7 +40,7 @@ _ACTIVE_MESH: contextvars.ContextVar = contextvars.ContextVar("colorjax_mesh", d
 def maybe_initialize_distributed(mode: str = "auto") -> None:
   """Join a multi-host job when the environment describes one (TPU pod, SLURM, or explicit coordinator)."""
   if mode not in ("auto", "on", "off"):
-    raise ValueError(f"mesh.distributed={mode!r}; choose auto, on or off")
+    raise errors.ConfigError(f"mesh.distributed={mode!r}; choose auto, on or off")
   if mode == "off" or jax.distributed.is_initialized():
     return
   cluster_env = ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS", "OMPI_MCA_orte_hnp_uri")
@@ -75,14 +77,14 @@ def mesh_shape(mesh_cfg, num_devices: int) -> dict:
   sizes = {axis: int(mesh_cfg[axis]) for axis in MESH_AXES}
   free = [axis for axis, size in sizes.items() if size == -1]
   if len(free) > 1:
-    raise ValueError(f"at most one mesh axis may be -1, got {sizes}")
+    raise errors.ConfigError(f"at most one mesh axis may be -1, got {sizes}")
   fixed = int(np.prod([size for size in sizes.values() if size != -1]))
   if free:
     if num_devices % fixed:
-      raise ValueError(f"mesh {sizes}: {num_devices} devices are not divisible by the fixed axes ({fixed})")
+      raise errors.ConfigError(f"mesh {sizes}: {num_devices} devices are not divisible by the fixed axes ({fixed})")
     sizes[free[0]] = num_devices // fixed
   if int(np.prod(list(sizes.values()))) != num_devices:
-    raise ValueError(f"mesh {sizes} needs {int(np.prod(list(sizes.values())))} devices, but {num_devices} are "
+    raise errors.ConfigError(f"mesh {sizes} needs {int(np.prod(list(sizes.values())))} devices, but {num_devices} are "
                      "available; set --config.mesh.fsdp=-1 to use all of them")
   return sizes
 

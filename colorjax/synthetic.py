@@ -10,6 +10,8 @@ import pathlib
 
 import numpy as np
 
+from colorjax import errors
+
 NAMES = ["Anna", "Boris", "Chen", "Dara", "Elif", "Femi", "Greta", "Hiro", "Ines", "Jonas", "Kemal", "Lena"]
 ANIMALS = ["fox", "owl", "bear", "wolf", "hare", "crow", "otter", "badger", "deer", "mouse"]
 PLACES = ["the dark forest", "a quiet village", "the old mill", "the frozen lake", "a castle on the hill",
@@ -106,7 +108,7 @@ DOMAINS = {"stories": _story, "recipes": _recipe, "sports": _sports, "code": _co
 def write_domain(path, domain: str, num_docs: int, seed: int) -> pathlib.Path:
   """Write num_docs documents of one domain as jsonl.gz ({"id", "source", "text"})."""
   if domain not in DOMAINS:
-    raise ValueError(f"unknown synthetic domain {domain!r}; choose from {sorted(DOMAINS)}")
+    raise errors.ConfigError(f"unknown synthetic domain {domain!r}; choose from {sorted(DOMAINS)}")
   rng = np.random.default_rng([seed, sorted(DOMAINS).index(domain)])
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,8 @@ import pathlib
 import re
 from typing import Any, Callable
 
+from colorjax import errors
+
 TASK_NAMES = (
     "piqa",
     "hellaswag",
@@ -75,7 +77,7 @@ class MCExample:
 def check_task(task: str) -> None:
   """Fails early with the valid names, so a typo never reaches the data layer."""
   if task not in TASK_NAMES:
-    raise ValueError(f"unknown task {task!r}; valid tasks: {', '.join(TASK_NAMES)}")
+    raise errors.ConfigError(f"unknown task {task!r}; valid tasks: {', '.join(TASK_NAMES)}")
 
 
 def split_path(task: str, split: str, data_dir: str | os.PathLike) -> pathlib.Path | None:
@@ -130,14 +132,14 @@ def read_jsonl(path: str | os.PathLike, limit: int | None = None) -> list[dict]:
         try:
           doc = json.loads(line)
         except json.JSONDecodeError as e:
-          raise ValueError(
+          raise errors.DataError(
               f"{path}: line {lineno}: invalid JSON ({e.msg}); the file is corrupt, re-create it"
           ) from e
         if not isinstance(doc, dict):
-          raise ValueError(f"{path}: line {lineno}: expected a JSON object, got {type(doc).__name__}")
+          raise errors.DataError(f"{path}: line {lineno}: expected a JSON object, got {type(doc).__name__}")
         docs.append(doc)
   except (OSError, EOFError, UnicodeDecodeError) as e:
-    raise ValueError(
+    raise errors.DataError(
         f"{path}: unreadable ({e}); expected UTF-8 JSONL (gzip if named .gz), re-create the file"
     ) from e
   return docs
@@ -269,12 +271,12 @@ def render(task: str, doc: dict[str, Any], doc_id: int = 0) -> MCExample:
   try:
     contexts, continuations, gold = _RENDERERS[task](doc)
   except KeyError as e:
-    raise ValueError(f"{task} doc {doc_id}: missing field {e}") from e
+    raise errors.DataError(f"{task} doc {doc_id}: missing field {e}") from e
   except (ValueError, TypeError, AttributeError, IndexError) as e:
-    raise ValueError(f"{task} doc {doc_id}: cannot render ({e})") from e
+    raise errors.DataError(f"{task} doc {doc_id}: cannot render ({e})") from e
   if isinstance(gold, bool) or not isinstance(gold, int) or not 0 <= gold < len(continuations):
     n = len(continuations)
-    raise ValueError(f"{task} doc {doc_id}: gold {gold!r} is not a valid index into {n} choices")
+    raise errors.DataError(f"{task} doc {doc_id}: gold {gold!r} is not a valid index into {n} choices")
   return MCExample(task, doc_id, tuple(contexts), tuple(continuations), gold)
 
 

@@ -19,6 +19,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from colorjax import checkpoint
 from colorjax import data
+from colorjax import errors
 from colorjax import evaluate
 from colorjax import losses
 from colorjax import metrics
@@ -72,20 +73,20 @@ def step_plan(cfg, num_items: int | None, seq_len: int, data_parallel: int) -> S
   batch = int(tcfg.global_batch_size)
   micro = int(tcfg.micro_batch_size) or batch
   if batch <= 0 or batch % micro:
-    raise ValueError(f"train.global_batch_size={batch} must be a positive multiple of train.micro_batch_size={micro}")
+    raise errors.ConfigError(f"train.global_batch_size={batch} must be a positive multiple of train.micro_batch_size={micro}")
   if micro % data_parallel:
-    raise ValueError(f"train.micro_batch_size={micro} must be divisible by the data-parallel size {data_parallel} "
+    raise errors.ConfigError(f"train.micro_batch_size={micro} must be divisible by the data-parallel size {data_parallel} "
                      "(mesh data×fsdp); change the batch or the mesh")
   total = int(tcfg.max_steps)
   if total <= 0:
     if num_items is None:
-      raise ValueError("train.max_steps <= 0 means one pass over the data, but the data size is unknown")
+      raise errors.ConfigError("train.max_steps <= 0 means one pass over the data, but the data size is unknown")
     total = num_items // batch
   schedule_steps, schedule = total, "nominal"
   if tcfg.single_pass and num_items is not None:
     data_steps = num_items // batch
     if data_steps == 0:
-      raise ValueError(f"single pass over {num_items} sequences cannot fill one batch of {batch}")
+      raise errors.ConfigError(f"single pass over {num_items} sequences cannot fill one batch of {batch}")
     total = min(total, data_steps)
     if tcfg.anneal_to_data:
       schedule_steps, schedule = total, "data"
@@ -144,7 +145,7 @@ def _parse_eval_stores(entries, train_store: data.TokenStore) -> dict:
   sets = {}
   for entry in entries:
     if "=" not in entry:
-      raise ValueError(f"data.eval_stores entry {entry!r} must look like name=path")
+      raise errors.ConfigError(f"data.eval_stores entry {entry!r} must look like name=path")
     name, path = entry.split("=", 1)
     store = data.TokenStore(path)
     if store.manifest["tokenizer"]["sha256"] != train_store.manifest["tokenizer"]["sha256"]:
@@ -160,12 +161,12 @@ def training_store(cfg, workdir: pathlib.Path, spec: model.ModelSpec):
   downstream tasks rendered into padded SFT rows with the tokenizer of the params being finetuned."""
   if not cfg.sft.tasks:
     if not cfg.data.train_store:
-      raise ValueError("set --config.data.train_store (or --config.sft.tasks to finetune on downstream tasks)")
+      raise errors.ConfigError("set --config.data.train_store (or --config.sft.tasks to finetune on downstream tasks)")
     return cfg.data.train_store, None
   if cfg.data.train_store:
-    raise ValueError("set either data.train_store or sft.tasks, not both")
+    raise errors.ConfigError("set either data.train_store or sft.tasks, not both")
   if not cfg.train.init_from:
-    raise ValueError("task finetuning starts from a prior: set --config.train.init_from=<prior run>/params")
+    raise errors.ConfigError("task finetuning starts from a prior: set --config.train.init_from=<prior run>/params")
   manifest = checkpoint.read_params_manifest(cfg.train.init_from)
   tokenizer = data.checked_tokenizer_path(cfg.train.init_from, manifest["tokenizer"])
   def make(split, name):
@@ -232,7 +233,7 @@ def _print(msg: str):
 def run(cfg) -> pathlib.Path:
   """Train per cfg; returns the folder of the params export (<workdir>/params)."""
   if not cfg.workdir:
-    raise ValueError("set --config.workdir to the run folder")
+    raise errors.ConfigError("set --config.workdir to the run folder")
   workdir = pathlib.Path(cfg.workdir).resolve()
   export_dir = workdir / "params"
   if (export_dir / data.MANIFEST).exists():

@@ -1,0 +1,18 @@
+"""The project's own error kinds: a user can fix them, so `main` prints one clear block and exits 2 (bugs keep
+their traceback). Both subclass ValueError, so callers that catch ValueError keep working."""
+
+
+class ColorjaxError(ValueError):
+  """An expected user error: bad config, bad input data, or an artifact that does not fit."""
+
+
+class ConfigError(ColorjaxError):
+  """A config value is missing, malformed or inconsistent with another."""
+
+
+class DataError(ColorjaxError):
+  """A data artifact is missing, corrupt or does not match what the stage expects."""
+
+
+class LockedError(DataError):
+  """Another process is writing the artifact this process wants to write."""
