@@ -7,17 +7,19 @@ resuming needs no iterator state and any host can compute any step's ids.
 """
 import hashlib
 import json
+import os
 import pathlib
 import queue
 import threading
 
 import numpy as np
 
+from colorjax import artifacts
 from colorjax import errors
 
 STORE_FORMAT = "colorjax.token_store"
 STORE_VERSION = 1
-MANIFEST = "manifest.json"
+MANIFEST = artifacts.MANIFEST
 TOKENIZER = "tokenizer.json"  # every store and params export carries the tokenizer that made its tokens
 
 
@@ -53,19 +55,45 @@ def load_tokenizer(name_or_path: str):
                     "path of a tokenizer.json instead") from e
 
 
-def tokenizer_info(tokenizer, name: str) -> dict:
-  """What a store records of its tokenizer: a name, a content hash, its size and special ids."""
-  serialized = tokenizer.to_str()
+EOS_NAMES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "<|eot_id|>")
+PAD_NAMES = ("<|padding|>", "<pad>", "[PAD]", "<|pad|>")
+
+
+def _special_id(tokenizer, names, given: int, what: str, field: str, where: str) -> int:
   vocab = tokenizer.get_vocab_size(with_added_tokens=True)
-  eos = tokenizer.token_to_id("<|endoftext|>")
-  pad = tokenizer.token_to_id("<|padding|>")
+  if given >= 0:
+    if given >= vocab:
+      raise DataError(f"{field}={given} is outside the vocabulary of {where} ({vocab} tokens)")
+    return int(given)
+  for name in names:
+    found = tokenizer.token_to_id(name)
+    if found is not None:
+      return int(found)
+  raise DataError(f"tokenizer {where} has no known {what} token ({', '.join(names)}); set --config.{field} to the "
+                  f"id to use")
+
+
+def tokenizer_info(tokenizer, name: str, eos_id: int = -1, pad_id: int = -1) -> dict:
+  """What a store records of its tokenizer: a name, a content hash, its size and special ids (EOS ends every
+  document; PAD fills SFT rows). Ids come from the tokenizer's known special tokens unless given (>= 0); a
+  tokenizer with none must be given them, never a silent fallback."""
+  serialized = tokenizer.to_str()
   return {
       "name": str(name),
       "sha256": hashlib.sha256(serialized.encode("utf-8")).hexdigest(),
-      "vocab_size": int(vocab),
-      "eos_id": 0 if eos is None else int(eos),
-      "pad_id": 1 if pad is None else int(pad),
+      "vocab_size": int(tokenizer.get_vocab_size(with_added_tokens=True)),
+      "eos_id": _special_id(tokenizer, EOS_NAMES, eos_id, "end-of-document", "prepare.eos_id", name),
+      "pad_id": _special_id(tokenizer, PAD_NAMES, pad_id, "padding", "prepare.pad_id", name),
   }
+
+
+def shared_dir(sub: str) -> str | None:
+  """A folder of the shared data used when none is configured: $COLORJAX_DATA/<sub>, else ../shared/data/<sub>
+  (relative to the current directory), whichever exists first."""
+  for root in (os.environ.get("COLORJAX_DATA"), "../shared/data"):
+    if root and (pathlib.Path(root) / sub).is_dir():
+      return str((pathlib.Path(root) / sub).resolve())
+  return None
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -184,6 +212,22 @@ class TokenStore:
     return out
 
 
+def eval_stores(entries, tok_info: dict, against: str) -> dict:
+  """data.eval_stores ("name=path", or a bare path named by its folder) as name -> TokenStore, each checked to use
+  the tokenizer `tok_info` describes (that of `against`: the training store or the params evaluated)."""
+  stores = {}
+  for entry in entries:
+    name, path = entry.split("=", 1) if "=" in entry else (pathlib.Path(entry).name, entry)
+    store = TokenStore(path)
+    if store.manifest["tokenizer"]["sha256"] != tok_info["sha256"]:
+      raise DataError(f"eval store {path} was tokenized with {store.manifest['tokenizer']['name']}, {against} with "
+                      f"{tok_info['name']}; prepare both with the same tokenizer")
+    if name in stores:
+      raise errors.ConfigError(f"data.eval_stores names {name!r} twice; give each store its own name=path")
+    stores[name] = store
+  return stores
+
+
 def checked_tokenizer_path(folder, tok_info: dict) -> pathlib.Path:
   """The tokenizer.json an artifact carries, checked against the hash its manifest records."""
   path = pathlib.Path(folder) / TOKENIZER
@@ -197,9 +241,17 @@ def checked_tokenizer_path(folder, tok_info: dict) -> pathlib.Path:
 
 
 def index_id(path) -> str:
-  """Content id of a selection index (its .npy bytes), recorded by runs trained on it."""
+  """Content id of a selection: its manifest's id (known before the selection is made, from what it is selected
+  from), else, for a bare .npy of ids, the hash of its bytes."""
   path = pathlib.Path(path)
+  folder = path if path.is_dir() else path.parent
+  if (folder / MANIFEST).exists():
+    manifest = artifacts.read_json(folder / MANIFEST)
+    if manifest.get("id"):
+      return manifest["id"]
   path = path / "index.npy" if path.is_dir() else path
+  if not path.exists():
+    raise DataError(f"index file {path} does not exist; run the select stage or fix --config.data.index")
   return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
@@ -217,8 +269,11 @@ def load_index(path, store: TokenStore | None = None) -> np.ndarray:
   if index.ndim != 1 or not np.issubdtype(index.dtype, np.integer):
     raise DataError(f"{path} holds {index.dtype}{list(index.shape)}; an index is a 1-D integer array of ids")
   manifest_path = path.parent / MANIFEST
-  if store is not None and manifest_path.exists():
-    recorded = json.loads(manifest_path.read_text()).get("store_id")
+  manifest = artifacts.read_json(manifest_path) if manifest_path.exists() else {}
+  if manifest.get("index_sha256") and hashlib.sha256(path.read_bytes()).hexdigest() != manifest["index_sha256"]:
+    raise DataError(f"{path} does not match the hash in {manifest_path}: the selection was modified; re-run select")
+  if store is not None and manifest:
+    recorded = manifest.get("store_id")
     if recorded and recorded != store.id:
       raise DataError(f"index {path} was selected from store {recorded}, but training reads store {store.id} "
                       f"({store.path}); point --config.data.train_store at the store the selection came from")

@@ -1,11 +1,12 @@
 """Evaluation: held-out LM loss on token stores, zero-shot multiple choice on the 8 tasks, and the `eval` stage.
 
 Held-out loss is the mean over sequences of each sequence's mean next-token CE (fp32, no z-loss) at the store's
-sequence length, i.e. the training context length. Multiple choice scores each (context, continuation) as the fp32
-sum of the continuation's token log-probs (the original summed bf16 log-probs) with contexts left-truncated to the
-model's context length (the original evaluated a 512-token model at 2048). Every batch has a fixed shape (held-out:
-one; multiple choice: one per length bucket) and partial batches are padded with weight-0 rows, so nothing
-recompiles per batch.
+sequence length, i.e. the training context length, over train.eval_batches batches: the store's first sequences, or
+with eval.shuffle one fixed random sample of it (the original evaluated 100 x 64 shuffled sequences). Multiple
+choice scores each (context, continuation) as the fp32 sum of the continuation's token log-probs (the original
+summed bf16 log-probs) with contexts left-truncated to the model's context length (the original evaluated a
+512-token model at 2048). Every batch has a fixed shape (held-out: one; multiple choice: one per length bucket) and
+partial batches are padded with weight-0 rows, so nothing recompiles per batch.
 """
 import dataclasses
 import json
@@ -34,13 +35,31 @@ def eval_batch_size(cfg, mesh) -> int:
   return -(-size // dp) * dp
 
 
+# The held-out sample's key: fixed rather than the run's seed, so every eval of a run, every run (any seed or
+# method) and a standalone eval of the same store read the same sequences and their losses compare directly.
+SAMPLE_SEED = 0
+SAMPLE_STREAM = 0x686F6C64  # "hold": keeps the sample's permutation apart from the training order's streams
+
+
+def heldout_ids(num_sequences: int, count: int, shuffle: bool) -> np.ndarray:
+  """Ids of a held-out eval: `count` (0 = all) sequences, the first ones in id order or, with `shuffle`, a fixed
+  seeded random sample like the original's shuffled eval loader (sorted, so reads stay sequential)."""
+  count = min(count, num_sequences) if count else num_sequences
+  if not shuffle or count == num_sequences:
+    return np.arange(count, dtype=np.int64)
+  sample = data.Permutation(num_sequences, SAMPLE_SEED, stream=SAMPLE_STREAM)(np.arange(count))
+  return np.sort(sample)
+
+
 class HeldoutEvaluator:
-  """Mean per-sequence CE of params on each named token store (the first `max_batches` batches, in id order)."""
+  """Mean per-sequence CE of params on each named token store: `max_batches` batches (0 = the whole store), in id
+  order or (eval.shuffle) a fixed random sample of the store."""
 
   def __init__(self, spec, mesh, param_sh, stores: dict, cfg, max_batches: int | None = None):
     self.spec, self.mesh, self.stores = spec, mesh, stores
     self.batch = eval_batch_size(cfg, mesh)
     self.max_batches = cfg.train.eval_batches if max_batches is None else max_batches
+    self.shuffle = bool(cfg.eval.shuffle)
     self.loss_on_padding = bool(cfg.sft.loss_on_padding)
     self.row_sh = NamedSharding(mesh, P(sharding.RULES["batch"], None))
     self.weight_sh = NamedSharding(mesh, P(sharding.RULES["batch"]))
@@ -56,21 +75,23 @@ class HeldoutEvaluator:
       self._fns[pad_id] = jax.jit(weighted_sum, in_shardings=(self.param_sh, self.row_sh, self.weight_sh))
     return self._fns[pad_id]
 
+  def sample_ids(self, store: data.TokenStore) -> np.ndarray:
+    """The ids `store_loss` reads: the same at every call."""
+    return heldout_ids(store.num_sequences, (self.max_batches or 0) * self.batch, self.shuffle)
+
   def store_loss(self, params, store: data.TokenStore) -> float:
-    n = store.num_sequences
-    if self.max_batches:
-      n = min(n, self.max_batches * self.batch)
-    pad_id = store.pad_id if (store.padded and not self.loss_on_padding) else None
+    sample = self.sample_ids(store)
+    n = sample.size
+    pad_id = losses.pad_to_mask(store, self.loss_on_padding)
     fn = self._fn(pad_id)
     shape = (self.batch, store.seq_len)
     start, stop = sharding.host_rows(self.row_sh, shape, dim=0)
     total, weight = 0.0, 0.0
     with sharding.use_mesh(self.mesh):
       for first in range(0, n, self.batch):
-        ids = np.arange(first, first + self.batch)
-        valid = ids < n
-        local_ids = np.where(valid, ids, 0)[start:stop]
-        rows = store.read(local_ids)
+        positions = np.arange(first, first + self.batch)
+        valid = positions < n
+        rows = store.read(sample[np.where(valid, positions, 0)][start:stop])
         tokens = sharding.put_host_rows(rows, self.row_sh, shape, start)
         weights = sharding.put_host_rows(valid[start:stop].astype(np.float32), self.weight_sh, (self.batch,), start)
         s, w = fn(params, tokens, weights)
@@ -151,7 +172,8 @@ def load_task_examples(task_names, data_dir, split: str = "", limit: int = 0) ->
   out = {}
   for task in task_names:
     task_split = split or tasks.EVAL_SPLIT[task]
-    docs = tasks.load_docs(task, task_split, data_dir or None, limit=limit or None)
+    docs = tasks.load_docs(task, task_split, data_dir or None, limit=limit or None,
+                           setting="--config.eval.tasks_dir")
     out[task] = (task_split, [tasks.render(task, doc, doc_id=i) for i, doc in enumerate(docs)])
   return out
 
@@ -162,6 +184,7 @@ class MultipleChoiceEvaluator:
   def __init__(self, spec, mesh, param_sh, tokenizer_path, task_examples: dict, batch_tokens: int = 16384,
                chunk: int = 0):
     self.spec, self.mesh = spec, mesh
+    self.data_dir = None  # the task folder the examples came from, for records (None: HuggingFace or unknown)
     tokenizer = data.load_tokenizer(str(tokenizer_path))
     info = data.tokenizer_info(tokenizer, str(tokenizer_path))
     self.task_examples = {}
@@ -235,14 +258,26 @@ def format_table(results: dict) -> str:
   return "\n".join(f"{k:<{width}}  {v:>8}" for k, v in rows)
 
 
+def tasks_dir(cfg) -> str | None:
+  """eval.tasks_dir, else the offline copy tasks.default_dir() finds; None = HuggingFace."""
+  if cfg.eval.tasks_dir:
+    return str(cfg.eval.tasks_dir)
+  found = tasks.default_dir()
+  if found and cfg.eval.tasks and metrics.is_main():
+    print(f"eval: task data from {found} (--config.eval.tasks_dir is empty)")
+  return found
+
+
 def build_evaluators(cfg, spec, mesh, param_sh, tokenizer_path, stores: dict):
   """The held-out and multiple-choice evaluators a config asks for (either may be None)."""
   heldout = HeldoutEvaluator(spec, mesh, param_sh, stores, cfg) if stores else None
   mc = None
   if cfg.eval.tasks:
-    examples = load_task_examples(tuple(cfg.eval.tasks), cfg.eval.tasks_dir, cfg.eval.split, cfg.eval.limit)
+    directory = tasks_dir(cfg)
+    examples = load_task_examples(tuple(cfg.eval.tasks), directory, cfg.eval.split, cfg.eval.limit)
     mc = MultipleChoiceEvaluator(spec, mesh, param_sh, tokenizer_path, examples, cfg.eval.batch_tokens,
                                  cfg.train.loss_chunk)
+    mc.data_dir = directory
   return heldout, mc
 
 
@@ -259,14 +294,7 @@ def run(cfg) -> dict:
     raise data.DataError(f"{out_path} already exists; choose another --config.workdir (nothing was overwritten)")
   mesh = sharding.make_mesh(cfg.mesh)
   param_sh = sharding.tree_shardings(model.abstract_params(spec), model.param_axes(spec), mesh)
-  stores = {}
-  for entry in cfg.data.eval_stores:
-    name, path = entry.split("=", 1) if "=" in entry else (pathlib.Path(entry).name, entry)
-    store = data.TokenStore(path)
-    if store.manifest["tokenizer"]["sha256"] != manifest["tokenizer"]["sha256"]:
-      raise data.DataError(f"eval store {path} uses tokenizer {store.manifest['tokenizer']['name']}, the params "
-                           f"{params_dir} were trained with {manifest['tokenizer']['name']}")
-    stores[name] = store
+  stores = data.eval_stores(cfg.data.eval_stores, manifest["tokenizer"], f"the params {params_dir}")
   tokenizer_path = cfg.eval.tokenizer or data.checked_tokenizer_path(params_dir, manifest["tokenizer"])
   heldout, mc = build_evaluators(cfg, spec, mesh, param_sh, tokenizer_path, stores)
   if heldout is None and mc is None:
@@ -287,7 +315,9 @@ def run(cfg) -> dict:
     metrics.MetricsWriter(workdir).write(record)
     splits = {t: s for t, (s, _, _) in (mc.task_examples.items() if mc else [])}
     out_path.write_text(json.dumps({"params": str(params_dir), "params_id": manifest.get("id"), "results": results,
-                                    "splits": splits, "limit": cfg.eval.limit, "seconds": seconds}, indent=1))
+                                    "splits": splits, "tasks_dir": mc.data_dir if mc else None,
+                                    "limit": cfg.eval.limit, "heldout_shuffle": bool(cfg.eval.shuffle),
+                                    "seconds": seconds}, indent=1))
     print(format_table(results))
     print(f"eval: {seconds:.1f}s; results in {out_path}")
   return results

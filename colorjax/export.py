@@ -10,8 +10,10 @@ import pathlib
 
 import numpy as np
 
+from colorjax import artifacts
 from colorjax import data
 from colorjax import errors
+from colorjax import losses
 from colorjax import metrics
 from colorjax import score as score_lib
 from colorjax import select as select_lib
@@ -24,7 +26,7 @@ def run(cfg) -> pathlib.Path:
   manifest = data.read_manifest(selection)
   if manifest.get("format") != "colorjax.selection":
     raise data.DataError(f"{selection / data.MANIFEST} is not a selection manifest")
-  store = data.TokenStore(manifest["store_path"])
+  store = data.TokenStore(select_lib.store_of(selection, manifest))
   ids = data.load_index(selection, store)
   if cfg.export.max_rows:
     ids = ids[: cfg.export.max_rows]
@@ -33,7 +35,7 @@ def run(cfg) -> pathlib.Path:
   if out_path.exists():
     raise data.DataError(f"{out_path} already exists; choose another --config.workdir (nothing was overwritten)")
   tokenizer = data.load_tokenizer(str(store.tokenizer_path()))
-  scores = score_lib.Scores(manifest["scores"]["path"]) if manifest.get("scores") else None
+  scores = score_lib.Scores(artifacts.resolve(manifest["scores"]["path"], selection)) if manifest.get("scores") else None
   method = manifest["method"] if manifest["method"] != "random" else "color"
   labels = store.labels() or ["all"]
   workdir.mkdir(parents=True, exist_ok=True)
@@ -65,7 +67,7 @@ def _scores_of(scores, method: str, conditional: str, ids: np.ndarray):
     return None
   cond = scores.column(conditional)
   rows = scores.nll.oindex[np.asarray(ids)].read().result()  # only the selected rows are read
-  return -rows[:, cond] if method == "conditional_only" else rows[:, scores.column("prior")] - rows[:, cond]
+  return losses.color_score(None if method == "conditional_only" else rows[:, scores.column("prior")], rows[:, cond])
 
 
 def describe(cfg) -> None:

@@ -1,4 +1,4 @@
-"""Every loss in one place: the loss mask, the output head's next-token NLL, the training loss, per-sequence NLL.
+"""Every loss in one place: the PAD policy, the CoLoR score, the loss mask, the output head's next-token NLL, the training loss, per-sequence NLL.
 
 The head is the costliest memory traffic of a small LM: [tokens, 50304] logits. It is computed here in chunks of
 `chunk` sequence positions (every row of the batch at once, so a batch-sharded mesh keeps its sharding), and the
@@ -14,6 +14,20 @@ import jax
 import jax.numpy as jnp
 
 from colorjax import model
+
+
+def pad_to_mask(store, loss_on_padding: bool = False) -> int | None:
+  """The PAD id whose targets the loss skips, for a token store: padded (SFT) rows skip PAD unless
+  `loss_on_padding` reproduces the original (whose SFT loss counted PAD); packed text has no PAD to skip."""
+  return store.pad_id if (store.padded and not loss_on_padding) else None
+
+
+def color_score(nll_prior, nll_conditional):
+  """CoLoR-Filter's score (higher = keep): how much the conditional lowers a sequence's mean NLL, in fp32. Works on
+  numpy or jax arrays; `nll_prior=None` gives the conditional-only score, −NLL_conditional."""
+  if nll_prior is None:
+    return -nll_conditional.astype("float32")
+  return nll_prior.astype("float32") - nll_conditional.astype("float32")
 
 
 def loss_mask(tokens_bt, pad_id: int | None):

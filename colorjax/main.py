@@ -1,13 +1,23 @@
 """Command line: `python -m colorjax.main --config configs/<stage>.py[:arg] [--config.key=value ...]`.
 
-Parses the (locked) config and dispatches `config.stage`; every stage lives in its own module.
+Parses the (locked) config and dispatches `config.stage`; every stage lives in its own module. A user error (a
+`colorjax.errors.ColorjaxError`, a bad flag or config override) prints one `colorjax <stage>: error: ...` block
+to stderr and exits with status 2; anything else is a bug and keeps its traceback.
 """
+import difflib
 import importlib
+import importlib.util
+import os
+import re
+import sys
 
+import ml_collections
 from absl import app
+from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from colorjax import errors
 from colorjax import sharding
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -26,24 +36,120 @@ STAGES = {
     "report": "colorjax.report",
 }
 
+USAGE_EXIT = 2
+_CONFIG_ARG = re.compile(r"^--?(?:no)?(config(?:\.[^=]+)?)(?:=(.*))?$")
+
+
+def _fail(where: str, message) -> None:
+  sys.stderr.write(f"colorjax{' ' + where if where else ''}: error: {message}\n")
+  sys.exit(USAGE_EXIT)
+
+
+def _config_args(argv) -> list[tuple[str, str | None]]:
+  """(name, value) of every --config / --config.<field> argument; value None when it is the next argument or
+  the flag is a bare boolean. Stops at `--`, as absl does."""
+  found = []
+  for i, arg in enumerate(argv[1:], 1):
+    if arg == "--":
+      break
+    match = _CONFIG_ARG.match(arg)
+    if match:
+      value = match.group(2)
+      if value is None and match.group(1) == "config" and i + 1 < len(argv):
+        value = argv[i + 1]
+      found.append((match.group(1), value))
+  return found
+
+
+def _reject_repeats(config_args) -> None:
+  """ml_collections appends a repeated tuple override to the first ((8.0,) then (8.0, 4.0) gives (8.0, 8.0, 4.0))
+  and lets a repeated scalar silently win, so a repeat is refused before anything is loaded."""
+  names = [name for name, _ in config_args]
+  for name in dict.fromkeys(names):
+    if names.count(name) > 1:
+      fix = "give one config file" if name == "config" else f"give it once (a tuple as one value: --{name}=\"(a, b)\")"
+      _fail("", f"--{name} is given {names.count(name)} times; {fix}")
+
+
+def _unknown_override(config_args) -> str | None:
+  """The message for the first --config.<field> that names no field, or None when every field exists (the error
+  being explained is then a bug). Reloads the config file: this only runs after absl failed on one."""
+  paths = [value for name, value in config_args if name == "config"]
+  if not paths or paths[0] is None:
+    return None
+  path, *arg = paths[0].split(":", 1)
+  spec = importlib.util.spec_from_file_location("colorjax_config_check", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  cfg = module.get_config(*arg)
+  if not isinstance(cfg, ml_collections.ConfigDict):
+    return None
+  for name, _ in config_args:
+    parts, node = name.split(".")[1:], cfg
+    for depth, part in enumerate(parts):
+      if not isinstance(node, ml_collections.ConfigDict):
+        break
+      if part not in node:
+        close = difflib.get_close_matches(part, list(node.keys()), n=1)
+        hint = f"; did you mean --config.{'.'.join(parts[:depth] + close)}?" if close else ""
+        return f"--{name}: config has no field {'.'.join(parts[:depth + 1])!r}{hint}"
+      node = node[part]
+  return None
+
+
+def parse_flags(argv):
+  """absl's flag parsing, with a user's mistake in the flags (unknown or repeated override, value of the wrong
+  type, a config file's own ValueError such as an unknown preset) as one `colorjax: error:` line, exit 2."""
+  config_args = []
+  try:
+    config_args = _config_args(flags.FLAGS.read_flags_from_files(argv, force_gnu=False))
+    _reject_repeats(config_args)
+    files = [value.split(":", 1)[0] for name, value in config_args if name == "config" and value]
+    if files and not os.path.isfile(files[0]):
+      _fail("", f"--config {files[0]}: no such file (a relative path is taken from {os.getcwd()})")
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    root, seen = e, {id(e)}
+    while root.__context__ is not None and id(root.__context__) not in seen:
+      root = root.__context__
+      seen.add(id(root))
+    head, _, detail = str(e).partition(": ")
+    if detail.startswith("Error whilst parsing config file") and isinstance(root, ValueError):
+      _fail("", f"{head}: {root}")  # ml_collections puts the traceback of a config file's error in the message
+    _fail("", e)
+  except (AttributeError, KeyError):  # ml_collections' report of an override naming a missing field
+    message = _unknown_override(config_args)
+    if message is None:
+      raise
+    _fail("", message)
+
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}; every setting is a --config.<field>=<value> flag")
-  cfg = _CONFIG.value
-  if cfg is None:
-    raise app.UsageError("pass --config configs/<stage>.py[:arg]")
-  if cfg.stage not in STAGES:
-    raise app.UsageError(f"config.stage={cfg.stage!r} is not a stage; choose one of {', '.join(STAGES)}")
-  logging.set_verbosity(logging.WARNING)  # orbax reports every save at INFO
-  sharding.add_xla_flags(cfg.mesh.xla_flags)  # before anything initializes a backend
-  sharding.maybe_initialize_distributed(cfg.mesh.distributed)
-  stage = importlib.import_module(STAGES[cfg.stage])
-  if cfg.dry_run:
-    stage.describe(cfg)
-  else:
-    stage.run(cfg)
+  where = ""
+  try:
+    if len(argv) > 1:
+      raise errors.ConfigError(f"unexpected arguments {argv[1:]}; every setting is a --config.<field>=<value> flag")
+    cfg = _CONFIG.value
+    if cfg is None:
+      raise errors.ConfigError("pass --config configs/<stage>.py[:arg]")
+    try:
+      stage_name = cfg.stage
+    except OSError as e:  # ml_collections defers a config file it could not read to the first access
+      raise errors.ConfigError(str(e.__cause__ or e)) from e
+    if stage_name not in STAGES:
+      raise errors.ConfigError(f"config.stage={stage_name!r} is not a stage; choose one of {', '.join(STAGES)}")
+    where = stage_name
+    logging.set_verbosity(logging.WARNING)  # orbax reports every save at INFO
+    sharding.add_xla_flags(cfg.mesh.xla_flags)  # before anything initializes a backend
+    sharding.maybe_initialize_distributed(cfg.mesh.distributed)
+    stage = importlib.import_module(STAGES[stage_name])
+    if cfg.dry_run:
+      stage.describe(cfg)
+    else:
+      stage.run(cfg)
+  except errors.ColorjaxError as e:  # every process of a multi-host run prints its own
+    _fail(where, e)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

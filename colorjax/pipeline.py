@@ -3,11 +3,16 @@
 prepare -> pretrain the prior -> finetune the conditional -> score the pool -> select (each τ; CoLoR, and the
 random baseline per seed) -> train a target on every selection -> evaluate (in-loop, at the end of each target
 run) -> report. Every step builds an ordinary stage config and calls the stage module, so any step can be run alone
-with the same result; a step whose finished artifact already exists and matches its config is skipped, so a rerun
-after a crash, or with an added τ, only does the missing work.
+with the same result.
 
-Work directory:
-  data/              split.json (which documents went where), tokenizer.json (when trained), text parts
+Before any work, a preflight recomputes the request (inputs by content id, settings) every artifact of the work
+directory must have been made for, from what is there now: a finished artifact that matches is reused, a missing one
+is built, and stale ones (e.g. a conditional finetuned from a prior that has since been retrained) are listed all at
+once and refused, or with `pipeline.on_stale=redo` moved to `stale/<time>/` and rebuilt. Every setting of every step
+(batch sizes against the data and the mesh, τ against the pool) is checked once the stores exist, before training.
+
+Work directory (paths recorded relative to it, so it can be moved or copied):
+  data/              split.json (which works went where), tokenizer.json (when trained), text parts
   stores/            pool, target_train, target_eval token stores
   runs/              prior, conditional, target-<method>-tau<τ>-s<seed>
   scores/            the pool's NLL under the prior and the conditional
@@ -15,28 +20,35 @@ Work directory:
   pipeline.json      the runs of this pipeline (what report.py reads)
   report.md, report.json, plots/
 """
-import glob
+import dataclasses
 import gzip
-import hashlib
 import json
-import os
+import math
 import pathlib
-import re
+import shutil
 import time
 
+import jax
 import ml_collections
-import numpy as np
 
+from colorjax import artifacts
+from colorjax import corpus
 from colorjax import data
 from colorjax import errors
 from colorjax import metrics
+from colorjax import model
 from colorjax import prepare
 from colorjax import report
 from colorjax import score
 from colorjax import select
+from colorjax import sharding
 from colorjax import synthetic
+from colorjax import tasks as tasks_lib
 from colorjax import train
 from configs import base
+
+STORE_NAMES = ("pool", "target_train", "target_eval")
+ON_STALE = ("refuse", "redo")
 
 
 class Steps:
@@ -68,25 +80,36 @@ def stage_config(cfg, stage: str, **sections) -> ml_collections.ConfigDict:
   return out
 
 
+def check_settings(cfg) -> None:
+  """Settings that need no data: lists without repeats, known methods, τ ≥ 1, split fractions."""
+  pcfg = cfg.pipeline
+  for field in ("taus", "seeds", "methods"):
+    values = list(pcfg[field])
+    if not values:
+      raise errors.ConfigError(f"pipeline.{field} is empty")
+    if len(set(values)) != len(values):
+      raise errors.ConfigError(f"pipeline.{field}={tuple(values)} repeats a value; give each once")
+  for method in pcfg.methods:
+    if method not in select.METHODS:
+      raise errors.ConfigError(f"pipeline.methods has {method!r}; choose from {', '.join(select.METHODS)}")
+  for tau in list(pcfg.taus) + ([pcfg.curve_tau] if pcfg.curve_tau else []):
+    if not (math.isfinite(tau) and tau >= 1):
+      raise errors.ConfigError(f"pipeline tau {tau}: keep the top 1/tau of the pool, so tau is a number >= 1")
+  if pcfg.on_stale not in ON_STALE:
+    raise errors.ConfigError(f"pipeline.on_stale={pcfg.on_stale!r}; choose {' or '.join(ON_STALE)}")
+  if not pcfg.pool_store:
+    corpus.Split.from_config(pcfg)
+  elif pcfg.target != "tasks" and not (pcfg.target_train_store and pcfg.target_eval_store):
+    raise errors.ConfigError("with pipeline.pool_store, a text target needs pipeline.target_train_store and "
+                             "target_eval_store (token stores of the target's finetune and held-out text)")
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# Data: synthetic text (demo), the target split, pool sampling, the tokenizer
+# Data: synthetic text (demo), the target split, the tokenizer, token stores
 
 
-def _write_json_if_changed(path: pathlib.Path, request: dict) -> bool:
-  """True if `path` already records this request (the step is done); raises if it records another."""
-  request = json.loads(json.dumps(request))  # compare in JSON form (tuples become lists)
-  if path.exists():
-    saved = json.loads(path.read_text())
-    if saved.get("request") == request:
-      return True
-    raise data.DataError(f"{path} was made with other settings ({_diff(saved.get('request', {}), request)}); use a "
-                         "new --config.workdir, or delete the work directory's data/ and everything after it")
-  return False
-
-
-def _diff(a: dict, b: dict) -> str:
-  keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-  return ", ".join(keys) or "?"
+def _marker_matches(path: pathlib.Path, request: dict) -> bool:
+  return path.exists() and artifacts.read_json(path).get("request") == artifacts.normalized(request)
 
 
 def synthesize(cfg, root: pathlib.Path) -> pathlib.Path:
@@ -95,153 +118,85 @@ def synthesize(cfg, root: pathlib.Path) -> pathlib.Path:
   folder = root / "data" / "synthetic"
   request = {"docs": pcfg.synthetic_docs, "seed": pcfg.synthetic_seed, "domains": sorted(synthetic.DOMAINS)}
   marker = folder / "synthetic.json"
-  if _write_json_if_changed(marker, request):
-    return folder
-  for domain in synthetic.DOMAINS:
-    synthetic.write_domain(folder / f"{domain}.jsonl.gz", domain, pcfg.synthetic_docs, seed=pcfg.synthetic_seed)
-  marker.write_text(json.dumps({"request": request}))
+  if not _marker_matches(marker, request):
+    for domain in synthetic.DOMAINS:
+      synthetic.write_domain(folder / f"{domain}.jsonl.gz", domain, pcfg.synthetic_docs, seed=pcfg.synthetic_seed)
+    marker.write_text(json.dumps({"request": request}))
   return folder
 
 
-def _read_docs(path: pathlib.Path) -> list[dict]:
-  return [{"text": text, "source": source} for text, source in prepare.iter_documents(path, "text", "source")]
+def data_dir(cfg, root: pathlib.Path, create: bool = True) -> str:
+  if cfg.pipeline.synthetic_docs:
+    return str(synthesize(cfg, root) if create else root / "data" / "synthetic")
+  return cfg.pipeline.data_dir or _default_corpus()
 
 
-def _write_docs(path: pathlib.Path, docs: list[dict]) -> pathlib.Path:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(path.name + ".tmp")
-  with gzip.open(tmp, "wt", encoding="utf-8") as f:
-    for doc in docs:
-      f.write(json.dumps(doc) + "\n")
-  tmp.rename(path)
-  return path
+def input_files(cfg, folder: str):
+  target_files = corpus.resolve_files(folder, cfg.pipeline.target_files)
+  pool_files = [f for f in corpus.resolve_files(folder, cfg.pipeline.pool_files) if f not in target_files]
+  return target_files, pool_files
 
 
-def _digest(text: str) -> str:
-  return hashlib.sha1(text.encode("utf-8")).hexdigest()
+def split_request(cfg, root: pathlib.Path, folder: str) -> dict:
+  target_files, pool_files = input_files(cfg, folder)
+  known = corpus.known_fingerprints(root / "data" / "split.json")
+  return corpus.split_request(corpus.Split.from_config(cfg.pipeline), target_files, pool_files, known)
 
 
-def _sample_chars(docs: list[dict], budget: int, seed: int) -> list[dict]:
-  """A seeded random sample of whole documents, in file order, of about `budget` characters."""
-  order = sorted(range(len(docs)), key=lambda i: _digest(f"{seed}/{docs[i]['text']}"))
-  chosen, total = [], 0
-  for i in order:
-    if total >= budget:
-      break
-    chosen.append(i)
-    total += len(docs[i]["text"])
-  return [docs[i] for i in sorted(chosen)]
-
-
-def _groups(docs: list[dict], regex: str) -> list[list[int]]:
-  """Consecutive documents grouped into works: a document matching `regex` starts a new group ('' = one each)."""
-  if not regex:
-    return [[i] for i in range(len(docs))]
-  pattern = re.compile(regex)
-  groups: list[list[int]] = []
-  for i, doc in enumerate(docs):
-    if not groups or pattern.search(doc["text"][:2000]):
-      groups.append([])
-    groups[-1].append(i)
-  return groups
-
-
-def _resolve(folder: str, patterns) -> list[pathlib.Path]:
-  out = []
-  for pattern in patterns:
-    full = pattern if os.path.isabs(pattern) or not folder else os.path.join(folder, pattern)
-    matches = sorted(glob.glob(full))
-    if not matches:
-      raise data.DataError(f"pipeline input {full!r} matches no file; fix --config.pipeline.data_dir or the file "
-                           "lists (pipeline.target_files / pool_files)")
-    out += [pathlib.Path(m).resolve() for m in matches]
-  return list(dict.fromkeys(out))
-
-
-def split_data(cfg, root: pathlib.Path, data_dir: str) -> dict:
-  """Target documents split by work into finetune / held-out eval / pool parts; pool files (optionally sampled).
-
-  Finetune, eval and pool are disjoint at the document level: any pool document whose text equals a finetune or
-  eval document is dropped from the pool (and counted in split.json).
-  """
-  pcfg = cfg.pipeline
-  target_files = _resolve(data_dir, pcfg.target_files)
-  pool_files = [f for f in _resolve(data_dir, pcfg.pool_files) if f not in target_files]
+def split_data(cfg, root: pathlib.Path, folder: str) -> dict:
+  """Target documents split by work into finetune / held-out / pool parts, pool files (optionally sampled)."""
+  target_files, pool_files = input_files(cfg, folder)
+  request = split_request(cfg, root, folder)
   out = root / "data"
-  marker = out / "split.json"
-  request = {"target_files": [(str(f), prepare.file_sha256(f)) for f in target_files],
-             "pool_files": [str(f) for f in pool_files], "fractions": list(pcfg.target_split),
-             "group_regex": pcfg.group_regex, "max_chars_per_file": pcfg.max_chars_per_file,
-             "split_seed": pcfg.split_seed}
-  parts = {"target_train": [out / "target_train.jsonl.gz"], "target_eval": [out / "target_eval.jsonl.gz"],
-           "pool": [out / "pool" / f"{prepare.source_label(f)}.jsonl.gz" for f in target_files + pool_files]}
-  if _write_json_if_changed(marker, request):
-    return parts
-
-  rng = np.random.default_rng(pcfg.split_seed)
-  finetune, held_out, pool_by_file = [], [], {}
-  frac_train, frac_eval = pcfg.target_split
-  for path in target_files:
-    docs = _read_docs(path)
-    groups = _groups(docs, pcfg.group_regex)
-    order = rng.permutation(len(groups))
-    n_train = int(round(frac_train * len(groups)))
-    n_eval = max(1, int(round(frac_eval * len(groups))))
-    assignment = {}
-    for rank, g in enumerate(order):
-      assignment[g] = "train" if rank < n_train else "eval" if rank < n_train + n_eval else "pool"
-    for g, members in enumerate(groups):
-      chosen = {"train": finetune, "eval": held_out, "pool": pool_by_file.setdefault(path, [])}[assignment[g]]
-      chosen += [docs[i] for i in members]
-  for path in pool_files:
-    pool_by_file[path] = _read_docs(path)
-
-  held = {_digest(d["text"]) for d in finetune}
-  held_out = [d for d in held_out if _digest(d["text"]) not in held]
-  held |= {_digest(d["text"]) for d in held_out}
-  counts, dropped = {}, 0
-  for path in target_files + pool_files:
-    docs = pool_by_file.get(path, [])
-    kept = [d for d in docs if _digest(d["text"]) not in held]
-    dropped += len(docs) - len(kept)
-    if pcfg.max_chars_per_file:
-      kept = _sample_chars(kept, pcfg.max_chars_per_file, pcfg.split_seed)
-    _write_docs(out / "pool" / f"{prepare.source_label(path)}.jsonl.gz", kept)
-    counts[prepare.source_label(path)] = len(kept)
-  _write_docs(parts["target_train"][0], finetune)
-  _write_docs(parts["target_eval"][0], held_out)
-  summary = {"request": request, "documents": {"target_train": len(finetune), "target_eval": len(held_out),
-                                               "pool": counts},
-             "pool_duplicates_dropped": dropped}
-  marker.write_text(json.dumps(summary, indent=1))
-  print(f"split: target finetune {len(finetune)} docs, held-out {len(held_out)} docs; pool {sum(counts.values())} "
-        f"docs ({dropped} duplicates of target documents dropped)")
-  return parts
+  if _marker_matches(out / "split.json", request):
+    return corpus.part_paths(out, target_files, pool_files)
+  if (out / "split.json").exists():
+    saved = artifacts.read_json(out / "split.json").get("request") or {}
+    raise errors.DataError(f"{out / 'split.json'} was made from other inputs or settings (differs in: "
+                           f"{', '.join(artifacts.differences(saved, artifacts.normalized(request)))}); use a new "
+                           "--config.workdir, or --config.pipeline.on_stale=redo (nothing was overwritten)")
+  corpus.split_target(corpus.Split.from_config(cfg.pipeline), target_files, pool_files, out, request)
+  return corpus.part_paths(out, target_files, pool_files)
 
 
-def tokenizer_path(cfg, root: pathlib.Path, parts: dict) -> pathlib.Path:
+def tokenizer_request(cfg, split_req: dict) -> dict:
+  return {"vocab": cfg.pipeline.tokenizer_vocab, "split": artifacts.content_id(split_req)}
+
+
+def tokenizer_path(cfg, root: pathlib.Path, parts: dict, split_req: dict) -> pathlib.Path:
   """The configured tokenizer, or a byte-level BPE trained on the pool text (CPU-sized presets)."""
   if cfg.pipeline.tokenizer:
     return pathlib.Path(cfg.pipeline.tokenizer)
   path = root / "data" / "tokenizer.json"
-  request = {"vocab": cfg.pipeline.tokenizer_vocab, "files": [str(p) for p in parts["pool"]]}
-  if not _write_json_if_changed(root / "data" / "tokenizer.request.json", request):
+  marker = root / "data" / "tokenizer.request.json"
+  request = tokenizer_request(cfg, split_req)
+  if not (_marker_matches(marker, request) and path.exists()):
     synthetic.train_tokenizer(parts["pool"], path, vocab_size=cfg.pipeline.tokenizer_vocab)
-    (root / "data" / "tokenizer.request.json").write_text(json.dumps({"request": request}))
+    marker.write_text(json.dumps({"request": request}))
   return path
 
 
-def prepare_store(cfg, inputs, tokenizer, output: pathlib.Path) -> pathlib.Path:
+def prepare_config(cfg, inputs, tokenizer, output: pathlib.Path) -> ml_collections.ConfigDict:
   pcfg = stage_config(cfg, "prepare")
   pcfg.prepare.inputs = tuple(str(p) for p in inputs)
   pcfg.prepare.tokenizer = str(tokenizer)
   pcfg.prepare.output = str(output)
   pcfg.prepare.seq_len = cfg.pipeline.seq_len
-  return metrics.on_main_then_sync(lambda: prepare.run(pcfg), f"prepare {output}") or output
+  return pcfg
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The plan
+# The plan: every step's stage config
+
+
+@dataclasses.dataclass
+class Plan:
+  stores: dict  # name -> token store path
+  prior: ml_collections.ConfigDict
+  conditional: ml_collections.ConfigDict
+  score: ml_collections.ConfigDict
+  selections: dict  # selection name -> select config
+  runs: list  # target runs: dicts (name, method, tau, seed, selection, role) with "config"
 
 
 def target_runs(cfg) -> list[dict]:
@@ -262,7 +217,7 @@ def target_runs(cfg) -> list[dict]:
   return runs
 
 
-def _train(cfg, section, stage: str, workdir: pathlib.Path, store, eval_stores, seed=None, **data_kw):
+def _train_config(cfg, section, stage: str, workdir: pathlib.Path, store, eval_stores, seed=None, **data_kw):
   tcfg = stage_config(cfg, stage, model=section.model if "model" in section else cfg.prior.model, train=section.train)
   tcfg.workdir = str(workdir)
   tcfg.data.train_store = str(store) if store else ""
@@ -275,147 +230,378 @@ def _train(cfg, section, stage: str, workdir: pathlib.Path, store, eval_stores, 
   return tcfg
 
 
-def run(cfg):
-  if not cfg.workdir:
-    raise errors.ConfigError("set --config.workdir to the pipeline's work directory")
-  root = pathlib.Path(cfg.workdir).resolve()
-  root.mkdir(parents=True, exist_ok=True)
+def make_plan(cfg, root: pathlib.Path) -> Plan:
   pcfg = cfg.pipeline
-  step = Steps()
   tasks_target = pcfg.target == "tasks"
-  if tasks_target:
-    _default_task_dirs(cfg)
-
-  # 1. data and token stores
   if pcfg.pool_store:
-    stores = {"pool": pathlib.Path(pcfg.pool_store)}
+    stores = {"pool": pathlib.Path(pcfg.pool_store).resolve()}
     if not tasks_target:
-      stores["target_train"] = pathlib.Path(pcfg.target_train_store)
-      stores["target_eval"] = pathlib.Path(pcfg.target_eval_store)
+      stores["target_train"] = pathlib.Path(pcfg.target_train_store).resolve()
+      stores["target_eval"] = pathlib.Path(pcfg.target_eval_store).resolve()
   else:
-    data_dir = str(synthesize(cfg, root)) if pcfg.synthetic_docs else pcfg.data_dir or _default_corpus()
-    parts = metrics.on_main_then_sync(lambda: step("split data", split_data, cfg, root, data_dir), "split")
-    parts = parts or split_data(cfg, root, data_dir)
-    tokenizer = metrics.on_main_then_sync(lambda: tokenizer_path(cfg, root, parts), "tokenizer")
-    tokenizer = tokenizer or root / "data" / "tokenizer.json"
-    names = ("pool",) if tasks_target else ("pool", "target_train", "target_eval")
-    stores = {name: step(f"prepare {name}", prepare_store, cfg, parts[name], tokenizer, root / "stores" / name)
-              for name in names}
-  target_evals = {} if tasks_target else {"target": stores["target_eval"]}
-
-  # 2. prior and conditional
-  prior_cfg = _train(cfg, cfg.prior, "pretrain", root / "runs" / "prior", stores["pool"], target_evals)
-  prior = step("pretrain prior", train.run, prior_cfg)
-  cond_cfg = _train(cfg, cfg.conditional, "finetune", root / "runs" / "conditional",
-                    None if tasks_target else stores["target_train"], target_evals)
-  cond_cfg.train.init_from = str(prior)
+    stores = {name: root / "stores" / name for name in (("pool",) if tasks_target else STORE_NAMES)}
+  evals = {} if tasks_target else {"target": stores["target_eval"]}
+  prior = _train_config(cfg, cfg.prior, "pretrain", root / "runs" / "prior", stores["pool"], evals)
+  cond = _train_config(cfg, cfg.conditional, "finetune", root / "runs" / "conditional",
+                       None if tasks_target else stores["target_train"], evals)
+  cond.train.init_from = str(root / "runs" / "prior" / "params")
   if tasks_target:
-    cond_cfg.sft.tasks = tuple(pcfg.tasks)
-  conditional = step("finetune conditional", train.run, cond_cfg)
-  if tasks_target:
-    target_evals = {f"tasks_{cfg.sft.eval_split}": root / "runs" / "conditional" / "sft_eval"}
-
-  # 3. score and select
+    cond.sft.tasks = tuple(pcfg.tasks)
+    evals = {f"tasks_{cfg.sft.eval_split}": root / "runs" / "conditional" / "sft_eval"}
   score_cfg = stage_config(cfg, "score", model=cfg.prior.model)
   score_cfg.workdir = str(root / "scores")
   score_cfg.score.store = str(stores["pool"])
-  score_cfg.score.prior = str(prior)
-  score_cfg.score.conditionals = (str(conditional),)
-  scores = step("score pool", score.run, score_cfg)
-  runs = target_runs(cfg)
-  selections = {}
+  score_cfg.score.prior = str(root / "runs" / "prior" / "params")
+  score_cfg.score.conditionals = (str(root / "runs" / "conditional" / "params"),)
+  runs, selections = target_runs(cfg), {}
   for r in runs:
-    if r["selection"] in selections:
+    sel = stage_config(cfg, "select")
+    sel.workdir = str(root / "selections" / r["selection"])
+    sel.select.scores = str(root / "scores")
+    sel.select.method = r["method"]
+    sel.select.tau = r["tau"]
+    sel.seed = r["seed"]
+    selections.setdefault(r["selection"], sel)
+    tcfg = _train_config(cfg, cfg.target, "pretrain", root / "runs" / r["name"], stores["pool"], evals,
+                         seed=r["seed"], index=sel.workdir)
+    if r["role"] == "curve":
+      tcfg.train.eval_every = pcfg.curve_eval_every or tcfg.train.eval_every
+    r["config"] = tcfg
+  return Plan(stores, prior, cond, score_cfg, selections, runs)
+
+
+def check_plan(cfg, plan: Plan, sizes: dict, data_parallel: int) -> list[tuple[str, object]]:
+  """Every training step's batch plan against its data size and the mesh; one error listing every problem."""
+  problems, plans = [], []
+  def step(name, tcfg, num_items, seq_len):
+    try:
+      plans.append((name, train.step_plan(tcfg, num_items, seq_len, data_parallel)))
+    except errors.ConfigError as e:
+      problems.append(f"{name}: {e}")
+  seq = sizes["seq_len"]
+  step("prior", plan.prior, sizes["pool"], seq)
+  step("conditional", plan.conditional, sizes["target_train"], sizes.get("sft_seq_len", seq))
+  for r in plan.runs:
+    k = int(sizes["pool"] // r["tau"])
+    if k <= 0:
+      problems.append(f"select {r['selection']}: tau {r['tau']:g} keeps 0 of {sizes['pool']:,} pool sequences")
       continue
-    sel_cfg = stage_config(cfg, "select")
-    sel_cfg.workdir = str(root / "selections" / r["selection"])
-    sel_cfg.select.scores = str(scores)
-    sel_cfg.select.method = r["method"]
-    sel_cfg.select.tau = r["tau"]
-    sel_cfg.seed = r["seed"]
-    selections[r["selection"]] = metrics.on_main_then_sync(
-        lambda c=sel_cfg: step(f"select {r['selection']}", select.run, c), "select") or pathlib.Path(sel_cfg.workdir)
+    step(r["name"], r["config"], k, seq)
+  if problems:
+    raise errors.ConfigError("the pipeline's settings do not fit its data (nothing was trained):\n  "
+                             + "\n  ".join(problems))
+  return plans
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Lineage: what every artifact must have been made for, from what is there now
+
+
+@dataclasses.dataclass(frozen=True)
+class Expected:
+  label: str
+  path: pathlib.Path  # folder (or file) of the artifact
+  request: dict | None  # None: an input is missing or will be rebuilt, so its id is not known yet
+  recorded: dict | None  # the request the existing artifact was made for (None: absent)
+  exists: bool
+
+
+def _recorded(path: pathlib.Path, marker: pathlib.Path | None = None) -> tuple[dict | None, bool]:
+  if marker is not None:
+    return (artifacts.read_json(marker).get("request") if marker.exists() else None), path.exists()
+  for folder in (path / "params", path):
+    found = artifacts.recorded_request(folder)
+    if found is not None:
+      return found, True
+  return None, path.exists() and any(path.iterdir())
+
+
+def _expect(label, path, request, marker=None) -> Expected:
+  recorded, exists = _recorded(path, marker)
+  return Expected(label, path, request, recorded, exists)
+
+
+def _id(expected: Expected) -> str | None:
+  return artifacts.content_id(expected.request) if expected.request is not None else None
+
+
+def lineage(cfg, root: pathlib.Path, plan: Plan) -> list[Expected]:
+  """Every artifact of the work directory with the request it must have been made for, in pipeline order."""
+  pcfg = cfg.pipeline
+  out: list[Expected] = []
+  if pcfg.pool_store:
+    ids = {name: data.TokenStore(path).id for name, path in plan.stores.items()}
+    tok_info = data.TokenStore(plan.stores["pool"]).manifest["tokenizer"]
+  else:
+    folder = data_dir(cfg, root, create=False)
+    split_req = split_request(cfg, root, folder) if pathlib.Path(folder).exists() else None
+    out.append(_expect("data split", root / "data" / "split.json", split_req, root / "data" / "split.json"))
+    split_ok = split_req is not None and out[-1].recorded == artifacts.normalized(split_req)
+    tok_path = pathlib.Path(pcfg.tokenizer) if pcfg.tokenizer else root / "data" / "tokenizer.json"
+    tok_ok = split_ok
+    if not pcfg.tokenizer and split_req is not None:
+      out.append(_expect("tokenizer", tok_path, tokenizer_request(cfg, split_req),
+                         root / "data" / "tokenizer.request.json"))
+      tok_ok = split_ok and out[-1].recorded == artifacts.normalized(out[-1].request) and tok_path.exists()
+    parts = corpus.part_paths(root / "data", *input_files(cfg, folder)) if split_ok else None
+    ids, tok_info = {}, None
+    for name, path in plan.stores.items():
+      request = None
+      if tok_ok:
+        request = prepare.check_inputs(prepare_config(cfg, parts[name], tok_path, path))[-1]
+        tok_info = tok_info or data.tokenizer_info(data.load_tokenizer(str(tok_path)), str(tok_path))
+      out.append(_expect(f"store {name}", path, request, path / data.MANIFEST))
+      ids[name] = _id(out[-1])
+  prior_spec = model.ModelSpec.from_config(plan.prior.model)
+  pool_id = ids.get("pool")
+  prior_req = train.run_request(plan.prior, prior_spec, pool_id, False, None, None) if pool_id else None
+  out.append(_expect("prior", root / "runs" / "prior", prior_req))
+  cond = plan.conditional
+  if cond.sft.tasks:
+    sft = prepare.sft_request(cond.sft.tasks, cond.sft.data_dir, cond.sft.train_split, tok_info,
+                              prior_spec.max_seq_len, cond.sft.limit) if tok_info else None
+    cond_store, padded = (artifacts.content_id(sft) if sft else None), True
+  else:
+    cond_store, padded = ids.get("target_train"), False
+  cond_req = None
+  if prior_req and cond_store:
+    cond_req = train.run_request(cond, prior_spec, cond_store, padded, None, artifacts.content_id(prior_req))
+  out.append(_expect("conditional", root / "runs" / "conditional", cond_req))
+  scores_req = None
+  if cond_req:
+    models = [{"name": "prior", "id": _id(out[-2])}, {"name": "conditional_0", "id": _id(out[-1])}]
+    scores_req = score.scores_request(pool_id, models)
+  out.append(_expect("scores", root / "scores", scores_req, root / "scores" / data.MANIFEST))
+  scores_id = _id(out[-1])
+  selection_ids = {}
+  for name, sel in plan.selections.items():
+    known = scores_id or (sel.select.method == "random" and pool_id)
+    req = select.selection_request(sel, scores_id, pool_id) if known else None
+    out.append(_expect(f"selection {name}", pathlib.Path(sel.workdir), req, pathlib.Path(sel.workdir) / data.MANIFEST))
+    selection_ids[name] = _id(out[-1])
+  for r in plan.runs:
+    tcfg, sel_id = r["config"], selection_ids[r["selection"]]
+    req = (train.run_request(tcfg, model.ModelSpec.from_config(tcfg.model), pool_id, False, sel_id, None)
+           if sel_id else None)
+    out.append(_expect(f"target {r['name']}", pathlib.Path(tcfg.workdir), req))
+  return out
+
+
+def stale(expected: list[Expected], root: pathlib.Path) -> list[tuple[Expected, str]]:
+  """Artifacts that exist but were made for another request (or from inputs that are being rebuilt)."""
+  out = []
+  for e in expected:
+    if not e.exists:
+      continue
+    if e.request is None:
+      out.append((e, "built from inputs that are missing or stale"))
+    elif e.recorded != artifacts.normalized(e.request):
+      changed = artifacts.differences(e.recorded or {}, artifacts.normalized(e.request))
+      out.append((e, f"made from other inputs or settings ({', '.join(changed) or 'no request recorded'})"))
+  return out
+
+
+def handle_stale(cfg, root: pathlib.Path, found: list[tuple[Expected, str]]) -> None:
+  """Refuse with every stale artifact listed, or (on_stale=redo) move them to stale/<time>/ to be rebuilt."""
+  if not found:
+    return
+  lines = "\n".join(f"  - {e.label} ({artifacts.relative(e.path, root)}): {why}" for e, why in found)
+  if cfg.pipeline.on_stale != "redo":
+    raise errors.DataError(f"{len(found)} artifact(s) in {root} are stale:\n{lines}\nRe-run with "
+                           "--config.pipeline.on_stale=redo to move them to stale/ and rebuild them, or use a new "
+                           "--config.workdir (nothing was changed)")
+  aside = root / "stale" / time.strftime("%Y%m%d-%H%M%S")
+  print(f"pipeline: moving {len(found)} stale artifact(s) to {aside} to rebuild them:\n{lines}")
+  moved: list[pathlib.Path] = []
+  for e, _ in found:
+    paths = [e.path] + ([root / "data" / "tokenizer.request.json"] if e.label == "tokenizer" else [])
+    if e.label == "data split":
+      paths = [root / "data"]
+    for path in paths:
+      if path.exists() and not any(m in path.parents or m == path for m in moved):
+        target = aside / artifacts.relative(path, root)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(path), str(target))
+        moved.append(path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Running
+
+
+def store_sizes(plan: Plan, cfg) -> dict:
+  pool = data.TokenStore(plan.stores["pool"])
+  sizes = {"pool": pool.num_sequences, "seq_len": pool.seq_len}
+  if "target_train" in plan.stores:
+    sizes["target_train"] = data.TokenStore(plan.stores["target_train"]).num_sequences
+  else:
+    sizes["target_train"] = sft_rows(cfg)
+    sizes["sft_seq_len"] = model.ModelSpec.from_config(cfg.prior.model).max_seq_len
+  return sizes
+
+
+def sft_rows(cfg) -> int:
+  """How many SFT rows the conditional finetunes on: one per train document of each task (capped by sft.limit)."""
+  if not cfg.sft.data_dir:
+    return int(cfg.pipeline.target_sequences)
+  total = 0
+  for task in cfg.pipeline.tasks:
+    path = tasks_lib.split_path(task, cfg.sft.train_split, cfg.sft.data_dir)
+    if path is None:
+      raise errors.DataError(f"{cfg.sft.data_dir}/{task} has no {cfg.sft.train_split!r} split; fix "
+                             "--config.sft.data_dir or pipeline.tasks")
+    with (gzip.open(path, "rt") if path.name.endswith(".gz") else open(path, encoding="utf-8")) as f:
+      count = sum(1 for line in f if line.strip())
+    total += min(count, cfg.sft.limit) if cfg.sft.limit else count
+  return total
+
+
+def run(cfg):
+  if not cfg.workdir:
+    raise errors.ConfigError("set --config.workdir to the pipeline's work directory")
+  check_settings(cfg)
+  root = pathlib.Path(cfg.workdir).resolve()
+  if cfg.pipeline.target == "tasks":
+    _default_task_dirs(cfg)
+  root.mkdir(parents=True, exist_ok=True)
+  with artifacts.Lock(root):
+    return _run(cfg, root)
+
+
+def _run(cfg, root: pathlib.Path):
+  pcfg = cfg.pipeline
+  step = Steps()
+  plan = make_plan(cfg, root)
+  if not pcfg.pool_store:
+    metrics.on_main_then_sync(lambda: data_dir(cfg, root), "synthesize")
+  handle_stale(cfg, root, stale(lineage(cfg, root, plan), root))
+
+  # 1. data and token stores
+  if not pcfg.pool_store:
+    folder = data_dir(cfg, root, create=False)
+    split_req = split_request(cfg, root, folder)
+    parts = metrics.on_main_then_sync(lambda: step("split data", split_data, cfg, root, folder), "split")
+    parts = parts or corpus.part_paths(root / "data", *input_files(cfg, folder))
+    tokenizer = metrics.on_main_then_sync(lambda: tokenizer_path(cfg, root, parts, split_req), "tokenizer")
+    tokenizer = tokenizer or root / "data" / "tokenizer.json"
+    for name, path in plan.stores.items():
+      pcfg_prepare = prepare_config(cfg, parts[name], tokenizer, path)
+      step(f"prepare {name}", metrics.on_main_then_sync, lambda c=pcfg_prepare: prepare.run(c), f"prepare {name}")
+  check_plan(cfg, plan, store_sizes(plan, cfg), sharding.data_parallel_size(sharding.make_mesh(cfg.mesh)))
+
+  # 2. prior and conditional; 3. score and select
+  prior = step("pretrain prior", train.run, plan.prior)
+  conditional = step("finetune conditional", train.run, plan.conditional)
+  scores = step("score pool", score.run, plan.score)
+  selections = {}
+  for name, sel in plan.selections.items():
+    selections[name] = metrics.on_main_then_sync(lambda c=sel, n=name: step(f"select {n}", select.run, c),
+                                                 "select") or pathlib.Path(sel.workdir)
 
   # 4. targets (evaluated in-loop: held-out target loss, and the task suite when configured)
-  for r in runs:
-    workdir = root / "runs" / r["name"]
-    _check_fresh(workdir, selections[r["selection"]])
-    tcfg = _train(cfg, cfg.target, "pretrain", workdir, stores["pool"], target_evals, seed=r["seed"],
-                  index=str(selections[r["selection"]]))
-    if r["role"] == "curve":
-      tcfg.train.eval_every = cfg.pipeline.curve_eval_every or tcfg.train.eval_every
-    r["workdir"] = str(workdir)
-    r["selection_dir"] = str(selections[r["selection"]])
-    step(f"train {r['name']}", train.run, tcfg)
+  runs = []
+  for r in plan.runs:
+    step(f"train {r['name']}", train.run, r["config"])
+    runs.append({k: v for k, v in r.items() if k != "config"} | {
+        "workdir": artifacts.relative(r["config"].workdir, root),
+        "selection_dir": artifacts.relative(selections[r["selection"]], root)})
 
   # 5. report
-  plan = {"preset": pcfg.preset, "target": pcfg.target, "runs": runs, "scores": str(scores),
-          "stores": {k: str(v) for k, v in stores.items()}, "prior": str(prior), "conditional": str(conditional),
-          "split": str(root / "data" / "split.json") if not pcfg.pool_store else None}
+  rel = lambda p: artifacts.relative(p, root)
+  record = {"preset": pcfg.preset, "target": pcfg.target, "runs": runs, "scores": rel(scores),
+            "stores": {k: rel(v) for k, v in plan.stores.items()}, "prior": rel(prior),
+            "conditional": rel(conditional), "split": None if pcfg.pool_store else "data/split.json",
+            "config": json.loads(cfg.to_json())}
   if metrics.is_main():
-    (root / "pipeline.json").write_text(json.dumps(plan, indent=1))
+    (root / "pipeline.json").write_text(json.dumps(record, indent=1))
     path = step("report", report.write, root)
     print(f"\npipeline: done in {time.time() - step.start:.0f}s. Report: {path}")
   return root
 
 
-def _check_fresh(workdir: pathlib.Path, selection: pathlib.Path):
-  """A finished target run must have been trained on the selection that is there now."""
-  manifest_path = workdir / "params" / data.MANIFEST
-  if manifest_path.exists():
-    trained_on = json.loads(manifest_path.read_text()).get("index_id")
-    if trained_on != data.index_id(selection):
-      raise data.DataError(f"{workdir} was trained on another version of {selection}; delete {workdir} to retrain "
-                           "it on the current selection")
-
-
-def _shared_data(sub: str) -> str | None:
-  for candidate in (os.environ.get("COLORJAX_DATA"), "../shared/data"):
-    if candidate and pathlib.Path(candidate, sub).is_dir():
-      return str(pathlib.Path(candidate, sub).resolve())
-  return None
-
-
 def _default_corpus() -> str:
-  found = _shared_data("corpus")
+  found = data.shared_dir("corpus")
   if found is None:
-    raise data.DataError("no corpus folder: set --config.pipeline.data_dir (or $COLORJAX_DATA with a corpus/ folder)")
+    raise errors.DataError("no corpus folder: set --config.pipeline.data_dir (or $COLORJAX_DATA with a corpus/ "
+                           "folder)")
   return found
 
 
 def _default_task_dirs(cfg):
   """Task data from $COLORJAX_DATA/tasks or ../shared/data/tasks when not configured (else HuggingFace)."""
-  found = _shared_data("tasks")
+  found = tasks_lib.default_dir()
   if found:
     cfg.sft.data_dir = cfg.sft.data_dir or found
     cfg.eval.tasks_dir = cfg.eval.tasks_dir or found
 
 
-def describe(cfg):
-  """Dry run of every stage: step counts, tokens, FLOPs and per-device memory; nothing is read or allocated."""
+# ----------------------------------------------------------------------------------------------------------------
+# Dry run
+
+
+def estimated_sizes(cfg, root: pathlib.Path, plan: Plan) -> tuple[dict, str]:
+  """Sequences of every store: real when the stores exist, given (pool_sequences / target_sequences), or
+  estimated from the input text's size at pipeline.chars_per_token."""
   pcfg = cfg.pipeline
-  n = pcfg.pool_sequences
+  if all((pathlib.Path(p) / data.MANIFEST).exists() for p in plan.stores.values()):
+    return store_sizes(plan, cfg), "from the token stores"
   seq = pcfg.seq_len
-  total_flops = 0.0
-  print(f"pipeline {pcfg.preset} (dry run): pool of {n:,} sequences x {seq} tokens (nominal), taus "
-        f"{list(pcfg.taus)}, seeds {list(pcfg.seeds)}, methods {list(pcfg.methods)}\n")
-  prior_cfg = stage_config(cfg, "pretrain", model=cfg.prior.model, train=cfg.prior.train)
-  total_flops += train.describe(prior_cfg, num_items=n)["total_flops"]
+  if pcfg.pool_sequences:
+    sizes = {"pool": int(pcfg.pool_sequences), "seq_len": seq, "target_train": int(pcfg.target_sequences)}
+    how = "as given (pipeline.pool_sequences / target_sequences)"
+  else:
+    split = corpus.Split.from_config(pcfg)
+    if pcfg.synthetic_docs:
+      chars = {d: sum(map(len, synthetic.documents(d, pcfg.synthetic_docs, pcfg.synthetic_seed)))
+               for d in synthetic.DOMAINS}
+      target_names = [pathlib.Path(f).name.split(".")[0] for f in pcfg.target_files]
+      target_chars = sum(c for d, c in chars.items() if d in target_names)
+      pool_chars = [c for d, c in chars.items() if d not in target_names]
+    else:
+      target_files, pool_files = input_files(cfg, data_dir(cfg, root, create=False))
+      target_chars = sum(corpus.text_chars(f) for f in target_files)
+      pool_chars = [corpus.text_chars(f) for f in pool_files]
+    cap = pcfg.max_chars_per_file or float("inf")
+    pool_total = min(target_chars * split.pool, cap) + sum(min(c, cap) for c in pool_chars)
+    to_seqs = lambda c: int(c / pcfg.chars_per_token // seq)
+    sizes = {"pool": to_seqs(pool_total), "seq_len": seq, "target_train": to_seqs(target_chars * split.finetune)}
+    how = f"estimated from the input text at {pcfg.chars_per_token:g} characters per token"
+  if pcfg.target == "tasks":
+    sizes["target_train"] = sft_rows(cfg) or sizes["target_train"]
+    sizes["sft_seq_len"] = model.ModelSpec.from_config(cfg.prior.model).max_seq_len
+  return sizes, how
+
+
+def describe(cfg):
+  """Dry run of every stage: sizes, steps, tokens, FLOPs and per-device memory; checks every step's settings."""
+  check_settings(cfg)
+  pcfg = cfg.pipeline
+  if pcfg.target == "tasks":
+    _default_task_dirs(cfg)
+  root = pathlib.Path(cfg.workdir or f"runs/{pcfg.preset}").resolve()
+  plan = make_plan(cfg, root)
+  sizes, how = estimated_sizes(cfg, root, plan)
+  devices = cfg.dry_run_devices or jax.device_count()
+  mesh = sharding.abstract_mesh(cfg.mesh, devices)
+  dp = sharding.data_parallel_size(mesh)
+  check_plan(cfg, plan, sizes, dp)
+  n, seq = sizes["pool"], sizes["seq_len"]
+  print(f"pipeline {pcfg.preset} (dry run): pool {n:,} sequences x {seq} tokens, conditional data "
+        f"{sizes['target_train']:,} sequences ({how}); taus {list(pcfg.taus)}, seeds {list(pcfg.seeds)}, methods "
+        f"{list(pcfg.methods)}; {devices} device(s)\n")
+  total_flops = train.describe(plan.prior, n, seq, how)["total_flops"]
   print()
-  cond_cfg = stage_config(cfg, "finetune", model=cfg.prior.model, train=cfg.conditional.train)
-  total_flops += train.describe(cond_cfg, num_items=pcfg.target_sequences)["total_flops"]
+  total_flops += train.describe(plan.conditional, sizes["target_train"], sizes.get("sft_seq_len", seq),
+                                how)["total_flops"]
   print()
-  score_cfg = stage_config(cfg, "score", model=cfg.prior.model)
-  total_flops += score.describe_nominal(score_cfg, n, seq, models=2)
+  total_flops += score.describe_nominal(plan.score, n, seq, models=2)
   print()
-  sizes = {}
-  for r in target_runs(cfg):
-    sizes.setdefault(r["tau"], []).append(r)
-  for tau, runs in sizes.items():
+  by_tau: dict = {}
+  for r in plan.runs:
+    by_tau.setdefault(r["tau"], []).append(r)
+  for tau, runs in by_tau.items():
     k = int(n // tau)
     print(f"select tau={tau:g}: {k:,} sequences ({k * seq:,} tokens); {len(runs)} target runs")
-    tcfg = stage_config(cfg, "pretrain", model=cfg.target.model, train=cfg.target.train)
-    flops = train.describe(tcfg, num_items=k)["total_flops"]
-    total_flops += flops * len(runs)
+    total_flops += train.describe(runs[0]["config"], k, seq, f"1/{tau:g} of the pool, {how}")["total_flops"] * len(runs)
     print()
   print(f"pipeline total: {total_flops:.3e} FLOPs")

@@ -19,7 +19,9 @@ import time
 
 import numpy as np
 
+from colorjax import artifacts
 from colorjax import data
+from colorjax import errors
 from colorjax import metrics
 
 _PROGRESS = None  # worker side: the queue progress increments go to
@@ -68,7 +70,11 @@ def iter_documents(path: pathlib.Path, text_field: str, source_field: str):
                            "--config.prepare.text_field")
     sources = table.column(source_field).to_pylist() if source_field in table.column_names else None
     for i, text in enumerate(table.column(text_field).to_pylist()):
-      yield text or "", (sources[i] if sources else default_source)
+      if not isinstance(text, str):
+        raise data.DataError(f"{path}: row {i}: {text_field!r} is {type(text).__name__}, not text; fix or drop "
+                             "that row")
+      source = sources[i] if sources else None
+      yield text, (default_source if source is None else str(source))
     return
   opener = gzip.open if name.endswith(".gz") else open
   stem = name[:-3] if name.endswith(".gz") else name
@@ -88,17 +94,17 @@ def iter_documents(path: pathlib.Path, text_field: str, source_field: str):
           raise data.DataError(f"{path}:{line_no}: invalid JSON ({e}); fix or remove the file") from e
         if not isinstance(doc, dict) or text_field not in doc:
           raise data.DataError(f"{path}:{line_no}: no {text_field!r} field; set --config.prepare.text_field")
-        yield str(doc[text_field]), str(doc.get(source_field, default_source))
+        text = doc[text_field]
+        if not isinstance(text, str):
+          raise data.DataError(f"{path}:{line_no}: {text_field!r} is {type(text).__name__}, not text; fix or drop "
+                               "that line")
+        yield text, str(doc.get(source_field, default_source))
   except (OSError, EOFError, UnicodeDecodeError) as e:
     raise data.DataError(f"{path}: cannot be read ({e}); the file is corrupt or not UTF-8 text") from e
 
 
 def file_sha256(path: pathlib.Path) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      digest.update(block)
-  return digest.hexdigest()
+  return artifacts.fingerprint(path)["sha256"]
 
 
 def _init_worker(progress_queue, rayon_threads: int):
@@ -161,8 +167,7 @@ def tokenize_file(job: dict) -> dict:
 
   entry = {
       "path": str(path),
-      "sha256": file_sha256(path),
-      "bytes": path.stat().st_size,
+      **job["fingerprint"],
       "documents": num_docs,
       "tokens": num_tokens,
       "sequences": num_sequences,
@@ -180,15 +185,33 @@ def tokenize_file(job: dict) -> dict:
   return entry
 
 
-def _request(cfg, files, tok_info) -> dict:
-  """What determines a store's content; a partial or finished store must match it to be reused."""
+def input_fingerprints(files, known_entries=()) -> list[dict]:
+  """Each input's name and fingerprint; hashes are reused from a previous manifest's entries when a file's size
+  and mtime are unchanged, so checking a large, unchanged input set costs a stat per file."""
+  known = {e["path"]: e for e in known_entries}
+  return [{"name": f.name, **artifacts.fingerprint(f, known.get(str(f)))} for f in files]
+
+
+def store_request(prints: list[dict], tok_info: dict, seq_len: int, text_field: str, source_field: str) -> dict:
+  """What decides a token store's content: input contents (by hash, in order), tokenizer, seq_len, fields."""
   return {
-      "inputs": [str(f) for f in files],
-      "tokenizer_sha256": tok_info["sha256"],
-      "seq_len": int(cfg.prepare.seq_len),
-      "text_field": cfg.prepare.text_field,
-      "source_field": cfg.prepare.source_field,
+      "kind": "text", "version": data.STORE_VERSION,
+      "inputs": [[p["name"], p["sha256"]] for p in prints],
+      "tokenizer_sha256": tok_info["sha256"], "eos_id": tok_info["eos_id"], "pad_id": tok_info["pad_id"],
+      "seq_len": int(seq_len), "text_field": text_field, "source_field": source_field,
   }
+
+
+def _changed_inputs(saved: dict, request: dict) -> str:
+  """Which inputs differ between two store requests, for a message a user can act on."""
+  old = {name: sha for name, sha in saved.get("inputs", [])}
+  new = {name: sha for name, sha in request["inputs"]}
+  changed = [n for n in new if n in old and old[n] != new[n]]
+  parts = [f"content of {', '.join(changed)} changed"] if changed else []
+  parts += [f"added {', '.join(n for n in new if n not in old)}"] if set(new) - set(old) else []
+  parts += [f"removed {', '.join(n for n in old if n not in new)}"] if set(old) - set(new) else []
+  others = [k for k in artifacts.differences(saved, request) if k != "inputs"]
+  return "; ".join(parts + ([f"settings differ: {', '.join(others)}"] if others else [])) or "order of inputs"
 
 
 def _finalize_labels(entries: list, folder: pathlib.Path) -> list[str]:
@@ -209,49 +232,73 @@ def _finalize_labels(entries: list, folder: pathlib.Path) -> list[str]:
   return names
 
 
-def store_id(tok_info: dict, seq_len: int, entries: list) -> str:
-  digest = hashlib.sha256(json.dumps(
-      [tok_info["sha256"], seq_len, [(e["sha256"], e["sequences"]) for e in entries]]).encode())
-  return digest.hexdigest()[:16]
+def _existing_entries(output: pathlib.Path) -> list:
+  path = output / data.MANIFEST
+  return artifacts.read_json(path).get("files", []) if path.exists() else []
+
+
+def check_inputs(cfg):
+  """Inputs, tokenizer and the store request, checked before any work (also by the dry run)."""
+  pcfg = cfg.prepare
+  if not pcfg.output:
+    raise errors.ConfigError("set --config.prepare.output to the token store folder to write")
+  if pcfg.seq_len < 2:
+    raise errors.ConfigError(f"prepare.seq_len={pcfg.seq_len}; a sequence needs at least 2 tokens")
+  output = pathlib.Path(pcfg.output).resolve()
+  files = expand_inputs(pcfg.inputs)
+  tokenizer = data.load_tokenizer(pcfg.tokenizer)
+  tok_info = data.tokenizer_info(tokenizer, pcfg.tokenizer, pcfg.eos_id, pcfg.pad_id)
+  prints = input_fingerprints(files, _existing_entries(output))
+  request = store_request(prints, tok_info, pcfg.seq_len, pcfg.text_field, pcfg.source_field)
+  return output, files, tokenizer, tok_info, prints, request
 
 
 def run(cfg) -> pathlib.Path:
   """Build (or find up to date) the token store described by cfg.prepare."""
-  pcfg = cfg.prepare
-  if not pcfg.output:
-    raise data.DataError("set --config.prepare.output to the token store folder to write")
-  if pcfg.seq_len < 2:
-    raise data.DataError(f"prepare.seq_len={pcfg.seq_len}; a sequence needs at least 2 tokens")
-  output = pathlib.Path(pcfg.output).resolve()
-  files = expand_inputs(pcfg.inputs)
-  tokenizer = data.load_tokenizer(pcfg.tokenizer)
-  tok_info = data.tokenizer_info(tokenizer, pcfg.tokenizer)
-  request = _request(cfg, files, tok_info)
-
-  if output.exists():
-    manifest = data.read_manifest(output) if (output / data.MANIFEST).exists() else None
-    if manifest is not None and manifest.get("request") == request:
-      print(f"prepare: {output} is up to date ({manifest['num_sequences']:,} sequences); nothing to do")
+  output, files, tokenizer, tok_info, prints, request = check_inputs(cfg)
+  if (output / data.MANIFEST).exists():
+    saved = artifacts.read_json(output / data.MANIFEST).get("request") or {}
+    if saved == artifacts.normalized(request):
+      print(f"prepare: {output} is up to date ({data.read_manifest(output)['num_sequences']:,} sequences); nothing "
+            "to do")
       return output
-    raise data.DataError(f"{output} already exists and was made from other inputs/tokenizer/seq_len; choose another "
-                         "--config.prepare.output or delete it first (nothing was overwritten)")
+    inputs_changed = saved.get("inputs") != request["inputs"]
+    what = (f"is stale: {_changed_inputs(saved, request)} since it was built" if inputs_changed else
+            f"was made with other settings ({_changed_inputs(saved, request)})")
+    raise data.DataError(f"{output} {what}. Delete it and re-run prepare (and every stage built from it), or choose "
+                         "another --config.prepare.output (nothing was overwritten)")
+  if output.exists():
+    raise data.DataError(f"{output} exists but is not a token store; choose another --config.prepare.output")
+  with artifacts.Lock(output):
+    return _build(cfg, output, files, tokenizer, tok_info, prints, request)
 
+
+def _build(cfg, output, files, tokenizer, tok_info, prints, request) -> pathlib.Path:
+  pcfg = cfg.prepare
   partial = output.with_name(output.name + ".partial")
   partial.mkdir(parents=True, exist_ok=True)
   request_path = partial / "request.json"
-  if request_path.exists() and json.loads(request_path.read_text()) != request:
-    raise data.DataError(f"{partial} holds an interrupted prepare of other inputs; delete it or finish that one")
+  saved = artifacts.read_json(request_path) if request_path.exists() else None
+  if saved is not None and artifacts.differences(saved, artifacts.normalized(request)) not in ([], ["inputs"]):
+    print(f"prepare: discarding {partial}: an interrupted prepare with other settings")
+    shutil.rmtree(partial)
+    partial.mkdir(parents=True)
   request_path.write_text(json.dumps(request, indent=1))
 
   done = {}
-  for i in range(len(files)):
+  for i in range(len(files)):  # files finished by an interrupted run are kept if their content is unchanged
     marker = partial / f"done-{i:05d}.json"
     if marker.exists():
-      done[i] = json.loads(marker.read_text())
+      entry = json.loads(marker.read_text())
+      if entry["path"] == str(files[i]) and entry["sha256"] == prints[i]["sha256"]:
+        done[i] = entry
+      else:
+        marker.unlink()
   jobs = [dict(file_index=i, path=str(f), folder=str(partial), seq_len=int(pcfg.seq_len),
                tokenizer_json=tokenizer.to_str(), dtype=data.token_dtype(tok_info["vocab_size"]).str,
                eos_id=tok_info["eos_id"], text_field=pcfg.text_field, source_field=pcfg.source_field,
-               docs_per_chunk=int(pcfg.docs_per_chunk))
+               docs_per_chunk=int(pcfg.docs_per_chunk), fingerprint={k: prints[i][k] for k in ("sha256", "bytes",
+                                                                                             "mtime_ns")})
           for i, f in enumerate(files) if i not in done]
   cores = os.cpu_count() or 1
   workers = max(1, min(pcfg.workers or cores, len(jobs) or 1))
@@ -277,6 +324,7 @@ def run(cfg) -> pathlib.Path:
     bar.close()
 
   entries = [done[i] for i in range(len(files))]
+  _check_not_empty(entries, partial, int(pcfg.seq_len))
   labels = _finalize_labels(entries, partial)
   offset = 0
   for entry in entries:
@@ -285,7 +333,7 @@ def run(cfg) -> pathlib.Path:
   manifest = {
       "format": data.STORE_FORMAT,
       "version": data.STORE_VERSION,
-      "id": store_id(tok_info, int(pcfg.seq_len), entries),
+      "id": artifacts.content_id(request),
       "seq_len": int(pcfg.seq_len),
       "dtype": data.token_dtype(tok_info["vocab_size"]).name,
       "tokenizer": tok_info,
@@ -302,40 +350,58 @@ def run(cfg) -> pathlib.Path:
     marker.unlink()
   request_path.unlink()
   (partial / data.TOKENIZER).write_text(tokenizer.to_str())
-  (partial / data.MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
-  shutil.move(str(partial), str(output))
+  artifacts.write_manifest(partial, manifest)
+  artifacts.publish(partial, output)
   print(f"prepare: wrote {output}: {offset:,} sequences of {pcfg.seq_len} tokens "
         f"({manifest['num_documents']:,} documents, id {manifest['id']})")
   return output
 
 
-def build_sft_store(task_names, data_dir, split: str, tokenizer_path, seq_len: int, output,
+def _check_not_empty(entries: list, partial: pathlib.Path, seq_len: int) -> None:
+  """A store with no sequence is an error (nothing downstream can use it); files too short to fill one are named."""
+  short = [e for e in entries if e["sequences"] == 0]
+  if len(short) == len(entries):
+    shutil.rmtree(partial)
+    detail = ", ".join(f"{pathlib.Path(e['path']).name}: {e['documents']} documents, {e['tokens']} tokens"
+                       for e in short[:5])
+    raise data.DataError(f"no input holds one full sequence of {seq_len} tokens ({detail}); add text or lower "
+                         "--config.prepare.seq_len (nothing was written)")
+  for e in short:
+    print(f"prepare: warning: {e['path']} holds {e['tokens']} tokens, less than one sequence of {seq_len}; it "
+          "contributes nothing")
+
+
+def sft_request(task_names, data_dir, split: str, tok_info: dict, seq_len: int, limit: int = 0) -> dict:
+  """What decides an SFT store's content (task files by hash), so its id is known before it is built."""
+  from colorjax import tasks  # pylint: disable=import-outside-toplevel
+  files = [tasks.split_path(t, split, data_dir) if data_dir else None for t in task_names]
+  return {"kind": "sft", "version": data.STORE_VERSION, "tasks": list(task_names), "split": split,
+          "limit": int(limit), "tokenizer_sha256": tok_info["sha256"], "eos_id": tok_info["eos_id"],
+          "pad_id": tok_info["pad_id"], "seq_len": int(seq_len),
+          "files": [artifacts.fingerprint(f)["sha256"] if f else None for f in files]}
+
+
+def build_sft_store(task_names, data_dir, split: str, tokenizer_path, tok_info: dict, seq_len: int, output,
                     limit: int = 0) -> pathlib.Path:
   """Downstream-task SFT rows as a padded token store: one document per row, its gold context + continuation,
   right-padded with PAD (rows longer than seq_len keep their last seq_len tokens, so the answer survives).
 
-  Reused when a store made from the same tasks, split, tokenizer and seq_len is already there.
+  Reused when a store made for the same request (tasks, split, files, tokenizer, seq_len) is already there.
   """
   from colorjax import tasks  # pylint: disable=import-outside-toplevel
   output = pathlib.Path(output).resolve()
   tokenizer = data.load_tokenizer(str(tokenizer_path))
-  tok_info = data.tokenizer_info(tokenizer, str(tokenizer_path))
-  files = [tasks.split_path(t, split, data_dir) if data_dir else None for t in task_names]
-  request = {"kind": "sft", "tasks": list(task_names), "split": split, "limit": int(limit),
-             "tokenizer_sha256": tok_info["sha256"],
-             "seq_len": int(seq_len), "files": [file_sha256(f) if f else None for f in files]}
-  if (output / data.MANIFEST).exists():
-    if data.read_manifest(output).get("request") == request:
-      return output
-    raise data.DataError(f"{output} holds SFT rows of other tasks/split/tokenizer; delete it or choose another "
-                         "folder (nothing was overwritten)")
+  request = sft_request(task_names, data_dir, split, tok_info, seq_len, limit)
+  if artifacts.up_to_date(output, request, "SFT rows", "delete it or choose another folder"):
+    return output
   partial = output.with_name(output.name + ".partial")
   if partial.exists():
     shutil.rmtree(partial)
   partial.mkdir(parents=True)
   dtype, pad = data.token_dtype(tok_info["vocab_size"]), tok_info["pad_id"]
   entries, offset = [], 0
-  for i, (task, path) in enumerate(zip(task_names, files)):
+  for i, task in enumerate(task_names):
+    path = tasks.split_path(task, split, data_dir) if data_dir else None
     docs = tasks.load_docs(task, split, data_dir or None, limit=limit or None)
     encodings = tokenizer.encode_batch([tasks.render_sft(task, doc) for doc in docs], add_special_tokens=False)
     rows = np.full((len(docs), seq_len), pad, dtype)
@@ -351,26 +417,29 @@ def build_sft_store(task_names, data_dir, split: str, tokenizer_path, seq_len: i
                     "sequences": len(docs), "truncated_rows": int(truncated), "array": array, "label": i,
                     "first_id": offset})
     offset += len(docs)
+  if offset == 0:
+    shutil.rmtree(partial)
+    raise data.DataError(f"tasks {', '.join(task_names)} have no {split!r} documents in {data_dir or 'the hub'}; "
+                         "fix --config.sft.data_dir or the task list")
   manifest = {
       "format": data.STORE_FORMAT, "version": data.STORE_VERSION, "kind": "sft", "padded": True,
-      "id": store_id(tok_info, int(seq_len), entries), "seq_len": int(seq_len), "dtype": dtype.name,
+      "id": artifacts.content_id(request), "seq_len": int(seq_len), "dtype": dtype.name,
       "tokenizer": tok_info, "num_sequences": offset, "num_tokens": offset * int(seq_len),
       "num_documents": offset, "labels": list(task_names), "files": entries, "request": request,
       "created_by": {"stage": "sft", "split": split, "host": socket.gethostname(),
                      "time": time.strftime("%Y-%m-%dT%H:%M:%S")},
   }
   (partial / data.TOKENIZER).write_text(tokenizer.to_str())
-  (partial / data.MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
-  shutil.move(str(partial), str(output))
+  artifacts.write_manifest(partial, manifest)
+  artifacts.publish(partial, output)
   print(f"sft rows: {output}: {offset:,} rows of {seq_len} ({', '.join(task_names)}; split {split})")
   return output
 
 
 def describe(cfg) -> None:
   """Dry run: check inputs and tokenizer, report what would be written."""
-  files = expand_inputs(cfg.prepare.inputs)
-  tok_info = data.tokenizer_info(data.load_tokenizer(cfg.prepare.tokenizer), cfg.prepare.tokenizer)
+  output, files, _, tok_info, _, _ = check_inputs(cfg)
   total = sum(f.stat().st_size for f in files)
   print(f"prepare (dry run): {len(files)} files, {total / 1e6:,.1f} MB, tokenizer {tok_info['name']} "
         f"vocab {tok_info['vocab_size']} (sha256 {tok_info['sha256'][:12]}), seq_len {cfg.prepare.seq_len}, dtype "
-        f"{data.token_dtype(tok_info['vocab_size']).name} -> {cfg.prepare.output or '(no output set)'}")
+        f"{data.token_dtype(tok_info['vocab_size']).name} -> {output}")

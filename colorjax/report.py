@@ -1,15 +1,22 @@
 """The `report` stage: report.md + report.json + plots for a pipeline work directory.
 
-Reads `pipeline.json` (the runs) and each run's metrics.jsonl and params manifest, the selections' manifests and the
-scores. report.json: {"runs": [{"name", "method", "tau", "seed", "role", "train_tokens", "target_loss",
-"tasks": {task: acc}, "tasks_mean", "curve": [[tokens, loss], ...]}], "summary": [...], "data_efficiency": {...},
-"selections": {...}, "examples": {...}}.
-
-Data efficiency: how many tokens of random data the random runs' learning curve needs to reach CoLoR's final
-held-out loss, divided by CoLoR's tokens (linear interpolation between eval points; a lower bound when the random
-curve never gets there).
+Reads `pipeline.json` (the runs; its paths are relative to the work directory, absolute in older ones), each run's
+metrics.jsonl and params manifest, data/split.json, the token stores', selections' and prior/conditional manifests
+and the scores. Everything but pipeline.json may be missing (older or partial work directories): the report then
+leaves that part out. report.json:
+  {"preset", "target",
+   "setup": {"target", "pool", "stores", "models", "target_loss", "data_efficiency_method"},
+   "runs": [{"name", "method", "tau", "seed", "role", "train_tokens", "finished", "target_loss", "loss_name",
+             "tasks": {task: acc}, "tasks_mean", "curve": [[tokens, loss], ...], "schedule"}],
+   "summary": [{"method", "tau", "seeds", "train_tokens", "target_loss_mean", "target_loss_std", "tasks_mean"}],
+   "data_efficiency": {"tau<τ>": {"color_tokens", "color_loss", "random_points", "random_tokens_to_match", "ratio",
+                                  "bound", "curve_tokens_to_match", "curve_ratio", "curve_lower_bound"}},
+   "selections": {...}, "examples": {...}, "plots": [...]}
 """
+import dataclasses
 import json
+import math
+import os
 import pathlib
 import time
 
@@ -18,8 +25,40 @@ import numpy as np
 from colorjax import data
 from colorjax import errors
 from colorjax import metrics
+from colorjax import model
+from colorjax import prepare
 from colorjax import score as score_lib
 from colorjax import select as select_lib
+
+EFFICIENCY_METHOD = (
+    "Every finished random run (the random comparison run at each τ, and the curve run over 1/curve_tau of the "
+    "pool) gives one point (training tokens, final held-out loss), averaged over seeds per budget. The tokens at "
+    "which random reaches CoLoR's mean final loss are interpolated between adjacent budgets with the loss linear in "
+    "log(tokens); ratio = those tokens / CoLoR's tokens. When CoLoR's loss is below every random point the ratio is "
+    "a lower bound (\">\": largest random budget / CoLoR's tokens); when even the smallest random budget does "
+    "better, an upper bound (\"<\": smallest budget / CoLoR's tokens). The secondary figure reads the same off the "
+    "curve runs' learning curve (linear between eval points) while they are still mid-schedule (learning rate not "
+    "annealed), so it understates the ratio.")
+
+
+def _at(root: pathlib.Path, path) -> pathlib.Path | None:
+  """A pipeline.json path: relative to the work directory so the directory can move (absolute ones stay)."""
+  return (root / path).resolve() if path else None
+
+
+def _load(path) -> dict:
+  """A JSON file, or {} when absent: older work directories lack some of the report's inputs."""
+  return json.loads(path.read_text()) if path is not None and path.is_file() else {}
+
+
+def _shown(path, root: pathlib.Path) -> str:
+  """A path as the report prints it: relative to the work directory when inside it."""
+  path = pathlib.Path(path)
+  return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Runs
 
 
 def _final_eval(records: list[dict]) -> dict:
@@ -36,15 +75,18 @@ def _loss_key(record: dict) -> str | None:
   return keys[0] if keys else None
 
 
-def collect_runs(plan: dict) -> list[dict]:
+def _run_dir(root: pathlib.Path, run: dict) -> pathlib.Path:
+  return _at(root, run.get("workdir")) or root / "runs" / run["name"]
+
+
+def collect_runs(plan: dict, root: pathlib.Path) -> list[dict]:
   rows = []
   for r in plan["runs"]:
-    workdir = pathlib.Path(r["workdir"])
+    workdir = _run_dir(root, r)
     records = metrics.read_metrics(workdir)
     final = _final_eval(records)
     key = _loss_key(final)
-    manifest_path = workdir / "params" / data.MANIFEST
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    manifest = _load(workdir / "params" / data.MANIFEST)
     tasks = {k[len("eval/mc/"):]: v for k, v in final.items() if k.startswith("eval/mc/") and k != "eval/mc/mean"}
     start = next((x for x in records if x.get("event") == "start"), {})
     tokens_per_step = (start.get("tokens_planned", 0) / start["total_steps"]) if start.get("total_steps") else 0
@@ -59,7 +101,7 @@ def collect_runs(plan: dict) -> list[dict]:
 
 
 def summarize(rows: list[dict]) -> list[dict]:
-  """Mean and spread over seeds of each (method, τ) comparison group."""
+  """Mean and sample std (None for one seed: no spread to report) over seeds of each (method, τ) comparison."""
   groups: dict = {}
   for r in rows:
     if r["role"] == "compare" and r["target_loss"] is not None:
@@ -69,40 +111,277 @@ def summarize(rows: list[dict]) -> list[dict]:
     losses = np.array([m["target_loss"] for m in members])
     means = [m["tasks_mean"] for m in members if m["tasks_mean"] is not None]
     out.append({"method": method, "tau": tau, "seeds": len(members), "train_tokens": members[0]["train_tokens"],
-                "target_loss_mean": float(losses.mean()), "target_loss_std": float(losses.std()),
+                "target_loss_mean": float(losses.mean()),
+                "target_loss_std": float(losses.std(ddof=1)) if len(members) > 1 else None,
                 "tasks_mean": float(np.mean(means)) if means else None})
   return out
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Data efficiency
+
+
 def tokens_to_reach(curve: list, loss: float):
-  """First token count at which a (tokens, loss) curve reaches `loss` (interpolated), or None."""
+  """First token count at which a (tokens, loss) curve reaches `loss` (linear interpolation), or None."""
+  if curve and curve[0][1] <= loss:
+    return curve[0][0]
   for (t0, l0), (t1, l1) in zip(curve, curve[1:]):
     if l1 <= loss:
-      if l0 <= loss:
-        return t0
       return t0 + (t1 - t0) * (l0 - loss) / (l0 - l1)
   return None
 
 
-def data_efficiency(rows: list[dict], summary: list[dict]) -> dict:
+def random_points(rows: list[dict]) -> list[list]:
+  """[tokens, final held-out loss] of the finished random runs, averaged over seeds per budget, by tokens."""
+  budgets: dict = {}
+  for r in rows:
+    if r["method"] == "random" and r["finished"] and r["train_tokens"] and r["target_loss"] is not None:
+      budgets.setdefault(r["train_tokens"], []).append(r["target_loss"])
+  return [[tokens, float(np.mean(losses))] for tokens, losses in sorted(budgets.items())]
+
+
+def random_tokens_to_match(points: list, loss: float) -> tuple:
+  """(tokens, bound): where random's (tokens, loss) points, sorted by tokens, reach `loss`, with the loss linear in
+  log(tokens) between adjacent budgets (finished runs at a few budgets, so log spacing is the natural scale).
+
+  bound None: an interpolated match. "lower": `loss` is below every point, random needs more than its largest
+  budget (returned). "upper": the smallest budget (returned) already does better. (None, None) without points.
+  """
+  if not points:
+    return None, None
+  if points[0][1] <= loss:
+    return points[0][0], ("upper" if points[0][1] < loss else None)
+  for (t0, l0), (t1, l1) in zip(points, points[1:]):
+    if l1 <= loss:
+      frac = (l0 - loss) / (l0 - l1)
+      return math.exp(math.log(t0) + frac * (math.log(t1) - math.log(t0))), None
+  return points[-1][0], "lower"
+
+
+def mean_curve(rows: list[dict]) -> list[list]:
+  """The curve runs' learning curves averaged over seeds (eval points aligned by index)."""
   curves = [r["curve"] for r in rows if r["role"] == "curve" and len(r["curve"]) > 1]
   if not curves:
-    return {}
+    return []
   length = min(len(c) for c in curves)
-  mean_curve = [[curves[0][i][0], float(np.mean([c[i][1] for c in curves]))] for i in range(length)]
+  return [[curves[0][i][0], float(np.mean([c[i][1] for c in curves]))] for i in range(length)]
+
+
+def _ratio(tokens, color_tokens):
+  return tokens / color_tokens if tokens is not None and color_tokens else None
+
+
+def data_efficiency(rows: list[dict], summary: list[dict]) -> dict:
+  """Per τ: random tokens to reach CoLoR's final loss over CoLoR's tokens, from finished runs (primary) and from
+  the mid-schedule learning curve (secondary, understates); see EFFICIENCY_METHOD."""
+  points, curve = random_points(rows), mean_curve(rows)
+  if not points and not curve:
+    return {}
   out = {}
   for s in summary:
     if s["method"] != "color":
       continue
-    reach = tokens_to_reach(mean_curve, s["target_loss_mean"])
-    max_tokens = mean_curve[-1][0]
-    tokens = s["train_tokens"] or 1
+    tokens, loss = s["train_tokens"], s["target_loss_mean"]
+    match, bound = random_tokens_to_match(points, loss)
+    reach = tokens_to_reach(curve, loss) if curve else None
     out[f"tau{s['tau']:g}"] = {
-        "color_tokens": tokens, "color_loss": s["target_loss_mean"],
-        "random_tokens_to_match": reach, "ratio": (reach if reach is not None else max_tokens) / tokens,
-        "lower_bound": reach is None,
+        "color_tokens": tokens, "color_loss": loss, "random_points": points,
+        "random_tokens_to_match": match, "ratio": _ratio(match, tokens), "bound": bound,
+        "curve_tokens_to_match": reach,
+        "curve_ratio": _ratio(reach if reach is not None else curve[-1][0], tokens) if curve else None,
+        "curve_lower_bound": (reach is None) if curve else None,
     }
   return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Setup: what the target, held-out and pool data are, the models, and what target_loss measures
+
+
+def _source_of(entry: dict, labels: list) -> str:
+  label = entry.get("label")
+  return labels[label] if isinstance(label, int) and label < len(labels) else pathlib.Path(entry.get("path", "?")).name
+
+
+def store_summary(manifest: dict, path, root: pathlib.Path) -> dict:
+  """Size and per-source make-up of a token store from its manifest ({} without one)."""
+  if not manifest:
+    return {}
+  seq_len = int(manifest["seq_len"])
+  files = manifest.get("files", [])
+  sources: dict = {}
+  for entry in files:
+    s = sources.setdefault(_source_of(entry, manifest.get("labels") or []), {"documents": 0, "sequences": 0,
+                                                                             "tokens": 0})
+    s["documents"] += entry.get("documents", 0)
+    s["sequences"] += entry.get("sequences", 0)
+    s["tokens"] += entry.get("sequences", 0) * seq_len
+  tokenizer = manifest.get("tokenizer", {})
+  return {"path": _shown(path, root), "sequences": manifest.get("num_sequences"),
+          "tokens": manifest.get("num_tokens"), "seq_len": seq_len,
+          "documents": manifest.get("num_documents", sum(e.get("documents", 0) for e in files)),
+          "files": [_shown(e["path"], root) for e in files if "path" in e], "sources": sources,
+          "tokenizer": {"name": pathlib.Path(tokenizer.get("name", "")).name,
+                        "vocab_size": tokenizer.get("vocab_size")}}
+
+
+def _tasks_eval_dir(plan: dict, root: pathlib.Path) -> pathlib.Path:
+  """Where the conditional's stage wrote the task validation rows the targets are scored on (target=tasks)."""
+  conditional = _at(root, plan.get("conditional"))
+  return (conditional.parent if conditional else root / "runs" / "conditional") / "sft_eval"
+
+
+def stores_summary(plan: dict, root: pathlib.Path) -> dict:
+  paths = {name: _at(root, path) for name, path in (plan.get("stores") or {}).items() if path}
+  if plan.get("target") == "tasks":
+    paths["tasks_eval"] = _tasks_eval_dir(plan, root)
+  out = {name: store_summary(_load(path / data.MANIFEST), path, root) for name, path in paths.items()}
+  return {name: s for name, s in out.items() if s}
+
+
+def _names(entries: list, root: pathlib.Path) -> list[str]:
+  """Input files as split.json records them: [name, sha256] pairs (older: [path, sha256], or bare paths)."""
+  return [_shown(e[0] if isinstance(e, list) else e, root) for e in entries]
+
+
+def _works(split: dict, part: str, documents, one_per_document: bool) -> int | None:
+  """Works in a part: split.json's list (or its count, when there were too many to list), else the documents when
+  each document is its own work."""
+  recorded = (split.get("works") or {}).get(part)
+  if recorded is not None:
+    return recorded if isinstance(recorded, int) else len(recorded)
+  return documents if one_per_document else None
+
+
+def _target_parts(split: dict, stores: dict, files: list, one_per_document: bool) -> dict:
+  """Works, documents, sequences and tokens of each part of the target files (pool: the target's share of it)."""
+  documents = split.get("documents", {})
+  parts = {part: {"works": _works(split, part, documents.get(part), one_per_document),
+                  "documents": documents.get(part), "sequences": stores.get(part, {}).get("sequences"),
+                  "tokens": stores.get(part, {}).get("tokens")} for part in ("target_train", "target_eval")}
+  labels = {prepare.source_label(pathlib.Path(f)) for f in files}
+  in_pool = [v for k, v in stores.get("pool", {}).get("sources", {}).items() if k in labels]
+  pool_docs = sum(n for k, n in documents["pool"].items() if k in labels) if documents.get("pool") else None
+  parts["pool"] = {"works": _works(split, "pool", pool_docs, one_per_document), "documents": pool_docs,
+                   "sequences": sum(s["sequences"] for s in in_pool) if in_pool else None,
+                   "tokens": sum(s["tokens"] for s in in_pool) if in_pool else None}
+  unused = _works(split, "unused", None, False)
+  if unused:
+    parts["unused"] = {"works": unused, "documents": None, "sequences": None, "tokens": None}
+  return parts
+
+
+def target_summary(plan: dict, root: pathlib.Path, config: dict, split: dict, stores: dict) -> dict:
+  """The target: its files and how their works were split (target=text), or the task suite (target=tasks)."""
+  pcfg = config.get("pipeline", {})
+  if plan.get("target") == "tasks":
+    return {"kind": "tasks", "finetune_tasks": list(pcfg.get("tasks", [])),
+            "eval_tasks": list(config.get("eval", {}).get("tasks", [])),
+            "heldout_split": config.get("sft", {}).get("eval_split", "validation")}
+  request = split.get("request", {})
+  files = _names(request.get("target_files", []), root) or list(pcfg.get("target_files", []))
+  field = request.get("group_field", pcfg.get("group_field")) or ""
+  regex = request.get("group_regex", pcfg.get("group_regex"))
+  held_out = (split.get("works") or {}).get("target_eval")
+  return {"kind": "text", "files": files, "data_dir": pcfg.get("data_dir") or None,
+          "fractions": request.get("fractions", pcfg.get("target_split")), "group_field": field,
+          "group_regex": regex, "parts": _target_parts(split, stores, files, not field and regex == ""),
+          "heldout_works": held_out if isinstance(held_out, list) else None}
+
+
+def pool_summary(root: pathlib.Path, config: dict, split: dict) -> dict:
+  """The pool's input files and document counts per source (split.json), as sampled and deduplicated."""
+  request = split.get("request", {})
+  files = _names(request.get("target_files", []) + request.get("pool_files", []), root)
+  return {"files": files or list(config.get("pipeline", {}).get("pool_files", [])),
+          "documents": split.get("documents", {}).get("pool"),
+          "duplicates_dropped": split.get("pool_duplicates_dropped"),
+          "max_chars_per_file": request.get("max_chars_per_file")}
+
+
+def model_info(spec_fields: dict | None) -> dict | None:
+  """Architecture and parameter counts from ModelSpec fields (a params manifest's model_spec, or a config's model)."""
+  names = {f.name for f in dataclasses.fields(model.ModelSpec)}
+  try:
+    spec = model.ModelSpec(**{k: v for k, v in (spec_fields or {}).items() if k in names})
+  except (TypeError, errors.ConfigError):
+    return None
+  counts = model.param_counts(spec)
+  return {"d_model": spec.d_model, "n_layers": spec.n_layers, "n_heads": spec.n_heads,
+          "mlp_hidden": spec.mlp_hidden, "vocab_size": spec.vocab_size, "params_total": counts["total"],
+          "params_non_embedding": counts["non_embedding"]}
+
+
+def _params_manifest(root: pathlib.Path, params) -> dict:
+  return _load(_at(root, params) / data.MANIFEST) if params else {}
+
+
+def _first_target_manifest(plan: dict, root: pathlib.Path) -> dict:
+  for r in plan.get("runs", []):
+    manifest = _load(_run_dir(root, r) / "params" / data.MANIFEST)
+    if manifest:
+      return manifest
+  return {}
+
+
+def models_summary(plan: dict, root: pathlib.Path, config: dict, target_manifest: dict) -> dict:
+  """Prior, conditional (the prior's architecture, finetuned) and target models: sizes and training tokens."""
+  prior_model = config.get("prior", {}).get("model")
+  sources = {"prior": (_params_manifest(root, plan.get("prior")), prior_model),
+             "conditional": (_params_manifest(root, plan.get("conditional")), prior_model),
+             "target": (target_manifest, config.get("target", {}).get("model"))}
+  out = {}
+  for name, (manifest, fallback) in sources.items():
+    info = model_info(manifest.get("model_spec") or fallback)
+    if info is not None:
+      if name != "target":
+        info.update(tokens=manifest.get("tokens"), steps=manifest.get("steps"))
+      out[name] = info
+  return out
+
+
+def _eval_sample(config: dict) -> str:
+  """Which sequences of the held-out store a held-out eval reads (train.eval_batches, eval.shuffle)."""
+  batches = config.get("train", {}).get("eval_batches", 0)
+  if not batches:
+    return "every sequence"
+  ecfg, tcfg = config.get("eval", {}), config.get("train", {})
+  size = ecfg.get("batch_size") or tcfg.get("micro_batch_size") or tcfg.get("global_batch_size")
+  order = "a fixed random sample" if ecfg.get("shuffle") else "the first sequences in id order"
+  return f"{batches} batches of about {size} sequences ({order}, the same for every run)"
+
+
+def target_loss_text(loss_name: str | None, stores: dict, run_config: dict) -> str:
+  """What the target_loss column measures, with the store it is computed on."""
+  tasks = bool(loss_name and loss_name.startswith("tasks_"))
+  store = stores.get("tasks_eval" if tasks else "target_eval", {})
+  where = (f"`{store['path']}`: {_count(store['sequences'])} sequences of {store['seq_len']} tokens"
+           if store else "the held-out store")
+  what = "the task validation rows" if tasks else "the held-out target documents"
+  padding = (" (padding included, sft.loss_on_padding)" if run_config.get("sft", {}).get("loss_on_padding")
+             else " (padding excluded)") if tasks else ""
+  return (f"`{loss_name or 'target_loss'}` is the mean over the sequences of {what} ({where}) of each sequence's "
+          f"mean next-token negative log-likelihood{padding}, in nats, computed in fp32 without z-loss at the "
+          f"store's sequence length, after the run's last step; read over {_eval_sample(run_config)}.")
+
+
+def setup(plan: dict, root: pathlib.Path, rows: list[dict]) -> dict:
+  """What the report is about, from whatever of pipeline.json's config, split.json and the manifests exists."""
+  config = plan.get("config") or {}
+  split = _load(_at(root, plan.get("split")) or root / "data" / "split.json")
+  stores = stores_summary(plan, root)
+  target_manifest = _first_target_manifest(plan, root)
+  run_config = target_manifest.get("config") or {"train": config.get("target", {}).get("train", {}),
+                                                 "eval": config.get("eval", {}), "sft": config.get("sft", {})}
+  loss_name = next((r["loss_name"] for r in rows if r["loss_name"]), None)
+  return {"target": target_summary(plan, root, config, split, stores), "pool": pool_summary(root, config, split),
+          "stores": stores, "models": models_summary(plan, root, config, target_manifest),
+          "target_loss": target_loss_text(loss_name, stores, run_config),
+          "data_efficiency_method": EFFICIENCY_METHOD}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Selections, examples, plots
 
 
 def selection_diagnostics(root: pathlib.Path) -> dict:
@@ -124,10 +403,13 @@ class _Negated:
       yield start, -values
 
 
-def examples(plan: dict, k: int = 3, chars: int = 240) -> dict:
-  """Highest and lowest CoLoR-scored sequences of the pool, decoded."""
-  scores = score_lib.Scores(plan["scores"])
-  store = data.TokenStore(plan["stores"]["pool"])
+def examples(plan: dict, root: pathlib.Path, k: int = 3, chars: int = 240) -> dict:
+  """Highest and lowest CoLoR-scored sequences of the pool, decoded ({} when the scores or the pool are gone)."""
+  scores_path, pool_path = _at(root, plan.get("scores")), _at(root, (plan.get("stores") or {}).get("pool"))
+  if not all(p is not None and (p / data.MANIFEST).is_file() for p in (scores_path, pool_path)):
+    return {}
+  scores = score_lib.Scores(scores_path)
+  store = data.TokenStore(pool_path)
   tokenizer = data.load_tokenizer(str(store.tokenizer_path()))
   stream = select_lib.ScoreStream(scores, "color", "conditional_0", 1 << 20)
   out = {}
@@ -183,55 +465,225 @@ def plots(rows: list[dict], selections: dict, folder: pathlib.Path) -> list[str]
   return made
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Markdown
+
+
 def _fmt(x, digits=4):
   return "-" if x is None else f"{x:.{digits}f}"
 
 
-def markdown(plan, rows, summary, efficiency, selections, ex, made) -> str:
+def _count(x) -> str:
+  return "?" if x is None else f"{x:,.0f}"
+
+
+def _listed(names: list, most: int = 8) -> str:
+  shown = ", ".join(str(n) for n in names[:most])
+  return shown + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def _share(fraction) -> str:
+  return "?" if fraction is None else f"{fraction:.0%}"
+
+
+def _loss_cell(mean: float, std, seeds: int) -> str:
+  """Mean ± std over seeds; one seed has no spread, so just the mean."""
+  return f"{mean:.4f}" if seeds == 1 or std is None else f"{mean:.4f} ± {std:.4f}"
+
+
+def _grouping(target: dict) -> str:
+  if target.get("group_field"):
+    return f"a work is the documents sharing a `{target['group_field']}` value"
+  regex = target.get("group_regex")
+  if regex is None:
+    return "as split.json records them"
+  return f"a work starts at each document matching `{regex}`" if regex else "each document is one work"
+
+
+def _fractions(fractions) -> str:
+  """How the works were shared out: target_split's two fractions, and target_pool_split's when recorded."""
+  fractions = list(fractions or [None, None])
+  text = f"{_share(fractions[0])} finetune the conditional, {_share(fractions[1])} are held out to evaluate the targets"
+  if len(fractions) < 3 or None in fractions or abs(sum(fractions) - 1) < 1e-9:
+    return text + ", the rest join the pool"
+  return text + f", {_share(fractions[2])} join the pool and the rest are unused"
+
+
+def _work_names(names: list, files: list, most: int = 12) -> str:
+  """Work names as split.json records them ("file: title"), without the file when there is only one."""
+  prefix = f"{pathlib.Path(files[0]).name}: " if len(files) == 1 else ""
+  short = [(n[len(prefix):] if prefix and n.startswith(prefix) else n)[:60] for n in names[:most]]
+  return "; ".join(short) + (f"; and {len(names) - most} more" if len(names) > most else "")
+
+
+def _md_target(target: dict, stores: dict) -> list[str]:
+  if target.get("kind") == "tasks":
+    held = stores.get("tasks_eval")
+    rows = f" (`{held['path']}`: {_count(held['sequences'])} rows)" if held else ""
+    return [f"**Target** (target=tasks): the downstream tasks. The conditional is finetuned on the train splits of "
+            f"{_listed(target['finetune_tasks'], 20) or '?'}; the targets' held-out loss is on their "
+            f"{target['heldout_split']} rows{rows}, and accuracy on {_listed(target['eval_tasks'], 20) or '-'}.", ""]
+  files = ", ".join(f"`{f}`" for f in target["files"]) or "(not recorded)"
+  if target.get("data_dir") and not any(os.path.isabs(f) for f in target["files"]):
+    files += f" (in `{target['data_dir']}`)"
+  lines = [f"**Target data** (target=text): {files}. Its works ({_grouping(target)}) are split at random: "
+           f"{_fractions(target['fractions'])}.", "",
+           "| target part | works | documents | sequences | tokens |", "|---|---|---|---|---|"]
+  names = {"target_train": "finetune (conditional)", "target_eval": "held-out (target_loss)",
+           "pool": "pool (the target's works in it)", "unused": "unused"}
+  for part, p in target["parts"].items():
+    lines.append(f"| {names[part]} | {_count(p['works'])} | {_count(p['documents'])} | {_count(p['sequences'])} | "
+                 f"{_count(p['tokens'])} |")
+  if target.get("heldout_works") and (target.get("group_field") or target.get("group_regex")):
+    lines += ["", f"Held-out works: {_work_names(target['heldout_works'], target['files'])}."]
+  return lines + [""]
+
+
+def _md_pool(pool: dict, store: dict) -> list[str]:
+  sources = store.get("sources") or {k: {"documents": n, "sequences": None, "tokens": None}
+                                     for k, n in (pool.get("documents") or {}).items()}
+  if store:
+    head = (f"**Pool**: {_count(store['sequences'])} sequences of {store['seq_len']} tokens "
+            f"({_count(store['tokens'])} tokens) from {_count(store['documents'])} documents of {len(sources)} "
+            f"sources (`{store['path']}`; tokenizer `{store['tokenizer']['name']}`, vocabulary "
+            f"{_count(store['tokenizer']['vocab_size'])})")
+  else:
+    head = f"**Pool**: {len(sources)} sources (token store manifest not found)"
+  if pool.get("duplicates_dropped") is not None:
+    head += f"; {pool['duplicates_dropped']:,} pool documents identical to a target document were dropped"
+  if pool.get("max_chars_per_file"):
+    head += f"; each file sampled to about {pool['max_chars_per_file']:,} characters of whole documents"
+  lines = [head + ".", ""]
+  if sources:
+    total = sum(s["tokens"] or 0 for s in sources.values())
+    lines += ["| source | documents | sequences | tokens | share of tokens |", "|---|---|---|---|---|"]
+    ordered = sorted(sources.items(), key=lambda kv: -(kv[1]["tokens"] or kv[1]["documents"] or 0))
+    for name, s in ordered[:20]:
+      share = f"{s['tokens'] / total:.1%}" if total and s["tokens"] is not None else "-"
+      lines.append(f"| {name} | {_count(s['documents'])} | {_count(s['sequences'])} | {_count(s['tokens'])} | "
+                   f"{share} |")
+    if len(ordered) > 20:
+      lines.append(f"| ({len(ordered) - 20} more sources) | | | | |")
+    lines.append("")
+  return lines
+
+
+def _md_models(models: dict) -> list[str]:
+  if not models:
+    return []
+  trained = {"prior": "pretrained on the pool", "conditional": "the prior, finetuned on the target data",
+             "target": "from scratch on each selection (tokens per run below)"}
+  lines = ["**Models**", "", "| model | d_model | layers | heads | MLP hidden | vocab | params | non-embedding params "
+           "| training |", "|---|---|---|---|---|---|---|---|---|"]
+  for name, m in models.items():
+    tokens = f": {m['tokens']:,} tokens, {_count(m.get('steps'))} steps" if m.get("tokens") else ""
+    lines.append(f"| {name} | {m['d_model']} | {m['n_layers']} | {m['n_heads']} | {m['mlp_hidden']} | "
+                 f"{m['vocab_size']:,} | {m['params_total']:,} | {m['params_non_embedding']:,} | "
+                 f"{trained[name]}{tokens} |")
+  return lines + [""]
+
+
+def _md_setup(s: dict) -> list[str]:
+  lines = ["## Setup", ""] + _md_target(s["target"], s["stores"]) + _md_pool(s["pool"], s["stores"].get("pool", {}))
+  return lines + _md_models(s["models"]) + [f"**target_loss**: {s['target_loss']}", ""]
+
+
+def _md_runs(rows: list[dict]) -> list[str]:
   task_names = sorted({t for r in rows for t in r["tasks"]})
-  lines = [f"# colorjax report: {plan['preset']}", "", f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')}.", ""]
-  lines += ["## Target runs", ""]
   header = ["run", "method", "τ", "seed", "tokens", rows[0]["loss_name"] if rows else "loss"] + task_names
   header += ["tasks mean"] if task_names else []
-  lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  lines = ["## Target runs", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for r in rows:
     cells = [r["name"], r["method"], f"{r['tau']:g}", str(r["seed"]), f"{r['train_tokens'] or 0:,}",
              _fmt(r["target_loss"])] + [_fmt(100 * r["tasks"][t], 1) if t in r["tasks"] else "-" for t in task_names]
     cells += [_fmt(100 * r["tasks_mean"], 1) if r["tasks_mean"] is not None else "-"] if task_names else []
     lines.append("| " + " | ".join(cells) + " |")
-  lines += ["", "## CoLoR vs random (mean ± std over seeds)", "",
-            "| method | τ | seeds | tokens | held-out loss | tasks mean |", "|---|---|---|---|---|---|"]
+  return lines + [""]
+
+
+def _md_summary(summary: list[dict]) -> list[str]:
+  one_seed = all(s["seeds"] == 1 for s in summary)
+  title = "1 seed" if one_seed else "mean ± sample std over seeds; the mean alone for a group of 1 seed"
+  lines = [f"## CoLoR vs random ({title})", "",
+           "| method | τ | seeds | tokens | held-out loss | tasks mean |", "|---|---|---|---|---|---|"]
   for s in summary:
     lines.append(f"| {s['method']} | {s['tau']:g} | {s['seeds']} | {s['train_tokens'] or 0:,} | "
-                 f"{s['target_loss_mean']:.4f} ± {s['target_loss_std']:.4f} | "
+                 f"{_loss_cell(s['target_loss_mean'], s['target_loss_std'], s['seeds'])} | "
                  f"{_fmt(100 * s['tasks_mean'], 1) if s['tasks_mean'] is not None else '-'} |")
-  if efficiency:
-    lines += ["", "## Data efficiency", "",
-              "Tokens of random data (mean learning curve of the random runs) needed to reach CoLoR's held-out loss, "
-              "over CoLoR's tokens.", "", "| τ | CoLoR tokens | CoLoR loss | random tokens to match | ratio |",
-              "|---|---|---|---|---|"]
-    for tau, e in efficiency.items():
-      reach = f"{e['random_tokens_to_match']:,.0f}" if e["random_tokens_to_match"] is not None else "not reached"
-      ratio = (">" if e["lower_bound"] else "") + f"{e['ratio']:.1f}x"
-      lines.append(f"| {tau[3:]} | {e['color_tokens']:,} | {e['color_loss']:.4f} | {reach} | {ratio} |")
-  if selections:
-    sources = sorted({src for s in selections.values() for src in s["sources"]})
-    lines += ["", "## Selections: per-source selection rates", "",
-              "| selection | k | " + " | ".join(sources) + " |", "|---|---|" + "---|" * len(sources)]
-    pool = next(iter(selections.values()))["sources"]
-    lines.append("| (pool share) | - | " + " | ".join(
-        f"{pool[s]['pool'] / max(1, sum(p['pool'] for p in pool.values())):.1%}" for s in sources) + " |")
-    for name, s in selections.items():
-      lines.append(f"| {name} | {s['k']:,} | " + " | ".join(
-          f"{s['sources'][src]['rate']:.1%}" if src in s["sources"] else "-" for src in sources) + " |")
-  if ex:
-    for which in ("top", "bottom"):
-      lines += ["", f"## {which.title()}-scored pool sequences", ""]
-      for e in ex[which]:
-        lines.append(f"- **{e['score']:+.3f}** ({e['source']}, id {e['id']}): {e['text']}")
-  if made:
-    lines += ["", "## Plots", ""] + [f"![{m}]({m})" for m in made]
-  return "\n".join(lines) + "\n"
+  return lines + [""]
+
+
+def _bounded(value, bound, suffix: str = "") -> str:
+  if value is None:
+    return "-"
+  mark = {"lower": ">", "upper": "<"}.get(bound, "")
+  return f"{mark}{value:,.1f}{suffix}" if suffix else f"{mark}{value:,.0f}"
+
+
+def _md_efficiency(efficiency: dict) -> list[str]:
+  if not efficiency:
+    return []
+  points = next(iter(efficiency.values()))["random_points"]
+  lines = ["## Data efficiency", "", EFFICIENCY_METHOD, ""]
+  if points:
+    lines += ["Random points (tokens → mean final held-out loss): "
+              + "; ".join(f"{t:,.0f} → {l:.4f}" for t, l in points) + ".", ""]
+  lines += ["| τ | CoLoR tokens | CoLoR loss | random tokens to match | ratio | from the curve (mid-schedule, "
+            "understates) |", "|---|---|---|---|---|---|"]
+  for tau, e in efficiency.items():
+    curve = _bounded(e["curve_ratio"], "lower" if e["curve_lower_bound"] else None, "x")
+    lines.append(f"| {tau[3:]} | {_count(e['color_tokens'])} | {e['color_loss']:.4f} | "
+                 f"{_bounded(e['random_tokens_to_match'], e['bound'])} | {_bounded(e['ratio'], e['bound'], 'x')} | "
+                 f"{curve} |")
+  notes = {"lower": "\">\": CoLoR's loss is below every random point (a lower bound).",
+           "upper": "\"<\": every random budget already does better than CoLoR (an upper bound)."}
+  used = [notes[b] for b in ("lower", "upper") if any(e["bound"] == b for e in efficiency.values())]
+  return lines + ([""] + used if used else []) + [""]
+
+
+def _md_selections(selections: dict) -> list[str]:
+  if not selections:
+    return []
+  sources = sorted({src for s in selections.values() for src in s["sources"]})
+  lines = ["## Selections: per-source selection rates", "",
+           "| selection | k | " + " | ".join(sources) + " |", "|---|---|" + "---|" * len(sources)]
+  pool = next(iter(selections.values()))["sources"]
+  lines.append("| (pool share) | - | " + " | ".join(
+      f"{pool[s]['pool'] / max(1, sum(p['pool'] for p in pool.values())):.1%}" for s in sources) + " |")
+  for name, s in selections.items():
+    lines.append(f"| {name} | {s['k']:,} | " + " | ".join(
+        f"{s['sources'][src]['rate']:.1%}" if src in s["sources"] else "-" for src in sources) + " |")
+  return lines + [""]
+
+
+def _md_examples(ex: dict) -> list[str]:
+  lines = []
+  for which in ("top", "bottom"):
+    if ex.get(which):
+      lines += [f"## {which.title()}-scored pool sequences", ""]
+      lines += [f"- **{e['score']:+.3f}** ({e['source']}, id {e['id']}): {e['text']}" for e in ex[which]] + [""]
+  return lines
+
+
+def markdown(result: dict) -> str:
+  lines = [f"# colorjax report: {result['preset']}", "", f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')}.", ""]
+  lines += _md_setup(result["setup"]) + _md_runs(result["runs"]) + _md_summary(result["summary"])
+  lines += _md_efficiency(result["data_efficiency"]) + _md_selections(result["selections"])
+  lines += _md_examples(result["examples"])
+  if result["plots"]:
+    lines += ["## Plots", ""] + [f"![{m}]({m})" for m in result["plots"]]
+  return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def _print_summary(result: dict):
+  for s in result["summary"]:
+    print(f"  {s['method']:<17} tau {s['tau']:<4g} held-out loss "
+          f"{_loss_cell(s['target_loss_mean'], s['target_loss_std'], s['seeds'])} "
+          f"({s['seeds']} seed{'s' if s['seeds'] > 1 else ''}, {s['train_tokens'] or 0:,} tokens)")
+  for tau, e in result["data_efficiency"].items():
+    curve = _bounded(e["curve_ratio"], "lower" if e["curve_lower_bound"] else None, "x")
+    print(f"  data efficiency {tau}: {_bounded(e['ratio'], e['bound'], 'x')} from finished runs "
+          f"(curve, mid-schedule: {curve})")
 
 
 def write(root) -> pathlib.Path:
@@ -240,21 +692,16 @@ def write(root) -> pathlib.Path:
   if not plan_path.exists():
     raise data.DataError(f"{plan_path} is missing: {root} is not a pipeline work directory (run the pipeline stage)")
   plan = json.loads(plan_path.read_text())
-  rows = collect_runs(plan)
+  rows = collect_runs(plan, root)
   summary = summarize(rows)
-  efficiency = data_efficiency(rows, summary)
   selections = selection_diagnostics(root)
-  ex = examples(plan)
-  made = plots(rows, selections, root / "plots")
-  result = {"preset": plan["preset"], "runs": rows, "summary": summary, "data_efficiency": efficiency,
-            "selections": selections, "examples": ex, "plots": made}
+  result = {"preset": plan.get("preset", "?"), "target": plan.get("target", "text"), "setup": setup(plan, root, rows),
+            "runs": rows, "summary": summary, "data_efficiency": data_efficiency(rows, summary),
+            "selections": selections, "examples": examples(plan, root),
+            "plots": plots(rows, selections, root / "plots")}
   (root / "report.json").write_text(json.dumps(result, indent=1))
-  (root / "report.md").write_text(markdown(plan, rows, summary, efficiency, selections, ex, made))
-  for s in summary:
-    print(f"  {s['method']:<17} tau {s['tau']:<4g} held-out loss {s['target_loss_mean']:.4f} ± "
-          f"{s['target_loss_std']:.4f} ({s['seeds']} seeds, {s['train_tokens'] or 0:,} tokens)")
-  for tau, e in efficiency.items():
-    print(f"  data efficiency {tau}: {'>' if e['lower_bound'] else ''}{e['ratio']:.1f}x")
+  (root / "report.md").write_text(markdown(result))
+  _print_summary(result)
   return root / "report.md"
 
 

@@ -21,6 +21,7 @@ import numpy as np
 import tensorstore as ts
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from colorjax import artifacts
 from colorjax import checkpoint
 from colorjax import data
 from colorjax import errors
@@ -81,6 +82,16 @@ class Scores:
       raise data.DataError(f"{self.path} is incomplete: {int((~done).sum())} of {done.size} row chunks are not "
                            "scored yet; finish the score stage (re-run it, or every --config.score.shard job)")
 
+  @property
+  def id(self) -> str:
+    """Content id: the pool and the models, by their ids (older score folders: derived the same way)."""
+    return self.manifest.get("id") or artifacts.content_id(scores_request(self.manifest["store"]["id"],
+                                                                          self.manifest["models"]))
+
+  def store_path(self) -> pathlib.Path:
+    """The scored pool store, as recorded relative to this folder (so a moved work directory finds its own)."""
+    return artifacts.resolve(self.manifest["store"]["path"], self.path)
+
   def column(self, name: str) -> int:
     if name not in self.columns:
       raise data.DataError(f"{self.path} has no model column {name!r}; columns: {self.columns}")
@@ -107,8 +118,13 @@ def model_entries(cfg):
 
 
 def describe_models(entries) -> list[dict]:
-  return [{"name": name, "path": str(pathlib.Path(p).resolve()), "id": m.get("id"), "steps": m.get("steps")}
-          for name, p, m in entries]
+  """The models of a score job by column name and content id (paths are not part of what was scored)."""
+  return [{"name": name, "id": m.get("id")} for name, _, m in entries]
+
+
+def scores_request(store_id: str, models: list[dict]) -> dict:
+  """What decides a score array's content: the pool and the models, by content id."""
+  return {"store": store_id, "models": [[m["name"], m.get("id")] for m in models]}
 
 
 def load_models(cfg, mesh):
@@ -128,13 +144,12 @@ def load_models(cfg, mesh):
   return spec, stacked, stacked_sh, describe_models(entries), manifests[0]["tokenizer"]
 
 
-def is_complete(workdir: pathlib.Path, store: data.TokenStore, models: list[dict]) -> bool:
-  """Whether `workdir` already holds finished scores of this pool under these models."""
+def is_complete(workdir: pathlib.Path, request: dict) -> bool:
+  """Whether `workdir` already holds finished scores for this request (pool and models)."""
   if not (workdir / data.MANIFEST).exists():
     return False
   scores = Scores(workdir)
-  same = scores.manifest["store"]["id"] == store.id and scores.manifest["models"] == models
-  return same and bool(scores.done().all())
+  return scores.manifest.get("request") == artifacts.normalized(request) and bool(scores.done().all())
 
 
 def step_schedule(per_host: list, n: int, chunk_rows: int, host_batch: int) -> list[tuple[int, int, bool]]:
@@ -162,12 +177,13 @@ def build_score_step(spec, stacked_sh, batch_sh, out_sh, pad_id, chunk: int):
 def _open_output(workdir: pathlib.Path, manifest: dict, num_chunks: int):
   """Create the score folder, or check that an existing one was made by the same job (store, models, layout)."""
   path = workdir / data.MANIFEST
-  keys = ("store", "models", "num_sequences", "chunk_rows", "batch_size", "columns")
+  keys = ("request", "num_sequences", "chunk_rows", "batch_size", "columns")
   if path.exists():
     existing = json.loads(path.read_text())
     strip = lambda m: {k: m.get(k) for k in keys}
     if strip(existing) != strip(manifest):
-      diff = [k for k in keys if existing.get(k) != manifest.get(k)]
+      diff = artifacts.differences(existing.get("request") or {}, artifacts.normalized(manifest["request"]))
+      diff += [k for k in keys[1:] if existing.get(k) != manifest.get(k)]
       raise data.DataError(f"{workdir} holds scores of another job (differs in {', '.join(diff)}); choose another "
                            "--config.workdir (nothing was overwritten)")
     return
@@ -178,7 +194,7 @@ def _open_output(workdir: pathlib.Path, manifest: dict, num_chunks: int):
           chunk_layout=ts.ChunkLayout(chunk_shape=[manifest["chunk_rows"], k]))
     _zarr(workdir / "done.zarr", create=True, dtype=ts.uint8, shape=[num_chunks], fill_value=0,
           chunk_layout=ts.ChunkLayout(chunk_shape=[1]))
-    path.write_text(json.dumps(manifest, indent=1, default=str))
+    artifacts.write_manifest(workdir, manifest)
 
 
 def run(cfg) -> pathlib.Path:
@@ -188,10 +204,18 @@ def run(cfg) -> pathlib.Path:
   workdir = pathlib.Path(cfg.workdir).resolve()
   profiler = metrics.StepProfiler(cfg.profile_steps, workdir / "profile")
   store = data.TokenStore(scfg.store)
-  if is_complete(workdir, store, describe_models(model_entries(cfg)[0])):
+  request = scores_request(store.id, describe_models(model_entries(cfg)[0]))
+  if is_complete(workdir, request):
     if metrics.is_main():
       print(f"score: {workdir} is complete for this pool and these models; nothing to do")
     return workdir
+  shard_i, shard_n = parse_shard(scfg.shard)
+  with artifacts.Lock(workdir, f"shard-{shard_i}-of-{shard_n}"):
+    return _score(cfg, workdir, store, request, profiler, shard_i, shard_n)
+
+
+def _score(cfg, workdir, store, request, profiler, shard_i, shard_n) -> pathlib.Path:
+  scfg = cfg.score
   mesh = sharding.make_mesh(cfg.mesh)
   spec, stacked, stacked_sh, models, tok_info = load_models(cfg, mesh)
   if tok_info["sha256"] != store.manifest["tokenizer"]["sha256"]:
@@ -216,7 +240,8 @@ def run(cfg) -> pathlib.Path:
   num_chunks = -(-n // chunk_rows)
   manifest = {
       "format": SCORES_FORMAT, "num_sequences": n, "columns": [m["name"] for m in models], "models": models,
-      "store": {"path": str(store.path), "id": store.id, "seq_len": store.seq_len}, "dtype": "float32",
+      "store": {"path": artifacts.relative(store.path, workdir), "id": store.id, "seq_len": store.seq_len},
+      "id": artifacts.content_id(request), "request": request, "dtype": "float32",
       "value": "per-sequence mean next-token NLL (fp32, no z-loss)", "chunk_rows": chunk_rows,
       "batch_size": batch, "model": spec.architecture(), "tokenizer": tok_info,
       "config": json.loads(cfg.to_json()), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -225,13 +250,12 @@ def run(cfg) -> pathlib.Path:
   if not metrics.is_main():
     _open_output(workdir, manifest, num_chunks)  # every host checks the folder it will write into
   out = Scores(workdir)
-  shard_i, shard_n = parse_shard(scfg.shard)
   mine = np.arange(num_chunks)[shard_i * num_chunks // shard_n:(shard_i + 1) * num_chunks // shard_n]
   todo = mine[~out.done()[mine]]
   per_host = [todo[h::hosts] for h in range(hosts)]
   my_chunks = per_host[jax.process_index()]
   schedule = step_schedule(per_host, n, chunk_rows, host_batch)
-  pad_id = store.pad_id if store.padded else None
+  pad_id = losses.pad_to_mask(store)  # scores are means over real tokens, whatever the training policy
   step_fn = build_score_step(spec, stacked_sh, batch_sh, out_sh, pad_id, int(scfg.loss_chunk))
   flops = model.flops_per_token(spec, store.seq_len, training=False) * len(models)
   peak = metrics.peak_flops(cfg.train.peak_flops)

@@ -9,14 +9,20 @@ is a block of rows plus 65,536 counters, and the output itself.
 Output: `index.npy` (selected global ids, int64, ascending) and `manifest.json` (method, τ, k, threshold, score
 statistics and histogram, per-source selection rates, the scores and store it came from).
 """
+import hashlib
+import io
 import json
+import math
 import pathlib
+import shutil
 import time
 
 import numpy as np
 
+from colorjax import artifacts
 from colorjax import data
 from colorjax import errors
+from colorjax import losses
 from colorjax import metrics
 from colorjax import score as score_lib
 
@@ -56,7 +62,7 @@ class ScoreStream:
     n = self.scores.num_sequences
     for start in range(0, n, self.block_rows):
       rows = self.scores.read(start, min(n, start + self.block_rows))
-      values = -rows[:, self.cond] if self.prior is None else rows[:, self.prior] - rows[:, self.cond]
+      values = losses.color_score(None if self.prior is None else rows[:, self.prior], rows[:, self.cond])
       if np.isnan(values).any():
         bad = start + int(np.argmax(np.isnan(values)))
         raise data.DataError(f"{self.scores.path}: score of sequence {bad} is NaN (unscored or corrupt); re-run the "
@@ -135,46 +141,65 @@ def label_rates(store: data.TokenStore, ids: np.ndarray, block_rows: int) -> dic
           for name, p, c in zip(labels, pool, chosen)}
 
 
-def selection_request(cfg, scores: score_lib.Scores) -> dict:
-  """What decides a selection's content; an existing selection is reused only when this matches."""
+METHODS = ("color", "conditional_only", "random")
+
+
+def selection_request(cfg, scores_id: str, store_id: str) -> dict:
+  """What decides a selection's content: the method and its settings, the pool, and (except for a random draw,
+  which a retrained prior or conditional leaves unchanged) the scores by id."""
   scfg = cfg.select
+  random = scfg.method == "random"
   return {"method": scfg.method, "tau": float(scfg.tau), "tokens": int(scfg.tokens),
-          "conditional": scfg.conditional if scfg.method != "random" else None,
-          "seed": int(cfg.seed) if scfg.method == "random" else None, "scores": str(scores.path.resolve()),
-          "models": scores.manifest["models"], "store_id": scores.manifest["store"]["id"]}
+          "conditional": None if random else scfg.conditional, "seed": int(cfg.seed) if random else None,
+          "scores": None if random else scores_id, "store": store_id}
+
+
+def check_settings(cfg) -> None:
+  scfg = cfg.select
+  if scfg.method not in METHODS:
+    raise errors.ConfigError(f"select.method={scfg.method!r}; choose one of {', '.join(METHODS)}")
+  if scfg.tokens < 0:
+    raise errors.ConfigError(f"select.tokens={scfg.tokens}: give a positive token budget (0 = use select.tau)")
+  if not scfg.tokens and not (math.isfinite(scfg.tau) and scfg.tau >= 1):
+    raise errors.ConfigError(f"select.tau={scfg.tau}: keep the top 1/tau of the pool, so tau is a number >= 1")
 
 
 def selection_size(cfg, n: int, seq_len: int) -> int:
+  """k: the sequences a selection keeps; refuses settings that keep none."""
+  check_settings(cfg)
   scfg = cfg.select
-  if scfg.tokens:
-    return min(n, int(scfg.tokens) // seq_len)
-  if scfg.tau < 1:
-    raise errors.ConfigError(f"select.tau={scfg.tau}: keep the top 1/tau, so tau >= 1")
-  return int(n // scfg.tau)
+  k = min(n, int(scfg.tokens) // seq_len) if scfg.tokens else int(n // scfg.tau)
+  if k <= 0:
+    how = f"select.tokens={scfg.tokens}" if scfg.tokens else f"select.tau={scfg.tau:g}"
+    raise errors.ConfigError(f"{how} keeps 0 of the pool's {n:,} sequences of {seq_len} tokens; lower tau (at most "
+                             f"{n:,}) or raise the token budget")
+  return k
 
 
 def run(cfg) -> pathlib.Path:
   scfg = cfg.select
-  if scfg.method not in ("color", "conditional_only", "random"):
-    raise errors.ConfigError(f"select.method={scfg.method!r}; choose color, conditional_only or random")
+  check_settings(cfg)
   if not cfg.workdir:
     raise errors.ConfigError("set --config.workdir to the folder the selection goes to")
   workdir = pathlib.Path(cfg.workdir).resolve()
   scores = score_lib.Scores(scfg.scores)
-  request = selection_request(cfg, scores)
-  if (workdir / data.MANIFEST).exists():
-    if data.read_manifest(workdir).get("request") == request:
-      print(f"select: {workdir} is up to date; nothing to do")
-      return workdir
-    raise data.DataError(f"{workdir} already holds another selection; choose another --config.workdir (nothing was "
-                         "overwritten)")
-  scores.check_complete()
-  store = data.TokenStore(scores.manifest["store"]["path"])
+  store = data.TokenStore(scores.store_path())
   if store.id != scores.manifest["store"]["id"]:
     raise data.DataError(f"store {store.path} changed since it was scored (id {store.id}, scores say "
                          f"{scores.manifest['store']['id']}); re-run the score stage")
+  request = selection_request(cfg, scores.id, store.id)
+  if artifacts.up_to_date(workdir, request, "another selection", "choose another --config.workdir"):
+    print(f"select: {workdir} is up to date; nothing to do")
+    return workdir
   n = scores.num_sequences
   k = selection_size(cfg, n, store.seq_len)
+  scores.check_complete()
+  with artifacts.Lock(workdir):
+    return _select(cfg, workdir, scores, store, request, n, k)
+
+
+def _select(cfg, workdir, scores, store, request, n: int, k: int) -> pathlib.Path:
+  scfg = cfg.select
   start = time.time()
   stats, threshold = None, None
   if scfg.method == "random":
@@ -184,27 +209,42 @@ def run(cfg) -> pathlib.Path:
     ids, threshold = top_k(stream, k)
     stats = score_statistics(stream)
   manifest = {
-      "format": "colorjax.selection", "method": scfg.method, "tau": float(n / k) if k else None,
-      "tau_requested": float(scfg.tau), "tokens_requested": int(scfg.tokens), "k": int(k), "num_sequences": n,
-      "tokens": int(k) * store.seq_len, "threshold": threshold, "seed": cfg.seed if scfg.method == "random" else None,
+      "format": "colorjax.selection", "id": artifacts.content_id(request), "method": scfg.method,
+      "tau": float(n / k), "tau_requested": float(scfg.tau), "tokens_requested": int(scfg.tokens), "k": int(k),
+      "num_sequences": n, "tokens": int(k) * store.seq_len, "threshold": threshold,
+      "seed": cfg.seed if scfg.method == "random" else None,
       "conditional": scfg.conditional if scfg.method != "random" else None,
-      "scores": {"path": str(scores.path), "models": scores.manifest["models"]},
-      "store_id": store.id, "store_path": str(store.path), "score_stats": stats,
+      "scores": {"path": artifacts.relative(scores.path, workdir), "id": scores.id, "models": scores.manifest["models"]},
+      "store_id": store.id, "store_path": artifacts.relative(store.path, workdir),
+      "index_sha256": hashlib.sha256(_npy_bytes(ids)).hexdigest(), "score_stats": stats,
       "sources": label_rates(store, ids, scfg.block_rows), "seconds": time.time() - start,
       "request": request, "config": json.loads(cfg.to_json()), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
   }
   if metrics.is_main():
     partial = workdir.with_name(workdir.name + ".partial")
-    partial.mkdir(parents=True, exist_ok=True)
-    np.save(partial / "index.npy", ids)
-    (partial / data.MANIFEST).write_text(json.dumps(manifest, indent=1))
-    partial.rename(workdir)
+    if partial.exists():
+      shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    (partial / "index.npy").write_bytes(_npy_bytes(ids))
+    artifacts.write_manifest(partial, manifest)
+    artifacts.publish(partial, workdir)
     rate = lambda r: f"{r['selected']:,}/{r['pool']:,} ({r['rate']:.1%})"
-    print(f"select: {scfg.method} k={k:,} of {n:,} (tau {manifest['tau'] or 0:.2f})"
+    print(f"select: {scfg.method} k={k:,} of {n:,} (tau {manifest['tau']:.2f})"
           + (f", threshold {threshold:.4f}" if threshold is not None else "") + f" -> {workdir}")
     for name, r in sorted(manifest["sources"].items(), key=lambda x: -x[1]["rate"]):
       print(f"  {name:<16} {rate(r)}")
   return workdir
+
+
+def _npy_bytes(ids: np.ndarray) -> bytes:
+  buffer = io.BytesIO()
+  np.save(buffer, ids)
+  return buffer.getvalue()
+
+
+def store_of(selection: pathlib.Path, manifest: dict) -> pathlib.Path:
+  """The pool store a selection indexes, as recorded relative to the selection folder."""
+  return artifacts.resolve(manifest["store_path"], selection)
 
 
 def describe(cfg) -> None:

@@ -109,15 +109,21 @@ def write_domain(path, domain: str, num_docs: int, seed: int) -> pathlib.Path:
   """Write num_docs documents of one domain as jsonl.gz ({"id", "source", "text"})."""
   if domain not in DOMAINS:
     raise errors.ConfigError(f"unknown synthetic domain {domain!r}; choose from {sorted(DOMAINS)}")
-  rng = np.random.default_rng([seed, sorted(DOMAINS).index(domain)])
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_name(path.name + ".tmp")
   with gzip.open(tmp, "wt", encoding="utf-8") as f:
-    for i in range(num_docs):
-      f.write(json.dumps({"id": f"{domain}/{i}", "source": domain, "text": DOMAINS[domain](rng)}) + "\n")
+    for i, text in enumerate(documents(domain, num_docs, seed)):
+      f.write(json.dumps({"id": f"{domain}/{i}", "source": domain, "text": text}) + "\n")
   tmp.rename(path)
   return path
+
+
+def documents(domain: str, num_docs: int, seed: int):
+  """The texts of one domain, deterministic in (domain, seed) (dry runs count their characters)."""
+  rng = np.random.default_rng([seed, sorted(DOMAINS).index(domain)])
+  for _ in range(num_docs):
+    yield DOMAINS[domain](rng)
 
 
 def train_tokenizer(files, path, vocab_size: int = 1024) -> pathlib.Path:

@@ -104,7 +104,25 @@ def available_splits(task: str, data_dir: str | os.PathLike) -> tuple[str, ...]:
   return tuple(sorted(names))
 
 
-def _missing_file_error(task: str, split: str, data_dir: str | os.PathLike) -> FileNotFoundError:
+class MissingTaskData(errors.DataError, FileNotFoundError):
+  """A task split is not on disk: a DataError (main reports it cleanly) that callers may catch as FileNotFoundError."""
+
+
+class DatasetsMissing(errors.ConfigError, ImportError):
+  """HuggingFace loading was asked for without `datasets`: fixable by config, catchable as ImportError."""
+
+
+DIR_SETTINGS = "--config.eval.tasks_dir (evaluation) or --config.sft.data_dir (finetuning)"
+
+
+def default_dir() -> str | None:
+  """The offline task folder used when none is configured ($COLORJAX_DATA/tasks or ../shared/data/tasks); None
+  means HuggingFace."""
+  from colorjax import data  # pylint: disable=import-outside-toplevel
+  return data.shared_dir("tasks")
+
+
+def _missing_file_error(task: str, split: str, data_dir: str | os.PathLike, setting: str) -> MissingTaskData:
   folder = pathlib.Path(data_dir) / task
   looked = folder / f"{split}.jsonl.gz"
   splits = available_splits(task, data_dir)
@@ -112,10 +130,10 @@ def _missing_file_error(task: str, split: str, data_dir: str | os.PathLike) -> F
     found = f"splits present in {folder}: {', '.join(splits)}"
   else:
     found = f"{folder} holds no <split>.jsonl[.gz] files"
-  return FileNotFoundError(
+  return MissingTaskData(
       f"no {split!r} split for task {task!r}: looked for {looked} (or .jsonl); {found}. "
-      "Pass a split that exists, point data_dir at the folder holding <task>/<split>.jsonl.gz, "
-      "or use data_dir=None to load from HuggingFace."
+      f"Pass a split that exists or point {setting or DIR_SETTINGS} at the folder holding <task>/<split>.jsonl.gz; "
+      "empty loads from HuggingFace (evaluation and the pipeline first try $COLORJAX_DATA/tasks, ../shared/data/tasks)."
   )
 
 
@@ -145,14 +163,14 @@ def read_jsonl(path: str | os.PathLike, limit: int | None = None) -> list[dict]:
   return docs
 
 
-def load_hf_docs(task: str, split: str, limit: int | None = None) -> list[dict]:
+def load_hf_docs(task: str, split: str, limit: int | None = None, setting: str = "") -> list[dict]:
   """Loads a split from the HuggingFace hub; `datasets` is optional, hence the lazy import."""
   try:
     import datasets  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise ImportError(
-        f"loading task {task!r} with data_dir=None needs the HuggingFace `datasets` package: "
-        "pass data_dir (the folder holding <task>/<split>.jsonl.gz) or `pip install datasets`"
+    raise DatasetsMissing(
+        f"loading task {task!r} from HuggingFace (no task folder given) needs the `datasets` package: set "
+        f"{setting or DIR_SETTINGS} to the folder holding <task>/<split>.jsonl.gz, or `pip install datasets`"
     ) from e
   path, name = HF_SOURCES[task]
   dataset = datasets.load_dataset(path, name, split=split)
@@ -164,14 +182,16 @@ def load_docs(
     split: str,
     data_dir: str | os.PathLike | None = None,
     limit: int | None = None,
+    setting: str = "",
 ) -> list[dict]:
-  """Raw docs of one split in dataset order (list index == doc_id)."""
+  """Raw docs of one split in dataset order (list index == doc_id); `setting` is the config flag that set
+  data_dir, named by the errors (default: both task-folder flags)."""
   check_task(task)
   if data_dir is None:
-    return load_hf_docs(task, split, limit)
+    return load_hf_docs(task, split, limit, setting)
   path = split_path(task, split, data_dir)
   if path is None:
-    raise _missing_file_error(task, split, data_dir)
+    raise _missing_file_error(task, split, data_dir, setting)
   return read_jsonl(path, limit)
 
 

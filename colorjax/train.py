@@ -8,6 +8,7 @@ import dataclasses
 import functools
 import json
 import pathlib
+import shutil
 import time
 
 import jax
@@ -17,6 +18,7 @@ import optax
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from colorjax import artifacts
 from colorjax import checkpoint
 from colorjax import data
 from colorjax import errors
@@ -27,6 +29,7 @@ from colorjax import model
 from colorjax import plan
 from colorjax import prepare
 from colorjax import sharding
+from colorjax import tasks
 
 
 def lr_at(step, lr: float, warmup: int, max_steps: int, min_ratio: float):
@@ -58,6 +61,7 @@ class StepPlan:
   micro_batch: int
   seq_len: int
   num_items: int  # sequences (or index entries) the order permutes
+  note: str | None = None  # an adjustment the plan made to the configured batch, for the user to see
 
   @property
   def n_micro(self) -> int:
@@ -74,9 +78,16 @@ def step_plan(cfg, num_items: int | None, seq_len: int, data_parallel: int) -> S
   micro = int(tcfg.micro_batch_size) or batch
   if batch <= 0 or batch % micro:
     raise errors.ConfigError(f"train.global_batch_size={batch} must be a positive multiple of train.micro_batch_size={micro}")
+  note = None
   if micro % data_parallel:
-    raise errors.ConfigError(f"train.micro_batch_size={micro} must be divisible by the data-parallel size {data_parallel} "
-                     "(mesh data×fsdp); change the batch or the mesh")
+    rounded = -(-micro // data_parallel) * data_parallel
+    if batch % rounded:
+      raise errors.ConfigError(f"train.micro_batch_size={micro} does not split over the data-parallel size "
+                               f"{data_parallel} (mesh data×fsdp), and {rounded} does not divide "
+                               f"train.global_batch_size={batch}; change the batch or the mesh")
+    note = (f"micro-batch raised from {micro} to {rounded}: one or more rows for each of {data_parallel} "
+            "data-parallel devices (per-device memory does not grow)")
+    micro = rounded
   total = int(tcfg.max_steps)
   if total <= 0:
     if num_items is None:
@@ -86,11 +97,12 @@ def step_plan(cfg, num_items: int | None, seq_len: int, data_parallel: int) -> S
   if tcfg.single_pass and num_items is not None:
     data_steps = num_items // batch
     if data_steps == 0:
-      raise errors.ConfigError(f"single pass over {num_items} sequences cannot fill one batch of {batch}")
+      raise errors.ConfigError(f"a single pass over {num_items} sequences cannot fill one batch of {batch}; give "
+                               "the stage more data or lower train.global_batch_size")
     total = min(total, data_steps)
     if tcfg.anneal_to_data:
       schedule_steps, schedule = total, "data"
-  return StepPlan(total, schedule_steps, schedule, batch, micro, seq_len, num_items or 0)
+  return StepPlan(total, schedule_steps, schedule, batch, micro, seq_len, num_items or 0, note)
 
 
 def build_train_step(spec, tx, schedule, plan_: StepPlan, state_sh, batch_sh, param_sh, z_weight: float,
@@ -141,41 +153,74 @@ class BatchSource:
     return sharding.put_host_rows(rows, self.sharding, self.shape, self.row_start, dim=1)
 
 
-def _parse_eval_stores(entries, train_store: data.TokenStore) -> dict:
-  sets = {}
-  for entry in entries:
-    if "=" not in entry:
-      raise errors.ConfigError(f"data.eval_stores entry {entry!r} must look like name=path")
-    name, path = entry.split("=", 1)
-    store = data.TokenStore(path)
-    if store.manifest["tokenizer"]["sha256"] != train_store.manifest["tokenizer"]["sha256"]:
-      raise data.DataError(f"eval store {path} was tokenized with {store.manifest['tokenizer']['name']}, the "
-                           f"training store {train_store.path} with {train_store.manifest['tokenizer']['name']}; "
-                           "prepare both with the same tokenizer")
-    sets[name] = store
-  return sets
+# Config fields that decide a run's result besides its inputs (which the request names by content id).
+TRAIN_KEYS = ("global_batch_size", "max_steps", "lr", "warmup_steps", "min_lr_ratio", "b1", "b2", "eps",
+              "weight_decay", "grad_clip", "z_loss", "single_pass", "anneal_to_data")
 
 
-def training_store(cfg, workdir: pathlib.Path, spec: model.ModelSpec):
-  """The token store to train on, and (task finetuning) the held-out SFT store: data.train_store as given, or the
-  downstream tasks rendered into padded SFT rows with the tokenizer of the params being finetuned."""
-  if not cfg.sft.tasks:
+def run_request(cfg, spec: model.ModelSpec, store_id: str, padded: bool, index_id, init_id) -> dict:
+  """What decides a training run's result: its inputs by content id, the seed, the architecture and the recipe.
+  The run's id is this request's hash, so it is known (and checkable downstream) before the run trains."""
+  return {"stage": cfg.stage, "store": store_id, "index": index_id, "init_from": init_id, "seed": int(cfg.seed),
+          "model": spec.architecture(), "precision": spec.precision,
+          "train": {k: cfg.train[k] for k in TRAIN_KEYS},
+          "loss_on_padding": bool(padded and cfg.sft.loss_on_padding)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+  """A run's inputs, resolved and checked before anything is written."""
+  store_path: pathlib.Path  # the token store to train on (SFT rows: where they will be built)
+  store_id: str
+  padded: bool
+  sft_eval_path: pathlib.Path | None  # task finetuning: the held-out SFT rows
+  index_id: str | None
+  init_manifest: dict | None
+  request: dict
+
+
+def resolve_inputs(cfg, workdir: pathlib.Path, spec: model.ModelSpec) -> Inputs:
+  """Find the store (or SFT task rows), index and init params, and compute the run's request, writing nothing."""
+  init_manifest = checkpoint.read_params_manifest(cfg.train.init_from) if cfg.train.init_from else None
+  if init_manifest is not None:
+    checkpoint.check_architecture(init_manifest, spec, cfg.train.init_from)
+  sft_eval = None
+  if cfg.sft.tasks:
+    if cfg.data.train_store:
+      raise errors.ConfigError("set either data.train_store or sft.tasks, not both")
+    if init_manifest is None:
+      raise errors.ConfigError("task finetuning starts from a prior: set --config.train.init_from=<prior run>/params")
+    if not cfg.sft.data_dir and tasks.default_dir():
+      cfg.sft.data_dir = tasks.default_dir()  # the offline task folder, as the eval stage finds it
+    request = prepare.sft_request(cfg.sft.tasks, cfg.sft.data_dir, cfg.sft.train_split, init_manifest["tokenizer"],
+                                  spec.max_seq_len, cfg.sft.limit)
+    store_path, store_id, padded = workdir / "sft_train", artifacts.content_id(request), True
+    sft_eval = workdir / "sft_eval" if cfg.sft.eval_split else None
+  else:
     if not cfg.data.train_store:
       raise errors.ConfigError("set --config.data.train_store (or --config.sft.tasks to finetune on downstream tasks)")
-    return cfg.data.train_store, None
-  if cfg.data.train_store:
-    raise errors.ConfigError("set either data.train_store or sft.tasks, not both")
-  if not cfg.train.init_from:
-    raise errors.ConfigError("task finetuning starts from a prior: set --config.train.init_from=<prior run>/params")
-  manifest = checkpoint.read_params_manifest(cfg.train.init_from)
-  tokenizer = data.checked_tokenizer_path(cfg.train.init_from, manifest["tokenizer"])
-  def make(split, name):
-    build = lambda: prepare.build_sft_store(cfg.sft.tasks, cfg.sft.data_dir, split, tokenizer, spec.max_seq_len,
-                                            workdir / name, limit=cfg.sft.limit)
-    metrics.on_main_then_sync(build, f"sft rows {split}")
-    return workdir / name
+    store = data.TokenStore(cfg.data.train_store)
+    check_store_fits(store, spec)
+    if init_manifest is not None and init_manifest["tokenizer"]["sha256"] != store.manifest["tokenizer"]["sha256"]:
+      raise data.DataError(f"{cfg.train.init_from} was trained with tokenizer {init_manifest['tokenizer']['name']}, "
+                           f"but {store.path} uses {store.manifest['tokenizer']['name']}; use one tokenizer")
+    store_path, store_id, padded = store.path.resolve(), store.id, store.padded
+  index_id = data.index_id(cfg.data.index) if cfg.data.index else None
+  init_id = init_manifest.get("id") if init_manifest else None
+  return Inputs(store_path, store_id, padded, sft_eval, index_id, init_manifest,
+                run_request(cfg, spec, store_id, padded, index_id, init_id))
 
-  return make(cfg.sft.train_split, "sft_train"), (make(cfg.sft.eval_split, "sft_eval") if cfg.sft.eval_split else None)
+
+def build_sft_stores(cfg, inputs: Inputs, spec: model.ModelSpec) -> None:
+  """Task finetuning: render the task splits into padded rows with the tokenizer of the params being finetuned."""
+  tokenizer = data.checked_tokenizer_path(cfg.train.init_from, inputs.init_manifest["tokenizer"])
+  tok_info = inputs.init_manifest["tokenizer"]
+  splits = [(cfg.sft.train_split, inputs.store_path)] + ([(cfg.sft.eval_split, inputs.sft_eval_path)]
+                                                          if inputs.sft_eval_path else [])
+  for split, path in splits:
+    metrics.on_main_then_sync(lambda s=split, p=path: prepare.build_sft_store(
+        cfg.sft.tasks, cfg.sft.data_dir, s, tokenizer, tok_info, spec.max_seq_len, p, limit=cfg.sft.limit),
+        f"sft rows {split}")
 
 
 def check_store_fits(store: data.TokenStore, spec: model.ModelSpec) -> None:
@@ -188,41 +233,27 @@ def check_store_fits(store: data.TokenStore, spec: model.ModelSpec) -> None:
                          f"{spec.max_seq_len}; raise model.max_seq_len or prepare with a shorter seq_len")
 
 
-# Config fields that must not change when a run is resumed (they change the data order or the math).
-_RESUME_KEYS = ("seed", "model", "data.train_store", "data.index", "train.global_batch_size", "train.max_steps",
-                "train.lr", "train.warmup_steps", "train.min_lr_ratio", "train.b1", "train.b2", "train.eps",
-                "train.weight_decay", "train.grad_clip", "train.z_loss", "train.single_pass", "train.anneal_to_data",
-                "train.init_from")
-
-
-def _lookup(d: dict, dotted: str):
-  for part in dotted.split("."):
-    d = d.get(part) if isinstance(d, dict) else None
-  return d
-
-
-def _check_resumable(cfg, workdir: pathlib.Path):
-  """Refuse to clobber an earlier run; on resume, refuse a config that would change the math."""
-  config_path = workdir / "config.json"
-  if not config_path.exists():
-    return
-  if not cfg.train.resume:
-    raise data.DataError(f"{workdir} already holds a run; pass --config.train.resume=True to continue it, or "
-                         "choose another --config.workdir (nothing was overwritten)")
-  saved = json.loads(config_path.read_text())
-  now = json.loads(cfg.to_json())
-  changed = [k for k in _RESUME_KEYS if _lookup(saved, k) != _lookup(now, k)]
-  if changed:
-    raise data.DataError(f"cannot resume {workdir}: {', '.join(changed)} differ from the run's config.json; "
-                         "resume with the original settings or start a new workdir")
-
-
-def _prepare_workdir(cfg, workdir: pathlib.Path):
-  _check_resumable(cfg, workdir)
-  multihost_utils.sync_global_devices(f"checked {workdir}")  # every host checks before process 0 writes
-  if metrics.is_main():
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(cfg.to_json(indent=1))
+def check_run_folder(cfg, workdir: pathlib.Path, request: dict) -> bool:
+  """True when `workdir` holds this run, finished. Refuses a folder holding another run (a different request) and
+  an unfinished run unless train.resume; nothing is overwritten."""
+  fix = "choose another --config.workdir, or delete it to retrain"
+  if artifacts.up_to_date(workdir / "params", request, "a finished run", fix):
+    if not cfg.train.resume:
+      raise data.DataError(f"{workdir} holds this finished run already; pass --config.train.resume=True to reuse it, "
+                           "or choose another --config.workdir (nothing was overwritten)")
+    return True
+  saved = artifacts.recorded_request(workdir)
+  if saved is None and (workdir / "config.json").exists():
+    raise data.DataError(f"{workdir} holds a run without a recorded request (made by an older colorjax); {fix}")
+  if saved is not None:
+    if not cfg.train.resume:
+      raise data.DataError(f"{workdir} already holds a run; pass --config.train.resume=True to continue it, or "
+                           "choose another --config.workdir (nothing was overwritten)")
+    if saved != artifacts.normalized(request):
+      changed = ", ".join(artifacts.differences(saved, artifacts.normalized(request)))
+      raise data.DataError(f"cannot resume {workdir}: its inputs or settings differ ({changed}); resume with the "
+                           f"original ones, or {fix}")
+  return False
 
 
 def _print(msg: str):
@@ -231,35 +262,52 @@ def _print(msg: str):
 
 
 def run(cfg) -> pathlib.Path:
-  """Train per cfg; returns the folder of the params export (<workdir>/params)."""
+  """Train per cfg; returns the folder of the params export (<workdir>/params). Everything is checked before the
+  run folder is created, and a run that fails before its first step leaves no folder behind."""
   if not cfg.workdir:
     raise errors.ConfigError("set --config.workdir to the run folder")
   workdir = pathlib.Path(cfg.workdir).resolve()
-  export_dir = workdir / "params"
-  if (export_dir / data.MANIFEST).exists():
-    if not cfg.train.resume:
-      raise data.DataError(f"{workdir} holds a finished run; choose another --config.workdir (nothing was "
-                           "overwritten)")
-    _check_resumable(cfg, workdir)
-    _print(f"{cfg.stage}: {workdir} is already finished ({export_dir}); nothing to do")
-    return export_dir
-
   spec = model.ModelSpec.from_config(cfg.model)
   metrics.StepProfiler(cfg.profile_steps, workdir / "profile")  # a malformed range fails before any work
+  inputs = resolve_inputs(cfg, workdir, spec)
+  if check_run_folder(cfg, workdir, inputs.request):
+    _print(f"{cfg.stage}: {workdir} is already finished; nothing to do")
+    return workdir / "params"
   mesh = sharding.make_mesh(cfg.mesh)
-  _check_resumable(cfg, workdir)
-  store_path, sft_eval = training_store(cfg, workdir, spec)
-  store = data.TokenStore(store_path)
+  index = None
+  if cfg.data.index and not cfg.sft.tasks:
+    store = data.TokenStore(inputs.store_path)
+    index = data.load_index(cfg.data.index, store)
+    step_plan(cfg, index.size, store.seq_len, sharding.data_parallel_size(mesh))  # fail before writing
+  created = not workdir.exists()
+  with artifacts.Lock(workdir):
+    started = []
+    try:
+      return _train(cfg, workdir, spec, mesh, inputs, index, started)
+    except BaseException:
+      if created and not started and metrics.is_main() and workdir.exists():
+        shutil.rmtree(workdir)  # a run that never took a step leaves nothing to clean up by hand
+      raise
+
+
+def _train(cfg, workdir, spec, mesh, inputs: Inputs, index, started: list) -> pathlib.Path:
+  if cfg.sft.tasks:
+    build_sft_stores(cfg, inputs, spec)
+  store = data.TokenStore(inputs.store_path)
   check_store_fits(store, spec)
-  index = data.load_index(cfg.data.index, store) if cfg.data.index else None
   num_items = store.num_sequences if index is None else index.size
   plan_ = step_plan(cfg, num_items, store.seq_len, sharding.data_parallel_size(mesh))
-  eval_sets = _parse_eval_stores(cfg.data.eval_stores, store)
-  if sft_eval is not None:
-    eval_sets[f"tasks_{cfg.sft.eval_split}"] = data.TokenStore(sft_eval)
-  pad_id = store.pad_id if (store.padded and not cfg.sft.loss_on_padding) else None
-  _prepare_workdir(cfg, workdir)
-
+  eval_sets = data.eval_stores(cfg.data.eval_stores, store.manifest["tokenizer"], f"the training store {store.path}")
+  if inputs.sft_eval_path is not None:
+    eval_sets[f"tasks_{cfg.sft.eval_split}"] = data.TokenStore(inputs.sft_eval_path)
+  pad_id = losses.pad_to_mask(store, cfg.sft.loss_on_padding)
+  if metrics.is_main():
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(cfg.to_json(indent=1))
+    (workdir / artifacts.REQUEST).write_text(json.dumps({"request": inputs.request}, indent=1))
+  multihost_utils.sync_global_devices(f"prepared {workdir}")
+  if plan_.note:
+    _print(f"{cfg.stage}: {plan_.note}")
   tx, schedule = make_optimizer(cfg.train, plan_.schedule_steps)
   param_sh = sharding.tree_shardings(model.abstract_params(spec), model.param_axes(spec), mesh)
 
@@ -274,7 +322,6 @@ def run(cfg) -> pathlib.Path:
 
   ckpt = checkpoint.Checkpointer(workdir, cfg.train.keep_checkpoints)
   start_step = 0
-  init_manifest = None
   latest = ckpt.latest_step() if cfg.train.resume else None
   with sharding.use_mesh(mesh):
     if latest is not None:
@@ -283,10 +330,7 @@ def run(cfg) -> pathlib.Path:
       start_step = int(latest)
       _print(f"{cfg.stage}: resumed {workdir} at step {start_step}")
     elif cfg.train.init_from:
-      params, init_manifest = checkpoint.load_params(cfg.train.init_from, spec, param_sh)
-      if init_manifest["tokenizer"]["sha256"] != store.manifest["tokenizer"]["sha256"]:
-        raise data.DataError(f"{cfg.train.init_from} was trained with tokenizer {init_manifest['tokenizer']['name']},"
-                             f" but {store.path} uses {store.manifest['tokenizer']['name']}; use one tokenizer")
+      params, _ = checkpoint.load_params(cfg.train.init_from, spec, param_sh)
       state = jax.jit(lambda p: init_state(None, p), out_shardings=state_sh)(params)
     else:
       state = jax.jit(init_state, out_shardings=state_sh)(jax.random.key(cfg.seed))
@@ -357,6 +401,7 @@ def run(cfg) -> pathlib.Path:
       for step, batch in prefetch:
         profiler.before(step)
         state, stats = train_step(state, batch)
+        started.append(step)
         profiler.after(step, stats)
         if pending is not None:
           consume(*pending)
@@ -382,15 +427,15 @@ def run(cfg) -> pathlib.Path:
 
     final = {k: v for k, v in (metrics.read_metrics(workdir)[-1] if metrics.is_main() else {}).items()
              if k.startswith("eval/")}
+    export_dir = workdir / "params"
+    rel = lambda path: artifacts.relative(path, export_dir) if path else None
     manifest = {
         "stage": cfg.stage, "model": spec.architecture(), "model_spec": spec.to_dict(),
-        "tokenizer": store.manifest["tokenizer"], "train_store": {"path": str(store.path), "id": store.id},
-        "index": str(cfg.data.index) if cfg.data.index else None,
-        "index_id": data.index_id(cfg.data.index) if cfg.data.index else None, "steps": plan_.total_steps,
-        "tokens": plan_.tokens, "schedule": plan_.schedule, "schedule_steps": plan_.schedule_steps,
-        "seed": cfg.seed, "init_from": cfg.train.init_from or None,
-        "init_from_id": init_manifest.get("id") if init_manifest else None,
-        "id": f"{store.id}-{cfg.stage}-{cfg.seed}-{plan_.total_steps}-{int(time.time())}",
+        "tokenizer": store.manifest["tokenizer"], "train_store": {"path": rel(store.path), "id": store.id},
+        "index": rel(cfg.data.index), "index_id": inputs.index_id, "init_from": rel(cfg.train.init_from),
+        "init_from_id": inputs.request["init_from"], "steps": plan_.total_steps, "tokens": plan_.tokens,
+        "schedule": plan_.schedule, "schedule_steps": plan_.schedule_steps, "seed": cfg.seed,
+        "id": artifacts.content_id(inputs.request), "request": inputs.request,
         "final_eval": final, "config": json.loads(cfg.to_json()),
     }
     checkpoint.export_params(export_dir, state["params"], manifest, store.tokenizer_path())
@@ -398,25 +443,30 @@ def run(cfg) -> pathlib.Path:
   return export_dir
 
 
-def describe(cfg, num_items: int | None = None) -> dict:
-  """Dry run: sizes, FLOPs, steps, tokens and per-device memory, all without allocating. `num_items` stands in for
-  the data size when the store (or index) does not exist yet, e.g. when planning a whole pipeline."""
+def describe(cfg, num_items: int | None = None, seq_len: int | None = None, size_note: str = "") -> dict:
+  """Dry run: sizes, FLOPs, steps, tokens and per-device memory, all without allocating. `num_items` and `seq_len`
+  stand in for the data when the store (or index) does not exist yet, e.g. when planning a whole pipeline."""
   spec = model.ModelSpec.from_config(cfg.model)
   num_devices = cfg.dry_run_devices or jax.device_count()
   mesh = sharding.abstract_mesh(cfg.mesh, num_devices)
-  seq_len = spec.max_seq_len
-  if cfg.data.train_store and pathlib.Path(cfg.data.train_store, data.MANIFEST).exists():
+  seq_len = seq_len or spec.max_seq_len
+  store_exists = bool(cfg.data.train_store) and pathlib.Path(cfg.data.train_store, data.MANIFEST).exists()
+  if store_exists:
     store = data.TokenStore(cfg.data.train_store)
     check_store_fits(store, spec)
     seq_len = store.seq_len
-    num_items = data.load_index(cfg.data.index, store).size if cfg.data.index else store.num_sequences
-  dp = int(np.prod([mesh.shape[a] for a in sharding.RULES["batch"]]))
-  plan_ = step_plan(cfg, num_items, seq_len, dp)
+    if cfg.data.index and pathlib.Path(cfg.data.index).exists():
+      num_items = data.load_index(cfg.data.index, store).size
+    elif not cfg.data.index:
+      num_items = store.num_sequences
+  plan_ = step_plan(cfg, num_items, seq_len, sharding.data_parallel_size(mesh))
   tx, _ = make_optimizer(cfg.train, plan_.schedule_steps)
   abstract_params = model.abstract_params(spec)
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
-  note = None if num_items is not None else "train store not found: the step count is the nominal max_steps"
-  if num_items is not None and not pathlib.Path(cfg.data.train_store or "-", data.MANIFEST).exists():
-    note = f"data size taken as {num_items:,} sequences (nominal)"
-  return plan.print_model_and_training(cfg.stage, spec, mesh, plan_, abstract_params, abstract_opt, data_note=note,
-                                       loss_chunk=cfg.train.loss_chunk)
+  notes = [plan_.note] if plan_.note else []
+  if num_items is None:
+    notes.append("train store not found: the step count is the nominal max_steps")
+  elif not store_exists or (cfg.data.index and not pathlib.Path(cfg.data.index).exists()):
+    notes.append(f"data size taken as {num_items:,} sequences ({size_note or 'nominal'})")
+  return plan.print_model_and_training(cfg.stage, spec, mesh, plan_, abstract_params, abstract_opt,
+                                       data_note="; ".join(notes) or None, loss_chunk=cfg.train.loss_chunk)

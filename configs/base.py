@@ -42,7 +42,7 @@ def train_config() -> ml_collections.ConfigDict:
   t.micro_batch_size = 0  # sequences per forward/backward pass; 0 = whole batch (no accumulation)
   t.max_steps = 24000  # nominal length, on which the LR schedule is defined (<= 0: one pass over the data)
   t.lr = 1e-3  # peak learning rate
-  t.warmup_steps = 2000  # linear warmup from min_lr_ratio*lr to lr
+  t.warmup_steps = 1000  # linear warmup from min_lr_ratio*lr to lr (the 150M prior and targets; 1.2B: 8000)
   t.min_lr_ratio = 0.1  # warmup start and cosine floor, as a fraction of lr
   t.b1 = 0.9  # AdamW beta1
   t.b2 = 0.95  # AdamW beta2
@@ -88,6 +88,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.prepare.inputs = ()  # text files or globs (jsonl, jsonl.gz, txt, txt.gz); order kept, each glob sorted
   c.prepare.output = ""  # token store folder to write (must not exist yet, unless resuming a partial one)
   c.prepare.tokenizer = ""  # path to a tokenizer.json, or a name `tokenizers` can fetch when online
+  c.prepare.eos_id = -1  # end-of-document token id (-1 = the tokenizer's <|endoftext|>, </s> or <eos>)
+  c.prepare.pad_id = -1  # padding token id (-1 = the tokenizer's <|padding|>, <pad> or [PAD])
   c.prepare.seq_len = 512  # tokens per stored sequence
   c.prepare.text_field = "text"  # JSON field holding a document's text
   c.prepare.source_field = "source"  # JSON field naming a document's source (optional; else the file stem)
@@ -115,6 +117,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.split = ""  # split for every task ("" = each task's eval split of SPEC §4)
   c.eval.limit = 0  # documents per task (0 = all)
   c.eval.batch_size = 0  # sequences per held-out eval batch (0 = the train micro-batch)
+  c.eval.shuffle = False  # held-out: a fixed seeded random sample of each store, not its first batches in id order
   c.eval.batch_tokens = 16384  # tokens per multiple-choice batch (batch = this / bucket length)
   c.eval.tokenizer = ""  # tokenizer.json for the prompts ("" = the one the params or store carry)
 

@@ -44,6 +44,8 @@ def get_config(preset: str = "demo"):
   p.data_dir = ""  # folder the file lists below are relative to ("" = $COLORJAX_DATA/corpus or ../shared/data/corpus)
   p.target_files = ("shakespeare.jsonl.gz",)  # target-domain documents (split into finetune / eval / pool parts)
   p.target_split = (0.4, 0.2)  # fractions of target works used to finetune the conditional and to evaluate
+  p.target_pool_split = 0.4  # fraction of target works put into the candidate pool (the rest is unused)
+  p.group_field = ""  # JSON field naming each target document's work (same value = one work; "" = group_regex)
   p.group_regex = r"\n\nby William Shakespeare"  # a document matching this starts a new work ("" = each doc)
   p.split_seed = 0  # seed of the work-level split and of pool sampling
   p.pool_files = ("*.jsonl.gz",)  # candidate pool files (target files are swapped for their pool part)
@@ -64,6 +66,8 @@ def get_config(preset: str = "demo"):
   p.target_eval_store = ""  # paper presets, target=text: held-out target token store
   p.pool_sequences = 0  # dry runs: pool size to plan with when the pool store does not exist yet
   p.target_sequences = 0  # dry runs: conditional's data size to plan with
+  p.chars_per_token = 4.0  # dry runs: characters per token, to estimate store sizes from the input text's size
+  p.on_stale = "refuse"  # stale artifacts in the work directory: refuse (list them) | redo (move to stale/, rebuild)
 
   c.prior = ml_collections.ConfigDict()
   c.prior.model = base.model_config("demo")  # the prior's (and conditional's) architecture
@@ -86,6 +90,7 @@ def get_config(preset: str = "demo"):
     p.target_files = ("stories.jsonl.gz",)
     p.group_regex = ""
     p.target_split = (0.3, 0.2)
+    p.target_pool_split = 0.5
     p.tokenizer_vocab = 1024
     p.seq_len = 128
     p.taus = (8.0,)
@@ -129,8 +134,11 @@ def _paper(c, preset: str):
   p.pool_sequences = 342_000_000  # C4: ~175B tokens in 512-token sequences (SPEC §1)
   p.target_sequences = 114_170  # the 7 offline tasks' train documents, one SFT row each
   c.eval.tasks = ALL_TASKS
+  c.eval.batch_size = 64  # held-out loss as the original: 100 batches x 64 shuffled sequences per eval (SPEC §3)
+  c.eval.shuffle = True
+  c.sft.loss_on_padding = True  # the original's SFT loss counted PAD positions (SPEC §3); False = the fix
   c.prior.model = base.model_config("150m")
-  c.prior.train = base.train_config()  # 24,000 x 256 x 512, warmup 2000, SPEC §3
+  c.prior.train = base.train_config()  # 24,000 x 256 x 512, warmup 1000, SPEC §3
   c.prior.train.micro_batch_size = 64
   c.conditional.train = base.train_config()
   c.conditional.train.max_steps = 0
@@ -148,5 +156,7 @@ def _paper(c, preset: str):
   if size == "1.2b":
     c.target.train.max_steps = 192_000
     c.target.train.warmup_steps = 8000
+  for t in (c.train, c.prior.train, c.conditional.train, c.target.train):  # each stage reads its own train section
+    t.eval_batches = 100
   c.score.batch_size = 256
   c.score.loss_chunk = 64

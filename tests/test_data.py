@@ -1,5 +1,6 @@
 """Token stores: prepare on real text, the on-disk format, errors, the deterministic order, the loader."""
 import gzip
+import hashlib
 import json
 import os
 import pathlib
@@ -73,9 +74,55 @@ def test_prepare_is_idempotent_and_never_overwrites(real_store, data_dir, neox_t
   before = {p.name: p.stat().st_mtime_ns for p in real_store.iterdir()}
   prepare.run(prepare_cfg(inputs, neox_tokenizer_path, real_store))
   assert "up to date" in capsys.readouterr().out
-  with pytest.raises(data.DataError, match="already exists"):
+  with pytest.raises(data.DataError, match=r"other settings \(settings differ: seq_len\)"):
     prepare.run(prepare_cfg(inputs, neox_tokenizer_path, real_store, seq_len=256))
   assert {p.name: p.stat().st_mtime_ns for p in real_store.iterdir()} == before
+
+
+def test_prepare_notices_changed_input_content(tmp_path, neox_tokenizer_path):
+  """Issue 8.2: a store is checked against its inputs' content (size + mtime first, then the hash)."""
+  text = tmp_path / "a.jsonl"
+  text.write_text("".join(json.dumps({"text": f"document {i} " * 40}) + "\n" for i in range(20)))
+  cfg = prepare_cfg([text], neox_tokenizer_path, tmp_path / "store", seq_len=32, workers=1)
+  prepare.run(cfg)
+  manifest = data.read_manifest(tmp_path / "store")
+  assert manifest["files"][0]["sha256"] == hashlib.sha256(text.read_bytes()).hexdigest()
+  assert manifest["id"] == data.TokenStore(tmp_path / "store").id
+  stat = text.stat()
+  text.write_text(text.read_text().replace("document 3 ", "document 9 "))  # same size, new content
+  os.utime(text, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+  with pytest.raises(data.DataError, match=r"is stale: content of a.jsonl changed"):
+    prepare.run(cfg)
+  os.utime(text, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same size and mtime: trusted without hashing
+  prepare.run(cfg)
+
+
+def test_prepare_rejects_bad_documents_and_empty_stores(tmp_path, neox_tokenizer_path):
+  """Issue 8.6: non-text "text" fields name file:line; a store with no full sequence is an error, not exit 0."""
+  for value in (None, 12345):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"text": "fine " * 50}) + "\n" + json.dumps({"text": value}) + "\n")
+    with pytest.raises(data.DataError, match=r"bad.jsonl:2: 'text' is (NoneType|int), not text"):
+      prepare.run(prepare_cfg([bad], neox_tokenizer_path, tmp_path / "bad_store", seq_len=32, workers=1))
+  short = tmp_path / "short.jsonl"
+  short.write_text(json.dumps({"text": "too short"}) + "\n")
+  with pytest.raises(data.DataError, match="no input holds one full sequence of 512 tokens"):
+    prepare.run(prepare_cfg([short], neox_tokenizer_path, tmp_path / "empty", seq_len=512, workers=1))
+  assert not (tmp_path / "empty").exists() and not (tmp_path / "empty.partial").exists()
+
+
+def test_tokenizer_without_known_specials_needs_explicit_ids(tmp_path):
+  """Issue 8.6: no silent <unk>/<s> fallback for EOS and PAD."""
+  from tokenizers import models
+  tok = Tokenizer(models.WordLevel({"<unk>": 0, "<s>": 1, "a": 2, "b": 3}, unk_token="<unk>"))
+  with pytest.raises(data.DataError, match="no known end-of-document token.*prepare.eos_id"):
+    data.tokenizer_info(tok, "plain")
+  with pytest.raises(data.DataError, match="no known padding token.*prepare.pad_id"):
+    data.tokenizer_info(tok, "plain", eos_id=3)
+  info = data.tokenizer_info(tok, "plain", eos_id=3, pad_id=1)
+  assert (info["eos_id"], info["pad_id"]) == (3, 1)
+  with pytest.raises(data.DataError, match="outside the vocabulary"):
+    data.tokenizer_info(tok, "plain", eos_id=99, pad_id=1)
 
 
 def test_mixed_source_file_gets_per_sequence_labels(tmp_path, neox_tokenizer_path):

@@ -10,6 +10,7 @@ from tokenizers import Tokenizer
 
 from colorjax import checkpoint
 from colorjax import data
+from colorjax import errors
 from colorjax import evaluate
 from colorjax import metrics
 from colorjax import losses
@@ -119,7 +120,8 @@ def test_pad_masking_makes_the_loss_independent_of_padding(synthetic_prior, data
   spec, _, _, params, tok_path = _setup(synthetic_prior)
   rows = {}
   for seq_len in (256, 512):
-    store = prepare.build_sft_store(("arc_easy",), data_dir / "tasks", "train", tok_path, seq_len,
+    tok_info = data.tokenizer_info(data.load_tokenizer(str(tok_path)), str(tok_path))
+    store = prepare.build_sft_store(("arc_easy",), data_dir / "tasks", "train", tok_path, tok_info, seq_len,
                                     tmp_path / f"sft{seq_len}", limit=8)
     s = data.TokenStore(store)
     assert s.padded and s.manifest["files"][0]["truncated_rows"] == 0
@@ -149,7 +151,8 @@ def test_finetuning_on_a_domain_lowers_its_heldout_loss(synthetic_prior, synthet
   assert evals[-1] < evals[0] - 0.3
   manifest = checkpoint.read_params_manifest(tmp_path / "cond" / "params")
   assert manifest["schedule"] == "data" and manifest["steps"] == data.TokenStore(target).num_sequences // 16
-  assert manifest["init_from"] == str(export)
+  assert (tmp_path / "cond" / "params" / manifest["init_from"]).resolve() == export.resolve()  # relative: relocatable
+  assert manifest["init_from_id"] == checkpoint.read_params_manifest(export)["id"] == manifest["request"]["init_from"]
 
 
 def test_task_finetuning_lowers_heldout_task_loss(synthetic_prior, data_dir, tmp_path):
@@ -184,3 +187,87 @@ def test_eval_stage_reports_all_eight_tasks(synthetic_prior, synthetic_store, da
   again = run_cli(["--config", "configs/eval.py:tiny", f"--config.eval.params={export}",
                    f"--config.workdir={tmp_path}/ev", f"--config.eval.tasks_dir={data_dir / 'tasks'}"], check=False)
   assert again.returncode != 0 and "already exists" in again.stderr
+
+
+# Held-out sample (eval.shuffle) and the task folder fallback.
+
+
+def test_heldout_ids_are_a_fixed_sorted_sample():
+  ordered = evaluate.heldout_ids(1000, 96, shuffle=False)
+  sample = evaluate.heldout_ids(1000, 96, shuffle=True)
+  np.testing.assert_array_equal(ordered, np.arange(96))
+  assert sample.size == 96 and np.unique(sample).size == 96 and (np.diff(sample) > 0).all()
+  assert 0 <= sample.min() and sample.max() < 1000 and sample.max() > 500  # spread over the store, not its head
+  np.testing.assert_array_equal(sample, evaluate.heldout_ids(1000, 96, shuffle=True))
+  for count in (0, 1000, 5000):  # the whole store: nothing to sample
+    np.testing.assert_array_equal(evaluate.heldout_ids(1000, count, shuffle=True), np.arange(1000))
+
+
+def test_shuffled_heldout_loss_reads_exactly_its_sample(synthetic_prior, synthetic_store):
+  spec, mesh, param_sh, params, _ = _setup(synthetic_prior)
+  store = data.TokenStore(synthetic_store)
+  reads = []
+  read = store.read
+  store.read = lambda ids: (reads.append(np.asarray(ids)), read(ids))[1]
+
+  def evaluator(shuffle):
+    cfg = make_config("pretrain", "demo", eval__batch_size=8, eval__shuffle=shuffle, train__eval_batches=3)
+    return evaluate.HeldoutEvaluator(spec, mesh, param_sh, {"s": store}, cfg)
+
+  shuffled, ordered = evaluator(True), evaluator(False)
+  count = 3 * shuffled.batch
+  ids = shuffled.sample_ids(store)
+  assert store.num_sequences > 4 * count and ids.size == count and not (ids == np.arange(count)).all()
+  got = shuffled.store_loss(params, store)
+  np.testing.assert_array_equal(np.concatenate(reads), ids)
+  direct = losses.sequence_nll(spec, params, jnp.asarray(read(ids)), None, 0)
+  assert got == pytest.approx(float(jnp.mean(direct)), rel=1e-5)
+  reads.clear()
+  assert evaluator(True).store_loss(params, store) == pytest.approx(got, rel=1e-6)  # the same sample again
+  np.testing.assert_array_equal(np.concatenate(reads), ids)
+  in_order = ordered.store_loss(params, store)
+  head = losses.sequence_nll(spec, params, jnp.asarray(read(np.arange(count))), None, 0)
+  assert in_order == pytest.approx(float(jnp.mean(head)), rel=1e-5)
+  assert abs(in_order - got) > 1e-3
+
+
+def test_default_task_dir_prefers_colorjax_data_then_shared(tmp_path, monkeypatch):
+  (tmp_path / "env" / "tasks").mkdir(parents=True)
+  (tmp_path / "root" / "shared" / "data" / "tasks").mkdir(parents=True)
+  (tmp_path / "root" / "work").mkdir()
+  monkeypatch.chdir(tmp_path / "root" / "work")
+  monkeypatch.setenv("COLORJAX_DATA", str(tmp_path / "env"))
+  assert tasks.default_dir() == str((tmp_path / "env" / "tasks").resolve())
+  monkeypatch.setenv("COLORJAX_DATA", str(tmp_path / "no-tasks-here"))
+  assert tasks.default_dir() == str((tmp_path / "root" / "shared" / "data" / "tasks").resolve())
+  monkeypatch.delenv("COLORJAX_DATA")
+  monkeypatch.chdir(tmp_path)
+  assert tasks.default_dir() is None
+
+
+def test_eval_stage_falls_back_to_the_default_task_dir(synthetic_prior, data_dir, tmp_path, monkeypatch):
+  export, _ = synthetic_prior
+  task_file = data_dir / "tasks" / "arc_easy" / "test.jsonl.gz"
+  (tmp_path / "data" / "tasks" / "arc_easy").mkdir(parents=True)
+  (tmp_path / "data" / "tasks" / "arc_easy" / "test.jsonl.gz").write_bytes(task_file.read_bytes())
+  monkeypatch.setenv("COLORJAX_DATA", str(tmp_path / "data"))
+  cfg = make_config("eval", "tiny", eval__params=str(export), eval__tasks=("arc_easy",), eval__limit=4,
+                    workdir=str(tmp_path / "ev"))
+  assert cfg.eval.tasks_dir == ""
+  results = evaluate.run(cfg)
+  assert set(results) == {"mc/arc_easy", "mc/mean"}
+  record = json.loads((tmp_path / "ev" / "eval.json").read_text())
+  assert record["tasks_dir"] == str((tmp_path / "data" / "tasks").resolve())
+  cfg = make_config("eval", "tiny", eval__params=str(export), eval__tasks=("piqa",), workdir=str(tmp_path / "ev2"))
+  with pytest.raises(errors.DataError, match="no 'validation' split for task 'piqa'") as info:
+    evaluate.run(cfg)  # the fallback folder has no piqa: the error names the flag to set
+  assert "--config.eval.tasks_dir" in str(info.value) and "data_dir" not in str(info.value)
+
+
+def test_missing_task_data_errors_name_the_config_fields(tmp_path):
+  with pytest.raises(errors.DataError) as info:
+    evaluate.load_task_examples(("boolq",), tmp_path)
+  assert isinstance(info.value, FileNotFoundError) and "--config.eval.tasks_dir" in str(info.value)
+  with pytest.raises(errors.DataError) as info:
+    tasks.load_docs("boolq", "train", tmp_path)  # the SFT path (prepare.build_sft_store) names both flags
+  assert "--config.sft.data_dir" in str(info.value) and "--config.eval.tasks_dir" in str(info.value)

@@ -2,6 +2,7 @@
 import gzip
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import pytest
 
 from colorjax import checkpoint
 from colorjax import data
+from colorjax import errors
 from colorjax import evaluate
 from colorjax import losses
 from colorjax import model
@@ -208,8 +210,17 @@ def test_select_stage_methods_and_manifest(synthetic_store, tmp_path):
                                          **common))
   assert np.load(by_tokens / "index.npy").size == 100
   assert select_lib.run(make_config("select", "color,7", workdir=str(tmp_path / "color"), **common)) == color
-  with pytest.raises(data.DataError, match="already holds another selection"):
+  with pytest.raises(data.DataError, match=r"holds another selection made from other inputs or settings \(differs "
+                     r"in: tau\)"):
     select_lib.run(make_config("select", "color,8", workdir=str(tmp_path / "color"), **common))
+  assert json.loads((color / "manifest.json").read_text())["scores"]["path"] == "../scores"  # relocatable
+  bad = {"tau": (100000.0, "keeps 0 of the pool's 1,761"), "tau_nan": (float("nan"), "tau is a number >= 1"),
+         "tokens": (-1000, "select.tokens=-1000")}
+  for name, (value, message) in bad.items():
+    field = {"select__tokens": value} if name == "tokens" else {"select__tau": value}
+    with pytest.raises(errors.ConfigError, match=re.escape(message)):
+      select_lib.run(make_config("select", "color", workdir=str(tmp_path / name), **common, **field))
+    assert not (tmp_path / name).exists()
   nll[5, 0] = np.nan
   score_lib.Scores(tmp_path / "scores").nll[:].write(nll).result()
   with pytest.raises(data.DataError, match="sequence 5 is NaN"):

@@ -1,0 +1,72 @@
+"""The command line: user errors are one `colorjax <stage>: error:` block and exit 2, bugs keep their traceback,
+repeated overrides are refused before any work, and the installed package runs from any directory."""
+import importlib.metadata
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, run_cli
+
+USAGE_EXIT = 2
+
+
+def assert_one_error_block(proc, message):
+  """Exit 2, the message on one `error:` line, and no traceback around it."""
+  assert proc.returncode == USAGE_EXIT, proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  errors = [line for line in proc.stderr.splitlines() if ": error: " in line]
+  assert len(errors) == 1 and message in errors[0], proc.stderr[-3000:]
+
+
+def test_stage_user_error_is_one_block(tmp_path):
+  proc = run_cli(["--config", "configs/select.py:color,16", "--config.select.scores=/nonexistent",
+                  f"--config.workdir={tmp_path / 'sel'}"], check=False)
+  assert_one_error_block(proc, "colorjax select: error: /nonexistent does not exist")
+
+
+def test_unknown_override_is_one_block_with_a_suggestion():
+  proc = run_cli(["--config", "configs/pretrain.py:tiny", "--config.train.lrr=1", "--config.dry_run=True"],
+                 check=False)
+  assert_one_error_block(proc, "--config.train.lrr: config has no field 'train.lrr'; did you mean --config.train.lr?")
+
+
+def test_unknown_preset_and_missing_config_file_are_one_block(tmp_path):
+  proc = run_cli(["--config", "configs/pipeline.py:nosuch", "--config.dry_run=True"], check=False)
+  assert_one_error_block(proc, "unknown pipeline preset 'nosuch'")
+  proc = run_cli(["--config", "configs/nosuch.py", "--config.dry_run=True"], check=False)
+  assert_one_error_block(proc, "--config configs/nosuch.py: no such file")
+
+
+def test_repeated_override_is_refused_before_any_work(tmp_path):
+  work = tmp_path / "work"
+  proc = run_cli(["--config", "configs/pipeline.py:demo", "--config.dry_run=True", f"--config.workdir={work}",
+                  "--config.pipeline.taus=(8.0,)", "--config.pipeline.taus=(8.0,4.0)"], check=False)
+  assert_one_error_block(proc, "--config.pipeline.taus is given 2 times")
+  assert not work.exists()
+  proc = run_cli(["--config", "configs/pipeline.py:demo", "--config.dry_run=True", "--noconfig.dry_run"],
+                 check=False)
+  assert_one_error_block(proc, "--config.dry_run is given 2 times")
+
+
+def test_a_bug_in_a_config_file_keeps_its_traceback(tmp_path):
+  broken = tmp_path / "broken.py"
+  broken.write_text("from configs import base\n\n\ndef get_config():\n  return base.get_config().no_such_section\n")
+  proc = run_cli(["--config", str(broken), "--config.dry_run=True"], check=False)
+  assert proc.returncode not in (0, USAGE_EXIT)
+  assert "Traceback" in proc.stderr and "no_such_section" in proc.stderr
+
+
+def test_installed_package_runs_from_another_directory(tmp_path):
+  try:
+    importlib.metadata.version("colorjax")
+  except importlib.metadata.PackageNotFoundError:
+    pytest.skip("colorjax is not installed in this environment: run `pip install -e .` as the README does")
+  env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # only the installed package, not the checkout
+  args = ["--config", f"{REPO / 'configs' / 'select.py'}:color,16", "--config.dry_run=True",
+          f"--config.select.scores={tmp_path / 'none'}", f"--config.workdir={tmp_path / 'sel'}"]
+  proc = subprocess.run([sys.executable, "-m", "colorjax.main", *args], cwd=tmp_path, env=env, capture_output=True,
+                        text=True, timeout=300)
+  assert "ModuleNotFoundError" not in proc.stderr, proc.stderr[-3000:]
+  assert_one_error_block(proc, f"colorjax select: error: {tmp_path / 'none'}")
