@@ -1,9 +1,10 @@
 """Token stores (reading), tokenizers, the deterministic data order, and the background batch loader.
 
 A token store is a folder of `.npy` arrays of fixed-length token sequences plus `manifest.json` (written by
-`prepare.py`). A sequence's global id is its row over the store's arrays in manifest order. Training order is a
-pure function of (seed, step): a keyed Feistel permutation of the ids (or of positions in an index of ids), so
-resuming needs no iterator state and any host can compute any step's ids.
+`prepare.py`), or a manifest over headerless dolma/OLMo token files left where they are (`dolma.py`). A
+sequence's global id is its row over the store's arrays in manifest order. Training order is a pure function of
+(seed, step): a keyed Feistel permutation of the ids (or of positions in an index of ids), so resuming needs no
+iterator state and any host can compute any step's ids.
 """
 import hashlib
 import json
@@ -154,6 +155,8 @@ class TokenStore:
     return self.manifest["id"]
 
   def _array(self, i: int) -> np.ndarray:
+    if self._arrays[i] is None and self.files[i].get("format") == "raw":
+      self._arrays[i] = self._raw_array(self.files[i])
     if self._arrays[i] is None:
       entry = self.files[i]
       path = self.path / entry["array"]
@@ -169,6 +172,23 @@ class TokenStore:
                         f"{self.dtype}{list(expected)}; the store is corrupt, re-run prepare")
       self._arrays[i] = array
     return self._arrays[i]
+
+  def _raw_array(self, entry: dict) -> np.ndarray:
+    """A headerless token file adopted in place (dolma/OLMo format, `dolma` stage): its first `sequences` rows, the
+    tail ignored. Its size must still be the one recorded, as its content decided the store's id."""
+    path = artifacts.resolve(entry["path"], self.path)
+    try:
+      size = path.stat().st_size
+    except FileNotFoundError as e:
+      raise DataError(f"{path}, a file of token store {self.path}, is missing; restore it, or adopt the files "
+                      "again (dolma stage, a new store id)") from e
+    if size != entry["bytes"]:
+      raise DataError(f"{path} has {size:,} bytes, {entry['bytes']:,} when token store {self.path} adopted it: the "
+                      "file changed; restore it, or adopt the files again (dolma stage, a new store id)")
+    rows = int(entry["sequences"])
+    if not rows:
+      return np.zeros((0, self.seq_len), self.dtype)
+    return np.memmap(path, dtype=self.dtype, mode="r", shape=(rows * self.seq_len,)).reshape(rows, self.seq_len)
 
   def file_of(self, ids: np.ndarray) -> np.ndarray:
     """Index (into manifest files) of the file holding each global id."""

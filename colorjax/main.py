@@ -32,8 +32,10 @@ STAGES = {
     "score": "colorjax.score",
     "select": "colorjax.select",
     "export": "colorjax.export",
+    "olmo": "colorjax.olmo",
     "pipeline": "colorjax.pipeline",
     "report": "colorjax.report",
+    "dolma": "colorjax.dolma",
 }
 
 USAGE_EXIT = 2

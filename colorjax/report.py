@@ -24,6 +24,7 @@ import numpy as np
 
 from colorjax import data
 from colorjax import errors
+from colorjax import losses
 from colorjax import metrics
 from colorjax import model
 from colorjax import prepare
@@ -416,11 +417,12 @@ def examples(plan: dict, root: pathlib.Path, k: int = 3, chars: int = 240) -> di
   for name, source in (("top", stream), ("bottom", _Negated(stream))):
     ids, _ = select_lib.top_k(source, min(k, scores.num_sequences))
     rows = scores.nll.oindex[ids].read().result()
+    values = losses.color_score(rows[:, scores.column("prior")], rows[:, scores.column("conditional_0")])
     labels = store.labels() or ["all"]
     texts = tokenizer.decode_batch([r.tolist() for r in store.read(ids)], skip_special_tokens=False)
-    out[name] = sorted([{"id": int(i), "score": float(row[0] - row[1]), "source": labels[lab],
+    out[name] = sorted([{"id": int(i), "score": float(value), "source": labels[lab],
                          "text": " ".join(t.split())[:chars]}
-                        for i, row, lab, t in zip(ids, rows, store.label_ids(ids), texts)],
+                        for i, value, lab, t in zip(ids, values, store.label_ids(ids), texts)],
                        key=lambda e: -e["score"] if name == "top" else e["score"])
   return out
 

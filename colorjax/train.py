@@ -270,7 +270,9 @@ def run(cfg) -> pathlib.Path:
   spec = model.ModelSpec.from_config(cfg.model)
   metrics.StepProfiler(cfg.profile_steps, workdir / "profile")  # a malformed range fails before any work
   inputs = resolve_inputs(cfg, workdir, spec)
-  if check_run_folder(cfg, workdir, inputs.request):
+  finished = check_run_folder(cfg, workdir, inputs.request)
+  multihost_utils.sync_global_devices(f"checked {workdir}")  # every host checks before process 0 writes
+  if finished:
     _print(f"{cfg.stage}: {workdir} is already finished; nothing to do")
     return workdir / "params"
   mesh = sharding.make_mesh(cfg.mesh)

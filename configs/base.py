@@ -142,5 +142,33 @@ def get_config() -> ml_collections.ConfigDict:
   c.export.selection = ""  # selection folder (select stage output) whose sequences to write out as text
   c.export.max_rows = 0  # write at most this many sequences (0 = all), in id order
 
+  c.olmo = ml_collections.ConfigDict()
+  c.olmo.mode = "import"  # import (OLMo checkpoint -> params export) | export (params export -> OLMo checkpoint)
+  c.olmo.weights = ""  # import: an OLMo checkpoint's model.safetensors or model.pt, or the folder holding it
+  c.olmo.config = ""  # import: that checkpoint's config.yaml ("" = the one beside the weights)
+  c.olmo.tokenizer = ""  # import: its tokenizer.json ("" = the shared GPT-NeoX pii-special if config.yaml names it)
+  c.olmo.params = ""  # export: the params export to write in OLMo's format (<run>/params)
+
+  c.dolma = ml_collections.ConfigDict()
+  c.dolma.action = "adopt"  # adopt | import_scores | import_selection | export_selection; output goes to workdir
+  c.dolma.paths = ()  # adopt: token files, globs or folders (globs and folders: *.npy sorted), in global-id order
+  c.dolma.paths_from = ""  # adopt: an original run's config.yaml; its data.paths are the files (original order)
+  c.dolma.root = ""  # adopt: folder that relative paths are taken from when not found as given (paths_from's run)
+  c.dolma.dtype = ""  # adopt: token dtype of the files, uint16 | uint32 ("" = paths_from's data.memmap_dtype)
+  c.dolma.seq_len = 0  # adopt: tokens per sequence, the original's chunk_size (0 = model.max_sequence_length)
+  c.dolma.tokenizer = ""  # adopt: the tokenizer.json the tokens were made with (the original's gpt-neox-20b one)
+  c.dolma.eos_id = -1  # adopt: end-of-document id (-1 = paths_from's model.eos_token_id, else the tokenizer's)
+  c.dolma.pad_id = -1  # adopt: padding id (-1 = paths_from's model.pad_token_id, else the tokenizer's)
+  c.dolma.labels = ()  # adopt: a source name per file (names may repeat); empty = each file's stem
+  c.dolma.store = ""  # import_scores / import_selection: the adopted store the original scored / selected
+  c.dolma.prior = ""  # import_scores: the prior's score folders joined by "+" (as the original's extra_data_paths)
+  c.dolma.conditionals = ()  # import_scores: per conditional model, its score folders joined by "+"
+  c.dolma.models = ()  # import_scores: params exports (or ids) of prior + conditionals; empty = ids of the scores
+  c.dolma.rows = 0  # import_scores: rows each full scoring shard wrote (steps x batch); 0 = decide from the files
+  c.dolma.selection = ""  # import_selection: selected_indices.npy; export_selection: a colorjax selection folder
+  c.dolma.formats = ("tokens", "parquet")  # export_selection: dolma/OLMo token files and/or Parquet
+  c.dolma.max_tokens_per_file = 1 << 30  # export_selection: tokens per token file at most (whole sequences)
+  c.dolma.rows_per_file = 100_000  # export_selection: sequences per Parquet file at most
+
   c.train = train_config()
   return c

@@ -89,3 +89,20 @@ def synthetic_prior(synthetic_store, tmp_path_factory):
   cfg = make_config("pretrain", "demo", **tiny_train_overrides(synthetic_store, workdir, train__max_steps=30,
                                                                 model__max_seq_len=128))
   return train.run(cfg), cfg
+
+
+SMALL_DEMO = dict(pipeline__synthetic_docs=250, prior__train__max_steps=40, target__train__eval_every=10,
+                  pipeline__seq_len=64)
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+  """A shrunken demo pipeline, run once per session: (work directory, seconds it took). Tests that change it work
+  on a copy."""
+  import time
+  from colorjax import pipeline
+  root = tmp_path_factory.mktemp("demo") / "work"
+  cfg = make_config("pipeline", "demo", workdir=str(root), **SMALL_DEMO)
+  start = time.time()
+  pipeline.run(cfg)
+  return root, time.time() - start

@@ -8,20 +8,7 @@ import time
 import pytest
 
 from colorjax import pipeline
-from conftest import make_config, run_cli
-
-SMALL_DEMO = dict(pipeline__synthetic_docs=250, prior__train__max_steps=40, target__train__eval_every=10,
-                  pipeline__seq_len=64)
-
-
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-  root = tmp_path_factory.mktemp("demo") / "work"
-  cfg = make_config("pipeline", "demo", workdir=str(root), **SMALL_DEMO)
-  start = time.time()
-  pipeline.run(cfg)
-  return root, time.time() - start
-
+from conftest import SMALL_DEMO, make_config, run_cli
 
 def test_demo_pipeline_reports_every_run(demo_run):
   root, _ = demo_run

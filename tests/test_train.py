@@ -1,6 +1,7 @@
 """Training: schedule and optimizer, real loss decrease, accumulation, 1 vs 8 devices, kill-and-resume, CLI."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from colorjax import artifacts
 from colorjax import checkpoint
 from colorjax import data
 from colorjax import metrics
@@ -77,8 +79,15 @@ def test_pretrain_learns_writes_metrics_and_exports(synthetic_store, tmp_path):
   params, _ = checkpoint.load_params(export, model.ModelSpec.from_config(cfg.model))
   assert params["embed"].shape == (512, cfg.model.d_model)
 
-  with pytest.raises(data.DataError, match="holds a finished run"):
+  with pytest.raises(data.DataError, match="holds this finished run already"):
     train.run(cfg)
+  assert manifest["id"] == artifacts.content_id(manifest["request"])  # known before training: lineage by content
+  changed = make_config("pretrain", "demo", **tiny_train_overrides(
+      synthetic_store, workdir, train__max_steps=40, train__eval_every=20, data__eval_stores=(eval_set,),
+      train__eval_batches=2, train__checkpoint_every=20, train__resume=True, train__lr=0.5))
+  with pytest.raises(data.DataError, match=r"holds a finished run made from other inputs or settings \(differs in: "
+                     r"train.lr\)"):
+    train.run(changed)
   wrong = make_config("pretrain", "tiny", **tiny_train_overrides(synthetic_store, tmp_path / "other"))
   with pytest.raises(data.DataError, match="d_model: saved"):
     checkpoint.load_params(export, model.ModelSpec.from_config(wrong.model))
@@ -135,7 +144,7 @@ def test_killed_run_resumes_with_identical_losses(synthetic_store, tmp_path):
 
   with pytest.raises(AssertionError, match="already holds a run"):
     run_cli(cli_args(tiny_train_overrides(synthetic_store, killed, **common)))
-  with pytest.raises(AssertionError, match="train.lr differ"):
+  with pytest.raises(AssertionError, match=r"differ \(train.lr\)"):
     run_cli(cli_args(tiny_train_overrides(synthetic_store, killed, train__resume=True, train__lr=0.5, **common)))
   resumed = run_cli(cli_args(tiny_train_overrides(synthetic_store, killed, train__resume=True, **common)))
   assert "resumed" in resumed.stdout
@@ -200,3 +209,20 @@ def test_two_hosts_match_one_host(synthetic_store, tmp_path):
   np.testing.assert_allclose([two[s] for s in range(1, 7)], [one[s] for s in range(1, 7)], rtol=1e-4)
   assert metrics.read_metrics(tmp_path / "hosts")[0]["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
   assert (tmp_path / "hosts" / "params" / "manifest.json").exists()
+
+
+def test_a_run_that_fails_before_its_first_step_leaves_nothing(synthetic_store, synthetic_prior, tmp_path):
+  """Issue 8.7: failed checks (mismatched prior, a truncated store) leave no run folder to delete by hand."""
+  prior, _ = synthetic_prior
+  wrong = make_config("finetune", "books,tiny", **tiny_train_overrides(synthetic_store, tmp_path / "cond",
+                                                                      train__init_from=str(prior)))
+  with pytest.raises(data.DataError, match="do not fit the configured model"):
+    train.run(wrong)
+  assert not (tmp_path / "cond").exists()
+  broken = tmp_path / "broken"
+  shutil.copytree(synthetic_store, broken)
+  array = broken / data.TokenStore(broken).files[0]["array"]
+  array.write_bytes(array.read_bytes()[:1000])
+  with pytest.raises(data.DataError, match="not a readable .npy file|holds"):
+    train.run(make_config("pretrain", "demo", **tiny_train_overrides(broken, tmp_path / "run", train__max_steps=3)))
+  assert not (tmp_path / "run").exists()
