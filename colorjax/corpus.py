@@ -15,11 +15,15 @@ import pathlib
 import re
 import struct
 
+import ml_collections
 import numpy as np
 
 from colorjax import artifacts
 from colorjax import errors
+from colorjax import data
 from colorjax import prepare
+from colorjax import synthetic
+from configs import base
 
 PARTS = ("target_train", "target_eval", "pool")
 MAX_RECORDED_WORKS = 10_000  # split.json lists work names up to this many per part (else only counts)
@@ -253,3 +257,92 @@ def text_chars(path: pathlib.Path) -> int:
       raw = struct.unpack("<I", f.read(4))[0]
     return max(raw, size)  # the field is the size mod 2**32
   return size
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The pipeline's text steps: synthetic text (demo), the split by work, the tokenizer, prepare configs
+
+
+def _marker_matches(path: pathlib.Path, request: dict) -> bool:
+  return path.exists() and artifacts.read_json(path).get("request") == artifacts.normalized(request)
+
+
+def synthesize(cfg, root: pathlib.Path) -> pathlib.Path:
+  """The demo's synthetic domains as jsonl.gz files (deterministic in the seed)."""
+  pcfg = cfg.pipeline
+  folder = root / "data" / "synthetic"
+  request = {"docs": pcfg.synthetic_docs, "seed": pcfg.synthetic_seed, "domains": sorted(synthetic.DOMAINS)}
+  marker = folder / "synthetic.json"
+  if not _marker_matches(marker, request):
+    for domain in synthetic.DOMAINS:
+      synthetic.write_domain(folder / f"{domain}.jsonl.gz", domain, pcfg.synthetic_docs, seed=pcfg.synthetic_seed)
+    marker.write_text(json.dumps({"request": request}))
+  return folder
+
+
+def data_dir(cfg, root: pathlib.Path, create: bool = True) -> str:
+  if cfg.pipeline.synthetic_docs:
+    return str(synthesize(cfg, root) if create else root / "data" / "synthetic")
+  return cfg.pipeline.data_dir or default_corpus()
+
+
+def input_files(cfg, folder: str):
+  target_files = resolve_files(folder, cfg.pipeline.target_files)
+  pool_files = [f for f in resolve_files(folder, cfg.pipeline.pool_files) if f not in target_files]
+  return target_files, pool_files
+
+
+def split_request_for(cfg, root: pathlib.Path, folder: str) -> dict:
+  target_files, pool_files = input_files(cfg, folder)
+  known = known_fingerprints(root / "data" / "split.json")
+  return split_request(Split.from_config(cfg.pipeline), target_files, pool_files, known)
+
+
+def split_data(cfg, root: pathlib.Path, folder: str) -> dict:
+  """Target documents split by work into finetune / held-out / pool parts, pool files (optionally sampled)."""
+  target_files, pool_files = input_files(cfg, folder)
+  request = split_request_for(cfg, root, folder)
+  out = root / "data"
+  if _marker_matches(out / "split.json", request):
+    return part_paths(out, target_files, pool_files)
+  if (out / "split.json").exists():
+    saved = artifacts.read_json(out / "split.json").get("request") or {}
+    raise errors.DataError(f"{out / 'split.json'} was made from other inputs or settings (differs in: "
+                           f"{', '.join(artifacts.differences(saved, artifacts.normalized(request)))}); use a new "
+                           "--config.workdir, or --config.pipeline.on_stale=redo (nothing was overwritten)")
+  split_target(Split.from_config(cfg.pipeline), target_files, pool_files, out, request)
+  return part_paths(out, target_files, pool_files)
+
+
+def tokenizer_request(cfg, split_req: dict) -> dict:
+  return {"vocab": cfg.pipeline.tokenizer_vocab, "split": artifacts.content_id(split_req)}
+
+
+def tokenizer_path(cfg, root: pathlib.Path, parts: dict, split_req: dict) -> pathlib.Path:
+  """The configured tokenizer, or a byte-level BPE trained on the pool text (CPU-sized presets)."""
+  if cfg.pipeline.tokenizer:
+    return pathlib.Path(cfg.pipeline.tokenizer)
+  path = root / "data" / "tokenizer.json"
+  marker = root / "data" / "tokenizer.request.json"
+  request = tokenizer_request(cfg, split_req)
+  if not (_marker_matches(marker, request) and path.exists()):
+    synthetic.train_tokenizer(parts["pool"], path, vocab_size=cfg.pipeline.tokenizer_vocab)
+    marker.write_text(json.dumps({"request": request}))
+  return path
+
+
+def prepare_config(cfg, inputs, tokenizer, output: pathlib.Path) -> ml_collections.ConfigDict:
+  pcfg = base.stage_config(cfg, "prepare")
+  pcfg.prepare.inputs = tuple(str(p) for p in inputs)
+  pcfg.prepare.tokenizer = str(tokenizer)
+  pcfg.prepare.output = str(output)
+  pcfg.prepare.seq_len = cfg.pipeline.seq_len
+  return pcfg
+
+
+def default_corpus() -> str:
+  found = data.shared_dir("corpus")
+  if found is None:
+    raise errors.DataError("no corpus folder: set --config.pipeline.data_dir (or $COLORJAX_DATA with a corpus/ "
+                           "folder)")
+  return found

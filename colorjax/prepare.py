@@ -8,7 +8,6 @@ interrupted prepare resumes file by file.
 """
 import glob
 import gzip
-import hashlib
 import json
 import multiprocessing
 import os

@@ -172,3 +172,16 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.train = train_config()
   return c
+
+
+def stage_config(cfg, stage: str, **sections) -> ml_collections.ConfigDict:
+  """A single-stage config derived from the pipeline's: shared sections copied, then the given ones."""
+  out = get_config()
+  out.stage = stage
+  out.seed = cfg.seed
+  out.dry_run_devices = cfg.dry_run_devices
+  for name in ("mesh", "data", "eval", "sft", "score", "select"):
+    out[name] = ml_collections.ConfigDict(cfg[name].to_dict())
+  for name, value in sections.items():
+    out[name] = ml_collections.ConfigDict(value.to_dict()) if isinstance(value, ml_collections.ConfigDict) else value
+  return out

@@ -2,7 +2,8 @@
 target configs and the paper pipeline presets, as the stages they run would see them."""
 import pytest
 
-from colorjax import pipeline
+from configs import base
+
 from conftest import make_config
 
 # SPEC §3: AdamW, clip, z-loss and the schedule's floor, shared by every stage of the paper.
@@ -27,9 +28,9 @@ def _pipeline_stages(preset):
   """The configs the pipeline's prior, conditional and target runs are built from (pipeline.stage_config)."""
   cfg = make_config("pipeline", preset)
   return cfg, {
-      "prior": pipeline.stage_config(cfg, "pretrain", model=cfg.prior.model, train=cfg.prior.train),
-      "conditional": pipeline.stage_config(cfg, "finetune", model=cfg.prior.model, train=cfg.conditional.train),
-      "target": pipeline.stage_config(cfg, "pretrain", model=cfg.target.model, train=cfg.target.train),
+      "prior": base.stage_config(cfg, "pretrain", model=cfg.prior.model, train=cfg.prior.train),
+      "conditional": base.stage_config(cfg, "finetune", model=cfg.prior.model, train=cfg.conditional.train),
+      "target": base.stage_config(cfg, "pretrain", model=cfg.target.model, train=cfg.target.train),
   }
 
 
@@ -74,7 +75,7 @@ def test_paper_presets_keep_the_originals_precision_and_sft_loss(preset):
     assert stage.model.precision == "original" and stage.model.compute_dtype == "bfloat16"
     assert stage.sft.loss_on_padding
   fixed = make_config("pipeline", preset, sft__loss_on_padding=False)  # the fix stays one flag away
-  assert not pipeline.stage_config(fixed, "finetune", train=fixed.conditional.train).sft.loss_on_padding
+  assert not base.stage_config(fixed, "finetune", train=fixed.conditional.train).sft.loss_on_padding
 
 
 def test_defaults_outside_the_paper_presets():

@@ -11,6 +11,7 @@ from colorjax import corpus
 from colorjax import data
 from colorjax import errors
 from colorjax import pipeline
+from colorjax import preflight
 from conftest import SMALL_DEMO, make_config, run_cli
 
 
@@ -23,7 +24,7 @@ def _copy(demo_run, tmp_path, name="w"):
 
 def _stale_labels(cfg, root):
   plan = pipeline.make_plan(cfg, root)
-  return [e.label for e, _ in pipeline.stale(pipeline.lineage(cfg, root, plan), root)]
+  return [e.label for e, _ in preflight.stale(preflight.lineage(cfg, root, plan), root)]
 
 
 def test_a_retrained_prior_makes_everything_built_from_it_stale(demo_run, tmp_path):
@@ -47,10 +48,10 @@ def test_a_retrained_prior_makes_everything_built_from_it_stale(demo_run, tmp_pa
   labels = _stale_labels(cfg, root)
   assert "prior" not in labels and labels[0] == "conditional"
 
-  found = pipeline.stale(pipeline.lineage(cfg, root, pipeline.make_plan(cfg, root)), root)
+  found = preflight.stale(preflight.lineage(cfg, root, pipeline.make_plan(cfg, root)), root)
   redo = make_config("pipeline", "demo", workdir=str(root), **dict(SMALL_DEMO, prior__train__max_steps=30,
                                                                    pipeline__on_stale="redo"))
-  pipeline.handle_stale(redo, root, found)
+  preflight.handle_stale(redo, root, found)
   moved = list((root / "stale").glob("*/runs/conditional/params/manifest.json"))
   assert len(moved) == 1 and not (root / "runs" / "conditional").exists()
   assert _stale_labels(cfg, root) == []  # what is left is consistent; the rest is rebuilt by the next run
@@ -128,7 +129,7 @@ def test_works_by_json_field_and_where_they_went(tmp_path):
   _target_file(tmp_path, books=10)
   cfg = _split_config(tmp_path, pipeline__group_field="book", pipeline__group_regex="",
                       pipeline__target_split=(0.4, 0.2), pipeline__target_pool_split=0.2)
-  pipeline.split_data(cfg, tmp_path / "w", str(tmp_path))
+  corpus.split_data(cfg, tmp_path / "w", str(tmp_path))
   summary = json.loads((tmp_path / "w" / "data" / "split.json").read_text())
   works = summary["works"]
   assert [len(works[k]) for k in ("target_train", "target_eval", "pool", "unused")] == [4, 2, 2, 2]
@@ -144,7 +145,7 @@ def test_an_unusable_target_split_fails_before_any_training(tmp_path):
   cfg = _split_config(tmp_path, pipeline__group_regex="^NEVER MATCHES$")
   with pytest.raises(errors.DataError, match=r"target_train part is empty: 1 work\(s\) found by group_regex.*"
                      r"group_field"):
-    pipeline.split_data(cfg, tmp_path / "w", str(tmp_path))
+    corpus.split_data(cfg, tmp_path / "w", str(tmp_path))
   assert not (tmp_path / "w" / "data" / "split.json").exists()
   with pytest.raises(errors.ConfigError, match="> 1"):
     corpus.Split.from_config(_split_config(tmp_path, pipeline__target_split=(0.6, 0.3)).pipeline)

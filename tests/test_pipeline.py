@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from colorjax import corpus
 from colorjax import pipeline
 from conftest import SMALL_DEMO, make_config, run_cli
 
@@ -65,7 +66,7 @@ def test_report_stage_regenerates_from_the_work_directory(demo_run):
 def test_books_split_keeps_plays_whole_and_parts_disjoint(data_dir, tmp_path):
   cfg = make_config("pipeline", "books", workdir=str(tmp_path), pipeline__max_chars_per_file=200_000,
                     pipeline__data_dir=str(data_dir / "corpus"))
-  parts = pipeline.split_data(cfg, tmp_path, str(data_dir / "corpus"))
+  parts = corpus.split_data(cfg, tmp_path, str(data_dir / "corpus"))
   read = lambda p: [json.loads(line)["text"] for line in gzip.open(p, "rt")]
   finetune, held_out = read(parts["target_train"][0]), read(parts["target_eval"][0])
   pool = [t for p in parts["pool"] for t in read(p)]
@@ -83,10 +84,10 @@ def test_books_split_keeps_plays_whole_and_parts_disjoint(data_dir, tmp_path):
   assert 0 < sum(map(len, shakespeare_pool)) < 300_000
   summary = json.loads((tmp_path / "data" / "split.json").read_text())
   assert summary["documents"]["target_train"] == len(finetune)
-  assert pipeline.split_data(cfg, tmp_path, str(data_dir / "corpus")) == parts  # done: reused
+  assert corpus.split_data(cfg, tmp_path, str(data_dir / "corpus")) == parts  # done: reused
   other = make_config("pipeline", "books", workdir=str(tmp_path), pipeline__max_chars_per_file=100_000)
   with pytest.raises(Exception, match="max_chars_per_file"):
-    pipeline.split_data(other, tmp_path, str(data_dir / "corpus"))
+    corpus.split_data(other, tmp_path, str(data_dir / "corpus"))
 
 
 @pytest.mark.parametrize("preset,target_steps", [("paper-150m", "24,000 x 256 x 512"),

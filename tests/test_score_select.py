@@ -16,9 +16,7 @@ import pytest
 from colorjax import checkpoint
 from colorjax import data
 from colorjax import errors
-from colorjax import evaluate
 from colorjax import losses
-from colorjax import model
 from colorjax import score as score_lib
 from colorjax import select as select_lib
 from conftest import REPO, make_config, run_cli
