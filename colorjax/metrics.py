@@ -158,3 +158,50 @@ class StepProfiler:
       self.active = False
       if is_main():
         print(f"profile: steps {self.start}:{self.stop} traced into {self.folder}", flush=True)
+
+
+class TrainLog:
+  """A training run's metrics: the start record, train records averaged over `log_every` steps (fetched one step
+  late by the caller, so the host never stalls the device), eval records, and the console progress bar."""
+
+  def __init__(self, workdir, stage: str, start_step: int, total_steps: int, tokens_per_step: int,
+               flops_per_token: float, peak: float, log_every: int, truncate: bool):
+    self.writer = MetricsWriter(workdir, truncate_after_step=start_step if truncate else None)
+    self.total, self.tokens_per_step, self.log_every = total_steps, tokens_per_step, log_every
+    self.flops_per_token, self.peak = flops_per_token, peak
+    self.bar = Progress(total=total_steps, unit="steps", desc=stage)
+    self.bar.count = start_step
+    self._reset()
+
+  def _reset(self):
+    self.window = {"loss": 0.0, "z_loss": 0.0, "n": 0, "t0": time.time()}
+
+  def start(self, header: dict) -> None:
+    self.writer.write(header)
+
+  def train(self, step_done: int, stats) -> None:
+    stats = jax.device_get(stats)
+    self.bar.update(1)
+    for k in ("loss", "z_loss"):
+      self.window[k] += float(stats[k])
+    self.window["n"] += 1
+    if step_done % self.log_every and step_done != self.total:
+      return
+    n = self.window["n"]
+    tokens_per_s = n * self.tokens_per_step / max(time.time() - self.window["t0"], 1e-9)
+    mfu = tokens_per_s * self.flops_per_token / (self.peak * jax.device_count()) if self.peak else None
+    record = {"event": "train", "step": step_done, "loss": self.window["loss"] / n, "z_loss": self.window["z_loss"] / n,
+              "grad_norm": float(stats["grad_norm"]), "lr": float(stats["lr"]), "tokens_per_s": tokens_per_s,
+              "tokens_seen": step_done * self.tokens_per_step, "mfu": mfu}
+    self.writer.write(record)
+    self.bar.update(0, extra=f"loss {record['loss']:.4f} lr {record['lr']:.2e} {human(tokens_per_s)} tok/s"
+                    + (f" mfu {mfu:.1%}" if mfu else ""), force=True)
+    self._reset()
+
+  def eval(self, step: int, results: dict) -> None:
+    self.writer.write({"event": "eval", "step": step, **{f"eval/{k}": v for k, v in results.items()}})
+    if is_main():
+      print(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in results.items()), flush=True)
+
+  def close(self) -> None:
+    self.bar.close()

@@ -9,7 +9,6 @@ import functools
 import json
 import pathlib
 import shutil
-import time
 
 import jax
 import jax.numpy as jnp
@@ -293,24 +292,53 @@ def run(cfg) -> pathlib.Path:
 
 
 def _train(cfg, workdir, spec, mesh, inputs: Inputs, index, started: list) -> pathlib.Path:
+  """The run's named steps: open the data, write the run folder, init or restore, loop, export."""
   if cfg.sft.tasks:
     build_sft_stores(cfg, inputs, spec)
   store = data.TokenStore(inputs.store_path)
   check_store_fits(store, spec)
-  num_items = store.num_sequences if index is None else index.size
-  plan_ = step_plan(cfg, num_items, store.seq_len, sharding.data_parallel_size(mesh))
+  plan_ = step_plan(cfg, store.num_sequences if index is None else index.size, store.seq_len,
+                    sharding.data_parallel_size(mesh))
   eval_sets = data.eval_stores(cfg.data.eval_stores, store.manifest["tokenizer"], f"the training store {store.path}")
   if inputs.sft_eval_path is not None:
     eval_sets[f"tasks_{cfg.sft.eval_split}"] = data.TokenStore(inputs.sft_eval_path)
-  pad_id = losses.pad_to_mask(store, cfg.sft.loss_on_padding)
-  if metrics.is_main():
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(cfg.to_json(indent=1))
-    (workdir / artifacts.REQUEST).write_text(json.dumps({"request": inputs.request}, indent=1))
-  multihost_utils.sync_global_devices(f"prepared {workdir}")
+  write_run_folder(cfg, workdir, inputs.request)
   if plan_.note:
     _print(f"{cfg.stage}: {plan_.note}")
   tx, schedule = make_optimizer(cfg.train, plan_.schedule_steps)
+  ckpt = checkpoint.Checkpointer(workdir, cfg.train.keep_checkpoints)
+  with sharding.use_mesh(mesh):
+    state, state_sh, param_sh, start_step = init_or_restore(cfg, spec, mesh, tx, ckpt)
+    if start_step:
+      _print(f"{cfg.stage}: resumed {workdir} at step {start_step}")
+    batch_sh = NamedSharding(mesh, P(None, sharding.RULES["batch"], None))
+    train_step = build_train_step(spec, tx, schedule, plan_, state_sh, batch_sh, param_sh, cfg.train.z_loss,
+                                  losses.pad_to_mask(store, cfg.sft.loss_on_padding), cfg.train.loss_chunk)
+    evaluators = [e for e in evaluate.build_evaluators(cfg, spec, mesh, param_sh, store.tokenizer_path(), eval_sets)
+                  if e is not None]
+    log = metrics.TrainLog(workdir, cfg.stage, start_step, plan_.total_steps, plan_.global_batch * store.seq_len,
+                           model.flops_per_token(spec, store.seq_len, training=True),
+                           metrics.peak_flops(cfg.train.peak_flops), cfg.train.log_every,
+                           truncate=cfg.train.resume)
+    log.start(_header(cfg, spec, mesh, plan_, store, state, start_step))
+    source = BatchSource(store, plan_, cfg.seed, index, batch_sh)
+    state = train_loop(cfg, state, train_step, source, start_step, plan_, ckpt, log, evaluators, workdir, started,
+                       meta={"config": json.loads(cfg.to_json()), "store_id": store.id})
+    return export(cfg, workdir, spec, store, inputs, plan_, state)
+
+
+def write_run_folder(cfg, workdir: pathlib.Path, request: dict) -> None:
+  """config.json (for people) and request.json (what resume and lineage checks compare), by process 0."""
+  if metrics.is_main():
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(cfg.to_json(indent=1))
+    (workdir / artifacts.REQUEST).write_text(json.dumps({"request": request}, indent=1))
+  multihost_utils.sync_global_devices(f"prepared {workdir}")
+
+
+def init_or_restore(cfg, spec, mesh, tx, ckpt: checkpoint.Checkpointer):
+  """The sharded train state: the latest checkpoint (resume), else params from train.init_from, else a fresh init.
+  Returns (state, state shardings, param shardings, start step)."""
   param_sh = sharding.tree_shardings(model.abstract_params(spec), model.param_axes(spec), mesh)
 
   def init_state(key, params=None):
@@ -320,128 +348,94 @@ def _train(cfg, workdir, spec, mesh, inputs: Inputs, index, started: list) -> pa
   abstract_state = jax.eval_shape(init_state, jax.random.key(0))
   state_sh = {"params": param_sh, "step": sharding.replicated(mesh),
               "opt_state": sharding.mirror_params(abstract_state["opt_state"], param_sh, sharding.replicated(mesh))}
-  batch_sh = NamedSharding(mesh, P(None, sharding.RULES["batch"], None))
-
-  ckpt = checkpoint.Checkpointer(workdir, cfg.train.keep_checkpoints)
-  start_step = 0
   latest = ckpt.latest_step() if cfg.train.resume else None
-  with sharding.use_mesh(mesh):
-    if latest is not None:
-      target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_sh)
-      state, _ = ckpt.restore(latest, target)
-      start_step = int(latest)
-      _print(f"{cfg.stage}: resumed {workdir} at step {start_step}")
-    elif cfg.train.init_from:
-      params, _ = checkpoint.load_params(cfg.train.init_from, spec, param_sh)
-      state = jax.jit(lambda p: init_state(None, p), out_shardings=state_sh)(params)
-    else:
-      state = jax.jit(init_state, out_shardings=state_sh)(jax.random.key(cfg.seed))
+  if latest is not None:
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_sh)
+    state, _ = ckpt.restore(latest, target)
+    return state, state_sh, param_sh, int(latest)
+  if cfg.train.init_from:
+    params, _ = checkpoint.load_params(cfg.train.init_from, spec, param_sh)
+    return jax.jit(lambda p: init_state(None, p), out_shardings=state_sh)(params), state_sh, param_sh, 0
+  return jax.jit(init_state, out_shardings=state_sh)(jax.random.key(cfg.seed)), state_sh, param_sh, 0
 
-    writer = metrics.MetricsWriter(workdir, truncate_after_step=start_step if cfg.train.resume else None)
-    counts = model.param_counts(spec)
-    flops_token = model.flops_per_token(spec, store.seq_len, training=True)
-    peak = metrics.peak_flops(cfg.train.peak_flops)
-    header = {
-        "event": "start", "step": start_step, "stage": cfg.stage, "params_total": counts["total"],
-        "params_non_embedding": counts["non_embedding"], "flops_per_token": flops_token,
-        "total_steps": plan_.total_steps, "schedule_steps": plan_.schedule_steps, "schedule": plan_.schedule,
-        "tokens_planned": plan_.tokens, "train_items": num_items, "mesh": dict(mesh.shape),
-        "param_bytes_per_device": sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(state["params"])),
-    }
-    writer.write(header)
-    _print(f"params: total={counts['total']:,} non_embedding={counts['non_embedding']:,}")
-    _print(f"flops/token: {flops_token:,.0f} (6N+12LdT, N={counts['non_embedding'] + counts['head']:,}); mesh "
-           f"{sharding.describe(mesh)}; {plan_.total_steps:,} steps x {plan_.global_batch} x {store.seq_len} = "
-           f"{plan_.tokens:,} tokens; schedule over {plan_.schedule_steps:,} steps ({plan_.schedule}); "
-           f"{plan_.n_micro} micro-batch(es) of {plan_.micro_batch}")
 
-    train_step = build_train_step(spec, tx, schedule, plan_, state_sh, batch_sh, param_sh, cfg.train.z_loss,
-                                  pad_id, cfg.train.loss_chunk)
-    evaluators = [e for e in evaluate.build_evaluators(cfg, spec, mesh, param_sh, store.tokenizer_path(), eval_sets)
-                  if e is not None]
-    source = BatchSource(store, plan_, cfg.seed, index, batch_sh)
-    meta = {"config": json.loads(cfg.to_json()), "store_id": store.id}
+def _header(cfg, spec, mesh, plan_: StepPlan, store, state, start_step: int) -> dict:
+  counts = model.param_counts(spec)
+  flops_token = model.flops_per_token(spec, store.seq_len, training=True)
+  _print(f"params: total={counts['total']:,} non_embedding={counts['non_embedding']:,}")
+  _print(f"flops/token: {flops_token:,.0f} (6N+12LdT, N={counts['non_embedding'] + counts['head']:,}); mesh "
+         f"{sharding.describe(mesh)}; {plan_.total_steps:,} steps x {plan_.global_batch} x {store.seq_len} = "
+         f"{plan_.tokens:,} tokens; schedule over {plan_.schedule_steps:,} steps ({plan_.schedule}); "
+         f"{plan_.n_micro} micro-batch(es) of {plan_.micro_batch}")
+  return {"event": "start", "step": start_step, "stage": cfg.stage, "params_total": counts["total"],
+          "params_non_embedding": counts["non_embedding"], "flops_per_token": flops_token,
+          "total_steps": plan_.total_steps, "schedule_steps": plan_.schedule_steps, "schedule": plan_.schedule,
+          "tokens_planned": plan_.tokens, "train_items": plan_.num_items, "mesh": dict(mesh.shape),
+          "param_bytes_per_device": sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(state["params"]))}
 
-    def log_eval(step: int):
-      if not evaluators:
-        return
+
+def train_loop(cfg, state, train_step, source, start_step: int, plan_: StepPlan, ckpt, log, evaluators, workdir,
+               started: list, meta: dict):
+  """Steps start_step..total: metrics fetched one step late, periodic checkpoints and evals, a final save."""
+
+  def log_eval(step: int):
+    if evaluators:
       results = {}
       for evaluator in evaluators:
         results.update(evaluator(state["params"]))
-      writer.write({"event": "eval", "step": step, **{f"eval/{k}": v for k, v in results.items()}})
-      _print(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in results.items()))
+      log.eval(step, results)
 
-    if start_step == 0:
-      log_eval(0)
-    bar = metrics.Progress(total=plan_.total_steps, unit="steps", desc=cfg.stage)
-    bar.count = start_step
-    prefetch = data.Prefetcher(source, range(start_step, plan_.total_steps), cfg.data.prefetch)
-    profiler = metrics.StepProfiler(cfg.profile_steps, workdir / "profile")
-    window = {"loss": 0.0, "z_loss": 0.0, "n": 0, "t0": time.time()}
-    pending = None
-
-    def consume(step_done: int, stats):
-      stats = jax.device_get(stats)
-      for k in ("loss", "z_loss"):
-        window[k] += float(stats[k])
-      window["n"] += 1
-      if step_done % cfg.train.log_every and step_done != plan_.total_steps:
-        return
-      elapsed = max(time.time() - window["t0"], 1e-9)
-      tokens_per_s = window["n"] * plan_.global_batch * store.seq_len / elapsed
-      record = {"event": "train", "step": step_done, "loss": window["loss"] / window["n"],
-                "z_loss": window["z_loss"] / window["n"], "grad_norm": float(stats["grad_norm"]),
-                "lr": float(stats["lr"]), "tokens_per_s": tokens_per_s,
-                "tokens_seen": step_done * plan_.global_batch * store.seq_len,
-                "mfu": tokens_per_s * flops_token / (peak * jax.device_count()) if peak else None}
-      writer.write(record)
-      bar.update(0, extra=f"loss {record['loss']:.4f} lr {record['lr']:.2e} {metrics.human(tokens_per_s)} tok/s"
-                 + (f" mfu {record['mfu']:.1%}" if record["mfu"] else ""), force=True)
-      window.update(loss=0.0, z_loss=0.0, n=0, t0=time.time())
-
-    try:
-      for step, batch in prefetch:
-        profiler.before(step)
-        state, stats = train_step(state, batch)
-        started.append(step)
-        profiler.after(step, stats)
-        if pending is not None:
-          consume(*pending)
-        pending = (step + 1, stats)
-        bar.update(1)
-        done = step + 1
-        if cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0 and done < plan_.total_steps:
-          ckpt.save(done, state, meta)
-        if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < plan_.total_steps:
-          consume(*pending)
-          pending = None
-          log_eval(done)
+  if start_step == 0:
+    log_eval(0)
+  prefetch = data.Prefetcher(source, range(start_step, plan_.total_steps), cfg.data.prefetch)
+  profiler = metrics.StepProfiler(cfg.profile_steps, workdir / "profile")
+  pending = None
+  try:
+    for step, batch in prefetch:
+      profiler.before(step)
+      state, stats = train_step(state, batch)
+      started.append(step)
+      profiler.after(step, stats)
       if pending is not None:
-        consume(*pending)
-    finally:
-      prefetch.close()
-      profiler.close(state)
-    bar.close()
-    if start_step < plan_.total_steps:
-      ckpt.save(plan_.total_steps, state, meta)
-    ckpt.close()
-    log_eval(plan_.total_steps)
+        log.train(*pending)
+      pending = (step + 1, stats)
+      done = step + 1
+      if cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0 and done < plan_.total_steps:
+        ckpt.save(done, state, meta)
+      if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < plan_.total_steps:
+        log.train(*pending)
+        pending = None
+        log_eval(done)
+    if pending is not None:
+      log.train(*pending)
+  finally:
+    prefetch.close()
+    profiler.close(state)
+  log.close()
+  if start_step < plan_.total_steps:
+    ckpt.save(plan_.total_steps, state, meta)
+  ckpt.close()
+  log_eval(plan_.total_steps)
+  return state
 
-    final = {k: v for k, v in (metrics.read_metrics(workdir)[-1] if metrics.is_main() else {}).items()
-             if k.startswith("eval/")}
-    export_dir = workdir / "params"
-    rel = lambda path: artifacts.relative(path, export_dir) if path else None
-    manifest = {
-        "stage": cfg.stage, "model": spec.architecture(), "model_spec": spec.to_dict(),
-        "tokenizer": store.manifest["tokenizer"], "train_store": {"path": rel(store.path), "id": store.id},
-        "index": rel(cfg.data.index), "index_id": inputs.index_id, "init_from": rel(cfg.train.init_from),
-        "init_from_id": inputs.request["init_from"], "steps": plan_.total_steps, "tokens": plan_.tokens,
-        "schedule": plan_.schedule, "schedule_steps": plan_.schedule_steps, "seed": cfg.seed,
-        "id": artifacts.content_id(inputs.request), "request": inputs.request,
-        "final_eval": final, "config": json.loads(cfg.to_json()),
-    }
-    checkpoint.export_params(export_dir, state["params"], manifest, store.tokenizer_path())
-    _print(f"{cfg.stage}: done; params exported to {export_dir}")
+
+def export(cfg, workdir: pathlib.Path, spec, store, inputs: Inputs, plan_: StepPlan, state) -> pathlib.Path:
+  """The params export later stages read: params, tokenizer, and a manifest naming the run's request and id."""
+  final = {k: v for k, v in (metrics.read_metrics(workdir)[-1] if metrics.is_main() else {}).items()
+           if k.startswith("eval/")}
+  export_dir = workdir / "params"
+  rel = lambda path: artifacts.relative(path, export_dir) if path else None
+  manifest = {
+      "stage": cfg.stage, "model": spec.architecture(), "model_spec": spec.to_dict(),
+      "tokenizer": store.manifest["tokenizer"], "train_store": {"path": rel(store.path), "id": store.id},
+      "index": rel(cfg.data.index), "index_id": inputs.index_id, "init_from": rel(cfg.train.init_from),
+      "init_from_id": inputs.request["init_from"], "steps": plan_.total_steps, "tokens": plan_.tokens,
+      "schedule": plan_.schedule, "schedule_steps": plan_.schedule_steps, "seed": cfg.seed,
+      "id": artifacts.content_id(inputs.request), "request": inputs.request,
+      "final_eval": final, "config": json.loads(cfg.to_json()),
+  }
+  checkpoint.export_params(export_dir, state["params"], manifest, store.tokenizer_path())
+  _print(f"{cfg.stage}: done; params exported to {export_dir}")
   return export_dir
 
 
