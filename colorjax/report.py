@@ -1,4 +1,6 @@
-"""The `report` stage: report.md + report.json + plots for a pipeline work directory.
+"""The `report` stage: report.md + report.json + plots for a pipeline work directory. This module reads the work
+directory and computes the result (report.json); report_markdown.py renders it as report.md and report_plots.py
+draws the plots.
 
 Reads `pipeline.json` (the runs; its paths are relative to the work directory, absolute in older ones), each run's
 metrics.jsonl and params manifest, data/split.json, the token stores', selections' and prior/conditional manifests
@@ -16,9 +18,7 @@ leaves that part out. report.json:
 import dataclasses
 import json
 import math
-import os
 import pathlib
-import time
 
 import numpy as np
 
@@ -28,6 +28,8 @@ from colorjax import losses
 from colorjax import metrics
 from colorjax import model
 from colorjax import prepare
+from colorjax import report_markdown
+from colorjax import report_plots
 from colorjax import score as score_lib
 from colorjax import select as select_lib
 
@@ -356,7 +358,7 @@ def target_loss_text(loss_name: str | None, stores: dict, run_config: dict) -> s
   """What the target_loss column measures, with the store it is computed on."""
   tasks = bool(loss_name and loss_name.startswith("tasks_"))
   store = stores.get("tasks_eval" if tasks else "target_eval", {})
-  where = (f"`{store['path']}`: {_count(store['sequences'])} sequences of {store['seq_len']} tokens"
+  where = (f"`{store['path']}`: {report_markdown.count(store['sequences'])} sequences of {store['seq_len']} tokens"
            if store else "the held-out store")
   what = "the task validation rows" if tasks else "the held-out target documents"
   padding = (" (padding included, sft.loss_on_padding)" if run_config.get("sft", {}).get("loss_on_padding")
@@ -382,7 +384,7 @@ def setup(plan: dict, root: pathlib.Path, rows: list[dict]) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Selections, examples, plots
+# Selections, examples
 
 
 def selection_diagnostics(root: pathlib.Path) -> dict:
@@ -427,266 +429,6 @@ def examples(plan: dict, root: pathlib.Path, k: int = 3, chars: int = 240) -> di
   return out
 
 
-def plots(rows: list[dict], selections: dict, folder: pathlib.Path) -> list[str]:
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  folder.mkdir(parents=True, exist_ok=True)
-  made = []
-  fig, ax = plt.subplots(figsize=(8, 5))
-  colors = {"color": "tab:red", "random": "tab:blue", "conditional_only": "tab:green"}
-  for r in rows:
-    if r["curve"]:
-      t, l = zip(*r["curve"])
-      style = "--" if r["role"] == "curve" else "-"
-      ax.plot(t, l, style, color=colors.get(r["method"], "gray"), alpha=0.8, label=r["name"])
-  ax.set_xlabel("training tokens")
-  ax.set_ylabel(f"held-out {rows[0]['loss_name'] or 'target loss'}" if rows else "loss")
-  ax.set_title("Target models: held-out loss")
-  ax.legend(fontsize=6, ncol=2)
-  fig.tight_layout()
-  fig.savefig(folder / "learning_curves.png", dpi=120)
-  plt.close(fig)
-  made.append("plots/learning_curves.png")
-  stats = next((s["score_stats"] for s in selections.values() if s.get("score_stats")), None)
-  if stats:
-    fig, ax = plt.subplots(figsize=(8, 4))
-    edges = np.array(stats["hist_edges"])
-    ax.bar(edges[:-1], stats["hist_counts"], width=np.diff(edges), align="edge", color="tab:gray")
-    for name, s in selections.items():
-      if s["method"] == "color" and s["threshold"] is not None:
-        ax.axvline(s["threshold"], color="tab:red", linestyle="--")
-        ax.text(s["threshold"], ax.get_ylim()[1] * 0.9, f" τ={s['tau']:g}", color="tab:red", fontsize=8)
-    ax.set_xlabel("CoLoR score = NLL_prior − NLL_conditional")
-    ax.set_ylabel("sequences")
-    ax.set_title("Pool scores and the selection cut-offs")
-    fig.tight_layout()
-    fig.savefig(folder / "score_hist.png", dpi=120)
-    plt.close(fig)
-    made.append("plots/score_hist.png")
-  return made
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Markdown
-
-
-def _fmt(x, digits=4):
-  return "-" if x is None else f"{x:.{digits}f}"
-
-
-def _count(x) -> str:
-  return "?" if x is None else f"{x:,.0f}"
-
-
-def _listed(names: list, most: int = 8) -> str:
-  shown = ", ".join(str(n) for n in names[:most])
-  return shown + (f" and {len(names) - most} more" if len(names) > most else "")
-
-
-def _share(fraction) -> str:
-  return "?" if fraction is None else f"{fraction:.0%}"
-
-
-def _loss_cell(mean: float, std, seeds: int) -> str:
-  """Mean ± std over seeds; one seed has no spread, so just the mean."""
-  return f"{mean:.4f}" if seeds == 1 or std is None else f"{mean:.4f} ± {std:.4f}"
-
-
-def _grouping(target: dict) -> str:
-  if target.get("group_field"):
-    return f"a work is the documents sharing a `{target['group_field']}` value"
-  regex = target.get("group_regex")
-  if regex is None:
-    return "as split.json records them"
-  return f"a work starts at each document matching `{regex}`" if regex else "each document is one work"
-
-
-def _fractions(fractions) -> str:
-  """How the works were shared out: target_split's two fractions, and target_pool_split's when recorded."""
-  fractions = list(fractions or [None, None])
-  text = f"{_share(fractions[0])} finetune the conditional, {_share(fractions[1])} are held out to evaluate the targets"
-  if len(fractions) < 3 or None in fractions or abs(sum(fractions) - 1) < 1e-9:
-    return text + ", the rest join the pool"
-  return text + f", {_share(fractions[2])} join the pool and the rest are unused"
-
-
-def _work_names(names: list, files: list, most: int = 12) -> str:
-  """Work names as split.json records them ("file: title"), without the file when there is only one."""
-  prefix = f"{pathlib.Path(files[0]).name}: " if len(files) == 1 else ""
-  short = [(n[len(prefix):] if prefix and n.startswith(prefix) else n)[:60] for n in names[:most]]
-  return "; ".join(short) + (f"; and {len(names) - most} more" if len(names) > most else "")
-
-
-def _md_target(target: dict, stores: dict) -> list[str]:
-  if target.get("kind") == "tasks":
-    held = stores.get("tasks_eval")
-    rows = f" (`{held['path']}`: {_count(held['sequences'])} rows)" if held else ""
-    return [f"**Target** (target=tasks): the downstream tasks. The conditional is finetuned on the train splits of "
-            f"{_listed(target['finetune_tasks'], 20) or '?'}; the targets' held-out loss is on their "
-            f"{target['heldout_split']} rows{rows}, and accuracy on {_listed(target['eval_tasks'], 20) or '-'}.", ""]
-  files = ", ".join(f"`{f}`" for f in target["files"]) or "(not recorded)"
-  if target.get("data_dir") and not any(os.path.isabs(f) for f in target["files"]):
-    files += f" (in `{target['data_dir']}`)"
-  lines = [f"**Target data** (target=text): {files}. Its works ({_grouping(target)}) are split at random: "
-           f"{_fractions(target['fractions'])}.", "",
-           "| target part | works | documents | sequences | tokens |", "|---|---|---|---|---|"]
-  names = {"target_train": "finetune (conditional)", "target_eval": "held-out (target_loss)",
-           "pool": "pool (the target's works in it)", "unused": "unused"}
-  for part, p in target["parts"].items():
-    lines.append(f"| {names[part]} | {_count(p['works'])} | {_count(p['documents'])} | {_count(p['sequences'])} | "
-                 f"{_count(p['tokens'])} |")
-  if target.get("heldout_works") and (target.get("group_field") or target.get("group_regex")):
-    lines += ["", f"Held-out works: {_work_names(target['heldout_works'], target['files'])}."]
-  return lines + [""]
-
-
-def _md_pool(pool: dict, store: dict) -> list[str]:
-  sources = store.get("sources") or {k: {"documents": n, "sequences": None, "tokens": None}
-                                     for k, n in (pool.get("documents") or {}).items()}
-  if store:
-    head = (f"**Pool**: {_count(store['sequences'])} sequences of {store['seq_len']} tokens "
-            f"({_count(store['tokens'])} tokens) from {_count(store['documents'])} documents of {len(sources)} "
-            f"sources (`{store['path']}`; tokenizer `{store['tokenizer']['name']}`, vocabulary "
-            f"{_count(store['tokenizer']['vocab_size'])})")
-  else:
-    head = f"**Pool**: {len(sources)} sources (token store manifest not found)"
-  if pool.get("duplicates_dropped") is not None:
-    head += f"; {pool['duplicates_dropped']:,} pool documents identical to a target document were dropped"
-  if pool.get("max_chars_per_file"):
-    head += f"; each file sampled to about {pool['max_chars_per_file']:,} characters of whole documents"
-  lines = [head + ".", ""]
-  if sources:
-    total = sum(s["tokens"] or 0 for s in sources.values())
-    lines += ["| source | documents | sequences | tokens | share of tokens |", "|---|---|---|---|---|"]
-    ordered = sorted(sources.items(), key=lambda kv: -(kv[1]["tokens"] or kv[1]["documents"] or 0))
-    for name, s in ordered[:20]:
-      share = f"{s['tokens'] / total:.1%}" if total and s["tokens"] is not None else "-"
-      lines.append(f"| {name} | {_count(s['documents'])} | {_count(s['sequences'])} | {_count(s['tokens'])} | "
-                   f"{share} |")
-    if len(ordered) > 20:
-      lines.append(f"| ({len(ordered) - 20} more sources) | | | | |")
-    lines.append("")
-  return lines
-
-
-def _md_models(models: dict) -> list[str]:
-  if not models:
-    return []
-  trained = {"prior": "pretrained on the pool", "conditional": "the prior, finetuned on the target data",
-             "target": "from scratch on each selection (tokens per run below)"}
-  lines = ["**Models**", "", "| model | d_model | layers | heads | MLP hidden | vocab | params | non-embedding params "
-           "| training |", "|---|---|---|---|---|---|---|---|---|"]
-  for name, m in models.items():
-    tokens = f": {m['tokens']:,} tokens, {_count(m.get('steps'))} steps" if m.get("tokens") else ""
-    lines.append(f"| {name} | {m['d_model']} | {m['n_layers']} | {m['n_heads']} | {m['mlp_hidden']} | "
-                 f"{m['vocab_size']:,} | {m['params_total']:,} | {m['params_non_embedding']:,} | "
-                 f"{trained[name]}{tokens} |")
-  return lines + [""]
-
-
-def _md_setup(s: dict) -> list[str]:
-  lines = ["## Setup", ""] + _md_target(s["target"], s["stores"]) + _md_pool(s["pool"], s["stores"].get("pool", {}))
-  return lines + _md_models(s["models"]) + [f"**target_loss**: {s['target_loss']}", ""]
-
-
-def _md_runs(rows: list[dict]) -> list[str]:
-  task_names = sorted({t for r in rows for t in r["tasks"]})
-  header = ["run", "method", "τ", "seed", "tokens", rows[0]["loss_name"] if rows else "loss"] + task_names
-  header += ["tasks mean"] if task_names else []
-  lines = ["## Target runs", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-  for r in rows:
-    cells = [r["name"], r["method"], f"{r['tau']:g}", str(r["seed"]), f"{r['train_tokens'] or 0:,}",
-             _fmt(r["target_loss"])] + [_fmt(100 * r["tasks"][t], 1) if t in r["tasks"] else "-" for t in task_names]
-    cells += [_fmt(100 * r["tasks_mean"], 1) if r["tasks_mean"] is not None else "-"] if task_names else []
-    lines.append("| " + " | ".join(cells) + " |")
-  return lines + [""]
-
-
-def _md_summary(summary: list[dict]) -> list[str]:
-  one_seed = all(s["seeds"] == 1 for s in summary)
-  title = "1 seed" if one_seed else "mean ± sample std over seeds; the mean alone for a group of 1 seed"
-  lines = [f"## CoLoR vs random ({title})", "",
-           "| method | τ | seeds | tokens | held-out loss | tasks mean |", "|---|---|---|---|---|---|"]
-  for s in summary:
-    lines.append(f"| {s['method']} | {s['tau']:g} | {s['seeds']} | {s['train_tokens'] or 0:,} | "
-                 f"{_loss_cell(s['target_loss_mean'], s['target_loss_std'], s['seeds'])} | "
-                 f"{_fmt(100 * s['tasks_mean'], 1) if s['tasks_mean'] is not None else '-'} |")
-  return lines + [""]
-
-
-def _bounded(value, bound, suffix: str = "") -> str:
-  if value is None:
-    return "-"
-  mark = {"lower": ">", "upper": "<"}.get(bound, "")
-  return f"{mark}{value:,.1f}{suffix}" if suffix else f"{mark}{value:,.0f}"
-
-
-def _md_efficiency(efficiency: dict) -> list[str]:
-  if not efficiency:
-    return []
-  points = next(iter(efficiency.values()))["random_points"]
-  lines = ["## Data efficiency", "", EFFICIENCY_METHOD, ""]
-  if points:
-    lines += ["Random points (tokens → mean final held-out loss): "
-              + "; ".join(f"{t:,.0f} → {l:.4f}" for t, l in points) + ".", ""]
-  lines += ["| τ | CoLoR tokens | CoLoR loss | random tokens to match | ratio | from the curve (mid-schedule, "
-            "understates) |", "|---|---|---|---|---|---|"]
-  for tau, e in efficiency.items():
-    curve = _bounded(e["curve_ratio"], "lower" if e["curve_lower_bound"] else None, "x")
-    lines.append(f"| {tau[3:]} | {_count(e['color_tokens'])} | {e['color_loss']:.4f} | "
-                 f"{_bounded(e['random_tokens_to_match'], e['bound'])} | {_bounded(e['ratio'], e['bound'], 'x')} | "
-                 f"{curve} |")
-  notes = {"lower": "\">\": CoLoR's loss is below every random point (a lower bound).",
-           "upper": "\"<\": every random budget already does better than CoLoR (an upper bound)."}
-  used = [notes[b] for b in ("lower", "upper") if any(e["bound"] == b for e in efficiency.values())]
-  return lines + ([""] + used if used else []) + [""]
-
-
-def _md_selections(selections: dict) -> list[str]:
-  if not selections:
-    return []
-  sources = sorted({src for s in selections.values() for src in s["sources"]})
-  lines = ["## Selections: per-source selection rates", "",
-           "| selection | k | " + " | ".join(sources) + " |", "|---|---|" + "---|" * len(sources)]
-  pool = next(iter(selections.values()))["sources"]
-  lines.append("| (pool share) | - | " + " | ".join(
-      f"{pool[s]['pool'] / max(1, sum(p['pool'] for p in pool.values())):.1%}" for s in sources) + " |")
-  for name, s in selections.items():
-    lines.append(f"| {name} | {s['k']:,} | " + " | ".join(
-        f"{s['sources'][src]['rate']:.1%}" if src in s["sources"] else "-" for src in sources) + " |")
-  return lines + [""]
-
-
-def _md_examples(ex: dict) -> list[str]:
-  lines = []
-  for which in ("top", "bottom"):
-    if ex.get(which):
-      lines += [f"## {which.title()}-scored pool sequences", ""]
-      lines += [f"- **{e['score']:+.3f}** ({e['source']}, id {e['id']}): {e['text']}" for e in ex[which]] + [""]
-  return lines
-
-
-def markdown(result: dict) -> str:
-  lines = [f"# colorjax report: {result['preset']}", "", f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')}.", ""]
-  lines += _md_setup(result["setup"]) + _md_runs(result["runs"]) + _md_summary(result["summary"])
-  lines += _md_efficiency(result["data_efficiency"]) + _md_selections(result["selections"])
-  lines += _md_examples(result["examples"])
-  if result["plots"]:
-    lines += ["## Plots", ""] + [f"![{m}]({m})" for m in result["plots"]]
-  return "\n".join(lines).rstrip("\n") + "\n"
-
-
-def _print_summary(result: dict):
-  for s in result["summary"]:
-    print(f"  {s['method']:<17} tau {s['tau']:<4g} held-out loss "
-          f"{_loss_cell(s['target_loss_mean'], s['target_loss_std'], s['seeds'])} "
-          f"({s['seeds']} seed{'s' if s['seeds'] > 1 else ''}, {s['train_tokens'] or 0:,} tokens)")
-  for tau, e in result["data_efficiency"].items():
-    curve = _bounded(e["curve_ratio"], "lower" if e["curve_lower_bound"] else None, "x")
-    print(f"  data efficiency {tau}: {_bounded(e['ratio'], e['bound'], 'x')} from finished runs "
-          f"(curve, mid-schedule: {curve})")
-
 
 def write(root) -> pathlib.Path:
   root = pathlib.Path(root).resolve()
@@ -700,10 +442,10 @@ def write(root) -> pathlib.Path:
   result = {"preset": plan.get("preset", "?"), "target": plan.get("target", "text"), "setup": setup(plan, root, rows),
             "runs": rows, "summary": summary, "data_efficiency": data_efficiency(rows, summary),
             "selections": selections, "examples": examples(plan, root),
-            "plots": plots(rows, selections, root / "plots")}
+            "plots": report_plots.draw(rows, selections, root / "plots")}
   (root / "report.json").write_text(json.dumps(result, indent=1))
-  (root / "report.md").write_text(markdown(result))
-  _print_summary(result)
+  (root / "report.md").write_text(report_markdown.markdown(result))
+  report_markdown.print_summary(result)
   return root / "report.md"
 
 

@@ -11,7 +11,9 @@ import pytest
 from colorjax import artifacts
 from colorjax import data
 from colorjax import dolma
+from colorjax import dolma_export
 from colorjax import errors
+from colorjax import original_scores
 from colorjax import score as score_lib
 from colorjax import select as select_lib
 from conftest import REPO, make_config, run_cli, tiny_train_overrides
@@ -213,7 +215,7 @@ def test_a_shard_ending_in_id_0_keeps_it_and_rows_align_by_id(fixture, pool, ref
   prior2 = _copy_shard(fixture / "scores/prior-2/score", tmp_path / "prior-2/score", order=last_is_zero,
                        split=[100])  # 1.npy full (100 rows), 2.npy cut to the 28 written rows
   cond2 = _copy_shard(fixture / "scores/cond-2/score", tmp_path / "cond-2/score")  # the original row order
-  shard = dolma.read_shard(prior2)
+  shard = original_scores.read_shard(prior2)
   assert shard["rows"] == 128 and shard["ids"][-1] == 0 and "cut" in shard["rule"]
   scores = import_scores(tmp_path / "scores", pool.path, f"{fixture / PRIOR[0]}+{prior2}",
                          [f"{fixture / COND[0]}+{cond2.parent}"])
@@ -229,7 +231,7 @@ def _presized_shard(folder: pathlib.Path, ids, values, index_entries: int = 1000
   index = np.zeros(index_entries, np.int64)
   index[: len(ids)] = ids
   index.tofile(folder / "mmap_index.npy")
-  floats = np.zeros(dolma.PRESIZED_ROWS, np.float32)
+  floats = np.zeros(original_scores.PRESIZED_ROWS, np.float32)
   floats[: len(values)] = values
   floats.tofile(folder / "1.npy")
   (folder / "files.txt").write_text(f"/somewhere/else/{folder.name}/1.npy\n")
@@ -238,23 +240,24 @@ def _presized_shard(folder: pathlib.Path, ids, values, index_entries: int = 1000
 
 def test_row_count_rule_of_pre_sized_shards(tmp_path):
   written = _presized_shard(tmp_path / "written", [5, 3, 0], [1.5, 2.5, 3.5])
-  assert dolma.read_shard(written)["ids"].tolist() == [5, 3, 0]  # the original's reader drops the 0
+  assert original_scores.read_shard(written)["ids"].tolist() == [5, 3, 0]  # the original's reader drops the 0
   unwritten = _presized_shard(tmp_path / "unwritten", [5, 3], [1.5, 2.5])
-  assert dolma.read_shard(unwritten)["ids"].tolist() == [5, 3]
-  assert dolma.read_shard(unwritten, rows=3)["ids"].tolist() == [5, 3, 0]  # the user says 3 rows were written
-  assert dolma.read_shard(unwritten, rows=8)["ids"].tolist() == [5, 3]  # a short last shard: rows does not apply
-  assert dolma.written_rows(4, 4, None, 0, 0.0) == (4, "no room after the last nonzero id")
-  assert dolma.written_rows(3, 9, 4, 0, 0.0)[0] == 4
-  assert dolma.written_rows(3, 9, None, 4, 0.0) == (4, "dolma.rows")
-  assert dolma.written_rows(3, 9, None, 0, 0.7)[0] == 4
-  assert dolma.written_rows(3, 9, None, 0, 0.0)[0] == 3
+  assert original_scores.read_shard(unwritten)["ids"].tolist() == [5, 3]
+  assert original_scores.read_shard(unwritten, rows=3)["ids"].tolist() == [5, 3, 0]  # the user says 3 rows were written
+  # a short last shard: rows does not apply
+  assert original_scores.read_shard(unwritten, rows=8)["ids"].tolist() == [5, 3]
+  assert original_scores.written_rows(4, 4, None, 0, 0.0) == (4, "no room after the last nonzero id")
+  assert original_scores.written_rows(3, 9, 4, 0, 0.0)[0] == 4
+  assert original_scores.written_rows(3, 9, None, 4, 0.0) == (4, "dolma.rows")
+  assert original_scores.written_rows(3, 9, None, 0, 0.7)[0] == 4
+  assert original_scores.written_rows(3, 9, None, 0, 0.0)[0] == 3
   cut = tmp_path / "cut"
   cut.mkdir()
   np.array([5, 3, 0, 0], np.int64).tofile(cut / "mmap_index.npy")
   np.array([1.5, 2.5, 3.5, 4.5], np.float32).tofile(cut / "1.npy")
   (cut / "files.txt").write_text("1.npy\n")
   with pytest.raises(errors.DataError, match="do not belong together"):
-    dolma.read_shard(cut)  # 4 float rows but at most 3 ids
+    original_scores.read_shard(cut)  # 4 float rows but at most 3 ids
 
 
 def test_export_round_trips_to_token_files_and_parquet(color_selection, pool, reference, neox_tokenizer_path,
@@ -282,7 +285,7 @@ def test_export_round_trips_to_token_files_and_parquet(color_selection, pool, re
   expected = np.asarray(reference["score_prior_minus_cond"], np.float32)[ids]
   assert np.array_equal(table.column("score").to_numpy(), expected)
   assert table.column("source").to_pylist() == [pool.labels()[i] for i in pool.label_ids(ids)]
-  assert data.read_manifest(out)["format"] == dolma.EXPORT_FORMAT
+  assert data.read_manifest(out)["format"] == dolma_export.EXPORT_FORMAT
   assert not (out / artifacts.REQUEST).exists()
 
 
@@ -290,9 +293,9 @@ def test_parquet_parts_of_two_hosts_cover_the_selection_once(color_selection, po
   import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
   ids = data.load_index(color_selection)
   for host in (0, 1):
-    dolma.write_parquet_part(tmp_path, pool, ids, lambda block: None, pool.labels(), 20, host, 2)
+    dolma_export.write_parquet_part(tmp_path, pool, ids, lambda block: None, pool.labels(), 20, host, 2)
   names = sorted(p.name for p in tmp_path.glob("*.parquet"))
-  assert names == [n for n, _, _ in dolma.parquet_names(64, 2, 20)]
+  assert names == [n for n, _, _ in dolma_export.parquet_names(64, 2, 20)]
   assert names == ["part-h000-00000.parquet", "part-h000-00001.parquet", "part-h001-00000.parquet",
                    "part-h001-00001.parquet"]
   table = pq.read_table(sorted(tmp_path.glob("*.parquet")))
@@ -322,7 +325,7 @@ def test_bad_inputs_name_the_file_and_the_fix(fixture, pool, neox_tokenizer_path
   broken = _copy_shard(fixture / "scores/prior-1/score", tmp_path / "prior-1/score")
   (broken / "1.npy").unlink()
   with pytest.raises(errors.DataError, match=r"files\.txt:1 names /gpfs/ckpt/prior-1/score/1\.npy.*copy that file"):
-    dolma.read_shard(broken)
+    original_scores.read_shard(broken)
   assert not any((tmp_path / name).exists() for name in "abcdef")
 
 

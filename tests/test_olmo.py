@@ -17,11 +17,14 @@ import yaml
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from colorjax import checkpoint
+from colorjax import checkpoint_formats
 from colorjax import data
 from colorjax import errors
 from colorjax import losses
 from colorjax import model
 from colorjax import olmo
+from colorjax import olmo_config
+from colorjax import olmo_weights
 from colorjax import score
 from colorjax import sharding
 from colorjax import train
@@ -84,14 +87,14 @@ def load(export) -> tuple[model.ModelSpec, dict]:
 
 
 def test_readers_see_the_state_dict_the_original_saved(ref):
-  pt = olmo.read_model_pt(PRIOR / "model.pt")
-  st = olmo.read_olmo_safetensors(CONDITIONAL / "model.safetensors")
+  pt = olmo_weights.read_model_pt(PRIOR / "model.pt")
+  st = olmo_weights.read_olmo_safetensors(CONDITIONAL / "model.safetensors")
   expected = [(key, shape, dtype) for key, shape, dtype in ref["state_dict"]]
   assert [(k, list(v.shape), str(v.dtype)) for k, v in pt.items()] == expected  # model.pt order
   assert sorted((k, list(v.shape), str(v.dtype)) for k, v in st.items()) == sorted(expected)
-  assert [key for key, _, _ in olmo.key_map(2)] == [key for key, _, _ in expected]
-  names = olmo.read_safetensors(CONDITIONAL / "model.safetensors")
-  assert {olmo.olmo_name(k) for k in st} == set(names)  # the writer names tensors exactly as OLMo did
+  assert [key for key, _, _ in olmo_weights.key_map(2)] == [key for key, _, _ in expected]
+  names = checkpoint_formats.read_safetensors(CONDITIONAL / "model.safetensors")
+  assert {olmo_weights.olmo_name(k) for k in st} == set(names)  # the writer names tensors exactly as OLMo did
   assert sum(v.size for v in pt.values()) == ref["model_config"]["n_params"]
 
 
@@ -216,7 +219,7 @@ def test_a_hostile_model_pt_is_refused_and_never_run(tmp_path, module, name):
   arg = f"open({str(marker)!r}, 'w').close()" if module == "builtins" else f"touch {marker}"
   path = hostile_zip(tmp_path / "model.pt", reduce_payload(module, name, arg))
   with pytest.raises(errors.DataError, match=f"model.pt: refused to unpickle {module}.{name}"):
-    olmo.read_model_pt(path)
+    olmo_weights.read_model_pt(path)
   assert not marker.exists()
   if (module, name) == ("os", "system"):
     pickle.loads(reduce_payload(module, name, arg))  # the payload is live: plain pickle runs it
@@ -228,21 +231,22 @@ def test_hostile_pickles_elsewhere_are_refused(tmp_path):
   marker = tmp_path / "pwned"
   payload = reduce_payload("os", "system", f"touch {marker}")
   name = base64.urlsafe_b64encode(b"\x80\x02" + payload).decode()
-  olmo.write_safetensors(tmp_path / "model.safetensors", {name: np.zeros(2, np.float32)})
+  checkpoint_formats.write_safetensors(tmp_path / "model.safetensors", {name: np.zeros(2, np.float32)})
   with pytest.raises(errors.DataError, match="refused to unpickle os.system"):
-    olmo.read_olmo_safetensors(tmp_path / "model.safetensors")
+    olmo_weights.read_olmo_safetensors(tmp_path / "model.safetensors")
   with pytest.raises(errors.DataError, match="refused to unpickle os.system"):
-    olmo.read_train_state(hostile_zip(tmp_path / "train.pt", payload, "train"))
+    olmo_weights.read_train_state(hostile_zip(tmp_path / "train.pt", payload, "train"))
   assert not marker.exists()
   smuggled = b"\x80\x02ctorch._tensor\n_rebuild_from_type_v2\n(ccollections\nOrderedDict\nctorch\nTensor\n)}tR."
   with pytest.raises(errors.DataError, match="other than a tensor rebuilder"):
-    olmo.read_model_pt(hostile_zip(tmp_path / "smuggled.pt", smuggled))
+    olmo_weights.read_model_pt(hostile_zip(tmp_path / "smuggled.pt", smuggled))
   rewrite = b"\x80\x02ctorch\nFloatStorage\nN}X\x05\x00\x00\x00dtypeK\x01s\x86b."  # BUILD on a stand-in
   with pytest.raises(errors.DataError, match="tries to modify _StorageType"):
-    olmo.read_model_pt(hostile_zip(tmp_path / "rewrite.pt", rewrite))
-  assert olmo.read_model_pt(PRIOR / "model.pt")["transformer.wte.weight"].dtype == np.float32  # later loads unharmed
+    olmo_weights.read_model_pt(hostile_zip(tmp_path / "rewrite.pt", rewrite))
+  later = olmo_weights.read_model_pt(PRIOR / "model.pt")
+  assert later["transformer.wte.weight"].dtype == np.float32  # later loads unharmed
   with pytest.raises(errors.DataError, match="not a torch zip"):
-    olmo.read_model_pt(FIXTURE / "reference.json")
+    olmo_weights.read_model_pt(FIXTURE / "reference.json")
 
 
 @pytest.mark.parametrize("field,value", [
@@ -271,21 +275,22 @@ def test_missing_defaults_are_the_originals(tmp_path, tokenizer_path):
 
 
 def test_state_dict_keys_are_checked_by_name():
-  state = olmo.read_model_pt(PRIOR / "model.pt")
-  section = olmo.model_section(olmo.read_config_yaml(PRIOR / "config.yaml"), "config.yaml")
-  spec = olmo.spec_from_olmo(section, make_config("score", "demo", **FP32).model, "config.yaml")
+  state = olmo_weights.read_model_pt(PRIOR / "model.pt")
+  section = olmo_config.model_section(olmo_config.read_config_yaml(PRIOR / "config.yaml"), "config.yaml")
+  spec = olmo_config.spec_from_olmo(section, make_config("score", "demo", **FP32).model, "config.yaml")
   missing = {k: v for k, v in state.items() if k != "transformer.blocks.1.ff_norm.weight"}
   with pytest.raises(errors.DataError, match="has no transformer.blocks.1.ff_norm.weight"):
-    olmo.state_to_params(missing, spec, "model.pt")
+    olmo_weights.state_to_params(missing, spec, "model.pt")
   with pytest.raises(errors.DataError, match="e.g. transformer.blocks.0.att_proj.bias"):
-    olmo.state_to_params({**state, "transformer.blocks.0.att_proj.bias": np.zeros(192, np.float32)}, spec, "model.pt")
+    olmo_weights.state_to_params({**state, "transformer.blocks.0.att_proj.bias": np.zeros(192, np.float32)}, spec,
+                                 "model.pt")
   wrong = {**state, "transformer.wte.weight": np.zeros((1000, 64), np.float32)}
   with pytest.raises(errors.DataError, match=r"transformer.wte.weight has shape \[1000, 64\]"):
-    olmo.state_to_params(wrong, spec, "model.pt")
+    olmo_weights.state_to_params(wrong, spec, "model.pt")
   grouped = {k.replace("transformer.blocks.1.", "transformer.block_groups.0.1.")
              .replace("transformer.blocks.0.", "_fsdp_wrapped_module.transformer.block_groups.0.0."): v
              for k, v in state.items()}
-  assert olmo.normalized_keys(grouped, 2, "model.pt").keys() == state.keys()
+  assert olmo_weights.normalized_keys(grouped, 2, "model.pt").keys() == state.keys()
 
 
 def test_a_tokenizer_larger_than_the_embedding_is_refused(tmp_path, neox_tokenizer_path):
@@ -296,8 +301,8 @@ def test_a_tokenizer_larger_than_the_embedding_is_refused(tmp_path, neox_tokeniz
 
 def test_export_then_import_is_the_identity(imported, tmp_path, tokenizer_path):
   out = olmo.run(make_config("olmo", "export", olmo__params=str(imported["prior"]), workdir=str(tmp_path / "olmo")))
-  exported = olmo.read_olmo_safetensors(out / "model.safetensors")
-  original = olmo.read_model_pt(PRIOR / "model.pt")
+  exported = olmo_weights.read_olmo_safetensors(out / "model.safetensors")
+  original = olmo_weights.read_model_pt(PRIOR / "model.pt")
   assert list(exported) == list(original)
   assert all(np.array_equal(exported[k], original[k]) and exported[k].dtype == original[k].dtype for k in original)
   written = yaml.safe_load((out / "config.yaml").read_text())

@@ -6,6 +6,7 @@ import pytest
 
 from colorjax import model
 from colorjax import report
+from colorjax import report_markdown
 
 SPEC = {"d_model": 64, "n_layers": 2, "n_heads": 2, "mlp_hidden": 256, "vocab_size": 1024, "max_seq_len": 64}
 TARGET_SPEC = {**SPEC, "d_model": 128, "n_layers": 3}
@@ -58,7 +59,7 @@ def test_data_efficiency_bounds(loss, bound, ratio):
   eff = report.data_efficiency(rows, report.summarize(rows))["tau8"]
   assert eff["bound"] == bound and eff["ratio"] == pytest.approx(ratio)
   assert eff["curve_ratio"] is None and eff["curve_lower_bound"] is None  # no curve run
-  cell = report._bounded(eff["ratio"], eff["bound"], "x")  # pylint: disable=protected-access
+  cell = report_markdown._bounded(eff["ratio"], eff["bound"], "x")  # pylint: disable=protected-access
   assert cell == {"lower": ">", "upper": "<"}[bound] + f"{ratio:.1f}x"
 
 
@@ -74,9 +75,9 @@ def test_summarize_one_seed_has_no_spread():
   assert summary["color"]["seeds"] == 1 and summary["color"]["target_loss_std"] is None
   assert summary["random"]["target_loss_mean"] == pytest.approx(3.1)
   assert summary["random"]["target_loss_std"] == pytest.approx(0.1414, abs=1e-4)  # sample std over seeds
-  md = "\n".join(report._md_summary(report.summarize(rows)))  # pylint: disable=protected-access
+  md = "\n".join(report_markdown._md_summary(report.summarize(rows)))  # pylint: disable=protected-access
   assert "| color | 4 | 1 | 100 | 2.5000 | - |" in md and "3.1000 ± 0.1414" in md
-  one_seed = "\n".join(report._md_summary(report.summarize(rows[:2])))  # pylint: disable=protected-access
+  one_seed = "\n".join(report_markdown._md_summary(report.summarize(rows[:2])))  # pylint: disable=protected-access
   assert "±" not in one_seed and "(1 seed)" in one_seed
 
 
@@ -207,12 +208,12 @@ def test_target_summary_reads_older_and_larger_splits(tmp_path):
   assert target["files"] == ["plays.jsonl.gz"] and target["heldout_works"] is None
   assert [target["parts"][p]["works"] for p in ("target_train", "target_eval", "pool")] == [30, 20, 50]
   assert report.pool_summary(tmp_path, {}, split)["files"] == ["plays.jsonl.gz", "news.jsonl.gz"]
-  md = "\n".join(report._md_target(target, {}))  # pylint: disable=protected-access
+  md = "\n".join(report_markdown._md_target(target, {}))  # pylint: disable=protected-access
   assert "each document is one work" in md and "20% are held out to evaluate the targets, the rest join" in md
   split["works"] = {"target_train": 12_000, "target_eval": ["a", "b"], "pool": 40_000}  # too many names: counts
   target = report.target_summary({"target": "text"}, tmp_path, {}, split, {})
   assert [target["parts"][p]["works"] for p in ("target_train", "target_eval", "pool")] == [12_000, 2, 40_000]
-  md = "\n".join(report._md_target(target, {}))  # pylint: disable=protected-access
+  md = "\n".join(report_markdown._md_target(target, {}))  # pylint: disable=protected-access
   assert "Held-out works" not in md  # one work per document: their names would only repeat the documents
 
 
