@@ -232,6 +232,13 @@ class TokenStore:
     return out
 
 
+def check_same_tokenizer(a: dict, a_what: str, b: dict, b_what: str) -> None:
+  """Two artifacts' tokenizer records (`tokenizer_info`) must name the same tokenizer, by content hash."""
+  if a["sha256"] != b["sha256"]:
+    raise DataError(f"{a_what} uses tokenizer {a['name']}, {b_what} uses {b['name']} (another tokenizer by content); "
+                    "build both with one tokenizer")
+
+
 def eval_stores(entries, tok_info: dict, against: str) -> dict:
   """data.eval_stores ("name=path", or a bare path named by its folder) as name -> TokenStore, each checked to use
   the tokenizer `tok_info` describes (that of `against`: the training store or the params evaluated)."""
@@ -239,9 +246,7 @@ def eval_stores(entries, tok_info: dict, against: str) -> dict:
   for entry in entries:
     name, path = entry.split("=", 1) if "=" in entry else (pathlib.Path(entry).name, entry)
     store = TokenStore(path)
-    if store.manifest["tokenizer"]["sha256"] != tok_info["sha256"]:
-      raise DataError(f"eval store {path} was tokenized with {store.manifest['tokenizer']['name']}, {against} with "
-                      f"{tok_info['name']}; prepare both with the same tokenizer")
+    check_same_tokenizer(store.manifest["tokenizer"], f"eval store {path}", tok_info, against)
     if name in stores:
       raise errors.ConfigError(f"data.eval_stores names {name!r} twice; give each store its own name=path")
     stores[name] = store

@@ -192,7 +192,8 @@ class TrainLog:
     mfu = tokens_per_s * self.flops_per_token / (self.peak * jax.device_count()) if self.peak else None
     record = {"event": "train", "step": step_done, "loss": self.window["loss"] / n, "z_loss": self.window["z_loss"] / n,
               "grad_norm": float(stats["grad_norm"]), "lr": float(stats["lr"]), "tokens_per_s": tokens_per_s,
-              "tokens_seen": step_done * self.tokens_per_step, "mfu": mfu}
+              "tokens_seen": step_done * self.tokens_per_step, "mfu": mfu,
+              **{k: float(v) for k, v in stats.items() if k.startswith("rho_")}}
     self.writer.write(record)
     self.bar.update(0, extra=f"loss {record['loss']:.4f} lr {record['lr']:.2e} {human(tokens_per_s)} tok/s"
                     + (f" mfu {mfu:.1%}" if mfu else ""), force=True)

@@ -7,6 +7,7 @@ the device. The data order depends only on (seed, step), so a resumed run reprod
 import dataclasses
 import functools
 import json
+import math
 import pathlib
 import shutil
 
@@ -27,6 +28,7 @@ from colorjax import metrics
 from colorjax import model
 from colorjax import plan
 from colorjax import prepare
+from colorjax import rho as rho_lib
 from colorjax import sharding
 from colorjax import tasks
 
@@ -61,6 +63,7 @@ class StepPlan:
   seq_len: int
   num_items: int  # sequences (or index entries) the order permutes
   note: str | None = None  # an adjustment the plan made to the configured batch, for the user to see
+  candidates: int = 0  # RHO-down: sequences drawn per step, of which global_batch are trained on (0 = off)
 
   @property
   def n_micro(self) -> int:
@@ -69,6 +72,11 @@ class StepPlan:
   @property
   def tokens(self) -> int:
     return self.total_steps * self.global_batch * self.seq_len
+
+  @property
+  def rows_per_step(self) -> int:
+    """Sequences each step reads from the data: the batch, or RHO-down's candidates."""
+    return self.candidates or self.global_batch
 
 
 def step_plan(cfg, num_items: int | None, seq_len: int, data_parallel: int) -> StepPlan:
@@ -87,32 +95,58 @@ def step_plan(cfg, num_items: int | None, seq_len: int, data_parallel: int) -> S
     note = (f"micro-batch raised from {micro} to {rounded}: one or more rows for each of {data_parallel} "
             "data-parallel devices (per-device memory does not grow)")
     micro = rounded
+  candidates = rho_candidates(tcfg, batch, micro)
+  per_step = candidates or batch
   total = int(tcfg.max_steps)
   if total <= 0:
     if num_items is None:
       raise errors.ConfigError("train.max_steps <= 0 means one pass over the data, but the data size is unknown")
-    total = num_items // batch
+    total = num_items // per_step
   schedule_steps, schedule = total, "nominal"
   if tcfg.single_pass and num_items is not None:
-    data_steps = num_items // batch
+    data_steps = num_items // per_step
     if data_steps == 0:
-      raise errors.ConfigError(f"a single pass over {num_items} sequences cannot fill one batch of {batch}; give "
-                               "the stage more data or lower train.global_batch_size")
+      raise errors.ConfigError(f"a single pass over {num_items} sequences cannot fill one batch of {per_step}; "
+                               "give the stage more data or lower train.global_batch_size (or train.rho_tau)")
     total = min(total, data_steps)
     if tcfg.anneal_to_data:
       schedule_steps, schedule = total, "data"
-  return StepPlan(total, schedule_steps, schedule, batch, micro, seq_len, num_items or 0, note)
+  if total <= 0:
+    raise errors.ConfigError(f"the run would take 0 steps ({num_items} sequences, batch {per_step}); give it more "
+                             "data or set train.max_steps")
+  return StepPlan(total, schedule_steps, schedule, batch, micro, seq_len, num_items or 0, note, candidates)
+
+
+def rho_candidates(tcfg, batch: int, micro: int) -> int:
+  """RHO-down's candidates per step (0 when off), checked to be a whole number of micro-batches."""
+  tau = float(tcfg.rho_tau)
+  if not tau:
+    return 0
+  if not (math.isfinite(tau) and tau >= 1):
+    raise errors.ConfigError(f"train.rho_tau={tau}: draw tau x batch candidates per step, so tau >= 1 (0 = off)")
+  if not tcfg.rho_reference:
+    raise errors.ConfigError("train.rho_tau is set: give the reference model with --config.train.rho_reference")
+  candidates = int(round(tau * batch))
+  if candidates % micro:
+    raise errors.ConfigError(f"train.rho_tau={tau:g} x global_batch_size={batch} = {candidates} candidates is not a "
+                             f"multiple of the micro-batch {micro}; pick a tau that makes it one")
+  return candidates
 
 
 def build_train_step(spec, tx, schedule, plan_: StepPlan, state_sh, batch_sh, param_sh, z_weight: float,
-                     pad_id: int | None, loss_chunk: int):
-  """The jitted update: token-mean CE + z-loss over the whole global batch, accumulated over micro-batches."""
+                     pad_id: int | None, loss_chunk: int, rho: rho_lib.Rho | None = None, reference_sh=None):
+  """The jitted update: token-mean CE + z-loss over the whole global batch, accumulated over micro-batches. With
+  `rho`, the step takes the candidates and the reference params and first keeps the batch it trains on."""
 
   micro_loss = functools.partial(losses.batch_loss, spec, pad_id=pad_id, z_weight=z_weight, chunk=loss_chunk)
   grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
-  def step_fn(state, tokens_mbt):
+  def step_fn(state, tokens_mbt, reference_params=None):
     params = state["params"]
+    selection = {}
+    if rho is not None:
+      tokens_mbt, selection = rho_lib.select(rho, params, reference_params, tokens_mbt)
+      tokens_mbt = jax.lax.with_sharding_constraint(tokens_mbt, batch_sh)
     if tokens_mbt.shape[0] == 1:
       (_, (ce, z, count)), grads = grad_fn(params, tokens_mbt[0])
     else:
@@ -128,23 +162,27 @@ def build_train_step(spec, tx, schedule, plan_: StepPlan, state_sh, batch_sh, pa
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state, "step": state["step"] + 1}
     stats = {"loss": ce / denom, "z_loss": z / denom, "grad_norm": optax.tree.norm(grads),
-             "lr": schedule(state["step"]), "tokens": count}
+             "lr": schedule(state["step"]), "tokens": count, **selection}
     return new_state, stats
 
-  return jax.jit(step_fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=(0,))
+  if rho is None:
+    return jax.jit(step_fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=(0,))
+  return jax.jit(step_fn, in_shardings=(state_sh, batch_sh, reference_sh), out_shardings=(state_sh, None),
+                 donate_argnums=(0,))
 
 
 class BatchSource:
-  """Produces this host's rows of step `s`'s [n_micro, micro, seq] batch as a global jax.Array."""
+  """Produces this host's rows of step `s`'s [n_micro, micro, seq] batch (RHO-down: candidates) as a global
+  jax.Array."""
 
   def __init__(self, store: data.TokenStore, plan_: StepPlan, seed: int, index, batch_sh: NamedSharding):
     self.store, self.plan, self.seed, self.index, self.sharding = store, plan_, seed, index, batch_sh
-    self.shape = (plan_.n_micro, plan_.micro_batch, store.seq_len)
+    self.shape = (plan_.rows_per_step // plan_.micro_batch, plan_.micro_batch, store.seq_len)
     self.row_start, self.row_stop = sharding.host_rows(batch_sh, self.shape, dim=1)
 
   def ids(self, step: int) -> np.ndarray:
-    ids = data.step_ids(step, self.plan.global_batch, self.plan.num_items, self.seed, self.index)
-    return ids.reshape(self.plan.n_micro, self.plan.micro_batch)
+    ids = data.step_ids(step, self.plan.rows_per_step, self.plan.num_items, self.seed, self.index)
+    return ids.reshape(self.shape[:2])
 
   def __call__(self, step: int):
     local_ids = self.ids(step)[:, self.row_start:self.row_stop]
@@ -157,13 +195,17 @@ TRAIN_KEYS = ("global_batch_size", "max_steps", "lr", "warmup_steps", "min_lr_ra
               "weight_decay", "grad_clip", "z_loss", "single_pass", "anneal_to_data")
 
 
-def run_request(cfg, spec: model.ModelSpec, store_id: str, padded: bool, index_id, init_id) -> dict:
+def run_request(cfg, spec: model.ModelSpec, store_id: str, padded: bool, index_id, init_id,
+                reference_id: str | None = None) -> dict:
   """What decides a training run's result: its inputs by content id, the seed, the architecture and the recipe.
   The run's id is this request's hash, so it is known (and checkable downstream) before the run trains."""
-  return {"stage": cfg.stage, "store": store_id, "index": index_id, "init_from": init_id, "seed": int(cfg.seed),
-          "model": spec.architecture(), "precision": spec.precision,
-          "train": {k: cfg.train[k] for k in TRAIN_KEYS},
-          "loss_on_padding": bool(padded and cfg.sft.loss_on_padding)}
+  request = {"stage": cfg.stage, "store": store_id, "index": index_id, "init_from": init_id, "seed": int(cfg.seed),
+             "model": spec.architecture(), "precision": spec.precision,
+             "train": {k: cfg.train[k] for k in TRAIN_KEYS},
+             "loss_on_padding": bool(padded and cfg.sft.loss_on_padding)}
+  if cfg.train.rho_tau:
+    request["rho"] = {"tau": float(cfg.train.rho_tau), "reference": reference_id}
+  return request
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,6 +217,7 @@ class Inputs:
   sft_eval_path: pathlib.Path | None  # task finetuning: the held-out SFT rows
   index_id: str | None
   init_manifest: dict | None
+  reference_manifest: dict | None  # RHO-down's reference model
   request: dict
 
 
@@ -200,14 +243,20 @@ def resolve_inputs(cfg, workdir: pathlib.Path, spec: model.ModelSpec) -> Inputs:
       raise errors.ConfigError("set --config.data.train_store (or --config.sft.tasks to finetune on downstream tasks)")
     store = data.TokenStore(cfg.data.train_store)
     check_store_fits(store, spec)
-    if init_manifest is not None and init_manifest["tokenizer"]["sha256"] != store.manifest["tokenizer"]["sha256"]:
-      raise data.DataError(f"{cfg.train.init_from} was trained with tokenizer {init_manifest['tokenizer']['name']}, "
-                           f"but {store.path} uses {store.manifest['tokenizer']['name']}; use one tokenizer")
+    if init_manifest is not None:
+      data.check_same_tokenizer(init_manifest["tokenizer"], f"the params {cfg.train.init_from}",
+                                store.manifest["tokenizer"], f"the training store {store.path}")
     store_path, store_id, padded = store.path.resolve(), store.id, store.padded
   index_id = data.index_id(cfg.data.index) if cfg.data.index else None
   init_id = init_manifest.get("id") if init_manifest else None
-  return Inputs(store_path, store_id, padded, sft_eval, index_id, init_manifest,
-                run_request(cfg, spec, store_id, padded, index_id, init_id))
+  reference = None
+  if cfg.train.rho_tau and cfg.train.rho_reference:
+    reference = checkpoint.read_params_manifest(cfg.train.rho_reference)
+    tok_info = init_manifest["tokenizer"] if init_manifest else data.TokenStore(store_path).manifest["tokenizer"]
+    data.check_same_tokenizer(reference["tokenizer"], f"the RHO reference {cfg.train.rho_reference}", tok_info,
+                              "the training data")
+  return Inputs(store_path, store_id, padded, sft_eval, index_id, init_manifest, reference,
+                run_request(cfg, spec, store_id, padded, index_id, init_id, reference.get("id") if reference else None))
 
 
 def build_sft_stores(cfg, inputs: Inputs, spec: model.ModelSpec) -> None:
@@ -312,8 +361,11 @@ def _train(cfg, workdir, spec, mesh, inputs: Inputs, index, started: list) -> pa
     if start_step:
       _print(f"{cfg.stage}: resumed {workdir} at step {start_step}")
     batch_sh = NamedSharding(mesh, P(None, sharding.RULES["batch"], None))
-    train_step = build_train_step(spec, tx, schedule, plan_, state_sh, batch_sh, param_sh, cfg.train.z_loss,
-                                  losses.pad_to_mask(store, cfg.sft.loss_on_padding), cfg.train.loss_chunk)
+    pad_id = losses.pad_to_mask(store, cfg.sft.loss_on_padding)
+    rho, reference, reference_sh = load_reference(cfg, spec, inputs, mesh, plan_, pad_id)
+    jitted = build_train_step(spec, tx, schedule, plan_, state_sh, batch_sh, param_sh, cfg.train.z_loss, pad_id,
+                              cfg.train.loss_chunk, rho, reference_sh)
+    train_step = jitted if rho is None else (lambda state, batch: jitted(state, batch, reference))
     evaluators = [e for e in evaluate.build_evaluators(cfg, spec, mesh, param_sh, store.tokenizer_path(), eval_sets)
                   if e is not None]
     log = metrics.TrainLog(workdir, cfg.stage, start_step, plan_.total_steps, plan_.global_batch * store.seq_len,
@@ -324,7 +376,27 @@ def _train(cfg, workdir, spec, mesh, inputs: Inputs, index, started: list) -> pa
     source = BatchSource(store, plan_, cfg.seed, index, batch_sh)
     state = train_loop(cfg, state, train_step, source, start_step, plan_, ckpt, log, evaluators, workdir, started,
                        meta={"config": json.loads(cfg.to_json()), "store_id": store.id})
-    return export(cfg, workdir, spec, store, inputs, plan_, state)
+    return export(cfg, workdir, spec, store, inputs, plan_, state, compute(spec, plan_, rho))
+
+
+def load_reference(cfg, spec, inputs: Inputs, mesh, plan_: StepPlan, pad_id):
+  """RHO-down's fixed reference model (its own architecture, sharded like any params), or (None, None, None)."""
+  if not plan_.candidates:
+    return None, None, None
+  reference_spec = checkpoint.spec_from_manifest(inputs.reference_manifest, cfg.model)
+  reference_sh = sharding.tree_shardings(model.abstract_params(reference_spec), model.param_axes(reference_spec), mesh)
+  params, _ = checkpoint.load_params(cfg.train.rho_reference, reference_spec, reference_sh)
+  rho = rho_lib.Rho(spec, reference_spec, plan_.global_batch, pad_id, cfg.train.loss_chunk)
+  _print(f"{cfg.stage}: RHO-down: {plan_.candidates} candidates per step, training on the {plan_.global_batch} with "
+         f"the largest NLL - NLL_ref ({cfg.train.rho_reference})")
+  return rho, params, reference_sh
+
+
+def compute(spec, plan_: StepPlan, rho) -> dict:
+  """The run's FLOPs (SPEC §5 counts): training, and RHO-down's extra scoring forwards."""
+  train_flops = float(model.flops_per_token(spec, plan_.seq_len, training=True)) * plan_.tokens
+  selection = rho_lib.forward_flops_per_step(rho, plan_.candidates, plan_.seq_len) * plan_.total_steps if rho else 0.0
+  return {"train_flops": train_flops, "selection_forward_flops": selection}
 
 
 def write_run_folder(cfg, workdir: pathlib.Path, request: dict) -> None:
@@ -419,7 +491,8 @@ def train_loop(cfg, state, train_step, source, start_step: int, plan_: StepPlan,
   return state
 
 
-def export(cfg, workdir: pathlib.Path, spec, store, inputs: Inputs, plan_: StepPlan, state) -> pathlib.Path:
+def export(cfg, workdir: pathlib.Path, spec, store, inputs: Inputs, plan_: StepPlan, state,
+           flops: dict) -> pathlib.Path:
   """The params export later stages read: params, tokenizer, and a manifest naming the run's request and id."""
   final = {k: v for k, v in (metrics.read_metrics(workdir)[-1] if metrics.is_main() else {}).items()
            if k.startswith("eval/")}
@@ -431,7 +504,7 @@ def export(cfg, workdir: pathlib.Path, spec, store, inputs: Inputs, plan_: StepP
       "index": rel(cfg.data.index), "index_id": inputs.index_id, "init_from": rel(cfg.train.init_from),
       "init_from_id": inputs.request["init_from"], "steps": plan_.total_steps, "tokens": plan_.tokens,
       "schedule": plan_.schedule, "schedule_steps": plan_.schedule_steps, "seed": cfg.seed,
-      "id": artifacts.content_id(inputs.request), "request": inputs.request,
+      "id": artifacts.content_id(inputs.request), "request": inputs.request, "compute": flops,
       "final_eval": final, "config": json.loads(cfg.to_json()),
   }
   checkpoint.export_params(export_dir, state["params"], manifest, store.tokenizer_path())

@@ -54,6 +54,8 @@ def train_config() -> ml_collections.ConfigDict:
   t.single_pass = False  # stop when the data (store or index) is used once instead of at max_steps
   t.anneal_to_data = False  # single pass: define the schedule on the data size, not max_steps
   t.init_from = ""  # params export to start from (finetune); empty = fresh init
+  t.rho_tau = 0.0  # RHO-down: per step, train on the batch of rho_tau x batch candidates with most reducible loss
+  t.rho_reference = ""  # RHO-down: params export of the fixed reference model (target-only model, or the conditional)
   t.log_every = 10  # steps between console/metrics.jsonl lines
   t.eval_every = 500  # steps between held-out evals (0 = only at the end)
   t.eval_batches = 20  # batches of each eval store per eval (0 = the whole store)
