@@ -16,7 +16,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from colorjax import checkpoint
 from colorjax import data
@@ -61,8 +60,8 @@ class HeldoutEvaluator:
     self.max_batches = cfg.train.eval_batches if max_batches is None else max_batches
     self.shuffle = bool(cfg.eval.shuffle)
     self.loss_on_padding = bool(cfg.sft.loss_on_padding)
-    self.row_sh = NamedSharding(mesh, P(sharding.RULES["batch"], None))
-    self.weight_sh = NamedSharding(mesh, P(sharding.RULES["batch"]))
+    self.row_sh = sharding.batch_sharding(mesh)
+    self.weight_sh = sharding.batch_sharding(mesh, ndim=1)
     self._fns = {}
     self.chunk = cfg.train.loss_chunk
     self.param_sh = param_sh
@@ -195,7 +194,7 @@ class MultipleChoiceEvaluator:
     self.num_requests = len(requests)
     self.buckets = make_buckets(requests, spec.max_seq_len, batch_tokens, sharding.data_parallel_size(mesh),
                                 info["pad_id"])
-    self.row_sh = NamedSharding(mesh, P(sharding.RULES["batch"], None))
+    self.row_sh = sharding.batch_sharding(mesh)
 
     def logprob_sums(params, inputs_bt, positions_bk, targets_bk, mask_bk):
       nll_bk = losses.gathered_nll(spec, params, inputs_bt, positions_bk, targets_bk, chunk)

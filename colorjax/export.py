@@ -35,7 +35,8 @@ def run(cfg) -> pathlib.Path:
   if out_path.exists():
     raise data.DataError(f"{out_path} already exists; choose another --config.workdir (nothing was overwritten)")
   tokenizer = data.load_tokenizer(str(store.tokenizer_path()))
-  scores = score_lib.Scores(artifacts.resolve(manifest["scores"]["path"], selection)) if manifest.get("scores") else None
+  scores_ref = manifest.get("scores")
+  scores = score_lib.Scores(artifacts.resolve(scores_ref["path"], selection)) if scores_ref else None
   method = manifest["method"] if manifest["method"] != "random" else "color"
   labels = store.labels() or ["all"]
   workdir.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,5 @@
-"""Every loss in one place: the PAD policy, the CoLoR score, the loss mask, the output head's next-token NLL, the training loss, per-sequence NLL.
+"""Every loss in one place: the PAD policy, the CoLoR score, the loss mask, the output head's next-token NLL, the
+training loss, per-sequence NLL.
 
 The head is the costliest memory traffic of a small LM: [tokens, 50304] logits. It is computed here in chunks of
 `chunk` sequence positions (every row of the batch at once, so a batch-sharded mesh keeps its sharding), and the

@@ -36,6 +36,7 @@ STAGES = {
     "pipeline": "colorjax.pipeline",
     "report": "colorjax.report",
     "dolma": "colorjax.dolma",
+    "dsir": "colorjax.dsir",
 }
 
 USAGE_EXIT = 2

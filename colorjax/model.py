@@ -257,8 +257,9 @@ def init_params(spec: ModelSpec, key) -> dict:
 
 
 def abstract_params(spec: ModelSpec) -> dict:
-  """ShapeDtypeStructs of the parameters, without allocating anything."""
-  return nnx.to_pure_dict(_graph(spec)[1])
+  """ShapeDtypeStructs of the parameters, without allocating anything. Shape and dtype only: nnx.eval_shape
+  attaches the mesh in context (sharding.use_mesh) to its results, which the cached graph would leak elsewhere."""
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), nnx.to_pure_dict(_graph(spec)[1]))
 
 
 def param_axes(spec: ModelSpec) -> dict:

@@ -31,11 +31,14 @@ import ml_collections
 
 from colorjax import artifacts
 from colorjax import corpus
+from colorjax import dsir
 from colorjax import errors
 from colorjax import metrics
+from colorjax import model
 from colorjax import preflight
 from colorjax import prepare
 from colorjax import report
+from colorjax import rho as rho_lib
 from colorjax import score
 from colorjax import select
 from colorjax import sharding
@@ -44,6 +47,8 @@ from colorjax import train
 from configs import base
 
 STORE_NAMES = ("pool", "target_train", "target_eval")
+ONLINE_METHODS = {"rho_down": "reference", "rho_down_prior": "conditional"}  # RHO-down: method -> reference run
+METHODS = select.METHODS + ("dsir",) + tuple(ONLINE_METHODS)
 ON_STALE = ("refuse", "redo")
 
 
@@ -73,8 +78,11 @@ def check_settings(cfg) -> None:
     if len(set(values)) != len(values):
       raise errors.ConfigError(f"pipeline.{field}={tuple(values)} repeats a value; give each once")
   for method in pcfg.methods:
-    if method not in select.METHODS:
-      raise errors.ConfigError(f"pipeline.methods has {method!r}; choose from {', '.join(select.METHODS)}")
+    if method not in METHODS:
+      raise errors.ConfigError(f"pipeline.methods has {method!r}; choose from {', '.join(METHODS)}")
+    if method in ("dsir", "rho_down") and pcfg.target == "tasks":
+      raise errors.ConfigError(f"pipeline method {method} needs target text (pipeline.target=text): it models the "
+                               "target's text (use rho_down_prior, which uses the conditional, with target=tasks)")
   for tau in list(pcfg.taus) + ([pcfg.curve_tau] if pcfg.curve_tau else []):
     if not (math.isfinite(tau) and tau >= 1):
       raise errors.ConfigError(f"pipeline tau {tau}: keep the top 1/tau of the pool, so tau is a number >= 1")
@@ -97,8 +105,9 @@ class Plan:
   prior: ml_collections.ConfigDict
   conditional: ml_collections.ConfigDict
   score: ml_collections.ConfigDict
-  selections: dict  # selection name -> select config
+  selections: dict  # selection name -> select (or dsir) stage config
   runs: list  # target runs: dicts (name, method, tau, seed, selection, role) with "config"
+  reference: ml_collections.ConfigDict | None = None  # RHO-down's reference: a model trained on target text only
 
 
 def target_runs(cfg) -> list[dict]:
@@ -108,7 +117,8 @@ def target_runs(cfg) -> list[dict]:
   for tau in pcfg.taus:
     for seed in pcfg.seeds:
       for method in pcfg.methods:
-        selection = f"{method}-tau{tau:g}" + (f"-s{seed}" if method == "random" else "")
+        seeded = method in ("random", "dsir")
+        selection = None if method in ONLINE_METHODS else f"{method}-tau{tau:g}" + (f"-s{seed}" if seeded else "")
         runs.append({"name": f"target-{method}-tau{tau:g}-s{seed}", "method": method, "tau": float(tau),
                      "seed": int(seed), "selection": selection, "role": "compare"})
   if pcfg.curve_tau:
@@ -120,7 +130,8 @@ def target_runs(cfg) -> list[dict]:
 
 
 def _train_config(cfg, section, stage: str, workdir: pathlib.Path, store, eval_stores, seed=None, **data_kw):
-  tcfg = base.stage_config(cfg, stage, model=section.model if "model" in section else cfg.prior.model, train=section.train)
+  architecture = section.model if "model" in section else cfg.prior.model
+  tcfg = base.stage_config(cfg, stage, model=architecture, train=section.train)
   tcfg.workdir = str(workdir)
   tcfg.data.train_store = str(store) if store else ""
   tcfg.data.eval_stores = tuple(f"{k}={v}" for k, v in eval_stores.items())
@@ -155,21 +166,42 @@ def make_plan(cfg, root: pathlib.Path) -> Plan:
   score_cfg.score.store = str(stores["pool"])
   score_cfg.score.prior = str(root / "runs" / "prior" / "params")
   score_cfg.score.conditionals = (str(root / "runs" / "conditional" / "params"),)
+  reference = None
+  if "rho_down" in pcfg.methods:
+    reference = _train_config(cfg, cfg.reference, "pretrain", root / "runs" / "reference", stores["target_train"],
+                              evals)
   runs, selections = target_runs(cfg), {}
   for r in runs:
-    sel = base.stage_config(cfg, "select")
-    sel.workdir = str(root / "selections" / r["selection"])
-    sel.select.scores = str(root / "scores")
-    sel.select.method = r["method"]
-    sel.select.tau = r["tau"]
-    sel.seed = r["seed"]
-    selections.setdefault(r["selection"], sel)
-    tcfg = _train_config(cfg, cfg.target, "pretrain", root / "runs" / r["name"], stores["pool"], evals,
-                         seed=r["seed"], index=sel.workdir)
+    if r["selection"] is None:  # RHO-down: selects online from the whole pool, against its reference
+      tcfg = _train_config(cfg, cfg.target, "pretrain", root / "runs" / r["name"], stores["pool"], evals,
+                           seed=r["seed"])
+      tcfg.train.rho_tau = r["tau"]
+      tcfg.train.rho_reference = str(root / "runs" / ONLINE_METHODS[r["method"]] / "params")
+    else:
+      sel = selections.setdefault(r["selection"], _selection_config(cfg, root, stores, r))
+      tcfg = _train_config(cfg, cfg.target, "pretrain", root / "runs" / r["name"], stores["pool"], evals,
+                           seed=r["seed"], index=sel.workdir)
     if r["role"] == "curve":
       tcfg.train.eval_every = pcfg.curve_eval_every or tcfg.train.eval_every
     r["config"] = tcfg
-  return Plan(stores, prior, cond, score_cfg, selections, runs)
+  return Plan(stores, prior, cond, score_cfg, selections, runs, reference)
+
+
+def _selection_config(cfg, root: pathlib.Path, stores: dict, r: dict) -> ml_collections.ConfigDict:
+  """The select stage's config (scores-based methods), or the dsir stage's (n-gram importance resampling)."""
+  if r["method"] == "dsir":
+    sel = base.stage_config(cfg, "dsir")
+    sel.dsir.store = str(stores["pool"])
+    sel.dsir.target = str(stores["target_train"])
+    sel.dsir.tau = r["tau"]
+  else:
+    sel = base.stage_config(cfg, "select")
+    sel.select.scores = str(root / "scores")
+    sel.select.method = r["method"]
+    sel.select.tau = r["tau"]
+  sel.workdir = str(root / "selections" / r["selection"])
+  sel.seed = r["seed"]
+  return sel
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -213,10 +245,13 @@ def _run(cfg, root: pathlib.Path):
   # 2. prior and conditional; 3. score and select
   prior = step("pretrain prior", train.run, plan.prior)
   conditional = step("finetune conditional", train.run, plan.conditional)
+  if plan.reference is not None:
+    step("train the RHO-down reference", train.run, plan.reference)
   scores = step("score pool", score.run, plan.score)
   selections = {}
   for name, sel in plan.selections.items():
-    selections[name] = metrics.on_main_then_sync(lambda c=sel, n=name: step(f"select {n}", select.run, c),
+    stage = dsir.run if sel.stage == "dsir" else select.run
+    selections[name] = metrics.on_main_then_sync(lambda c=sel, n=name, f=stage: step(f"select {n}", f, c),
                                                  "select") or pathlib.Path(sel.workdir)
 
   # 4. targets (evaluated in-loop: held-out target loss, and the task suite when configured)
@@ -225,13 +260,14 @@ def _run(cfg, root: pathlib.Path):
     step(f"train {r['name']}", train.run, r["config"])
     runs.append({k: v for k, v in r.items() if k != "config"} | {
         "workdir": artifacts.relative(r["config"].workdir, root),
-        "selection_dir": artifacts.relative(selections[r["selection"]], root)})
+        "selection_dir": artifacts.relative(selections[r["selection"]], root) if r["selection"] else None})
 
   # 5. report
   rel = lambda p: artifacts.relative(p, root)
   record = {"preset": pcfg.preset, "target": pcfg.target, "runs": runs, "scores": rel(scores),
             "stores": {k: rel(v) for k, v in plan.stores.items()}, "prior": rel(prior),
             "conditional": rel(conditional), "split": None if pcfg.pool_store else "data/split.json",
+            "reference": rel(plan.reference.workdir) if plan.reference is not None else None,
             "config": json.loads(cfg.to_json())}
   if metrics.is_main():
     (root / "pipeline.json").write_text(json.dumps(record, indent=1))
@@ -276,13 +312,27 @@ def describe(cfg):
   print()
   total_flops += score.describe_nominal(plan.score, n, seq, models=2)
   print()
+  if plan.reference is not None:
+    total_flops += train.describe(plan.reference, sizes["target_train"], seq, how)["total_flops"]
+    print()
   by_tau: dict = {}
   for r in plan.runs:
     by_tau.setdefault(r["tau"], []).append(r)
   for tau, runs in by_tau.items():
     k = int(n // tau)
-    print(f"select tau={tau:g}: {k:,} sequences ({k * seq:,} tokens); {len(runs)} target runs")
-    total_flops += train.describe(runs[0]["config"], k, seq, f"1/{tau:g} of the pool, {how}")["total_flops"] * len(runs)
-    print()
+    offline, online = [r for r in runs if r["selection"]], [r for r in runs if not r["selection"]]
+    if offline:
+      print(f"select tau={tau:g}: {k:,} sequences ({k * seq:,} tokens); {len(offline)} target runs")
+      total_flops += train.describe(offline[0]["config"], k, seq, f"1/{tau:g} of the pool, {how}")["total_flops"] * len(
+          offline)
+      print()
+    if online:
+      print(f"RHO-down tau={tau:g}: {len(online)} target runs selecting online from the whole pool")
+      planned = train.describe(online[0]["config"], n, seq, how)
+      reference = model.ModelSpec.from_config(cfg.prior.model)
+      rho = rho_lib.Rho(model.ModelSpec.from_config(cfg.target.model), reference, 0, None, 0)
+      extra = rho_lib.forward_flops_per_step(rho, int(round(tau * planned["global_batch"])), seq) * planned["steps"]
+      print(f"selection forwards: {extra:.3e} FLOPs per run (both models over every candidate)\n")
+      total_flops += (planned["total_flops"] + extra) * len(online)
   print(f"pipeline total: {total_flops:.3e} FLOPs")
 

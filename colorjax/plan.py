@@ -58,14 +58,16 @@ def activation_bytes(spec: model.ModelSpec, batch_per_device: int, seq_len: int,
   return layers + logits
 
 
-def print_model_and_training(stage, spec, mesh, plan_, abstract_params, abstract_opt, data_note=None, remat=None,
-                             loss_chunk: int = 0):
-  """The dry-run report of a training stage."""
+def print_model_and_training(stage, spec, mesh, plan_, abstract_params, abstract_opt, tx, data_note=None,
+                             remat=None, loss_chunk: int = 0):
+  """The dry-run report of a training stage; `tx` (the optimizer) tells which optimizer-state leaves mirror the
+  params (and are sharded like them)."""
   counts = model.param_counts(spec)
   axes = model.param_axes(spec)
   flops_token = model.flops_per_token(spec, plan_.seq_len, training=True)
   params_b = sharded_bytes(abstract_params, axes, mesh)
-  opt_b = sharded_bytes(abstract_opt, sharding.mirror_params(abstract_opt, axes, None), mesh)
+  opt_axes = sharding.opt_state_axes(tx, abstract_opt, axes)
+  opt_b = sharded_bytes(abstract_opt, opt_axes, mesh)
   grads_b = params_b * (2 if plan_.n_micro > 1 else 1)
   dp = int(np.prod([mesh.shape[a] for a in sharding.RULES["batch"]]))
   act_b = activation_bytes(spec, plan_.micro_batch // dp, plan_.seq_len, spec.remat if remat is None else remat,
@@ -84,4 +86,5 @@ def print_model_and_training(stage, spec, mesh, plan_, abstract_params, abstract
   if data_note:
     print(f"note: {data_note}")
   return {"flops_per_token": flops_token, "total_flops": total_flops, "tokens": plan_.tokens,
-          "steps": plan_.total_steps, "memory_bytes": params_b + grads_b + opt_b + act_b}
+          "steps": plan_.total_steps, "global_batch": plan_.global_batch,
+          "memory_bytes": params_b + grads_b + opt_b + act_b}

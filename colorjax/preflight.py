@@ -14,6 +14,7 @@ import time
 from colorjax import artifacts
 from colorjax import corpus
 from colorjax import data
+from colorjax import dsir
 from colorjax import errors
 from colorjax import model
 from colorjax import prepare
@@ -35,7 +36,12 @@ def check_plan(cfg, plan, sizes: dict, data_parallel: int) -> list[tuple[str, ob
   seq = sizes["seq_len"]
   step("prior", plan.prior, sizes["pool"], seq)
   step("conditional", plan.conditional, sizes["target_train"], sizes.get("sft_seq_len", seq))
+  if plan.reference is not None:
+    step("reference", plan.reference, sizes["target_train"], seq)
   for r in plan.runs:
+    if not r["selection"]:  # RHO-down: a single pass over the whole pool, tau x batch candidates per step
+      step(r["name"], r["config"], sizes["pool"], seq)
+      continue
     k = int(sizes["pool"] // r["tau"])
     if k <= 0:
       problems.append(f"select {r['selection']}: tau {r['tau']:g} keeps 0 of {sizes['pool']:,} pool sequences")
@@ -118,6 +124,12 @@ def lineage(cfg, root: pathlib.Path, plan) -> list[Expected]:
   if prior_req and cond_store:
     cond_req = train.run_request(cond, prior_spec, cond_store, padded, None, artifacts.content_id(prior_req))
   out.append(_expect("conditional", root / "runs" / "conditional", cond_req))
+  references = {"conditional": _id(out[-1])}
+  if plan.reference is not None:
+    target_id = ids.get("target_train")
+    ref_req = train.run_request(plan.reference, prior_spec, target_id, False, None, None) if target_id else None
+    out.append(_expect("reference", root / "runs" / "reference", ref_req))
+    references["reference"] = _id(out[-1])
   scores_req = None
   if cond_req:
     models = [{"name": "prior", "id": _id(out[-2])}, {"name": "conditional_0", "id": _id(out[-1])}]
@@ -126,14 +138,23 @@ def lineage(cfg, root: pathlib.Path, plan) -> list[Expected]:
   scores_id = _id(out[-1])
   selection_ids = {}
   for name, sel in plan.selections.items():
-    known = scores_id or (sel.select.method == "random" and pool_id)
-    req = select.selection_request(sel, scores_id, pool_id) if known else None
+    if sel.stage == "dsir":
+      target_id = ids.get("target_train")
+      req = dsir.dsir_request(sel, pool_id, target_id) if pool_id and target_id else None
+    else:
+      known = scores_id or (sel.select.method == "random" and pool_id)
+      req = select.selection_request(sel, scores_id, pool_id) if known else None
     out.append(_expect(f"selection {name}", pathlib.Path(sel.workdir), req, pathlib.Path(sel.workdir) / data.MANIFEST))
     selection_ids[name] = _id(out[-1])
   for r in plan.runs:
-    tcfg, sel_id = r["config"], selection_ids[r["selection"]]
-    req = (train.run_request(tcfg, model.ModelSpec.from_config(tcfg.model), pool_id, False, sel_id, None)
-           if sel_id else None)
+    tcfg = r["config"]
+    spec = model.ModelSpec.from_config(tcfg.model)
+    if r["selection"]:
+      sel_id = selection_ids[r["selection"]]
+      req = train.run_request(tcfg, spec, pool_id, False, sel_id, None) if sel_id else None
+    else:
+      ref_id = references[pathlib.Path(tcfg.train.rho_reference).parent.name]
+      req = train.run_request(tcfg, spec, pool_id, False, None, None, ref_id) if pool_id and ref_id else None
     out.append(_expect(f"target {r['name']}", pathlib.Path(tcfg.workdir), req))
   return out
 

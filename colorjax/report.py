@@ -10,7 +10,9 @@ leaves that part out. report.json:
    "setup": {"target", "pool", "stores", "models", "target_loss", "data_efficiency_method"},
    "runs": [{"name", "method", "tau", "seed", "role", "train_tokens", "finished", "target_loss", "loss_name",
              "tasks": {task: acc}, "tasks_mean", "curve": [[tokens, loss], ...], "schedule"}],
-   "summary": [{"method", "tau", "seeds", "train_tokens", "target_loss_mean", "target_loss_std", "tasks_mean"}],
+   "summary": [{"method", "tau", "seeds", "train_tokens", "compute_mean", "target_loss_mean", "target_loss_std",
+                "tasks_mean"}],
+   "compute": {shared step: FLOPs} (each run also gets "compute": {"train", "selection_forward", "shared", "total"}),
    "data_efficiency": {"tau<τ>": {"color_tokens", "color_loss", "random_points", "random_tokens_to_match", "ratio",
                                   "bound", "curve_tokens_to_match", "curve_ratio", "curve_lower_bound"}},
    "selections": {...}, "examples": {...}, "plots": [...]}
@@ -28,6 +30,7 @@ from colorjax import losses
 from colorjax import metrics
 from colorjax import model
 from colorjax import prepare
+from colorjax import report_compute
 from colorjax import report_markdown
 from colorjax import report_plots
 from colorjax import score as score_lib
@@ -113,7 +116,9 @@ def summarize(rows: list[dict]) -> list[dict]:
   for (method, tau), members in sorted(groups.items(), key=lambda x: (x[0][1], x[0][0])):
     losses = np.array([m["target_loss"] for m in members])
     means = [m["tasks_mean"] for m in members if m["tasks_mean"] is not None]
+    totals = [m["compute"]["total"] for m in members if (m.get("compute") or {}).get("total") is not None]
     out.append({"method": method, "tau": tau, "seeds": len(members), "train_tokens": members[0]["train_tokens"],
+                "compute_mean": float(np.mean(totals)) if len(totals) == len(members) else None,
                 "target_loss_mean": float(losses.mean()),
                 "target_loss_std": float(losses.std(ddof=1)) if len(members) > 1 else None,
                 "tasks_mean": float(np.mean(means)) if means else None})
@@ -437,12 +442,13 @@ def write(root) -> pathlib.Path:
     raise data.DataError(f"{plan_path} is missing: {root} is not a pipeline work directory (run the pipeline stage)")
   plan = json.loads(plan_path.read_text())
   rows = collect_runs(plan, root)
+  costs = report_compute.account(rows, plan, lambda path: _at(root, path))
   summary = summarize(rows)
   selections = selection_diagnostics(root)
   result = {"preset": plan.get("preset", "?"), "target": plan.get("target", "text"), "setup": setup(plan, root, rows),
             "runs": rows, "summary": summary, "data_efficiency": data_efficiency(rows, summary),
-            "selections": selections, "examples": examples(plan, root),
-            "plots": report_plots.draw(rows, selections, root / "plots")}
+            "compute": costs, "selections": selections, "examples": examples(plan, root),
+            "plots": report_plots.draw(rows, selections, root / "plots") + report_compute.plot(rows, root / "plots")}
   (root / "report.json").write_text(json.dumps(result, indent=1))
   (root / "report.md").write_text(report_markdown.markdown(result))
   report_markdown.print_summary(result)

@@ -4,6 +4,8 @@ import os
 import pathlib
 import time
 
+from colorjax import report_compute
+
 
 def _fmt(x, digits=4):
   return "-" if x is None else f"{x:.{digits}f}"
@@ -206,6 +208,7 @@ def markdown(result: dict) -> str:
   lines = [f"# colorjax report: {result['preset']}", "", f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')}.", ""]
   lines += _md_setup(result["setup"]) + _md_runs(result["runs"]) + _md_summary(result["summary"])
   lines += _md_efficiency(result["data_efficiency"], result["setup"]["data_efficiency_method"])
+  lines += report_compute.markdown(result["runs"], result.get("compute") or {})
   lines += _md_selections(result["selections"]) + _md_examples(result["examples"])
   if result["plots"]:
     lines += ["## Plots", ""] + [f"![{m}]({m})" for m in result["plots"]]

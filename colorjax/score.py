@@ -19,7 +19,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import tensorstore as ts
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from colorjax import artifacts
 from colorjax import checkpoint
@@ -134,6 +133,7 @@ def load_models(cfg, mesh):
   manifests = [m for _, _, m in entries]
   axes = model.param_axes(spec)
   param_sh = sharding.tree_shardings(model.abstract_params(spec), axes, mesh)
+  sharding.warn_replicated(model.abstract_params(spec), axes, mesh)
   stacked_axes = jax.tree.map(lambda a: ("models",) + a, axes, is_leaf=sharding.is_axes)
   stacked_abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct((len(paths),) + a.shape, a.dtype),
                                   model.abstract_params(spec))
@@ -226,8 +226,8 @@ def _score(cfg, workdir, store, request, profiler, shard_i, shard_n) -> pathlib.
 
   dp = sharding.data_parallel_size(mesh)
   batch = -(-int(scfg.batch_size) // dp) * dp
-  batch_sh = NamedSharding(mesh, P(sharding.RULES["batch"], None))
-  out_sh = NamedSharding(mesh, P(sharding.RULES["batch"], None))
+  batch_sh = sharding.batch_sharding(mesh)
+  out_sh = sharding.batch_sharding(mesh)
   row_start, row_stop = sharding.host_rows(batch_sh, (batch, store.seq_len))
   host_batch = row_stop - row_start
   hosts = jax.process_count()

@@ -5,11 +5,11 @@ to mesh axes. Parameters and optimizer state are FSDP-sharded over "fsdp" (and "
 configured); batches are split over ("data", "fsdp").
 """
 import contextlib
-import contextvars
 import os
 
 import jax
 import numpy as np
+import optax
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -33,9 +33,6 @@ RULES = {
     "act_vocab": "tensor",
     "models": None,
 }
-
-_ACTIVE_MESH: contextvars.ContextVar = contextvars.ContextVar("colorjax_mesh", default=None)
-
 
 def maybe_initialize_distributed(mode: str = "auto") -> None:
   """Join a multi-host job when the environment describes one (TPU pod, SLURM, or explicit coordinator)."""
@@ -121,17 +118,26 @@ def logical_to_spec(axes, rules: dict = RULES) -> P:
   return P(*spec)
 
 
-def fit_spec(spec: P, shape, mesh: Mesh) -> P:
-  """Drop mesh axes from dims they do not divide evenly (small norms, odd vocab sizes)."""
-  fitted = []
-  for dim, entry in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+def _fit(spec: P, shape, mesh) -> tuple[P, list]:
+  """fit_spec, plus what it dropped: (dim index, dim size, mesh axes, their size) per replicated dim."""
+  fitted, dropped = [], []
+  for i, (dim, entry) in enumerate(zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)))):
     if entry is None:
       fitted.append(None)
       continue
     names = (entry,) if isinstance(entry, str) else tuple(entry)
     size = int(np.prod([mesh.shape[n] for n in names]))
-    fitted.append(entry if size == 1 or dim % size == 0 else None)
-  return P(*fitted)
+    keep = size == 1 or dim % size == 0
+    fitted.append(entry if keep else None)
+    if not keep:
+      dropped.append((i, dim, names, size))
+  return P(*fitted), dropped
+
+
+def fit_spec(spec: P, shape, mesh: Mesh) -> P:
+  """Drop mesh axes from dims they do not divide evenly (small norms, odd vocab sizes); `describe_replicated`
+  lists where that happened, since a silently replicated matrix costs memory on every device."""
+  return _fit(spec, shape, mesh)[0]
 
 
 def is_axes(x) -> bool:
@@ -146,25 +152,43 @@ def tree_shardings(abstract_tree, axes_tree, mesh: Mesh):
       abstract_tree, axes_tree, is_leaf=is_axes)
 
 
-def mirror_params(opt_tree, param_tree, default):
-  """For each leaf of an optimizer-state tree, the value of the parameter it mirrors (by path suffix) or default.
+def describe_replicated(abstract_tree, axes_tree, mesh) -> list[str]:
+  """One line per leaf dim that its rule would shard but `fit_spec` left replicated (the mesh axes do not divide
+  it), e.g. "embed (50257, 512): dim 0 of 50257 not split over tensor=2 (50257 % 2 != 0)"; empty if all fit."""
+  lines = []
+  leaves = jax.tree_util.tree_flatten_with_path(abstract_tree)[0]
+  for (path, leaf), axes in zip(leaves, jax.tree.leaves(axes_tree, is_leaf=is_axes)):
+    for i, dim, names, size in _fit(logical_to_spec(axes or ()), leaf.shape, mesh)[1]:
+      over = "x".join(f"{n}={mesh.shape[n]}" for n in names)
+      lines.append(f"{jax.tree_util.keystr(path, simple=True, separator='/')} {tuple(leaf.shape)}: dim {i} of {dim} "
+                   f"not split over {over} ({dim} % {size} != 0)")
+  return lines
 
-  Optax states hold copies of the param tree (Adam's mu and nu) next to scalars (counts); the copies should be
-  laid out like the params.
-  """
-  key = lambda k: getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))
-  by_path = {tuple(key(k) for k in path): value
-             for path, value in jax.tree_util.tree_flatten_with_path(
-                 param_tree, is_leaf=lambda x: is_axes(x) or isinstance(x, NamedSharding))[0]}
 
-  def pick(path, _):
-    keys = tuple(key(k) for k in path)
-    for start in range(len(keys)):
-      if keys[start:] in by_path:
-        return by_path[keys[start:]]
-    return default
+def warn_replicated(abstract_tree, axes_tree, mesh) -> list[str]:
+  """Log (WARNING, process 0) the parameters `describe_replicated` finds; call once per job, at start-up."""
+  lines = describe_replicated(abstract_tree, axes_tree, mesh)
+  if lines and jax.process_index() == 0:
+    logging.warning("%d parameter dim(s) left replicated because the mesh does not divide them (%s):\n  %s",
+                    len(lines), describe(mesh), "\n  ".join(lines))
+  return lines
 
-  return jax.tree_util.tree_map_with_path(pick, opt_tree)
+
+def mirror_opt_state(tx, opt_state, param_tree, non_param):
+  """An optimizer-state-shaped tree: `param_tree` in place of every params-shaped part (Adam's mu and nu), and
+  `non_param` for everything else (step counts). optax.tree_map_params finds those parts from `tx` itself."""
+  return optax.tree_map_params(tx, lambda _, value: value, opt_state, param_tree,
+                               transform_non_params=lambda _: non_param)
+
+
+def opt_state_shardings(tx, abstract_opt_state, param_shardings, mesh):
+  """Optimizer-state shardings: laid out like the params they mirror, counts replicated."""
+  return mirror_opt_state(tx, abstract_opt_state, param_shardings, replicated(mesh))
+
+
+def opt_state_axes(tx, abstract_opt_state, param_axes):
+  """Logical axes of every optimizer-state leaf (None = replicated), for the dry run's byte counts."""
+  return mirror_opt_state(tx, abstract_opt_state, param_axes, None)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -172,7 +196,8 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2, batch_dim: int = 0) -> NamedSharding:
-  """Split dimension `batch_dim` of an ndim-array over the data-parallel axes; the rest replicated."""
+  """Split dimension `batch_dim` of an ndim-array over the data-parallel axes; the rest replicated. [batch, seq]
+  rows and [batch, models] outputs take the defaults, [batch] weights ndim=1, [n_micro, micro, seq] batch_dim=1."""
   spec = [None] * ndim
   spec[batch_dim] = RULES["batch"]
   return NamedSharding(mesh, P(*spec))
@@ -184,22 +209,24 @@ def data_parallel_size(mesh: Mesh) -> int:
 
 
 @contextlib.contextmanager
-def use_mesh(mesh: Mesh):
-  """Make `constrain` annotate activations for this mesh while tracing inside the block."""
-  token = _ACTIVE_MESH.set(mesh)
-  try:
+def use_mesh(mesh):
+  """Make `constrain` annotate activations for this mesh while tracing inside the block (call outside jit).
+
+  JAX's own context: jax.set_mesh for a device mesh, use_abstract_mesh for a dry run's AbstractMesh, so jit caches
+  key on the mesh. Note that under jax.set_mesh eager ops also run on the whole mesh (arrays committed to a single
+  other device cannot mix with them there).
+  """
+  setter = jax.sharding.use_abstract_mesh if isinstance(mesh, jax.sharding.AbstractMesh) else jax.set_mesh
+  with setter(mesh):
     yield mesh
-  finally:
-    _ACTIVE_MESH.reset(token)
 
 
 def constrain(x, axes):
   """Annotate an activation with logical axes; identity when no mesh is active (e.g. plain CPU use)."""
-  mesh = _ACTIVE_MESH.get()
-  if mesh is None or mesh.size == 1:
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
     return x
-  spec = fit_spec(logical_to_spec(axes), x.shape, mesh)
-  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+  return jax.lax.with_sharding_constraint(x, fit_spec(logical_to_spec(axes), x.shape, mesh))
 
 
 def host_rows(sharding: NamedSharding, global_shape, dim: int = 0) -> tuple[int, int]:
@@ -231,4 +258,4 @@ def put_host_rows(local_rows: np.ndarray, sharding: NamedSharding, global_shape,
 
 
 def describe(mesh: Mesh) -> str:
-  return " ".join(f"{name}={size}" for name, size in mesh.shape.items()) + f" ({mesh.devices.size} devices)"
+  return " ".join(f"{name}={size}" for name, size in mesh.shape.items()) + f" ({mesh.size} devices)"

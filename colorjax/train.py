@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
 
 from colorjax import artifacts
 from colorjax import checkpoint
@@ -84,7 +84,8 @@ def step_plan(cfg, num_items: int | None, seq_len: int, data_parallel: int) -> S
   batch = int(tcfg.global_batch_size)
   micro = int(tcfg.micro_batch_size) or batch
   if batch <= 0 or batch % micro:
-    raise errors.ConfigError(f"train.global_batch_size={batch} must be a positive multiple of train.micro_batch_size={micro}")
+    raise errors.ConfigError(f"train.global_batch_size={batch} must be a positive multiple of "
+                             f"train.micro_batch_size={micro}")
   note = None
   if micro % data_parallel:
     rounded = -(-micro // data_parallel) * data_parallel
@@ -360,7 +361,7 @@ def _train(cfg, workdir, spec, mesh, inputs: Inputs, index, started: list) -> pa
     state, state_sh, param_sh, start_step = init_or_restore(cfg, spec, mesh, tx, ckpt)
     if start_step:
       _print(f"{cfg.stage}: resumed {workdir} at step {start_step}")
-    batch_sh = NamedSharding(mesh, P(None, sharding.RULES["batch"], None))
+    batch_sh = sharding.batch_sharding(mesh, ndim=3, batch_dim=1)
     pad_id = losses.pad_to_mask(store, cfg.sft.loss_on_padding)
     rho, reference, reference_sh = load_reference(cfg, spec, inputs, mesh, plan_, pad_id)
     jitted = build_train_step(spec, tx, schedule, plan_, state_sh, batch_sh, param_sh, cfg.train.z_loss, pad_id,
@@ -412,6 +413,7 @@ def init_or_restore(cfg, spec, mesh, tx, ckpt: checkpoint.Checkpointer):
   """The sharded train state: the latest checkpoint (resume), else params from train.init_from, else a fresh init.
   Returns (state, state shardings, param shardings, start step)."""
   param_sh = sharding.tree_shardings(model.abstract_params(spec), model.param_axes(spec), mesh)
+  sharding.warn_replicated(model.abstract_params(spec), model.param_axes(spec), mesh)
 
   def init_state(key, params=None):
     params = model.init_params(spec, key) if params is None else params
@@ -419,7 +421,7 @@ def init_or_restore(cfg, spec, mesh, tx, ckpt: checkpoint.Checkpointer):
 
   abstract_state = jax.eval_shape(init_state, jax.random.key(0))
   state_sh = {"params": param_sh, "step": sharding.replicated(mesh),
-              "opt_state": sharding.mirror_params(abstract_state["opt_state"], param_sh, sharding.replicated(mesh))}
+              "opt_state": sharding.opt_state_shardings(tx, abstract_state["opt_state"], param_sh, mesh)}
   latest = ckpt.latest_step() if cfg.train.resume else None
   if latest is not None:
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_sh)
@@ -537,5 +539,5 @@ def describe(cfg, num_items: int | None = None, seq_len: int | None = None, size
     notes.append("train store not found: the step count is the nominal max_steps")
   elif not store_exists or (cfg.data.index and not pathlib.Path(cfg.data.index).exists()):
     notes.append(f"data size taken as {num_items:,} sequences ({size_note or 'nominal'})")
-  return plan.print_model_and_training(cfg.stage, spec, mesh, plan_, abstract_params, abstract_opt,
+  return plan.print_model_and_training(cfg.stage, spec, mesh, plan_, abstract_params, abstract_opt, tx=tx,
                                        data_note="; ".join(notes) or None, loss_chunk=cfg.train.loss_chunk)

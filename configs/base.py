@@ -55,7 +55,7 @@ def train_config() -> ml_collections.ConfigDict:
   t.anneal_to_data = False  # single pass: define the schedule on the data size, not max_steps
   t.init_from = ""  # params export to start from (finetune); empty = fresh init
   t.rho_tau = 0.0  # RHO-down: per step, train on the batch of rho_tau x batch candidates with most reducible loss
-  t.rho_reference = ""  # RHO-down: params export of the fixed reference model (target-only model, or the conditional)
+  t.rho_reference = ""  # RHO-down: params export of the fixed reference (target-only model, or the conditional)
   t.log_every = 10  # steps between console/metrics.jsonl lines
   t.eval_every = 500  # steps between held-out evals (0 = only at the end)
   t.eval_batches = 20  # batches of each eval store per eval (0 = the whole store)
@@ -68,7 +68,7 @@ def train_config() -> ml_collections.ConfigDict:
 
 def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.stage = "pretrain"  # what main runs: prepare | pretrain | finetune | eval | score | select | export | pipeline | report
+  c.stage = "pretrain"  # what main runs: one of main.STAGES (prepare, pretrain, score, select, pipeline, ...)
   c.workdir = ""  # run folder: config, metrics.jsonl, checkpoints and outputs of this stage
   c.seed = 0  # seeds init and data order; data order depends only on (seed, step)
   c.dry_run = False  # validate, build everything abstractly, print sizes/FLOPs/memory, exit
@@ -171,6 +171,18 @@ def get_config() -> ml_collections.ConfigDict:
   c.dolma.formats = ("tokens", "parquet")  # export_selection: dolma/OLMo token files and/or Parquet
   c.dolma.max_tokens_per_file = 1 << 30  # export_selection: tokens per token file at most (whole sequences)
   c.dolma.rows_per_file = 100_000  # export_selection: sequences per Parquet file at most
+
+  c.dsir = ml_collections.ConfigDict()
+  c.dsir.store = ""  # pool token store to resample from
+  c.dsir.target = ""  # target token store whose n-gram distribution the selection should match (same tokenizer)
+  c.dsir.buckets = 10000  # hash buckets of the n-gram features (the paper's 10,000)
+  c.dsir.ngram = 2  # hash token n-grams of orders 1..ngram (2 = unigrams + bigrams, as the paper)
+  c.dsir.smoothing = 1e-8  # added to each bucket probability before the log (the data-selection package's)
+  c.dsir.tau = 16.0  # keep floor(N / tau) sequences
+  c.dsir.tokens = 0  # instead of tau: keep floor(tokens / seq_len) sequences (0 = use tau)
+  c.dsir.seed = -1  # seed of the Gumbel noise and the raw sample (-1 = the top-level seed)
+  c.dsir.raw_tokens = 0  # fit the raw (pool) model on a uniform sample of about this many tokens (0 = whole pool)
+  c.dsir.block_rows = 1 << 13  # pool rows hashed per block (memory ~ block_rows x seq_len x 50 bytes)
 
   c.train = train_config()
   return c

@@ -56,7 +56,7 @@ def get_config(preset: str = "demo"):
   p.tasks = TASKS_WITH_TRAIN  # target=tasks: tasks whose train splits finetune the conditional
   p.taus = (4.0, 8.0)  # selection ratios: keep the top 1/tau of the pool
   p.seeds = (0, 1)  # target-model seeds (init and data order; and the random selection's draw)
-  p.methods = ("color", "random")  # selections compared at each tau: color | random | conditional_only
+  p.methods = ("color", "random")  # compared at each tau: color random conditional_only dsir rho_down rho_down_prior
   p.curve_tau = 2.0  # one random run per seed over 1/curve_tau of the pool, its learning curve gives data efficiency
   p.curve_eval_every = 0  # eval interval of those curve runs (0 = the target's train.eval_every)
   p.synthetic_docs = 0  # demo: documents per synthetic domain (0 = read real files instead)
@@ -77,6 +77,8 @@ def get_config(preset: str = "demo"):
   c.conditional.train = _small_train(0, warmup=20)  # finetuning recipe: one epoch (max_steps <= 0)
   c.conditional.train.single_pass = True
   c.conditional.train.anneal_to_data = True
+  c.reference = ml_collections.ConfigDict()
+  c.reference.train = _small_train(300, warmup=20)  # RHO-down's reference: trained from scratch on the target text
   c.target = ml_collections.ConfigDict()
   c.target.model = base.model_config("demo")  # the target models' architecture
   c.target.model.vocab_size = 4096

@@ -14,7 +14,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import yaml
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from colorjax import checkpoint
 from colorjax import checkpoint_formats
@@ -170,8 +169,8 @@ def test_finetuning_the_imported_prior_reproduces_the_originals_conditional(impo
   init_state = lambda p: {"params": p, "opt_state": tx.init(p), "step": jnp.zeros((), jnp.int32)}
   abstract = jax.eval_shape(init_state, params)
   state_sh = {"params": param_sh, "step": sharding.replicated(mesh),
-              "opt_state": sharding.mirror_params(abstract["opt_state"], param_sh, sharding.replicated(mesh))}
-  batch_sh = NamedSharding(mesh, P(None, sharding.RULES["batch"], None))
+              "opt_state": sharding.opt_state_shardings(tx, abstract["opt_state"], param_sh, mesh)}
+  batch_sh = sharding.batch_sharding(mesh, ndim=3, batch_dim=1)
   worst = {"lr": 0.0, "ce": 0.0, "z": 0.0}
   with sharding.use_mesh(mesh):
     state = jax.jit(init_state, out_shardings=state_sh)(params)

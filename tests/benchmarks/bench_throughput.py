@@ -111,8 +111,8 @@ def bench_train(args, cfg, spec, mesh, params, tokens, common, mfu):
   init_state = lambda p: {"params": p, "opt_state": tx.init(p), "step": jnp.zeros((), jnp.int32)}
   abstract = jax.eval_shape(init_state, params)
   state_sh = {"params": param_sh, "step": sharding.replicated(mesh),
-              "opt_state": sharding.mirror_params(abstract["opt_state"], param_sh, sharding.replicated(mesh))}
-  batch_sh = NamedSharding(mesh, P(None, sharding.RULES["batch"], None))
+              "opt_state": sharding.opt_state_shardings(tx, abstract["opt_state"], param_sh, mesh)}
+  batch_sh = sharding.batch_sharding(mesh, ndim=3, batch_dim=1)
   holder = {"state": jax.jit(init_state, out_shardings=state_sh)(params)}
   batch = jax.device_put(tokens.reshape(plan.n_micro, plan.micro_batch, args.seq), batch_sh)
   step = train.build_train_step(spec, tx, schedule, plan, state_sh, batch_sh, param_sh, 1e-4, None, args.loss_chunk)

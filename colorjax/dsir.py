@@ -1,0 +1,279 @@
+"""The `dsir` stage: DSIR (Xie et al. 2023), hashed n-gram importance resampling of the pool toward a target.
+
+Features of a sequence are its token-id n-grams of orders 1..`ngram`, each hashed into one of `buckets` buckets
+(the paper hashes words; our stores hold token ids, so we hash those: no detokenization of the pool, and a BPE
+token bigram is about a word unigram or bigram). N-grams that contain EOS or PAD are dropped: they mark how the
+store packs documents, not what the text says. Two bag-of-n-grams models, p_target from the target store and p_raw
+from the pool (or a uniform sample of it), give each sequence the log importance weight
+
+    log w(x) = sum over its features f of count_f(x) * (log(p_target[f] + eps) - log(p_raw[f] + eps)),
+
+eps = dsir.smoothing (1e-8, as the `data-selection` package). k sequences are then drawn without replacement with
+probability proportional to w by Gumbel top-k: the k largest keys log w(x) + G(x), G(x) Gumbel noise that is a pure
+function of (seed, id), so the draw does not depend on the block size. The top-k is `select.top_k`'s exact radix
+select over the float32 keys (ties to the lower id), streamed from the weights written to `log_weights.npy`:
+memory is a block of rows plus the buckets, beside the output (index and weights).
+
+Output: the select stage's format (`index.npy`, `manifest.json` with method "dsir"), so `train` takes the folder
+as --config.data.index.
+"""
+import hashlib
+import io
+import json
+import math
+import pathlib
+import shutil
+import time
+
+import numpy as np
+
+from colorjax import artifacts
+from colorjax import data
+from colorjax import errors
+from colorjax import metrics
+from colorjax import select as select_lib
+
+FEATURES = "token-ngrams-splitmix-v1"  # names the hashing below: change it whenever the features change
+_ORDER_KEY = 0x9E3779B97F4A7C15  # times the order: the start key of each order's hash
+
+
+def _mix(x: np.ndarray, key) -> np.ndarray:
+  """splitmix64 finalizer of (x xor key). Pinned here (not shared) because it defines the features."""
+  with np.errstate(over="ignore"):
+    z = x ^ key
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def feature_buckets(tokens_bt: np.ndarray, buckets: int, order: int = 2, skip=()) -> np.ndarray:
+  """[B, F] bucket of every n-gram (orders 1..order, in that order) of each row; `buckets` (one past the last
+  bucket) marks an n-gram holding a token in `skip`, so it counts nowhere."""
+  tokens = np.asarray(tokens_bt).astype(np.uint64)
+  special = np.isin(tokens, np.asarray(list(skip), np.uint64)) if len(skip) else np.zeros(tokens.shape, bool)
+  length, out = tokens.shape[1], []
+  for m in range(1, order + 1):
+    width = length - m + 1
+    if width <= 0:
+      break
+    h = np.uint64((_ORDER_KEY * m) % (1 << 64))
+    dropped = np.zeros((tokens.shape[0], width), bool)
+    for j in range(m):
+      h = _mix(tokens[:, j:j + width], h)
+      dropped |= special[:, j:j + width]
+    out.append(np.where(dropped, buckets, (h % np.uint64(buckets)).astype(np.int64)))
+  return np.concatenate(out, axis=1) if out else np.zeros((tokens.shape[0], 0), np.int64)
+
+
+def ngram_counts(tokens_bt: np.ndarray, buckets: int, order: int = 2, skip=()) -> np.ndarray:
+  """[B, buckets] hashed n-gram counts of each row: the paper's feature vectors (O(B * buckets): small blocks)."""
+  b = feature_buckets(tokens_bt, buckets, order, skip)
+  flat = (np.arange(b.shape[0])[:, None] * (buckets + 1) + b).ravel()
+  return np.bincount(flat, minlength=b.shape[0] * (buckets + 1)).reshape(b.shape[0], buckets + 1)[:, :buckets]
+
+
+def total_counts(blocks, buckets: int, order: int = 2, skip=()) -> np.ndarray:
+  """[buckets] n-gram counts summed over an iterable of [B, L] token blocks: one bag-of-n-grams model."""
+  total = np.zeros(buckets + 1, np.int64)
+  for tokens in blocks:
+    total += np.bincount(feature_buckets(tokens, buckets, order, skip).ravel(), minlength=buckets + 1)
+  return total[:buckets]
+
+
+def fit(target_counts: np.ndarray, raw_counts: np.ndarray, smoothing: float = 1e-8) -> np.ndarray:
+  """Per-bucket log p_target - log p_raw, each distribution normalized from its counts and smoothed by adding
+  `smoothing` to every probability (the reference implementation's 1e-8), so unseen buckets stay finite."""
+  target = np.asarray(target_counts, np.float64)
+  raw = np.asarray(raw_counts, np.float64)
+  return np.log(target / target.sum() + smoothing) - np.log(raw / raw.sum() + smoothing)
+
+
+def log_weights(tokens_bt: np.ndarray, log_ratio: np.ndarray, order: int = 2, skip=()) -> np.ndarray:
+  """[B] float64 log importance weights: the log ratio summed over each row's n-grams, which is count . log_ratio
+  without materializing the [B, buckets] counts."""
+  table = np.append(np.asarray(log_ratio, np.float64), 0.0)  # the dropped-n-gram slot adds nothing
+  return table[feature_buckets(tokens_bt, log_ratio.size, order, skip)].sum(axis=1)
+
+
+def gumbel_noise(ids: np.ndarray, seed: int) -> np.ndarray:
+  """Standard Gumbel noise per id, a pure function of (seed, id): -log(-log(u)), u uniform in (0, 1)."""
+  key = np.random.SeedSequence([int(seed), 0xD51]).generate_state(2, dtype=np.uint64)
+  bits = _mix(_mix(np.asarray(ids, np.uint64), key[0]), key[1])
+  u = ((bits >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0 ** -53
+  return -np.log(-np.log(u))
+
+
+class _Keys:
+  """Streams float32 Gumbel keys log w + G of a weight array (a memmap), `block_rows` at a time."""
+
+  def __init__(self, weights, seed: int, block_rows: int, noise: bool = True):
+    self.weights, self.seed, self.block_rows, self.noise = weights, seed, int(block_rows), noise
+
+  def __iter__(self):
+    n = self.weights.shape[0]
+    for start in range(0, n, self.block_rows):
+      w = np.asarray(self.weights[start:min(n, start + self.block_rows)], np.float64)
+      if self.noise:
+        w = w + gumbel_noise(np.arange(start, start + w.size), self.seed)
+      yield start, w.astype(np.float32)
+
+
+def gumbel_top_k(weights, k: int, seed: int, block_rows: int = 1 << 20):
+  """(sorted ids of k distinct sequences drawn without replacement with probability proportional to exp(weights);
+  the k-th largest key): Gumbel top-k, exact and streaming over `weights` (an array or memmap of log weights)."""
+  return select_lib.top_k(_Keys(weights, seed, block_rows), k)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The stage
+
+
+def _blocks(store: data.TokenStore, ids: np.ndarray | None, block_rows: int):
+  """[B, L] token blocks of a store in id order: all of it, or the given sorted ids."""
+  n = store.num_sequences if ids is None else ids.size
+  for start in range(0, n, block_rows):
+    stop = min(n, start + block_rows)
+    yield store.read(np.arange(start, stop) if ids is None else ids[start:stop])
+
+
+def seed_of(cfg) -> int:
+  """dsir.seed, or the top-level seed when it is -1."""
+  return int(cfg.seed) if cfg.dsir.seed < 0 else int(cfg.dsir.seed)
+
+
+def check_settings(cfg) -> None:
+  d = cfg.dsir
+  if not cfg.workdir:
+    raise errors.ConfigError("set --config.workdir to the folder the selection goes to")
+  for field in ("store", "target"):
+    if not d[field]:
+      what = "pool to resample" if field == "store" else "target text to match"
+      raise errors.ConfigError(f"set --config.dsir.{field} to a token store (the {what})")
+  if d.tokens < 0:
+    raise errors.ConfigError(f"dsir.tokens={d.tokens}: give a positive token budget (0 = use dsir.tau)")
+  if not d.tokens and not (math.isfinite(d.tau) and d.tau >= 1):
+    raise errors.ConfigError(f"dsir.tau={d.tau}: keep 1/tau of the pool, so tau is a number >= 1")
+  if d.buckets < 1 or d.ngram < 1 or d.block_rows < 1 or d.raw_tokens < 0:
+    raise errors.ConfigError(f"dsir.buckets={d.buckets}, dsir.ngram={d.ngram}, dsir.block_rows={d.block_rows} must be "
+                             f">= 1 and dsir.raw_tokens={d.raw_tokens} >= 0")
+  if seed_of(cfg) < 0:
+    raise errors.ConfigError(f"seed={cfg.seed}: dsir.seed = -1 takes the top-level seed, which must be >= 0")
+  if not (math.isfinite(d.smoothing) and d.smoothing > 0):
+    raise errors.ConfigError(f"dsir.smoothing={d.smoothing}: a positive number keeps unseen buckets finite")
+
+
+def selection_size(cfg, n: int, seq_len: int) -> int:
+  """k, as `select.selection_size`: floor(N / tau), or the token budget's whole sequences."""
+  d = cfg.dsir
+  k = min(n, int(d.tokens) // seq_len) if d.tokens else int(n // d.tau)
+  if k <= 0:
+    how = f"dsir.tokens={d.tokens}" if d.tokens else f"dsir.tau={d.tau:g}"
+    raise errors.ConfigError(f"{how} keeps 0 of the pool's {n:,} sequences of {seq_len} tokens; lower tau (at most "
+                             f"{n:,}) or raise the token budget")
+  return k
+
+
+def open_stores(cfg) -> tuple[data.TokenStore, data.TokenStore]:
+  pool, target = data.TokenStore(cfg.dsir.store), data.TokenStore(cfg.dsir.target)
+  data.check_same_tokenizer(pool.manifest["tokenizer"], f"pool store {pool.path}", target.manifest["tokenizer"],
+                            f"target store {target.path}")
+  if pool.padded or target.padded:
+    raise data.DataError("dsir resamples pretraining sequences; a padded (SFT) store is neither a pool nor a target")
+  if not target.num_sequences:
+    raise data.DataError(f"target store {target.path} holds no sequences")
+  return pool, target
+
+
+def dsir_request(cfg, pool_id: str, target_id: str) -> dict:
+  """What decides the selection: the stores by id, the features, the raw sample, the size and the seed."""
+  d = cfg.dsir
+  return {"method": "dsir", "tau": float(d.tau), "tokens": int(d.tokens), "seed": seed_of(cfg),
+          "buckets": int(d.buckets), "ngram": int(d.ngram), "smoothing": float(d.smoothing),
+          "raw_tokens": int(d.raw_tokens), "features": FEATURES, "store": pool_id, "target": target_id}
+
+
+def raw_ids(cfg, pool: data.TokenStore) -> np.ndarray | None:
+  """Sorted ids of the pool sample the raw model is fit on (None: the whole pool)."""
+  d = cfg.dsir
+  rows = max(1, int(d.raw_tokens) // pool.seq_len)
+  if not d.raw_tokens or rows >= pool.num_sequences:
+    return None
+  return select_lib.random_sample(pool.num_sequences, rows, seed_of(cfg), d.block_rows)
+
+
+def run(cfg) -> pathlib.Path:
+  check_settings(cfg)
+  workdir = pathlib.Path(cfg.workdir).resolve()
+  pool, target = open_stores(cfg)
+  request = dsir_request(cfg, pool.id, target.id)
+  if artifacts.up_to_date(workdir, request, "another selection", "choose another --config.workdir"):
+    print(f"dsir: {workdir} is up to date; nothing to do")
+    return workdir
+  k = selection_size(cfg, pool.num_sequences, pool.seq_len)
+  if not metrics.is_main():  # a CPU stage: process 0 of a multi-host job does it all
+    return workdir
+  with artifacts.Lock(workdir):
+    return _dsir(cfg, workdir, pool, target, request, k)
+
+
+def _dsir(cfg, workdir, pool, target, request, k: int) -> pathlib.Path:
+  d = cfg.dsir
+  start, seed, n = time.time(), seed_of(cfg), pool.num_sequences
+  skip = sorted({pool.eos_id, pool.pad_id})
+  target_counts = total_counts(_blocks(target, None, d.block_rows), d.buckets, d.ngram, skip)
+  if not target_counts.sum():
+    raise data.DataError(f"target store {target.path} has no n-grams outside EOS/PAD; nothing to match")
+  sample = raw_ids(cfg, pool)
+  raw_counts = total_counts(_blocks(pool, sample, d.block_rows), d.buckets, d.ngram, skip)
+  log_ratio = fit(target_counts, raw_counts, d.smoothing)
+  partial = workdir.with_name(workdir.name + ".partial")
+  if partial.exists():
+    shutil.rmtree(partial)
+  partial.mkdir(parents=True)
+  weights = np.lib.format.open_memmap(partial / "log_weights.npy", mode="w+", dtype=np.float32, shape=(n,))
+  for first, tokens in zip(range(0, n, d.block_rows), _blocks(pool, None, d.block_rows)):
+    weights[first:first + tokens.shape[0]] = log_weights(tokens, log_ratio, d.ngram, skip)
+  weights.flush()
+  ids, threshold = gumbel_top_k(weights, k, seed, d.block_rows)
+  index_bytes = _npy_bytes(ids)
+  manifest = {
+      "format": "colorjax.selection", "id": artifacts.content_id(request), "method": "dsir",
+      "tau": float(n / k), "tau_requested": float(d.tau), "tokens_requested": int(d.tokens), "k": int(k),
+      "num_sequences": n, "tokens": int(k) * pool.seq_len, "threshold": threshold, "seed": seed,
+      "conditional": None, "scores": None,
+      "store_id": pool.id, "store_path": artifacts.relative(pool.path, workdir),
+      "target": {"id": target.id, "path": artifacts.relative(target.path, workdir),
+                 "ngrams": int(target_counts.sum())},
+      "raw": {"sequences": n if sample is None else int(sample.size), "ngrams": int(raw_counts.sum())},
+      "features": {"name": FEATURES, "buckets": int(d.buckets), "ngram": int(d.ngram), "skip_ids": skip,
+                   "smoothing": float(d.smoothing)},
+      "index_sha256": hashlib.sha256(index_bytes).hexdigest(),
+      "score_stats": select_lib.score_statistics(_Keys(weights, seed, d.block_rows, noise=False)),
+      "sources": select_lib.label_rates(pool, ids, d.block_rows), "seconds": time.time() - start,
+      "request": request, "config": json.loads(cfg.to_json()), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+  }
+  del weights
+  (partial / "index.npy").write_bytes(index_bytes)
+  artifacts.write_manifest(partial, manifest)
+  artifacts.publish(partial, workdir)
+  print(f"dsir: k={k:,} of {n:,} (tau {manifest['tau']:.2f}) toward {target.path} -> {workdir}")
+  for name, r in sorted(manifest["sources"].items(), key=lambda x: -x[1]["rate"]):
+    print(f"  {name:<16} {r['selected']:,}/{r['pool']:,} ({r['rate']:.1%})")
+  return workdir
+
+
+def _npy_bytes(ids: np.ndarray) -> bytes:
+  buffer = io.BytesIO()
+  np.save(buffer, ids)
+  return buffer.getvalue()
+
+
+def describe(cfg) -> None:
+  check_settings(cfg)
+  pool, target = open_stores(cfg)
+  k = selection_size(cfg, pool.num_sequences, pool.seq_len)
+  sample = raw_ids(cfg, pool)
+  print(f"dsir (dry run): keeps {k:,} of {pool.num_sequences:,} sequences ({k * pool.seq_len:,} tokens) by hashed "
+        f"token 1..{cfg.dsir.ngram}-gram importance ({cfg.dsir.buckets:,} buckets) toward "
+        f"{target.num_sequences:,} target sequences; raw model on "
+        f"{pool.num_sequences if sample is None else sample.size:,} pool sequences")
