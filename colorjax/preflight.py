@@ -124,7 +124,8 @@ def lineage(cfg, root: pathlib.Path, plan) -> list[Expected]:
   if prior_req and cond_store:
     cond_req = train.run_request(cond, prior_spec, cond_store, padded, None, artifacts.content_id(prior_req))
   out.append(_expect("conditional", root / "runs" / "conditional", cond_req))
-  references = {"conditional": _id(out[-1])}
+  prior_id, cond_id = _id(out[-2]), _id(out[-1])
+  references = {"conditional": cond_id}
   if plan.reference is not None:
     target_id = ids.get("target_train")
     ref_req = train.run_request(plan.reference, prior_spec, target_id, False, None, None) if target_id else None
@@ -132,7 +133,7 @@ def lineage(cfg, root: pathlib.Path, plan) -> list[Expected]:
     references["reference"] = _id(out[-1])
   scores_req = None
   if cond_req:
-    models = [{"name": "prior", "id": _id(out[-2])}, {"name": "conditional_0", "id": _id(out[-1])}]
+    models = [{"name": "prior", "id": prior_id}, {"name": "conditional_0", "id": cond_id}]
     scores_req = score.scores_request(pool_id, models)
   out.append(_expect("scores", root / "scores", scores_req, root / "scores" / data.MANIFEST))
   scores_id = _id(out[-1])

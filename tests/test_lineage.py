@@ -174,3 +174,28 @@ def test_dry_run_rounds_micro_batches_up_to_the_mesh_and_lists_every_misfit(tmp_
                   f"--config.workdir={tmp_path / 'w'}"], check=False)
   assert fail.returncode == 2 and "Traceback" not in fail.stderr
   assert fail.stderr.count("does not split over the data-parallel size 64") == 5  # prior, conditional, 3 targets
+
+
+def test_baseline_methods_join_a_finished_pipeline_with_compute_accounting(demo_run, tmp_path):
+  """Issue 13: adding DSIR, RHO-down (+prior) and conditional-only to a finished work directory runs only the new
+  work; the report gives every method a row with held-out loss and the compute it spent."""
+  root = _copy(demo_run, tmp_path)
+  methods = ("color", "random", "conditional_only", "dsir", "rho_down", "rho_down_prior")
+  cfg = make_config("pipeline", "demo", workdir=str(root), **dict(SMALL_DEMO, pipeline__methods=methods,
+                                                                   reference__train__max_steps=30))
+  before = {p: p.stat().st_mtime_ns for p in root.glob("runs/*/params/manifest.json")}
+  pipeline.run(cfg)
+  assert {p: p.stat().st_mtime_ns for p in before} == before  # nothing finished was redone
+  report = json.loads((root / "report.json").read_text())
+  rows = {r["method"]: r for r in report["runs"] if r["role"] == "compare"}
+  assert set(rows) == set(methods)
+  for method, r in rows.items():
+    assert r["finished"] and r["target_loss"] > 0 and r["compute"]["total"] > 0, method
+  rho = data.read_manifest(root / "runs" / "target-rho_down-tau8-s0" / "params")
+  assert rho["request"]["rho"]["reference"] == data.read_manifest(root / "runs" / "reference" / "params")["id"]
+  assert rows["rho_down"]["compute"]["selection_forward"] > 0
+  assert rows["rho_down"]["train_tokens"] == rows["color"]["train_tokens"]  # equal selected tokens
+  assert rows["color"]["compute"]["shared"] > rows["conditional_only"]["compute"]["shared"] > 0
+  assert rows["random"]["compute"]["shared"] == rows["dsir"]["compute"]["shared"] == 0
+  assert (root / "plots" / "loss_vs_compute.png").exists() and "## Compute" in (root / "report.md").read_text()
+  assert preflight.stale(preflight.lineage(cfg, root, pipeline.make_plan(cfg, root)), root) == []
