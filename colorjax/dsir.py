@@ -18,7 +18,6 @@ Output: the select stage's format (`index.npy`, `manifest.json` with method "dsi
 as --config.data.index.
 """
 import hashlib
-import io
 import json
 import math
 import pathlib
@@ -235,7 +234,7 @@ def _dsir(cfg, workdir, pool, target, request, k: int) -> pathlib.Path:
     weights[first:first + tokens.shape[0]] = log_weights(tokens, log_ratio, d.ngram, skip)
   weights.flush()
   ids, threshold = gumbel_top_k(weights, k, seed, d.block_rows)
-  index_bytes = _npy_bytes(ids)
+  index_bytes = select_lib.npy_bytes(ids)
   manifest = {
       "format": "colorjax.selection", "id": artifacts.content_id(request), "method": "dsir",
       "tau": float(n / k), "tau_requested": float(d.tau), "tokens_requested": int(d.tokens), "k": int(k),
@@ -257,15 +256,8 @@ def _dsir(cfg, workdir, pool, target, request, k: int) -> pathlib.Path:
   artifacts.write_manifest(partial, manifest)
   artifacts.publish(partial, workdir)
   print(f"dsir: k={k:,} of {n:,} (tau {manifest['tau']:.2f}) toward {target.path} -> {workdir}")
-  for name, r in sorted(manifest["sources"].items(), key=lambda x: -x[1]["rate"]):
-    print(f"  {name:<16} {r['selected']:,}/{r['pool']:,} ({r['rate']:.1%})")
+  select_lib.print_sources(manifest["sources"])
   return workdir
-
-
-def _npy_bytes(ids: np.ndarray) -> bytes:
-  buffer = io.BytesIO()
-  np.save(buffer, ids)
-  return buffer.getvalue()
 
 
 def describe(cfg) -> None:

@@ -17,7 +17,7 @@ nonzero entry) or nz + 1, the extra row being id 0. This reader keeps (first rul
   4. nz + 1 when the float at row nz is nonzero (a written mean NLL is > 0, unwritten pre-sized rows are 0.0).
 Each model's shards must then cover every pool id exactly once, which catches a wrong decision.
 """
-# score._zarr and select._npy_bytes are the writers' own pieces, reused here
+# score._zarr is the writers' own pieces, reused here
 # pylint: disable=protected-access
 import hashlib
 import json
@@ -339,7 +339,7 @@ def import_selection(cfg) -> pathlib.Path:
   if output.exists():
     raise data.DataError(f"{output} exists but is not a selection; choose another --config.workdir")
   ids, n, k = np.sort(ranked), store.num_sequences, int(ranked.size)
-  index_bytes = select_lib._npy_bytes(ids)
+  index_bytes = select_lib.npy_bytes(ids)
   manifest = {
       "format": "colorjax.selection", "id": artifacts.content_id(request), "method": "imported",
       "tau": float(n / k), "tau_requested": None, "tokens_requested": 0, "k": k, "num_sequences": n,

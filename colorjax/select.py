@@ -217,7 +217,7 @@ def _select(cfg, workdir, scores, store, request, n: int, k: int) -> pathlib.Pat
       "scores": {"path": artifacts.relative(scores.path, workdir), "id": scores.id,
                  "models": scores.manifest["models"]},
       "store_id": store.id, "store_path": artifacts.relative(store.path, workdir),
-      "index_sha256": hashlib.sha256(_npy_bytes(ids)).hexdigest(), "score_stats": stats,
+      "index_sha256": hashlib.sha256(npy_bytes(ids)).hexdigest(), "score_stats": stats,
       "sources": label_rates(store, ids, scfg.block_rows), "seconds": time.time() - start,
       "request": request, "config": json.loads(cfg.to_json()), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
   }
@@ -226,18 +226,23 @@ def _select(cfg, workdir, scores, store, request, n: int, k: int) -> pathlib.Pat
     if partial.exists():
       shutil.rmtree(partial)
     partial.mkdir(parents=True)
-    (partial / "index.npy").write_bytes(_npy_bytes(ids))
+    (partial / "index.npy").write_bytes(npy_bytes(ids))
     artifacts.write_manifest(partial, manifest)
     artifacts.publish(partial, workdir)
-    rate = lambda r: f"{r['selected']:,}/{r['pool']:,} ({r['rate']:.1%})"
     print(f"select: {scfg.method} k={k:,} of {n:,} (tau {manifest['tau']:.2f})"
           + (f", threshold {threshold:.4f}" if threshold is not None else "") + f" -> {workdir}")
-    for name, r in sorted(manifest["sources"].items(), key=lambda x: -x[1]["rate"]):
-      print(f"  {name:<16} {rate(r)}")
+    print_sources(manifest["sources"])
   return workdir
 
 
-def _npy_bytes(ids: np.ndarray) -> bytes:
+def print_sources(sources: dict) -> None:
+  """Per-source selected / pool counts, highest selection rate first."""
+  for name, r in sorted(sources.items(), key=lambda x: -x[1]["rate"]):
+    print(f"  {name:<16} {r['selected']:,}/{r['pool']:,} ({r['rate']:.1%})")
+
+
+def npy_bytes(ids: np.ndarray) -> bytes:
+  """A selection's index.npy, as bytes: what the manifest's index_sha256 hashes and the folder stores."""
   buffer = io.BytesIO()
   np.save(buffer, ids)
   return buffer.getvalue()
