@@ -228,7 +228,7 @@ class TokenStore:
           self._labels[i] = np.load(self.path / entry["label_array"], mmap_mode="r")
         out[rows] = self._labels[i][ids[rows] - self.offsets[i]]
       else:
-        out[rows] = entry["label"]
+        out[rows] = entry.get("label", 0)
     return out
 
 

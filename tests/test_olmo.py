@@ -25,6 +25,7 @@ from colorjax import olmo
 from colorjax import olmo_config
 from colorjax import olmo_weights
 from colorjax import score
+from colorjax import select
 from colorjax import sharding
 from colorjax import train
 from conftest import REPO, make_config, run_cli
@@ -349,3 +350,6 @@ def test_cli_import_feeds_the_score_stage(imported, tmp_path, tokenizer_path, re
   nll = score.Scores(score.run(cfg)).read(0, 256)
   assert np.abs(nll[:, 0] - np.asarray(ref["prior_nll"], np.float32)).max() < 1e-5
   assert np.abs(nll[:, 1] - np.asarray(ref["cond_nll"], np.float32)).max() < 1e-5
+  chosen = select.run(make_config("select", "color,4", workdir=str(tmp_path / "sel"),
+                                  select__scores=str(tmp_path / "scores")))
+  assert set(np.load(chosen / "index.npy").tolist()) == set(ref["selection"]["selected_indices"])  # the original's 64
