@@ -163,13 +163,7 @@ def check_settings(cfg) -> None:
 
 def selection_size(cfg, n: int, seq_len: int) -> int:
   """k, as `select.selection_size`: floor(N / tau), or the token budget's whole sequences."""
-  d = cfg.dsir
-  k = min(n, int(d.tokens) // seq_len) if d.tokens else int(n // d.tau)
-  if k <= 0:
-    how = f"dsir.tokens={d.tokens}" if d.tokens else f"dsir.tau={d.tau:g}"
-    raise errors.ConfigError(f"{how} keeps 0 of the pool's {n:,} sequences of {seq_len} tokens; lower tau (at most "
-                             f"{n:,}) or raise the token budget")
-  return k
+  return select_lib.keep_count(n, seq_len, cfg.dsir.tau, cfg.dsir.tokens, "dsir")
 
 
 def open_stores(cfg) -> tuple[data.TokenStore, data.TokenStore]:

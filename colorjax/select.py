@@ -167,10 +167,14 @@ def check_settings(cfg) -> None:
 def selection_size(cfg, n: int, seq_len: int) -> int:
   """k: the sequences a selection keeps; refuses settings that keep none."""
   check_settings(cfg)
-  scfg = cfg.select
-  k = min(n, int(scfg.tokens) // seq_len) if scfg.tokens else int(n // scfg.tau)
+  return keep_count(n, seq_len, cfg.select.tau, cfg.select.tokens, "select")
+
+
+def keep_count(n: int, seq_len: int, tau: float, tokens: int, section: str) -> int:
+  """floor(N / tau), or the token budget's whole sequences; refuses a count of 0 naming `section`'s field."""
+  k = min(n, int(tokens) // seq_len) if tokens else int(n // tau)
   if k <= 0:
-    how = f"select.tokens={scfg.tokens}" if scfg.tokens else f"select.tau={scfg.tau:g}"
+    how = f"{section}.tokens={tokens}" if tokens else f"{section}.tau={tau:g}"
     raise errors.ConfigError(f"{how} keeps 0 of the pool's {n:,} sequences of {seq_len} tokens; lower tau (at most "
                              f"{n:,}) or raise the token budget")
   return k
