@@ -30,6 +30,8 @@ class Checkpointer:
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
 
   def latest_step(self):
+    """The last finished checkpoint: orbax writes a step into `<step>.orbax-checkpoint-tmp-*` and renames it when
+    complete (on GCS: a commit_success file), and lists only those, so a save cut short is never resumed from."""
     return self.manager.latest_step()
 
   def save(self, step: int, state, meta: dict):

@@ -16,3 +16,12 @@ class DataError(ColorjaxError):
 
 class LockedError(DataError):
   """Another process is writing the artifact this process wants to write."""
+
+
+class Preempted(Exception):
+  """The job was asked to stop (SIGTERM / a preemption notice) and stopped cleanly at a step boundary; `main` prints
+  the message (how to resume) and exits with status 143. Not a ColorjaxError: nothing needs fixing."""
+
+  def __init__(self, message: str, step: int):
+    super().__init__(message)
+    self.step = step

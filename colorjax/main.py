@@ -2,7 +2,8 @@
 
 Parses the (locked) config and dispatches `config.stage`; every stage lives in its own module. A user error (a
 `colorjax.errors.ColorjaxError`, a bad flag or config override) prints one `colorjax <stage>: error: ...` block
-to stderr and exits with status 2; anything else is a bug and keeps its traceback.
+to stderr and exits with status 2; anything else is a bug and keeps its traceback. A stage stopped by SIGTERM (a
+preemption) prints how to resume and exits with status 143.
 """
 import difflib
 import importlib
@@ -40,6 +41,11 @@ STAGES = {
 }
 
 USAGE_EXIT = 2
+# A stage stopped cleanly by SIGTERM (errors.Preempted). 143 = 128 + SIGTERM is what a shell reports for a process
+# SIGTERM ended, so schedulers treat the job as terminated by its signal either way (SLURM requeues a preempted job
+# whatever the status; a Kubernetes Job's podFailurePolicy can match 143 to restart without counting a failure).
+# Not 0: that would tell the scheduler, or a `train && score` script, that an unfinished stage succeeded.
+PREEMPTED_EXIT = 128 + 15
 _CONFIG_ARG = re.compile(r"^--?(?:no)?(config(?:\.[^=]+)?)(?:=(.*))?$")
 
 
@@ -152,6 +158,9 @@ def main(argv):
       stage.run(cfg)
   except errors.ColorjaxError as e:  # every process of a multi-host run prints its own
     _fail(where, e)
+  except errors.Preempted as e:
+    sys.stderr.write(f"colorjax{' ' + where if where else ''}: {e}\n")
+    sys.exit(PREEMPTED_EXIT)
 
 
 if __name__ == "__main__":

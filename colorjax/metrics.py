@@ -1,8 +1,12 @@
-"""Console progress bars, the run's metrics.jsonl, and MFU bookkeeping. Only process 0 writes or prints."""
+"""Console progress bars, the run's metrics.jsonl (with optional TensorBoard / W&B mirrors), and MFU bookkeeping.
+Only process 0 writes or prints."""
+import importlib
 import json
 import pathlib
+import secrets
 import sys
 import time
+import warnings
 
 import jax
 
@@ -95,11 +99,13 @@ class Progress:
 
 
 class MetricsWriter:
-  """Appends one JSON object per line to <workdir>/metrics.jsonl (process 0 only)."""
+  """Appends one JSON object per line to <workdir>/metrics.jsonl (process 0 only), and passes each record to the
+  mirrors (`Mirror`s) it was given."""
 
-  def __init__(self, workdir, truncate_after_step: int | None = None):
+  def __init__(self, workdir, truncate_after_step: int | None = None, mirrors=()):
     self.path = pathlib.Path(workdir) / "metrics.jsonl"
     self.enabled = is_main()
+    self.mirrors = list(mirrors) if self.enabled else []
     if self.enabled and truncate_after_step is not None and self.path.exists():
       self._drop_after(truncate_after_step)
 
@@ -117,6 +123,121 @@ class MetricsWriter:
     record = {k: (float(v) if hasattr(v, "dtype") else v) for k, v in record.items()}
     with open(self.path, "a") as f:
       f.write(json.dumps(record) + "\n")
+    for mirror in list(self.mirrors):
+      try:
+        mirror.write(record)
+      except Exception as e:  # pylint: disable=broad-except
+        self._drop(mirror, e)
+
+  def _drop(self, mirror, error):
+    """A mirror that fails is switched off with a warning: metrics.jsonl is the record, a run must not die of it."""
+    self.mirrors.remove(mirror)
+    warnings.warn(f"{type(mirror).__name__} failed ({type(error).__name__}: {error}); it is off for the rest of this "
+                  "run, metrics.jsonl has every record")
+
+  def close(self):
+    for mirror in list(self.mirrors):
+      try:
+        mirror.close()
+      except Exception as e:  # pylint: disable=broad-except
+        self._drop(mirror, e)
+    self.mirrors = []
+
+
+def scalars(record: dict) -> dict:
+  """A train or eval record's numbers as `train/<key>` and `eval/<name>` tags (steps, events and None left out)."""
+  event = record.get("event")
+  if event not in ("train", "eval"):
+    return {}
+  return {(k if "/" in k else f"{event}/{k}"): float(v) for k, v in record.items()
+          if k not in ("event", "step") and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+class Mirror:
+  """A copy of the scalar records elsewhere (a cluster's dashboard); metrics.jsonl stays the record."""
+
+  def write(self, record: dict) -> None:
+    values = scalars(record)
+    if values:
+      self.log(values, int(record["step"]))
+
+  def log(self, values: dict, step: int) -> None:
+    raise NotImplementedError
+
+  def close(self) -> None:
+    pass
+
+
+# config switch -> (module, pip extra, pinned package); the modules are imported only when a switch is on
+EXTRAS = {"tensorboard": ("tensorboardX", "tensorboard", "tensorboardX==2.6.5"),
+          "wandb_project": ("wandb", "wandb", "wandb==0.30.0")}
+
+
+def _import_extra(field: str, where: str = "train"):
+  module, extra, package = EXTRAS[field]
+  try:
+    return importlib.import_module(module)
+  except ImportError as e:
+    raise errors.ConfigError(f"{where}.{field} needs the optional package {module}: pip install 'colorjax[{extra}]' "
+                             f"(or pip install {package}); or turn the option off ({e})") from e
+
+
+def check_mirrors(tcfg, where: str = "train") -> None:
+  """Fail before anything runs when a mirror is switched on but its package is missing (on every host, alike)."""
+  for field in EXTRAS:
+    if tcfg[field]:
+      _import_extra(field, where)
+
+
+class TensorBoardMirror(Mirror):
+  """Scalars as TensorBoard event files in `folder` (tensorboardX: no TensorFlow). A resumed run hides the events
+  past its checkpoint that the interrupted run wrote (`purge_step`), as the resume drops them from metrics.jsonl."""
+
+  def __init__(self, folder, start_step: int = 0):
+    tensorboardx = _import_extra("tensorboard")
+    self.writer = tensorboardx.SummaryWriter(str(folder), purge_step=start_step + 1 if start_step else None)
+
+  def log(self, values: dict, step: int) -> None:
+    for tag, value in values.items():
+      self.writer.add_scalar(tag, value, global_step=step)
+
+  def close(self) -> None:
+    self.writer.close()
+
+
+class WandbMirror(Mirror):
+  """Scalars to a Weights & Biases run (`WANDB_MODE`, e.g. offline, and the other WANDB_* variables apply). The run
+  id is kept in <workdir>/wandb/run_id, so a resumed training run continues the same W&B run. W&B drops steps below
+  the last one it has: those a killed run logged past its checkpoint are not rewritten there (metrics.jsonl's are)."""
+
+  def __init__(self, project: str, workdir, name: str, job_type: str, config: dict):
+    wandb = _import_extra("wandb_project")
+    folder = pathlib.Path(workdir) / "wandb"
+    folder.mkdir(parents=True, exist_ok=True)
+    id_file = folder / "run_id"
+    if not id_file.exists():
+      id_file.write_text(secrets.token_hex(4))
+    self.run = wandb.init(project=project, dir=str(workdir), name=name, job_type=job_type, config=config,
+                          id=id_file.read_text().strip(), resume="allow")
+
+  def log(self, values: dict, step: int) -> None:
+    self.run.log(values, step=step)
+
+  def close(self) -> None:
+    self.run.finish()
+
+
+def open_mirrors(tcfg, workdir, stage: str, start_step: int, config: dict) -> list:
+  """The mirrors train.tensorboard / train.wandb_project switch on, on process 0 (an empty list elsewhere)."""
+  if not is_main():
+    return []
+  workdir = pathlib.Path(workdir)
+  mirrors = []
+  if tcfg.tensorboard:
+    mirrors.append(TensorBoardMirror(workdir / "tensorboard", start_step))
+  if tcfg.wandb_project:
+    mirrors.append(WandbMirror(tcfg.wandb_project, workdir, workdir.name, stage, config))
+  return mirrors
 
 
 def read_metrics(workdir) -> list[dict]:
@@ -165,12 +286,13 @@ class TrainLog:
   late by the caller, so the host never stalls the device), eval records, and the console progress bar."""
 
   def __init__(self, workdir, stage: str, start_step: int, total_steps: int, tokens_per_step: int,
-               flops_per_token: float, peak: float, log_every: int, truncate: bool):
-    self.writer = MetricsWriter(workdir, truncate_after_step=start_step if truncate else None)
+               flops_per_token: float, peak: float, log_every: int, truncate: bool, mirrors=()):
+    self.writer = MetricsWriter(workdir, truncate_after_step=start_step if truncate else None, mirrors=mirrors)
     self.total, self.tokens_per_step, self.log_every = total_steps, tokens_per_step, log_every
     self.flops_per_token, self.peak = flops_per_token, peak
     self.bar = Progress(total=total_steps, unit="steps", desc=stage)
     self.bar.count = start_step
+    self._bar_closed = False
     self._reset()
 
   def _reset(self):
@@ -179,13 +301,14 @@ class TrainLog:
   def start(self, header: dict) -> None:
     self.writer.write(header)
 
-  def train(self, step_done: int, stats) -> None:
+  def train(self, step_done: int, stats, flush: bool = False) -> None:
+    """Step `step_done`'s stats; a record every log_every steps, at the end, and when `flush` (a run that stops)."""
     stats = jax.device_get(stats)
     self.bar.update(1)
     for k in ("loss", "z_loss"):
       self.window[k] += float(stats[k])
     self.window["n"] += 1
-    if step_done % self.log_every and step_done != self.total:
+    if step_done % self.log_every and step_done != self.total and not flush:
       return
     n = self.window["n"]
     tokens_per_s = n * self.tokens_per_step / max(time.time() - self.window["t0"], 1e-9)
@@ -204,5 +327,12 @@ class TrainLog:
     if is_main():
       print(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in results.items()), flush=True)
 
+  def done_stepping(self) -> None:
+    """The progress bar's last line (evals and the final save still follow)."""
+    if not self._bar_closed:
+      self._bar_closed = True
+      self.bar.close()
+
   def close(self) -> None:
-    self.bar.close()
+    self.done_stepping()
+    self.writer.close()

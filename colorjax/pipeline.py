@@ -93,6 +93,8 @@ def check_settings(cfg) -> None:
   elif pcfg.target != "tasks" and not (pcfg.target_train_store and pcfg.target_eval_store):
     raise errors.ConfigError("with pipeline.pool_store, a text target needs pipeline.target_train_store and "
                              "target_eval_store (token stores of the target's finetune and held-out text)")
+  for section in ("prior", "conditional", "reference", "target"):  # a missing mirror package: before any stage runs
+    metrics.check_mirrors(cfg[section].train, f"{section}.train")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from colorjax import losses
 from colorjax import metrics
 from colorjax import model
 from colorjax import plan
+from colorjax import preemption
 from colorjax import sharding
 
 SCORES_FORMAT = "colorjax.scores"
@@ -296,8 +297,9 @@ def _score(cfg, workdir, store, request, profiler, shard_i, shard_n) -> pathlib.
     mfu = f" mfu {seq_per_s * store.seq_len * flops / (peak * jax.device_count()):.1%}" if peak else ""
     bar.update(batch, extra=f"{metrics.human(seq_per_s * store.seq_len)} tok/s{mfu}")
 
+  stopped = None
   try:
-    with sharding.use_mesh(mesh):
+    with sharding.use_mesh(mesh), preemption.Watch() as watch:
       for step, tokens in prefetch:
         profiler.before(step)
         result = step_fn(stacked, tokens)
@@ -305,6 +307,9 @@ def _score(cfg, workdir, store, request, profiler, shard_i, shard_n) -> pathlib.
         if pending is not None:
           finish(*pending)  # one step late: the device is already busy with the next batch
         pending = (step, result)
+        if watch.check()[0] and step + 1 < len(schedule):
+          stopped = step + 1  # a SIGTERM: write what is finished (below), leave the rest to a re-run
+          break
       if pending is not None:
         finish(*pending)
   finally:
@@ -315,14 +320,18 @@ def _score(cfg, workdir, store, request, profiler, shard_i, shard_n) -> pathlib.
   metrics.on_main_then_sync(lambda: None, "score finished")  # every host's chunks are written
   done = out.done()
   if metrics.is_main():
-    scored = len(schedule) * batch
-    record = {"event": "score", "shard": f"{shard_i}/{shard_n}", "chunks": int(len(todo)), "seconds": seconds,
+    scored = (stopped or len(schedule)) * batch
+    record = {"event": "score", "shard": f"{shard_i}/{shard_n}", "chunks": int(done[todo].sum()), "seconds": seconds,
               "sequences_per_s": scored / max(seconds, 1e-9),
               "tokens_per_s_per_model": scored * store.seq_len / max(seconds, 1e-9),
-              "complete": bool(done.all())}
+              "complete": bool(done.all()), "preempted": stopped is not None}
     metrics.MetricsWriter(workdir).write(record)
     state = "complete" if done.all() else f"{int(done.sum())} of {done.size} chunks done"
     print(f"score: {state}; {record['tokens_per_s_per_model']:,.0f} tokens/s per model; {workdir}")
+  if stopped is not None:
+    raise errors.Preempted(f"preempted after step {stopped} of {len(schedule)}: {int(done.sum())} of {done.size} "
+                           "row chunks are written (done flags set); re-run the same command to score the rest",
+                           stopped)
   return workdir
 
 

@@ -27,6 +27,7 @@ from colorjax import losses
 from colorjax import metrics
 from colorjax import model
 from colorjax import plan
+from colorjax import preemption
 from colorjax import prepare
 from colorjax import rho as rho_lib
 from colorjax import sharding
@@ -318,6 +319,10 @@ def run(cfg) -> pathlib.Path:
   workdir = pathlib.Path(cfg.workdir).resolve()
   spec = model.ModelSpec.from_config(cfg.model)
   metrics.StepProfiler(cfg.profile_steps, workdir / "profile")  # a malformed range fails before any work
+  metrics.check_mirrors(cfg.train)
+  if not (math.isfinite(cfg.train.checkpoint_minutes) and cfg.train.checkpoint_minutes >= 0):
+    raise errors.ConfigError(f"train.checkpoint_minutes={cfg.train.checkpoint_minutes}: minutes between checkpoints, "
+                             ">= 0 (0 = off)")
   inputs = resolve_inputs(cfg, workdir, spec)
   finished = check_run_folder(cfg, workdir, inputs.request)
   multihost_utils.sync_global_devices(f"checked {workdir}")  # every host checks before process 0 writes
@@ -369,14 +374,19 @@ def _train(cfg, workdir, spec, mesh, inputs: Inputs, index, started: list) -> pa
     train_step = jitted if rho is None else (lambda state, batch: jitted(state, batch, reference))
     evaluators = [e for e in evaluate.build_evaluators(cfg, spec, mesh, param_sh, store.tokenizer_path(), eval_sets)
                   if e is not None]
+    config = json.loads(cfg.to_json())
     log = metrics.TrainLog(workdir, cfg.stage, start_step, plan_.total_steps, plan_.global_batch * store.seq_len,
                            model.flops_per_token(spec, store.seq_len, training=True),
                            metrics.peak_flops(cfg.train.peak_flops), cfg.train.log_every,
-                           truncate=cfg.train.resume)
-    log.start(_header(cfg, spec, mesh, plan_, store, state, start_step))
-    source = BatchSource(store, plan_, cfg.seed, index, batch_sh)
-    state = train_loop(cfg, state, train_step, source, start_step, plan_, ckpt, log, evaluators, workdir, started,
-                       meta={"config": json.loads(cfg.to_json()), "store_id": store.id})
+                           truncate=cfg.train.resume,
+                           mirrors=metrics.open_mirrors(cfg.train, workdir, cfg.stage, start_step, config))
+    try:
+      log.start(_header(cfg, spec, mesh, plan_, store, state, start_step))
+      source = BatchSource(store, plan_, cfg.seed, index, batch_sh)
+      state = train_loop(cfg, state, train_step, source, start_step, plan_, ckpt, log, evaluators, workdir, started,
+                         meta={"config": config, "store_id": store.id})
+    finally:
+      log.close()
     return export(cfg, workdir, spec, store, inputs, plan_, state, compute(spec, plan_, rho))
 
 
@@ -450,7 +460,9 @@ def _header(cfg, spec, mesh, plan_: StepPlan, store, state, start_step: int) -> 
 
 def train_loop(cfg, state, train_step, source, start_step: int, plan_: StepPlan, ckpt, log, evaluators, workdir,
                started: list, meta: dict):
-  """Steps start_step..total: metrics fetched one step late, periodic checkpoints and evals, a final save."""
+  """Steps start_step..total: metrics fetched one step late, evals, checkpoints every checkpoint_every steps and
+  every checkpoint_minutes, a final save. A preemption notice (SIGTERM) saves at the step all hosts agree on and
+  ends the run with errors.Preempted."""
 
   def log_eval(step: int):
     if evaluators:
@@ -463,29 +475,42 @@ def train_loop(cfg, state, train_step, source, start_step: int, plan_: StepPlan,
     log_eval(0)
   prefetch = data.Prefetcher(source, range(start_step, plan_.total_steps), cfg.data.prefetch)
   profiler = metrics.StepProfiler(cfg.profile_steps, workdir / "profile")
-  pending = None
-  try:
-    for step, batch in prefetch:
-      profiler.before(step)
-      state, stats = train_step(state, batch)
-      started.append(step)
-      profiler.after(step, stats)
+  pending, stopped = None, None
+  with preemption.Watch(cfg.train.checkpoint_minutes) as watch:  # until the stop's save is on disk
+    try:
+      for step, batch in prefetch:
+        profiler.before(step)
+        state, stats = train_step(state, batch)
+        started.append(step)
+        profiler.after(step, stats)
+        if pending is not None:
+          log.train(*pending)
+        pending = (step + 1, stats)
+        done = step + 1
+        stop, timer = watch.check()  # every step on every host, the last one too
+        if done == plan_.total_steps:
+          break  # the final save below
+        if stop or timer or (cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0):
+          ckpt.save(done, state, meta)
+          watch.saved()
+        if stop:
+          stopped = done
+          break
+        if cfg.train.eval_every and done % cfg.train.eval_every == 0:
+          log.train(*pending)
+          pending = None
+          log_eval(done)
       if pending is not None:
-        log.train(*pending)
-      pending = (step + 1, stats)
-      done = step + 1
-      if cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0 and done < plan_.total_steps:
-        ckpt.save(done, state, meta)
-      if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < plan_.total_steps:
-        log.train(*pending)
-        pending = None
-        log_eval(done)
-    if pending is not None:
-      log.train(*pending)
-  finally:
-    prefetch.close()
-    profiler.close(state)
-  log.close()
+        log.train(*pending, flush=True)
+    finally:
+      prefetch.close()
+      profiler.close(state)
+    log.done_stepping()
+    if stopped is not None:
+      ckpt.close()
+      raise errors.Preempted(f"preempted at step {stopped} of {plan_.total_steps}: checkpoint saved in "
+                             f"{ckpt.directory / str(stopped)}; resume with --config.train.resume=True (a pipeline "
+                             "resumes its stages itself: re-run it)", stopped)
   if start_step < plan_.total_steps:
     ckpt.save(plan_.total_steps, state, meta)
   ckpt.close()

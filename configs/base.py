@@ -60,9 +60,12 @@ def train_config() -> ml_collections.ConfigDict:
   t.eval_every = 500  # steps between held-out evals (0 = only at the end)
   t.eval_batches = 20  # batches of each eval store per eval (0 = the whole store)
   t.checkpoint_every = 1000  # steps between checkpoints (0 = only at the end)
+  t.checkpoint_minutes = 0.0  # also checkpoint when this many minutes passed since the last save (0 = off)
   t.keep_checkpoints = 2  # checkpoints kept on disk
   t.resume = False  # continue the run in workdir from its latest checkpoint
   t.peak_flops = 0.0  # per-device peak FLOP/s for MFU (0 = look up by device kind)
+  t.tensorboard = False  # mirror train/eval scalars to TensorBoard files in <workdir>/tensorboard (extra: tensorboard)
+  t.wandb_project = ""  # mirror them to this Weights & Biases project ("" = off; extra: wandb; WANDB_MODE applies)
   return t
 
 

@@ -106,3 +106,44 @@ def demo_run(tmp_path_factory):
   start = time.time()
   pipeline.run(cfg)
   return root, time.time() - start
+
+
+class FakeWandbRun:
+  """What a `wandb.init` run records: its init arguments, log calls, and whether it was finished."""
+
+  def __init__(self, **kwargs):
+    self.kwargs, self.logged, self.finished = kwargs, [], False
+
+  def log(self, values, step):
+    self.logged.append((step, dict(values)))
+
+  def finish(self):
+    self.finished = True
+
+  def by_step(self) -> dict:
+    out = {}
+    for step, values in self.logged:
+      out.setdefault(step, {}).update(values)
+    return out
+
+
+@pytest.fixture
+def fake_wandb(monkeypatch):
+  """A stand-in `wandb` module in sys.modules (the real one is an optional extra); yields the runs it started."""
+  import sys
+  import types
+  runs = []
+  module = types.ModuleType("wandb")
+  module.init = lambda **kwargs: runs.append(FakeWandbRun(**kwargs)) or runs[-1]
+  monkeypatch.setitem(sys.modules, "wandb", module)
+  return runs
+
+
+def jsonl_scalars(workdir) -> dict:
+  """step -> {tag: value} of a run's metrics.jsonl scalars: what every metrics mirror (TensorBoard, W&B) must show."""
+  from colorjax import metrics
+  out = {}
+  for record in metrics.read_metrics(workdir):
+    for tag, value in metrics.scalars(record).items():
+      out.setdefault(record["step"], {})[tag] = value
+  return out

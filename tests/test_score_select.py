@@ -253,3 +253,43 @@ def test_index_from_another_store_is_refused(synthetic_store, tmp_path):
   (folder / "manifest.json").write_text(json.dumps({"store_id": "somethingelse"}))
   with pytest.raises(data.DataError, match="point --config.data.train_store"):
     data.load_index(folder, store)
+
+
+def test_sigterm_stops_scoring_after_the_finished_chunks(synthetic_store, synthetic_prior, conditional, tmp_path,
+                                                         capsys):
+  """Issue 12.3: SIGTERM ends a score job cleanly (exit 143) with every finished chunk written and flagged, nothing
+  else flagged; the re-run scores the rest and ends with the bytes of an uninterrupted job."""
+  prior, _ = synthetic_prior
+  small = {"score.chunk_rows": 16}  # one step per chunk: ~110 chunks, so the job is still running when told
+  config = lambda folder: make_config("score", "demo", score__store=str(synthetic_store), score__prior=str(prior),
+                                      score__conditionals=(str(conditional),), workdir=str(folder),
+                                      score__batch_size=16, score__chunk_rows=16, model__compute_dtype="float32")
+  reference = tmp_path / "reference"
+  score_lib.run(config(reference))
+  want = read_bits(reference)
+  folder = tmp_path / "stopped"
+  env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
+  args = [sys.executable, "-m", "colorjax.main"] + score_args(str(synthetic_store), str(prior), conditional,
+                                                             str(folder), **small)
+  proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 300
+  while _done_count(folder) < 2 and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == 143, err[-3000:]
+  found = re.search(r"colorjax score: preempted after step \d+ of \d+: (\d+) of (\d+) row chunks are written", err)
+  assert found, err[-3000:]
+  partial, total = int(found.group(1)), int(found.group(2))
+  done = score_lib.Scores(folder).done()
+  assert 2 <= partial < total == done.size and done.sum() == partial
+  assert done[:partial].all()  # one host scores its chunks in order
+  got = read_bits(folder)
+  rows = partial * 16
+  np.testing.assert_array_equal(got[:rows], want[:rows])
+  assert np.isnan(score_lib.Scores(folder).read(rows, 10 ** 6)).all()  # nothing past them was written
+
+  capsys.readouterr()
+  score_lib.run(config(folder))
+  assert f"{partial} of {total} chunks already done" in capsys.readouterr().out
+  np.testing.assert_array_equal(read_bits(folder), want)

@@ -1,6 +1,8 @@
 """Training: schedule and optimizer, real loss decrease, accumulation, 1 vs 8 devices, kill-and-resume, CLI."""
+import itertools
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -15,10 +17,11 @@ import pytest
 from colorjax import artifacts
 from colorjax import checkpoint
 from colorjax import data
+from colorjax import errors
 from colorjax import metrics
 from colorjax import model
 from colorjax import train
-from conftest import REPO, make_config, run_cli, tiny_train_overrides
+from conftest import REPO, jsonl_scalars, make_config, run_cli, tiny_train_overrides
 
 
 def train_losses(workdir):
@@ -54,13 +57,20 @@ def test_optimizer_is_clipped_adamw_with_tiny_eps():
   assert (cfg.train.b1, cfg.train.b2, cfg.train.eps, cfg.train.weight_decay) == (0.9, 0.95, 1e-15, 0.0)
 
 
-def test_pretrain_learns_writes_metrics_and_exports(synthetic_store, tmp_path):
+def test_pretrain_learns_writes_metrics_and_exports(synthetic_store, tmp_path, fake_wandb):
   workdir = tmp_path / "run"
   eval_set = f"synthetic={synthetic_store}"
   cfg = make_config("pretrain", "demo", **tiny_train_overrides(
       synthetic_store, workdir, train__max_steps=40, train__eval_every=20, data__eval_stores=(eval_set,),
-      train__eval_batches=2, train__checkpoint_every=20))
+      train__eval_batches=2, train__checkpoint_every=20, train__wandb_project="colorjax-test"))
   export = train.run(cfg)
+  [run] = fake_wandb  # the W&B mirror (a stand-in module) got metrics.jsonl's scalars, step by step
+  assert run.by_step() == jsonl_scalars(workdir) and run.finished
+  assert {"train/loss", "train/z_loss", "train/lr", "train/grad_norm", "train/tokens_per_s",
+          "eval/synthetic_loss"} <= set(run.by_step()[40]) and "train/mfu" not in run.by_step()[40]  # None on CPU
+  assert (run.kwargs["project"], run.kwargs["dir"], run.kwargs["job_type"]) == ("colorjax-test", str(workdir),
+                                                                                  "pretrain")
+  assert run.kwargs["config"]["train"]["max_steps"] == 40
   records = metrics.read_metrics(workdir)
   losses = train_losses(workdir)
   assert sorted(losses) == list(range(1, 41))
@@ -226,3 +236,122 @@ def test_a_run_that_fails_before_its_first_step_leaves_nothing(synthetic_store, 
   with pytest.raises(data.DataError, match="not a readable .npy file|holds"):
     train.run(make_config("pretrain", "demo", **tiny_train_overrides(broken, tmp_path / "run", train__max_steps=3)))
   assert not (tmp_path / "run").exists()
+
+
+def _popen(args, env_extra=None):
+  env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu", **(env_extra or {}))
+  return subprocess.Popen([sys.executable, "-m", "colorjax.main"] + args, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+
+
+def _stopped_at(proc, where):
+  """The step a SIGTERM'd run reports stopping at, after checking it exited cleanly with status 143."""
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == 143, f"{where}: exit {proc.returncode}\n{err[-3000:]}"
+  found = re.search(r"preempted at step (\d+) of \d+: checkpoint saved in (\S+); resume with "
+                    r"--config.train.resume=True", err)
+  assert found and "Traceback" not in err, err[-3000:]
+  return int(found.group(1)), found.group(2)
+
+
+def _checkpoint_steps(workdir):
+  ckpt = checkpoint.Checkpointer(workdir)
+  try:
+    return ckpt.manager.all_steps()
+  finally:
+    ckpt.close()
+
+
+def test_sigterm_checkpoints_the_step_and_the_resumed_run_is_identical(synthetic_store, tmp_path, capsys,
+                                                                       monkeypatch):
+  """Issue 12.3: SIGTERM saves a checkpoint at the next step boundary and exits 143 with a resume hint; resuming
+  (past an unfinished checkpoint, which is never picked) reproduces the uninterrupted run's losses and params. The
+  uninterrupted run checkpoints on train.checkpoint_minutes' timer, on a clock that ticks a minute per reading."""
+  from colorjax import preemption
+  common = dict(train__max_steps=64, train__checkpoint_every=0)
+  reference = tmp_path / "reference"
+  handler = signal.getsignal(signal.SIGTERM)
+  ticks = itertools.count()
+  monkeypatch.setattr(preemption, "monotonic", lambda: 60.0 * next(ticks))
+  train.run(make_config("pretrain", "demo", **tiny_train_overrides(
+      synthetic_store, reference, train__checkpoint_minutes=3.5, train__keep_checkpoints=100, **common)))
+  monkeypatch.undo()
+  assert signal.getsignal(signal.SIGTERM) is handler  # the run put the previous handler back
+  # read at the start, at each step and at each save: 4 minutes after a save at step 4, 8, ... (64: the final save)
+  assert _checkpoint_steps(reference) == list(range(4, 65, 4))
+
+  stopped = tmp_path / "stopped"
+  proc = _popen(cli_args(tiny_train_overrides(synthetic_store, stopped, **common)))
+  _wait_for_step(stopped, 3, proc)
+  proc.send_signal(signal.SIGTERM)
+  step, saved = _stopped_at(proc, "SIGTERM")
+  assert 3 <= step < 64 and saved == str(stopped / "checkpoints" / str(step))
+  assert _checkpoint_steps(stopped) == [step]
+  assert max(train_losses(stopped)) == step and not (stopped / "params").exists()
+  # what an async save cut short leaves behind: orbax lists finished steps only, so resume takes `step`
+  shutil.copytree(stopped / "checkpoints" / str(step), stopped / "checkpoints" / f"{step + 9}.orbax-checkpoint-tmp-7")
+
+  capsys.readouterr()
+  train.run(make_config("pretrain", "demo", **tiny_train_overrides(synthetic_store, stopped, train__resume=True,
+                                                                   **common)))
+  assert f"resumed {stopped} at step {step}" in capsys.readouterr().out
+  ref, got = train_losses(reference), train_losses(stopped)
+  assert sorted(got) == list(range(1, 65))
+  np.testing.assert_allclose([got[s] for s in range(1, 65)], [ref[s] for s in range(1, 65)], rtol=1e-6)
+  spec = model.ModelSpec.from_config(make_config("pretrain", "demo", **tiny_train_overrides(synthetic_store, "")).model)
+  want, _ = checkpoint.load_params(reference / "params", spec)
+  have, _ = checkpoint.load_params(stopped / "params", spec)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7),
+               have, want)
+  with pytest.raises(errors.ConfigError, match="checkpoint_minutes"):
+    train.run(make_config("pretrain", "demo", **tiny_train_overrides(synthetic_store, tmp_path / "bad",
+                                                                     train__checkpoint_minutes=-1.0)))
+
+
+def test_a_sigterm_to_one_host_stops_every_host_at_the_same_step(synthetic_store, tmp_path):
+  """Two processes (gloo, JAX's preemption service): the host that is not told agrees on the step to save at."""
+  workdir = tmp_path / "hosts"
+  args = cli_args(tiny_train_overrides(synthetic_store, workdir, train__max_steps=400))
+  port = str(20000 + os.getpid() % 10000)
+  procs = [_popen(args, {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_NUM_PROCESSES": "2",
+                         "JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_PROCESS_ID": str(i)})
+           for i in range(2)]
+  try:
+    _wait_for_step(workdir, 2, procs[0])
+    procs[1].send_signal(signal.SIGTERM)
+    steps = [_stopped_at(proc, f"host {i}")[0] for i, proc in enumerate(procs)]
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+  assert steps[0] == steps[1] < 400
+  assert _checkpoint_steps(workdir) == [steps[0]] and max(train_losses(workdir)) == steps[0]
+
+
+def test_hosts_without_jax_preemption_service_agree_every_few_checks(monkeypatch):
+  """The fallback (jax_enable_preemption_service off): each host's SIGTERM flag and process 0's timer travel in an
+  all-gather every AGREE_EVERY checks, so every host stops, or saves, after the same step. Here: host 0 of two."""
+  from colorjax import preemption
+  host1 = {"due": 1, "sigterm": 0}
+  gathers = []
+
+  def allgather(local):
+    gathers.append(local.tolist())
+    return np.stack([local, np.array([host1["due"], host1["sigterm"]], np.int32)])
+
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(preemption.multihost_utils, "process_allgather", allgather)
+  every = preemption.AGREE_EVERY
+  with preemption.Watch(checkpoint_minutes=1e-9) as watch:
+    checks = [watch.check() for _ in range(every)]
+    assert [c[1] for c in checks].count(True) == 1 == len(gathers)  # the timer: only when the hosts agree
+    assert not any(c[0] for c in checks)
+    os.kill(os.getpid(), signal.SIGTERM)  # this host's handler only sets a flag
+    checks = [watch.check() for _ in range(every)]
+  stops = [c[0] for c in checks]
+  assert stops == [False] * stops.index(True) + [True] * (every - stops.index(True))  # from the next all-gather on
+  assert gathers[-1] == [1, 1]
+  host1.update(due=0)
+  with preemption.Watch(checkpoint_minutes=0) as watch:
+    host1.update(sigterm=1)  # the other host got the signal
+    assert any(watch.check()[0] for _ in range(every)) and not watch.requested
