@@ -18,6 +18,7 @@ import sys
 import time
 
 from colorjax import errors
+from colorjax import storage
 
 MANIFEST = "manifest.json"
 REQUEST = "request.json"  # an unfinished run's request, written before its first step
@@ -101,7 +102,7 @@ def relative(path, base) -> str:
 
 def resolve(recorded: str, base) -> pathlib.Path:
   """A path recorded by `relative` (or an absolute one, from older artifacts), as seen from `base`."""
-  return (pathlib.Path(base) / recorded).resolve()
+  return storage.reach((pathlib.Path(base) / recorded).resolve())
 
 
 def fingerprint(path: pathlib.Path, known: dict | None = None) -> dict:

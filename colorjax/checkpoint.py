@@ -17,6 +17,7 @@ from jax.experimental import multihost_utils
 from colorjax import data
 from colorjax import metrics
 from colorjax import model
+from colorjax import storage
 
 PARAMS_FORMAT = "colorjax.params"
 
@@ -26,7 +27,10 @@ class Checkpointer:
 
   def __init__(self, workdir, keep: int = 2):
     options = ocp.CheckpointManagerOptions(max_to_keep=max(1, keep), create=True, enable_async_checkpointing=True)
-    self.directory = pathlib.Path(workdir).resolve() / "checkpoints"
+    self.directory = storage.orbax_path(pathlib.Path(workdir).resolve() / "checkpoints")
+    if isinstance(self.directory, pathlib.Path) and storage.remote_of(self.directory) and jax.process_count() > 1:
+      raise data.DataError(f"{storage.remote_of(self.directory)}: orbax cannot write s3:// checkpoints from "
+                           f"{jax.process_count()} hosts; use a gs:// or shared-disk workdir for multi-host training")
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
 
   def latest_step(self):
@@ -35,7 +39,12 @@ class Checkpointer:
     return self.manager.latest_step()
 
   def save(self, step: int, state, meta: dict):
+    """Start an async save; with object storage, finish it and upload the run folder (a checkpoint that is only on
+    this machine's disk would not survive losing it)."""
     self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+    if storage.active():
+      self.manager.wait_until_finished()
+      storage.sync()
 
   def restore(self, step: int, abstract_state):
     """State laid out as `abstract_state` (ShapeDtypeStructs carrying the target shardings), and its meta."""
@@ -57,7 +66,7 @@ def export_params(folder, params, manifest: dict, tokenizer_path) -> pathlib.Pat
   if (folder / data.MANIFEST).exists():
     raise data.DataError(f"{folder} already holds a params export; choose another folder or delete it first")
   checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(folder / "params", params, force=True)
+  checkpointer.save(storage.orbax_path(folder / "params"), params, force=True)
   checkpointer.wait_until_finished()
   manifest = dict(manifest, format=PARAMS_FORMAT, time=time.strftime("%Y-%m-%dT%H:%M:%S"))
   if metrics.is_main():
@@ -102,5 +111,5 @@ def load_params(folder, spec: model.ModelSpec, shardings=None):
   abstract = model.abstract_params(spec)
   if shardings is not None:
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-  params = ocp.StandardCheckpointer().restore(folder / "params", abstract)
+  params = ocp.StandardCheckpointer().restore(storage.orbax_path(folder / "params"), abstract)
   return params, manifest

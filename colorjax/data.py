@@ -17,6 +17,7 @@ import numpy as np
 
 from colorjax import artifacts
 from colorjax import errors
+from colorjax import storage
 
 STORE_FORMAT = "colorjax.token_store"
 STORE_VERSION = 1
@@ -161,7 +162,7 @@ class TokenStore:
       entry = self.files[i]
       path = self.path / entry["array"]
       try:
-        array = np.load(path, mmap_mode="r")
+        array = storage.open_array(path)
       except FileNotFoundError as e:
         raise DataError(f"{path} is missing from token store {self.path}; re-run prepare") from e
       except ValueError as e:
@@ -225,7 +226,7 @@ class TokenStore:
       entry = self.files[int(i)]
       if "label_array" in entry:
         if self._labels[i] is None:
-          self._labels[i] = np.load(self.path / entry["label_array"], mmap_mode="r")
+          self._labels[i] = storage.open_array(self.path / entry["label_array"])
         out[rows] = self._labels[i][ids[rows] - self.offsets[i]]
       else:
         out[rows] = entry.get("label", 0)

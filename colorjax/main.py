@@ -20,6 +20,7 @@ from ml_collections import config_flags
 
 from colorjax import errors
 from colorjax import sharding
+from colorjax import storage
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "a configs/<file>.py[:arg]; override fields with --config.<field>=<value>", lock_config=True)
@@ -50,7 +51,7 @@ _CONFIG_ARG = re.compile(r"^--?(?:no)?(config(?:\.[^=]+)?)(?:=(.*))?$")
 
 
 def _fail(where: str, message) -> None:
-  sys.stderr.write(f"colorjax{' ' + where if where else ''}: error: {message}\n")
+  sys.stderr.write(f"colorjax{' ' + where if where else ''}: error: {storage.as_urls(str(message))}\n")
   sys.exit(USAGE_EXIT)
 
 
@@ -152,13 +153,16 @@ def main(argv):
     sharding.add_xla_flags(cfg.mesh.xla_flags)  # before anything initializes a backend
     sharding.maybe_initialize_distributed(cfg.mesh.distributed)
     stage = importlib.import_module(STAGES[stage_name])
+    storage.mirror_config(cfg)
     if cfg.dry_run:
       stage.describe(cfg)
     else:
       stage.run(cfg)
+      storage.sync()
   except errors.ColorjaxError as e:  # every process of a multi-host run prints its own
     _fail(where, e)
   except errors.Preempted as e:
+    storage.sync()
     sys.stderr.write(f"colorjax{' ' + where if where else ''}: {e}\n")
     sys.exit(PREEMPTED_EXIT)
 

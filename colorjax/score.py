@@ -30,6 +30,7 @@ from colorjax import model
 from colorjax import plan
 from colorjax import preemption
 from colorjax import sharding
+from colorjax import storage
 
 SCORES_FORMAT = "colorjax.scores"
 
@@ -292,6 +293,7 @@ def _score(cfg, workdir, store, request, profiler, shard_i, shard_n) -> pathlib.
       first, stop = chunk * chunk_rows, min(n, (chunk + 1) * chunk_rows)
       out.nll[first:stop].write(buffer[: stop - first]).result()
       _zarr(workdir / "done.zarr")[chunk].write(np.uint8(1)).result()
+      storage.flush()
     elapsed = max(time.time() - start, 1e-9)
     seq_per_s = bar.count / elapsed
     mfu = f" mfu {seq_per_s * store.seq_len * flops / (peak * jax.device_count()):.1%}" if peak else ""
