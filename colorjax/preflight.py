@@ -22,6 +22,7 @@ from colorjax import score
 from colorjax import select
 from colorjax import synthetic
 from colorjax import tasks as tasks_lib
+from colorjax import tokenizer as tokenizer_lib
 from colorjax import train
 
 
@@ -106,7 +107,7 @@ def lineage(cfg, root: pathlib.Path, plan) -> list[Expected]:
       request = None
       if tok_ok:
         request = prepare.check_inputs(corpus.prepare_config(cfg, parts[name], tok_path, path))[-1]
-        tok_info = tok_info or data.tokenizer_info(data.load_tokenizer(str(tok_path)), str(tok_path))
+        tok_info = tok_info or tokenizer_lib.tokenizer_info(tokenizer_lib.load_tokenizer(str(tok_path)), str(tok_path))
       out.append(_expect(f"store {name}", path, request, path / data.MANIFEST))
       ids[name] = _id(out[-1])
   prior_spec = model.ModelSpec.from_config(plan.prior.model)

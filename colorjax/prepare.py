@@ -22,6 +22,7 @@ from colorjax import artifacts
 from colorjax import data
 from colorjax import errors
 from colorjax import metrics
+from colorjax import tokenizer as tokenizer_lib
 
 _PROGRESS = None  # worker side: the queue progress increments go to
 
@@ -245,8 +246,8 @@ def check_inputs(cfg):
     raise errors.ConfigError(f"prepare.seq_len={pcfg.seq_len}; a sequence needs at least 2 tokens")
   output = pathlib.Path(pcfg.output).resolve()
   files = expand_inputs(pcfg.inputs)
-  tokenizer = data.load_tokenizer(pcfg.tokenizer)
-  tok_info = data.tokenizer_info(tokenizer, pcfg.tokenizer, pcfg.eos_id, pcfg.pad_id)
+  tokenizer = tokenizer_lib.load_tokenizer(pcfg.tokenizer)
+  tok_info = tokenizer_lib.tokenizer_info(tokenizer, pcfg.tokenizer, pcfg.eos_id, pcfg.pad_id)
   prints = input_fingerprints(files, _existing_entries(output))
   request = store_request(prints, tok_info, pcfg.seq_len, pcfg.text_field, pcfg.source_field)
   return output, files, tokenizer, tok_info, prints, request
@@ -348,7 +349,7 @@ def _build(cfg, output, files, tokenizer, tok_info, prints, request) -> pathlib.
   for marker in partial.glob("done-*.json"):
     marker.unlink()
   request_path.unlink()
-  (partial / data.TOKENIZER).write_text(tokenizer.to_str())
+  (partial / tokenizer_lib.TOKENIZER).write_text(tokenizer.to_str())
   artifacts.write_manifest(partial, manifest)
   artifacts.publish(partial, output)
   print(f"prepare: wrote {output}: {offset:,} sequences of {pcfg.seq_len} tokens "
@@ -389,7 +390,7 @@ def build_sft_store(task_names, data_dir, split: str, tokenizer_path, tok_info: 
   """
   from colorjax import tasks  # pylint: disable=import-outside-toplevel
   output = pathlib.Path(output).resolve()
-  tokenizer = data.load_tokenizer(str(tokenizer_path))
+  tokenizer = tokenizer_lib.load_tokenizer(str(tokenizer_path))
   request = sft_request(task_names, data_dir, split, tok_info, seq_len, limit)
   if artifacts.up_to_date(output, request, "SFT rows", "delete it or choose another folder"):
     return output
@@ -428,7 +429,7 @@ def build_sft_store(task_names, data_dir, split: str, tokenizer_path, tok_info: 
       "created_by": {"stage": "sft", "split": split, "host": socket.gethostname(),
                      "time": time.strftime("%Y-%m-%dT%H:%M:%S")},
   }
-  (partial / data.TOKENIZER).write_text(tokenizer.to_str())
+  (partial / tokenizer_lib.TOKENIZER).write_text(tokenizer.to_str())
   artifacts.write_manifest(partial, manifest)
   artifacts.publish(partial, output)
   print(f"sft rows: {output}: {offset:,} rows of {seq_len} ({', '.join(task_names)}; split {split})")

@@ -35,6 +35,7 @@ from colorjax import report_markdown
 from colorjax import report_plots
 from colorjax import score as score_lib
 from colorjax import select as select_lib
+from colorjax import tokenizer as tokenizer_lib
 
 EFFICIENCY_METHOD = (
     "Every finished random run (the random comparison run at each τ, and the curve run over 1/curve_tau of the "
@@ -418,7 +419,7 @@ def examples(plan: dict, root: pathlib.Path, k: int = 3, chars: int = 240) -> di
     return {}
   scores = score_lib.Scores(scores_path)
   store = data.TokenStore(pool_path)
-  tokenizer = data.load_tokenizer(str(store.tokenizer_path()))
+  tokenizer = tokenizer_lib.load_tokenizer(str(store.tokenizer_path()))
   stream = select_lib.ScoreStream(scores, "color", "conditional_0", 1 << 20)
   out = {}
   for name, source in (("top", stream), ("bottom", _Negated(stream))):

@@ -32,6 +32,7 @@ from colorjax import prepare
 from colorjax import rho as rho_lib
 from colorjax import sharding
 from colorjax import tasks
+from colorjax import tokenizer as tokenizer_lib
 
 
 def lr_at(step, lr: float, warmup: int, max_steps: int, min_ratio: float):
@@ -246,7 +247,7 @@ def resolve_inputs(cfg, workdir: pathlib.Path, spec: model.ModelSpec) -> Inputs:
     store = data.TokenStore(cfg.data.train_store)
     check_store_fits(store, spec)
     if init_manifest is not None:
-      data.check_same_tokenizer(init_manifest["tokenizer"], f"the params {cfg.train.init_from}",
+      tokenizer_lib.check_same_tokenizer(init_manifest["tokenizer"], f"the params {cfg.train.init_from}",
                                 store.manifest["tokenizer"], f"the training store {store.path}")
     store_path, store_id, padded = store.path.resolve(), store.id, store.padded
   index_id = data.index_id(cfg.data.index) if cfg.data.index else None
@@ -255,7 +256,7 @@ def resolve_inputs(cfg, workdir: pathlib.Path, spec: model.ModelSpec) -> Inputs:
   if cfg.train.rho_tau and cfg.train.rho_reference:
     reference = checkpoint.read_params_manifest(cfg.train.rho_reference)
     tok_info = init_manifest["tokenizer"] if init_manifest else data.TokenStore(store_path).manifest["tokenizer"]
-    data.check_same_tokenizer(reference["tokenizer"], f"the RHO reference {cfg.train.rho_reference}", tok_info,
+    tokenizer_lib.check_same_tokenizer(reference["tokenizer"], f"the RHO reference {cfg.train.rho_reference}", tok_info,
                               "the training data")
   return Inputs(store_path, store_id, padded, sft_eval, index_id, init_manifest, reference,
                 run_request(cfg, spec, store_id, padded, index_id, init_id, reference.get("id") if reference else None))
@@ -263,7 +264,7 @@ def resolve_inputs(cfg, workdir: pathlib.Path, spec: model.ModelSpec) -> Inputs:
 
 def build_sft_stores(cfg, inputs: Inputs, spec: model.ModelSpec) -> None:
   """Task finetuning: render the task splits into padded rows with the tokenizer of the params being finetuned."""
-  tokenizer = data.checked_tokenizer_path(cfg.train.init_from, inputs.init_manifest["tokenizer"])
+  tokenizer = tokenizer_lib.checked_tokenizer_path(cfg.train.init_from, inputs.init_manifest["tokenizer"])
   tok_info = inputs.init_manifest["tokenizer"]
   splits = [(cfg.sft.train_split, inputs.store_path)] + ([(cfg.sft.eval_split, inputs.sft_eval_path)]
                                                           if inputs.sft_eval_path else [])

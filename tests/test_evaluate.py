@@ -18,6 +18,7 @@ from colorjax import model
 from colorjax import prepare
 from colorjax import sharding
 from colorjax import tasks
+from colorjax import tokenizer as tokenizer_lib
 from colorjax import train
 from conftest import make_config, run_cli, tiny_train_overrides
 from reference import reference_logits
@@ -120,7 +121,7 @@ def test_pad_masking_makes_the_loss_independent_of_padding(synthetic_prior, data
   spec, _, _, params, tok_path = _setup(synthetic_prior)
   rows = {}
   for seq_len in (256, 512):
-    tok_info = data.tokenizer_info(data.load_tokenizer(str(tok_path)), str(tok_path))
+    tok_info = tokenizer_lib.tokenizer_info(tokenizer_lib.load_tokenizer(str(tok_path)), str(tok_path))
     store = prepare.build_sft_store(("arc_easy",), data_dir / "tasks", "train", tok_path, tok_info, seq_len,
                                     tmp_path / f"sft{seq_len}", limit=8)
     s = data.TokenStore(store)
