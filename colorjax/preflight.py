@@ -20,6 +20,7 @@ from colorjax import model
 from colorjax import prepare
 from colorjax import score
 from colorjax import select
+from colorjax import sft_store
 from colorjax import synthetic
 from colorjax import tasks as tasks_lib
 from colorjax import tokenizer as tokenizer_lib
@@ -116,8 +117,8 @@ def lineage(cfg, root: pathlib.Path, plan) -> list[Expected]:
   out.append(_expect("prior", root / "runs" / "prior", prior_req))
   cond = plan.conditional
   if cond.sft.tasks:
-    sft = prepare.sft_request(cond.sft.tasks, cond.sft.data_dir, cond.sft.train_split, tok_info,
-                              prior_spec.max_seq_len, cond.sft.limit) if tok_info else None
+    sft = sft_store.sft_request(cond.sft.tasks, cond.sft.data_dir, cond.sft.train_split, tok_info,
+                                prior_spec.max_seq_len, cond.sft.limit) if tok_info else None
     cond_store, padded = (artifacts.content_id(sft) if sft else None), True
   else:
     cond_store, padded = ids.get("target_train"), False

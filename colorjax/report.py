@@ -29,12 +29,12 @@ from colorjax import errors
 from colorjax import losses
 from colorjax import metrics
 from colorjax import model
-from colorjax import prepare
 from colorjax import report_compute
 from colorjax import report_markdown
 from colorjax import report_plots
 from colorjax import score as score_lib
 from colorjax import select as select_lib
+from colorjax import text_files
 from colorjax import tokenizer as tokenizer_lib
 
 EFFICIENCY_METHOD = (
@@ -268,7 +268,7 @@ def _target_parts(split: dict, stores: dict, files: list, one_per_document: bool
   parts = {part: {"works": _works(split, part, documents.get(part), one_per_document),
                   "documents": documents.get(part), "sequences": stores.get(part, {}).get("sequences"),
                   "tokens": stores.get(part, {}).get("tokens")} for part in ("target_train", "target_eval")}
-  labels = {prepare.source_label(pathlib.Path(f)) for f in files}
+  labels = {text_files.source_label(pathlib.Path(f)) for f in files}
   in_pool = [v for k, v in stores.get("pool", {}).get("sources", {}).items() if k in labels]
   pool_docs = sum(n for k, n in documents["pool"].items() if k in labels) if documents.get("pool") else None
   parts["pool"] = {"works": _works(split, "pool", pool_docs, one_per_document), "documents": pool_docs,

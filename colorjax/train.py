@@ -28,8 +28,8 @@ from colorjax import metrics
 from colorjax import model
 from colorjax import plan
 from colorjax import preemption
-from colorjax import prepare
 from colorjax import rho as rho_lib
+from colorjax import sft_store
 from colorjax import sharding
 from colorjax import tasks
 from colorjax import tokenizer as tokenizer_lib
@@ -237,7 +237,7 @@ def resolve_inputs(cfg, workdir: pathlib.Path, spec: model.ModelSpec) -> Inputs:
       raise errors.ConfigError("task finetuning starts from a prior: set --config.train.init_from=<prior run>/params")
     if not cfg.sft.data_dir and tasks.default_dir():
       cfg.sft.data_dir = tasks.default_dir()  # the offline task folder, as the eval stage finds it
-    request = prepare.sft_request(cfg.sft.tasks, cfg.sft.data_dir, cfg.sft.train_split, init_manifest["tokenizer"],
+    request = sft_store.sft_request(cfg.sft.tasks, cfg.sft.data_dir, cfg.sft.train_split, init_manifest["tokenizer"],
                                   spec.max_seq_len, cfg.sft.limit)
     store_path, store_id, padded = workdir / "sft_train", artifacts.content_id(request), True
     sft_eval = workdir / "sft_eval" if cfg.sft.eval_split else None
@@ -269,7 +269,7 @@ def build_sft_stores(cfg, inputs: Inputs, spec: model.ModelSpec) -> None:
   splits = [(cfg.sft.train_split, inputs.store_path)] + ([(cfg.sft.eval_split, inputs.sft_eval_path)]
                                                           if inputs.sft_eval_path else [])
   for split, path in splits:
-    metrics.on_main_then_sync(lambda s=split, p=path: prepare.build_sft_store(
+    metrics.on_main_then_sync(lambda s=split, p=path: sft_store.build_sft_store(
         cfg.sft.tasks, cfg.sft.data_dir, s, tokenizer, tok_info, spec.max_seq_len, p, limit=cfg.sft.limit),
         f"sft rows {split}")
 
