@@ -24,7 +24,8 @@ from colorjax import sft_store
 from colorjax import synthetic
 from colorjax import tasks as tasks_lib
 from colorjax import tokenizer as tokenizer_lib
-from colorjax import train
+from colorjax import train_plan
+from colorjax import train_run
 
 
 def check_plan(cfg, plan, sizes: dict, data_parallel: int) -> list[tuple[str, object]]:
@@ -32,7 +33,7 @@ def check_plan(cfg, plan, sizes: dict, data_parallel: int) -> list[tuple[str, ob
   problems, plans = [], []
   def step(name, tcfg, num_items, seq_len):
     try:
-      plans.append((name, train.step_plan(tcfg, num_items, seq_len, data_parallel)))
+      plans.append((name, train_plan.step_plan(tcfg, num_items, seq_len, data_parallel)))
     except errors.ConfigError as e:
       problems.append(f"{name}: {e}")
   seq = sizes["seq_len"]
@@ -113,7 +114,7 @@ def lineage(cfg, root: pathlib.Path, plan) -> list[Expected]:
       ids[name] = _id(out[-1])
   prior_spec = model.ModelSpec.from_config(plan.prior.model)
   pool_id = ids.get("pool")
-  prior_req = train.run_request(plan.prior, prior_spec, pool_id, False, None, None) if pool_id else None
+  prior_req = train_run.run_request(plan.prior, prior_spec, pool_id, False, None, None) if pool_id else None
   out.append(_expect("prior", root / "runs" / "prior", prior_req))
   cond = plan.conditional
   if cond.sft.tasks:
@@ -124,13 +125,13 @@ def lineage(cfg, root: pathlib.Path, plan) -> list[Expected]:
     cond_store, padded = ids.get("target_train"), False
   cond_req = None
   if prior_req and cond_store:
-    cond_req = train.run_request(cond, prior_spec, cond_store, padded, None, artifacts.content_id(prior_req))
+    cond_req = train_run.run_request(cond, prior_spec, cond_store, padded, None, artifacts.content_id(prior_req))
   out.append(_expect("conditional", root / "runs" / "conditional", cond_req))
   prior_id, cond_id = _id(out[-2]), _id(out[-1])
   references = {"conditional": cond_id}
   if plan.reference is not None:
     target_id = ids.get("target_train")
-    ref_req = train.run_request(plan.reference, prior_spec, target_id, False, None, None) if target_id else None
+    ref_req = train_run.run_request(plan.reference, prior_spec, target_id, False, None, None) if target_id else None
     out.append(_expect("reference", root / "runs" / "reference", ref_req))
     references["reference"] = _id(out[-1])
   scores_req = None
@@ -154,10 +155,10 @@ def lineage(cfg, root: pathlib.Path, plan) -> list[Expected]:
     spec = model.ModelSpec.from_config(tcfg.model)
     if r["selection"]:
       sel_id = selection_ids[r["selection"]]
-      req = train.run_request(tcfg, spec, pool_id, False, sel_id, None) if sel_id else None
+      req = train_run.run_request(tcfg, spec, pool_id, False, sel_id, None) if sel_id else None
     else:
       ref_id = references[pathlib.Path(tcfg.train.rho_reference).parent.name]
-      req = train.run_request(tcfg, spec, pool_id, False, None, None, ref_id) if pool_id and ref_id else None
+      req = train_run.run_request(tcfg, spec, pool_id, False, None, None, ref_id) if pool_id and ref_id else None
     out.append(_expect(f"target {r['name']}", pathlib.Path(tcfg.workdir), req))
   return out
 

@@ -29,6 +29,7 @@ from colorjax import select
 from colorjax import sharding
 from colorjax import tokenizer as tokenizer_lib
 from colorjax import train
+from colorjax import train_plan
 from conftest import REPO, make_config, run_cli
 
 FIXTURE = REPO.parent / "shared" / "fixtures" / "olmo-original"
@@ -164,7 +165,7 @@ def test_finetuning_the_imported_prior_reproduces_the_originals_conditional(impo
   _, target = load(imported["conditional"])
   store = token_rows(FIXTURE / "data" / "target" / "part-000.npy")
   mesh = sharding.make_mesh(cfg.mesh)
-  plan = train.step_plan(cfg, store.shape[0], SEQ, sharding.data_parallel_size(mesh))
+  plan = train_plan.step_plan(cfg, store.shape[0], SEQ, sharding.data_parallel_size(mesh))
   assert (plan.total_steps, plan.schedule_steps, plan.n_micro) == (8, 8, 2)
   tx, schedule = train.make_optimizer(cfg.train, plan.schedule_steps)
   param_sh = sharding.tree_shardings(model.abstract_params(spec), model.param_axes(spec), mesh)
