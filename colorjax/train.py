@@ -314,7 +314,6 @@ def train_loop(cfg, state, train_step, source, start_step: int, plan_: train_pla
   return state
 
 
-
 def describe(cfg, num_items: int | None = None, seq_len: int | None = None, size_note: str = "") -> dict:
   """Dry run: sizes, FLOPs, steps, tokens and per-device memory, all without allocating. `num_items` and `seq_len`
   stand in for the data when the store (or index) does not exist yet, e.g. when planning a whole pipeline."""
