@@ -18,6 +18,7 @@ from colorjax import data
 from colorjax import metrics
 from colorjax import model
 from colorjax import storage
+from colorjax import tokenizer as tokenizer_lib
 
 PARAMS_FORMAT = "colorjax.params"
 
@@ -70,7 +71,7 @@ def export_params(folder, params, manifest: dict, tokenizer_path) -> pathlib.Pat
   checkpointer.wait_until_finished()
   manifest = dict(manifest, format=PARAMS_FORMAT, time=time.strftime("%Y-%m-%dT%H:%M:%S"))
   if metrics.is_main():
-    shutil.copyfile(tokenizer_path, folder / data.TOKENIZER)
+    shutil.copyfile(tokenizer_path, folder / tokenizer_lib.TOKENIZER)
     (folder / data.MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
   multihost_utils.sync_global_devices(f"export {folder}")
   return folder

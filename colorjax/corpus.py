@@ -21,8 +21,8 @@ import numpy as np
 from colorjax import artifacts
 from colorjax import errors
 from colorjax import data
-from colorjax import prepare
 from colorjax import synthetic
+from colorjax import text_files
 from configs import base
 
 PARTS = ("target_train", "target_eval", "pool")
@@ -81,7 +81,7 @@ def resolve_files(folder: str, patterns) -> list[pathlib.Path]:
 
 def read_docs(path: pathlib.Path, group_field: str = "") -> list[dict]:
   docs = []
-  for text, source in prepare.iter_documents(path, "text", "source"):
+  for text, source in text_files.iter_documents(path, "text", "source"):
     docs.append({"text": text, "source": source})
   if group_field:
     values = _field_values(path, group_field)
@@ -171,7 +171,8 @@ def known_fingerprints(summary_path: pathlib.Path) -> dict:
 
 def part_paths(out: pathlib.Path, target_files, pool_files) -> dict:
   return {"target_train": [out / "target_train.jsonl.gz"], "target_eval": [out / "target_eval.jsonl.gz"],
-          "pool": [out / "pool" / f"{prepare.source_label(f)}.jsonl.gz" for f in list(target_files) + list(pool_files)]}
+          "pool": [out / "pool" / f"{text_files.source_label(f)}.jsonl.gz"
+                   for f in list(target_files) + list(pool_files)]}
 
 
 def _assign(num_works: int, split: Split, rng) -> list[str]:
@@ -228,8 +229,8 @@ def split_target(split: Split, target_files, pool_files, out: pathlib.Path, requ
     dropped += len(docs) - len(kept)
     if split.max_chars_per_file:
       kept = sample_chars(kept, split.max_chars_per_file, split.seed)
-    write_docs(out / "pool" / f"{prepare.source_label(path)}.jsonl.gz", kept)
-    counts[prepare.source_label(path)] = len(kept)
+    write_docs(out / "pool" / f"{text_files.source_label(path)}.jsonl.gz", kept)
+    counts[text_files.source_label(path)] = len(kept)
   if not sum(counts.values()):
     raise errors.DataError("the pool is empty: no pool file holds a document that is not part of the target's "
                            "finetune or held-out works; fix --config.pipeline.pool_files")

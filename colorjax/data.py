@@ -1,4 +1,4 @@
-"""Token stores (reading), tokenizers, the deterministic data order, and the background batch loader.
+"""Token stores (reading), the deterministic data order, and the background batch loader.
 
 A token store is a folder of `.npy` arrays of fixed-length token sequences plus `manifest.json` (written by
 `prepare.py`), or a manifest over headerless dolma/OLMo token files left where they are (`dolma.py`). A
@@ -18,75 +18,14 @@ import numpy as np
 from colorjax import artifacts
 from colorjax import errors
 from colorjax import storage
+from colorjax import tokenizer as tokenizer_lib
 
 STORE_FORMAT = "colorjax.token_store"
 STORE_VERSION = 1
 MANIFEST = artifacts.MANIFEST
-TOKENIZER = "tokenizer.json"  # every store and params export carries the tokenizer that made its tokens
 
 
 DataError = errors.DataError  # the name every stage raises and tests catch
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Tokenizers
-
-
-def load_tokenizer(name_or_path: str):
-  """A HF `tokenizers.Tokenizer` from a tokenizer.json path (or a folder holding one) or a hub name."""
-  from tokenizers import Tokenizer  # pylint: disable=import-outside-toplevel
-  if not name_or_path:
-    raise DataError("no tokenizer given: set --config.prepare.tokenizer to a tokenizer.json path or a hub name")
-  path = pathlib.Path(name_or_path)
-  if path.is_dir():
-    candidates = sorted(path.glob("*.json"))
-    if not candidates:
-      raise DataError(f"tokenizer folder {path} holds no tokenizer .json file")
-    path = candidates[0]
-  if path.suffix == ".json" or path.exists():
-    if not path.exists():
-      raise DataError(f"tokenizer file {path} does not exist; pass the path of a tokenizer.json")
-    try:
-      return Tokenizer.from_file(str(path))
-    except Exception as e:  # tokenizers raises plain Exceptions
-      raise DataError(f"tokenizer file {path} could not be read ({e}); is it a HF tokenizers JSON file?") from e
-  try:
-    return Tokenizer.from_pretrained(name_or_path)
-  except Exception as e:
-    raise DataError(f"tokenizer {name_or_path!r} is not a local file and could not be fetched ({e}); pass the "
-                    "path of a tokenizer.json instead") from e
-
-
-EOS_NAMES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "<|eot_id|>")
-PAD_NAMES = ("<|padding|>", "<pad>", "[PAD]", "<|pad|>")
-
-
-def _special_id(tokenizer, names, given: int, what: str, field: str, where: str) -> int:
-  vocab = tokenizer.get_vocab_size(with_added_tokens=True)
-  if given >= 0:
-    if given >= vocab:
-      raise DataError(f"{field}={given} is outside the vocabulary of {where} ({vocab} tokens)")
-    return int(given)
-  for name in names:
-    found = tokenizer.token_to_id(name)
-    if found is not None:
-      return int(found)
-  raise DataError(f"tokenizer {where} has no known {what} token ({', '.join(names)}); set --config.{field} to the "
-                  f"id to use")
-
-
-def tokenizer_info(tokenizer, name: str, eos_id: int = -1, pad_id: int = -1) -> dict:
-  """What a store records of its tokenizer: a name, a content hash, its size and special ids (EOS ends every
-  document; PAD fills SFT rows). Ids come from the tokenizer's known special tokens unless given (>= 0); a
-  tokenizer with none must be given them, never a silent fallback."""
-  serialized = tokenizer.to_str()
-  return {
-      "name": str(name),
-      "sha256": hashlib.sha256(serialized.encode("utf-8")).hexdigest(),
-      "vocab_size": int(tokenizer.get_vocab_size(with_added_tokens=True)),
-      "eos_id": _special_id(tokenizer, EOS_NAMES, eos_id, "end-of-document", "prepare.eos_id", name),
-      "pad_id": _special_id(tokenizer, PAD_NAMES, pad_id, "padding", "prepare.pad_id", name),
-  }
 
 
 def shared_dir(sub: str) -> str | None:
@@ -211,7 +150,7 @@ class TokenStore:
     return out
 
   def tokenizer_path(self) -> pathlib.Path:
-    return checked_tokenizer_path(self.path, self.manifest["tokenizer"])
+    return tokenizer_lib.checked_tokenizer_path(self.path, self.manifest["tokenizer"])
 
   def labels(self) -> list[str]:
     return list(self.manifest.get("labels", []))
@@ -233,13 +172,6 @@ class TokenStore:
     return out
 
 
-def check_same_tokenizer(a: dict, a_what: str, b: dict, b_what: str) -> None:
-  """Two artifacts' tokenizer records (`tokenizer_info`) must name the same tokenizer, by content hash."""
-  if a["sha256"] != b["sha256"]:
-    raise DataError(f"{a_what} uses tokenizer {a['name']}, {b_what} uses {b['name']} (another tokenizer by content); "
-                    "build both with one tokenizer")
-
-
 def eval_stores(entries, tok_info: dict, against: str) -> dict:
   """data.eval_stores ("name=path", or a bare path named by its folder) as name -> TokenStore, each checked to use
   the tokenizer `tok_info` describes (that of `against`: the training store or the params evaluated)."""
@@ -247,23 +179,11 @@ def eval_stores(entries, tok_info: dict, against: str) -> dict:
   for entry in entries:
     name, path = entry.split("=", 1) if "=" in entry else (pathlib.Path(entry).name, entry)
     store = TokenStore(path)
-    check_same_tokenizer(store.manifest["tokenizer"], f"eval store {path}", tok_info, against)
+    tokenizer_lib.check_same_tokenizer(store.manifest["tokenizer"], f"eval store {path}", tok_info, against)
     if name in stores:
       raise errors.ConfigError(f"data.eval_stores names {name!r} twice; give each store its own name=path")
     stores[name] = store
   return stores
-
-
-def checked_tokenizer_path(folder, tok_info: dict) -> pathlib.Path:
-  """The tokenizer.json an artifact carries, checked against the hash its manifest records."""
-  path = pathlib.Path(folder) / TOKENIZER
-  if not path.exists():
-    raise DataError(f"{path} is missing; re-run the stage that made {folder} (its tokenizer travels with it)")
-  digest = hashlib.sha256(path.read_bytes()).hexdigest()
-  if digest != tok_info["sha256"]:
-    raise DataError(f"{path} does not match the tokenizer hash in {pathlib.Path(folder) / MANIFEST}; the artifact "
-                    "was modified, re-run the stage that made it")
-  return path
 
 
 def index_id(path) -> str:

@@ -27,6 +27,7 @@ from colorjax import dolma_export
 from colorjax import errors
 from colorjax import metrics
 from colorjax import original_scores
+from colorjax import tokenizer as tokenizer_lib
 
 ACTIONS = ("adopt", "import_scores", "import_selection", "export_selection")
 DTYPES = ("uint16", "uint32")
@@ -146,8 +147,8 @@ def _adopt_inputs(cfg):
   if not cfg.dolma.tokenizer:
     raise errors.ConfigError("set --config.dolma.tokenizer to the tokenizer.json the tokens were made with (the "
                              "original's: gpt-neox-20b-pii-special.json)")
-  tokenizer = data.load_tokenizer(cfg.dolma.tokenizer)
-  tok_info = data.tokenizer_info(tokenizer, cfg.dolma.tokenizer, s["eos_id"], s["pad_id"])
+  tokenizer = tokenizer_lib.load_tokenizer(cfg.dolma.tokenizer)
+  tok_info = tokenizer_lib.tokenizer_info(tokenizer, cfg.dolma.tokenizer, s["eos_id"], s["pad_id"])
   output = common.workdir(cfg)
   previous = artifacts.read_json(output / data.MANIFEST).get("files", []) if (output / data.MANIFEST).exists() else []
   known = {e.get("path"): e for e in previous}
@@ -207,7 +208,7 @@ def adopt(cfg) -> pathlib.Path:
   }
 
   def write(folder):
-    (folder / data.TOKENIZER).write_text(tokenizer.to_str())  # the bytes tok_info's sha256 is of
+    (folder / tokenizer_lib.TOKENIZER).write_text(tokenizer.to_str())  # the bytes tok_info's sha256 is of
     artifacts.write_manifest(folder, manifest)
 
   common.publish(output, write)

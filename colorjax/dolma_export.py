@@ -21,6 +21,7 @@ from colorjax import export as export_lib
 from colorjax import metrics
 from colorjax import score as score_lib
 from colorjax import select as select_lib
+from colorjax import tokenizer as tokenizer_lib
 
 FORMATS = ("tokens", "parquet")
 BLOCK_ROWS = 4096  # sequences read from a store at a time when exporting
@@ -175,7 +176,7 @@ def export_selection(cfg) -> pathlib.Path:
     np.save(output / "tokens" / "ids.npy", ids)
     sidecar = token_sidecar(entries, store, ids, manifest["id"])
     (output / "tokens" / "tokens.json").write_text(json.dumps(sidecar, indent=1))
-    (output / "tokens" / data.TOKENIZER).write_bytes(store.tokenizer_path().read_bytes())
+    (output / "tokens" / tokenizer_lib.TOKENIZER).write_bytes(store.tokenizer_path().read_bytes())
     return sidecar
 
   def finish(sidecar):

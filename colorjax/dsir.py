@@ -31,6 +31,7 @@ from colorjax import data
 from colorjax import errors
 from colorjax import metrics
 from colorjax import select as select_lib
+from colorjax import tokenizer as tokenizer_lib
 
 FEATURES = "token-ngrams-splitmix-v1"  # names the hashing below: change it whenever the features change
 _ORDER_KEY = 0x9E3779B97F4A7C15  # times the order: the start key of each order's hash
@@ -168,8 +169,8 @@ def selection_size(cfg, n: int, seq_len: int) -> int:
 
 def open_stores(cfg) -> tuple[data.TokenStore, data.TokenStore]:
   pool, target = data.TokenStore(cfg.dsir.store), data.TokenStore(cfg.dsir.target)
-  data.check_same_tokenizer(pool.manifest["tokenizer"], f"pool store {pool.path}", target.manifest["tokenizer"],
-                            f"target store {target.path}")
+  tokenizer_lib.check_same_tokenizer(pool.manifest["tokenizer"], f"pool store {pool.path}",
+                                     target.manifest["tokenizer"], f"target store {target.path}")
   if pool.padded or target.padded:
     raise data.DataError("dsir resamples pretraining sequences; a padded (SFT) store is neither a pool nor a target")
   if not target.num_sequences:

@@ -25,6 +25,7 @@ from colorjax import metrics
 from colorjax import model
 from colorjax import sharding
 from colorjax import tasks
+from colorjax import tokenizer as tokenizer_lib
 
 
 def eval_batch_size(cfg, mesh) -> int:
@@ -184,8 +185,8 @@ class MultipleChoiceEvaluator:
                chunk: int = 0):
     self.spec, self.mesh = spec, mesh
     self.data_dir = None  # the task folder the examples came from, for records (None: HuggingFace or unknown)
-    tokenizer = data.load_tokenizer(str(tokenizer_path))
-    info = data.tokenizer_info(tokenizer, str(tokenizer_path))
+    tokenizer = tokenizer_lib.load_tokenizer(str(tokenizer_path))
+    info = tokenizer_lib.tokenizer_info(tokenizer, str(tokenizer_path))
     self.task_examples = {}
     requests = []
     for task, (task_split, examples) in task_examples.items():
@@ -294,7 +295,7 @@ def run(cfg) -> dict:
   mesh = sharding.make_mesh(cfg.mesh)
   param_sh = sharding.tree_shardings(model.abstract_params(spec), model.param_axes(spec), mesh)
   stores = data.eval_stores(cfg.data.eval_stores, manifest["tokenizer"], f"the params {params_dir}")
-  tokenizer_path = cfg.eval.tokenizer or data.checked_tokenizer_path(params_dir, manifest["tokenizer"])
+  tokenizer_path = cfg.eval.tokenizer or tokenizer_lib.checked_tokenizer_path(params_dir, manifest["tokenizer"])
   heldout, mc = build_evaluators(cfg, spec, mesh, param_sh, tokenizer_path, stores)
   if heldout is None and mc is None:
     raise errors.ConfigError("nothing to evaluate: set --config.data.eval_stores and/or --config.eval.tasks")

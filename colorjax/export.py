@@ -17,6 +17,7 @@ from colorjax import losses
 from colorjax import metrics
 from colorjax import score as score_lib
 from colorjax import select as select_lib
+from colorjax import tokenizer as tokenizer_lib
 
 
 def run(cfg) -> pathlib.Path:
@@ -34,7 +35,7 @@ def run(cfg) -> pathlib.Path:
   out_path = workdir / "selection.jsonl.gz"
   if out_path.exists():
     raise data.DataError(f"{out_path} already exists; choose another --config.workdir (nothing was overwritten)")
-  tokenizer = data.load_tokenizer(str(store.tokenizer_path()))
+  tokenizer = tokenizer_lib.load_tokenizer(str(store.tokenizer_path()))
   scores_ref = manifest.get("scores")
   scores = score_lib.Scores(artifacts.resolve(scores_ref["path"], selection)) if scores_ref else None
   method = manifest["method"] if manifest["method"] != "random" else "color"

@@ -25,6 +25,7 @@ from colorjax import errors
 from colorjax import model
 from colorjax import olmo_config
 from colorjax import olmo_weights
+from colorjax import tokenizer as tokenizer_lib
 
 SAFETENSORS = "model.safetensors"
 TORCH_WEIGHTS = "model.pt"
@@ -68,7 +69,7 @@ def resolve_tokenizer(given: str, raw: dict, config_path) -> str:
 
 def checked_tokenizer(path: str, spec: model.ModelSpec, m: dict, config_path):
   """(tokenizer, its manifest info) with EOS/PAD from config.yaml; its ids must all have embedding rows."""
-  tokenizer = data.load_tokenizer(path)
+  tokenizer = tokenizer_lib.load_tokenizer(path)
   vocab = tokenizer.get_vocab_size(with_added_tokens=True)
   if vocab > spec.vocab_size:
     raise errors.DataError(f"tokenizer {path} has {vocab} tokens but the model has only {spec.vocab_size} embedding "
@@ -77,7 +78,7 @@ def checked_tokenizer(path: str, spec: model.ModelSpec, m: dict, config_path):
   for field in ("eos_token_id", "pad_token_id"):
     if not isinstance(m[field], int) or not 0 <= m[field] < vocab:
       raise errors.DataError(f"{config_path}: model.{field}={m[field]!r} is not a token of {path} ({vocab} tokens)")
-  return tokenizer, data.tokenizer_info(tokenizer, path, m["eos_token_id"], m["pad_token_id"])
+  return tokenizer, tokenizer_lib.tokenizer_info(tokenizer, path, m["eos_token_id"], m["pad_token_id"])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,7 +131,7 @@ def import_checkpoint(cfg) -> pathlib.Path:
                  "run_name": plan.raw.get("run_name")},
   }
   with artifacts.Lock(out), tempfile.TemporaryDirectory() as tmp:
-    tok_file = pathlib.Path(tmp) / data.TOKENIZER
+    tok_file = pathlib.Path(tmp) / tokenizer_lib.TOKENIZER
     tok_file.write_text(plan.tokenizer.to_str())  # the bytes whose hash tokenizer_info recorded
     checkpoint.export_params(out, params, manifest, tok_file)
   counts = model.param_counts(plan.spec)
@@ -158,7 +159,7 @@ def export_checkpoint(cfg) -> pathlib.Path:
   if weights_path.exists() or (out / CONFIG).exists():
     raise errors.DataError(f"{out} already holds an OLMo checkpoint; choose another --config.workdir (nothing was "
                            "overwritten)")
-  tok_path = data.checked_tokenizer_path(folder, tok)
+  tok_path = tokenizer_lib.checked_tokenizer_path(folder, tok)
   params, _ = checkpoint.load_params(folder, spec)
   state = olmo_weights.params_to_state(params, spec)
   with artifacts.Lock(out):
@@ -170,7 +171,7 @@ def export_checkpoint(cfg) -> pathlib.Path:
                                         for k, v in state.items()):
       raise RuntimeError(f"{tmp} does not read back as written")
     tmp.rename(weights_path)
-    (out / data.TOKENIZER).write_bytes(tok_path.read_bytes())
+    (out / tokenizer_lib.TOKENIZER).write_bytes(tok_path.read_bytes())
     tokenizer_section = source.get("olmo_tokenizer") or {"identifier": tok["name"], "truncate_direction": "right"}
     config = {"run_name": source.get("run_name") or f"colorjax-{manifest.get('id')}", "model": section,
               "tokenizer": tokenizer_section}

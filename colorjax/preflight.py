@@ -20,9 +20,12 @@ from colorjax import model
 from colorjax import prepare
 from colorjax import score
 from colorjax import select
+from colorjax import sft_store
 from colorjax import synthetic
 from colorjax import tasks as tasks_lib
-from colorjax import train
+from colorjax import tokenizer as tokenizer_lib
+from colorjax import train_plan
+from colorjax import train_run
 
 
 def check_plan(cfg, plan, sizes: dict, data_parallel: int) -> list[tuple[str, object]]:
@@ -30,7 +33,7 @@ def check_plan(cfg, plan, sizes: dict, data_parallel: int) -> list[tuple[str, ob
   problems, plans = [], []
   def step(name, tcfg, num_items, seq_len):
     try:
-      plans.append((name, train.step_plan(tcfg, num_items, seq_len, data_parallel)))
+      plans.append((name, train_plan.step_plan(tcfg, num_items, seq_len, data_parallel)))
     except errors.ConfigError as e:
       problems.append(f"{name}: {e}")
   seq = sizes["seq_len"]
@@ -106,29 +109,29 @@ def lineage(cfg, root: pathlib.Path, plan) -> list[Expected]:
       request = None
       if tok_ok:
         request = prepare.check_inputs(corpus.prepare_config(cfg, parts[name], tok_path, path))[-1]
-        tok_info = tok_info or data.tokenizer_info(data.load_tokenizer(str(tok_path)), str(tok_path))
+        tok_info = tok_info or tokenizer_lib.tokenizer_info(tokenizer_lib.load_tokenizer(str(tok_path)), str(tok_path))
       out.append(_expect(f"store {name}", path, request, path / data.MANIFEST))
       ids[name] = _id(out[-1])
   prior_spec = model.ModelSpec.from_config(plan.prior.model)
   pool_id = ids.get("pool")
-  prior_req = train.run_request(plan.prior, prior_spec, pool_id, False, None, None) if pool_id else None
+  prior_req = train_run.run_request(plan.prior, prior_spec, pool_id, False, None, None) if pool_id else None
   out.append(_expect("prior", root / "runs" / "prior", prior_req))
   cond = plan.conditional
   if cond.sft.tasks:
-    sft = prepare.sft_request(cond.sft.tasks, cond.sft.data_dir, cond.sft.train_split, tok_info,
-                              prior_spec.max_seq_len, cond.sft.limit) if tok_info else None
+    sft = sft_store.sft_request(cond.sft.tasks, cond.sft.data_dir, cond.sft.train_split, tok_info,
+                                prior_spec.max_seq_len, cond.sft.limit) if tok_info else None
     cond_store, padded = (artifacts.content_id(sft) if sft else None), True
   else:
     cond_store, padded = ids.get("target_train"), False
   cond_req = None
   if prior_req and cond_store:
-    cond_req = train.run_request(cond, prior_spec, cond_store, padded, None, artifacts.content_id(prior_req))
+    cond_req = train_run.run_request(cond, prior_spec, cond_store, padded, None, artifacts.content_id(prior_req))
   out.append(_expect("conditional", root / "runs" / "conditional", cond_req))
   prior_id, cond_id = _id(out[-2]), _id(out[-1])
   references = {"conditional": cond_id}
   if plan.reference is not None:
     target_id = ids.get("target_train")
-    ref_req = train.run_request(plan.reference, prior_spec, target_id, False, None, None) if target_id else None
+    ref_req = train_run.run_request(plan.reference, prior_spec, target_id, False, None, None) if target_id else None
     out.append(_expect("reference", root / "runs" / "reference", ref_req))
     references["reference"] = _id(out[-1])
   scores_req = None
@@ -152,10 +155,10 @@ def lineage(cfg, root: pathlib.Path, plan) -> list[Expected]:
     spec = model.ModelSpec.from_config(tcfg.model)
     if r["selection"]:
       sel_id = selection_ids[r["selection"]]
-      req = train.run_request(tcfg, spec, pool_id, False, sel_id, None) if sel_id else None
+      req = train_run.run_request(tcfg, spec, pool_id, False, sel_id, None) if sel_id else None
     else:
       ref_id = references[pathlib.Path(tcfg.train.rho_reference).parent.name]
-      req = train.run_request(tcfg, spec, pool_id, False, None, None, ref_id) if pool_id and ref_id else None
+      req = train_run.run_request(tcfg, spec, pool_id, False, None, None, ref_id) if pool_id and ref_id else None
     out.append(_expect(f"target {r['name']}", pathlib.Path(tcfg.workdir), req))
   return out
 

@@ -6,8 +6,6 @@ documents are joined with EOS (one after every document), and the file's token s
 `<output>.partial/` and renamed into place only when complete, so a finished store is never half-written and an
 interrupted prepare resumes file by file.
 """
-import glob
-import gzip
 import json
 import multiprocessing
 import os
@@ -22,84 +20,10 @@ from colorjax import artifacts
 from colorjax import data
 from colorjax import errors
 from colorjax import metrics
+from colorjax import text_files
+from colorjax import tokenizer as tokenizer_lib
 
 _PROGRESS = None  # worker side: the queue progress increments go to
-
-
-def expand_inputs(patterns) -> list[pathlib.Path]:
-  """Files named by paths or globs, in the given order (each glob's matches sorted), duplicates removed."""
-  if isinstance(patterns, str):
-    patterns = [patterns]
-  if not patterns:
-    raise data.DataError("no inputs: set --config.prepare.inputs to text files or globs")
-  files, seen = [], set()
-  for pattern in patterns:
-    matches = sorted(glob.glob(os.path.expanduser(str(pattern)), recursive=True))
-    matches = [m for m in matches if os.path.isfile(m)]
-    if not matches:
-      raise data.DataError(f"input {pattern!r} matches no file; fix --config.prepare.inputs")
-    for match in matches:
-      path = pathlib.Path(match).resolve()
-      if path not in seen:
-        seen.add(path)
-        files.append(path)
-  return files
-
-
-def source_label(path: pathlib.Path) -> str:
-  """A file's default source name: its file name without data extensions (kjv.jsonl.gz -> kjv)."""
-  name = path.name
-  for ext in (".gz", ".jsonl", ".json", ".txt", ".parquet"):
-    if name.endswith(ext):
-      name = name[: -len(ext)]
-  return name
-
-
-def iter_documents(path: pathlib.Path, text_field: str, source_field: str):
-  """(text, source) per document: jsonl(.gz) lines, a whole .txt(.gz) file, or parquet rows."""
-  name, default_source = path.name, source_label(path)
-  if name.endswith(".parquet"):
-    try:
-      import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
-    except ImportError as e:
-      raise data.DataError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from e
-    table = pq.read_table(path)
-    if text_field not in table.column_names:
-      raise data.DataError(f"{path} has no column {text_field!r} (columns: {table.column_names}); set "
-                           "--config.prepare.text_field")
-    sources = table.column(source_field).to_pylist() if source_field in table.column_names else None
-    for i, text in enumerate(table.column(text_field).to_pylist()):
-      if not isinstance(text, str):
-        raise data.DataError(f"{path}: row {i}: {text_field!r} is {type(text).__name__}, not text; fix or drop "
-                             "that row")
-      source = sources[i] if sources else None
-      yield text, (default_source if source is None else str(source))
-    return
-  opener = gzip.open if name.endswith(".gz") else open
-  stem = name[:-3] if name.endswith(".gz") else name
-  try:
-    with opener(path, "rt", encoding="utf-8") as f:
-      if stem.endswith(".txt"):
-        yield f.read(), default_source
-        return
-      if not stem.endswith((".jsonl", ".json")):
-        raise data.DataError(f"{path}: unsupported file type; use .jsonl, .jsonl.gz, .txt, .txt.gz or .parquet")
-      for line_no, line in enumerate(f, 1):
-        if not line.strip():
-          continue
-        try:
-          doc = json.loads(line)
-        except json.JSONDecodeError as e:
-          raise data.DataError(f"{path}:{line_no}: invalid JSON ({e}); fix or remove the file") from e
-        if not isinstance(doc, dict) or text_field not in doc:
-          raise data.DataError(f"{path}:{line_no}: no {text_field!r} field; set --config.prepare.text_field")
-        text = doc[text_field]
-        if not isinstance(text, str):
-          raise data.DataError(f"{path}:{line_no}: {text_field!r} is {type(text).__name__}, not text; fix or drop "
-                               "that line")
-        yield text, str(doc.get(source_field, default_source))
-  except (OSError, EOFError, UnicodeDecodeError) as e:
-    raise data.DataError(f"{path}: cannot be read ({e}); the file is corrupt or not UTF-8 text") from e
 
 
 def file_sha256(path: pathlib.Path) -> str:
@@ -143,7 +67,7 @@ def tokenize_file(job: dict) -> dict:
 
   with open(raw_path, "wb") as raw:
     texts, labels = [], []
-    for text, label in iter_documents(path, job["text_field"], job["source_field"]):
+    for text, label in text_files.iter_documents(path, job["text_field"], job["source_field"]):
       texts.append(text)
       labels.append(label)
       if len(texts) >= job["docs_per_chunk"]:
@@ -244,9 +168,9 @@ def check_inputs(cfg):
   if pcfg.seq_len < 2:
     raise errors.ConfigError(f"prepare.seq_len={pcfg.seq_len}; a sequence needs at least 2 tokens")
   output = pathlib.Path(pcfg.output).resolve()
-  files = expand_inputs(pcfg.inputs)
-  tokenizer = data.load_tokenizer(pcfg.tokenizer)
-  tok_info = data.tokenizer_info(tokenizer, pcfg.tokenizer, pcfg.eos_id, pcfg.pad_id)
+  files = text_files.expand_inputs(pcfg.inputs)
+  tokenizer = tokenizer_lib.load_tokenizer(pcfg.tokenizer)
+  tok_info = tokenizer_lib.tokenizer_info(tokenizer, pcfg.tokenizer, pcfg.eos_id, pcfg.pad_id)
   prints = input_fingerprints(files, _existing_entries(output))
   request = store_request(prints, tok_info, pcfg.seq_len, pcfg.text_field, pcfg.source_field)
   return output, files, tokenizer, tok_info, prints, request
@@ -348,7 +272,7 @@ def _build(cfg, output, files, tokenizer, tok_info, prints, request) -> pathlib.
   for marker in partial.glob("done-*.json"):
     marker.unlink()
   request_path.unlink()
-  (partial / data.TOKENIZER).write_text(tokenizer.to_str())
+  (partial / tokenizer_lib.TOKENIZER).write_text(tokenizer.to_str())
   artifacts.write_manifest(partial, manifest)
   artifacts.publish(partial, output)
   print(f"prepare: wrote {output}: {offset:,} sequences of {pcfg.seq_len} tokens "
@@ -368,71 +292,6 @@ def _check_not_empty(entries: list, partial: pathlib.Path, seq_len: int) -> None
   for e in short:
     print(f"prepare: warning: {e['path']} holds {e['tokens']} tokens, less than one sequence of {seq_len}; it "
           "contributes nothing")
-
-
-def sft_request(task_names, data_dir, split: str, tok_info: dict, seq_len: int, limit: int = 0) -> dict:
-  """What decides an SFT store's content (task files by hash), so its id is known before it is built."""
-  from colorjax import tasks  # pylint: disable=import-outside-toplevel
-  files = [tasks.split_path(t, split, data_dir) if data_dir else None for t in task_names]
-  return {"kind": "sft", "version": data.STORE_VERSION, "tasks": list(task_names), "split": split,
-          "limit": int(limit), "tokenizer_sha256": tok_info["sha256"], "eos_id": tok_info["eos_id"],
-          "pad_id": tok_info["pad_id"], "seq_len": int(seq_len),
-          "files": [artifacts.fingerprint(f)["sha256"] if f else None for f in files]}
-
-
-def build_sft_store(task_names, data_dir, split: str, tokenizer_path, tok_info: dict, seq_len: int, output,
-                    limit: int = 0) -> pathlib.Path:
-  """Downstream-task SFT rows as a padded token store: one document per row, its gold context + continuation,
-  right-padded with PAD (rows longer than seq_len keep their last seq_len tokens, so the answer survives).
-
-  Reused when a store made for the same request (tasks, split, files, tokenizer, seq_len) is already there.
-  """
-  from colorjax import tasks  # pylint: disable=import-outside-toplevel
-  output = pathlib.Path(output).resolve()
-  tokenizer = data.load_tokenizer(str(tokenizer_path))
-  request = sft_request(task_names, data_dir, split, tok_info, seq_len, limit)
-  if artifacts.up_to_date(output, request, "SFT rows", "delete it or choose another folder"):
-    return output
-  partial = output.with_name(output.name + ".partial")
-  if partial.exists():
-    shutil.rmtree(partial)
-  partial.mkdir(parents=True)
-  dtype, pad = data.token_dtype(tok_info["vocab_size"]), tok_info["pad_id"]
-  entries, offset = [], 0
-  for i, task in enumerate(task_names):
-    path = tasks.split_path(task, split, data_dir) if data_dir else None
-    docs = tasks.load_docs(task, split, data_dir or None, limit=limit or None)
-    encodings = tokenizer.encode_batch([tasks.render_sft(task, doc) for doc in docs], add_special_tokens=False)
-    rows = np.full((len(docs), seq_len), pad, dtype)
-    truncated = 0
-    for row, encoding in zip(rows, encodings):
-      ids = encoding.ids[-seq_len:]
-      truncated += len(encoding.ids) > seq_len
-      row[: len(ids)] = ids
-    array = f"seqs-{i:05d}.npy"
-    np.save(partial / array, rows)
-    entries.append({"path": str(path or f"hf:{tasks.HF_SOURCES[task][0]}"), "sha256": request["files"][i],
-                    "documents": len(docs), "tokens": int(sum(len(e.ids) for e in encodings)),
-                    "sequences": len(docs), "truncated_rows": int(truncated), "array": array, "label": i,
-                    "first_id": offset})
-    offset += len(docs)
-  if offset == 0:
-    shutil.rmtree(partial)
-    raise data.DataError(f"tasks {', '.join(task_names)} have no {split!r} documents in {data_dir or 'the hub'}; "
-                         "fix --config.sft.data_dir or the task list")
-  manifest = {
-      "format": data.STORE_FORMAT, "version": data.STORE_VERSION, "kind": "sft", "padded": True,
-      "id": artifacts.content_id(request), "seq_len": int(seq_len), "dtype": dtype.name,
-      "tokenizer": tok_info, "num_sequences": offset, "num_tokens": offset * int(seq_len),
-      "num_documents": offset, "labels": list(task_names), "files": entries, "request": request,
-      "created_by": {"stage": "sft", "split": split, "host": socket.gethostname(),
-                     "time": time.strftime("%Y-%m-%dT%H:%M:%S")},
-  }
-  (partial / data.TOKENIZER).write_text(tokenizer.to_str())
-  artifacts.write_manifest(partial, manifest)
-  artifacts.publish(partial, output)
-  print(f"sft rows: {output}: {offset:,} rows of {seq_len} ({', '.join(task_names)}; split {split})")
-  return output
 
 
 def describe(cfg) -> None:

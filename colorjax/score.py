@@ -213,10 +213,11 @@ def run(cfg) -> pathlib.Path:
     return workdir
   shard_i, shard_n = parse_shard(scfg.shard)
   with artifacts.Lock(workdir, f"shard-{shard_i}-of-{shard_n}"):
-    return _score(cfg, workdir, store, request, profiler, shard_i, shard_n)
+    # MFU's per-device peak is one setting for every stage that reports MFU: train.peak_flops
+    return _score(cfg, workdir, store, request, profiler, shard_i, shard_n, cfg.train.peak_flops)
 
 
-def _score(cfg, workdir, store, request, profiler, shard_i, shard_n) -> pathlib.Path:
+def _score(cfg, workdir, store, request, profiler, shard_i, shard_n, peak_flops: float) -> pathlib.Path:
   scfg = cfg.score
   mesh = sharding.make_mesh(cfg.mesh)
   spec, stacked, stacked_sh, models, tok_info = load_models(cfg, mesh)
@@ -260,7 +261,7 @@ def _score(cfg, workdir, store, request, profiler, shard_i, shard_n) -> pathlib.
   pad_id = losses.pad_to_mask(store)  # scores are means over real tokens, whatever the training policy
   step_fn = build_score_step(spec, stacked_sh, batch_sh, out_sh, pad_id, int(scfg.loss_chunk))
   flops = model.flops_per_token(spec, store.seq_len, training=False) * len(models)
-  peak = metrics.peak_flops(cfg.train.peak_flops)
+  peak = metrics.peak_flops(peak_flops)
 
   print_main = lambda msg: print(msg, flush=True) if metrics.is_main() else None
   print_main(f"score: {n:,} sequences x {len(models)} models ({', '.join(m['name'] for m in models)}); "

@@ -4,7 +4,6 @@ One jitted step per optimizer update (gradient accumulation over micro-batches i
 explicit in/out shardings and the train state donated. Metrics are fetched one step late so the host never stalls
 the device. The data order depends only on (seed, step), so a resumed run reproduces an uninterrupted one.
 """
-import dataclasses
 import functools
 import json
 import math
@@ -28,10 +27,10 @@ from colorjax import metrics
 from colorjax import model
 from colorjax import plan
 from colorjax import preemption
-from colorjax import prepare
 from colorjax import rho as rho_lib
 from colorjax import sharding
-from colorjax import tasks
+from colorjax import train_plan
+from colorjax import train_run
 
 
 def lr_at(step, lr: float, warmup: int, max_steps: int, min_ratio: float):
@@ -53,89 +52,7 @@ def make_optimizer(tcfg, schedule_steps: int):
   return tx, schedule
 
 
-@dataclasses.dataclass(frozen=True)
-class StepPlan:
-  """How long a run is and how its batches are cut."""
-  total_steps: int  # optimizer steps this run will take
-  schedule_steps: int  # steps the LR schedule is defined over
-  schedule: str  # "nominal" (max_steps, the original) or "data" (annealed to the data size)
-  global_batch: int
-  micro_batch: int
-  seq_len: int
-  num_items: int  # sequences (or index entries) the order permutes
-  note: str | None = None  # an adjustment the plan made to the configured batch, for the user to see
-  candidates: int = 0  # RHO-down: sequences drawn per step, of which global_batch are trained on (0 = off)
-
-  @property
-  def n_micro(self) -> int:
-    return self.global_batch // self.micro_batch
-
-  @property
-  def tokens(self) -> int:
-    return self.total_steps * self.global_batch * self.seq_len
-
-  @property
-  def rows_per_step(self) -> int:
-    """Sequences each step reads from the data: the batch, or RHO-down's candidates."""
-    return self.candidates or self.global_batch
-
-
-def step_plan(cfg, num_items: int | None, seq_len: int, data_parallel: int) -> StepPlan:
-  tcfg = cfg.train
-  batch = int(tcfg.global_batch_size)
-  micro = int(tcfg.micro_batch_size) or batch
-  if batch <= 0 or batch % micro:
-    raise errors.ConfigError(f"train.global_batch_size={batch} must be a positive multiple of "
-                             f"train.micro_batch_size={micro}")
-  note = None
-  if micro % data_parallel:
-    rounded = -(-micro // data_parallel) * data_parallel
-    if batch % rounded:
-      raise errors.ConfigError(f"train.micro_batch_size={micro} does not split over the data-parallel size "
-                               f"{data_parallel} (mesh data×fsdp), and {rounded} does not divide "
-                               f"train.global_batch_size={batch}; change the batch or the mesh")
-    note = (f"micro-batch raised from {micro} to {rounded}: one or more rows for each of {data_parallel} "
-            "data-parallel devices (per-device memory does not grow)")
-    micro = rounded
-  candidates = rho_candidates(tcfg, batch, micro)
-  per_step = candidates or batch
-  total = int(tcfg.max_steps)
-  if total <= 0:
-    if num_items is None:
-      raise errors.ConfigError("train.max_steps <= 0 means one pass over the data, but the data size is unknown")
-    total = num_items // per_step
-  schedule_steps, schedule = total, "nominal"
-  if tcfg.single_pass and num_items is not None:
-    data_steps = num_items // per_step
-    if data_steps == 0:
-      raise errors.ConfigError(f"a single pass over {num_items} sequences cannot fill one batch of {per_step}; "
-                               "give the stage more data or lower train.global_batch_size (or train.rho_tau)")
-    total = min(total, data_steps)
-    if tcfg.anneal_to_data:
-      schedule_steps, schedule = total, "data"
-  if total <= 0:
-    raise errors.ConfigError(f"the run would take 0 steps ({num_items} sequences, batch {per_step}); give it more "
-                             "data or set train.max_steps")
-  return StepPlan(total, schedule_steps, schedule, batch, micro, seq_len, num_items or 0, note, candidates)
-
-
-def rho_candidates(tcfg, batch: int, micro: int) -> int:
-  """RHO-down's candidates per step (0 when off), checked to be a whole number of micro-batches."""
-  tau = float(tcfg.rho_tau)
-  if not tau:
-    return 0
-  if not (math.isfinite(tau) and tau >= 1):
-    raise errors.ConfigError(f"train.rho_tau={tau}: draw tau x batch candidates per step, so tau >= 1 (0 = off)")
-  if not tcfg.rho_reference:
-    raise errors.ConfigError("train.rho_tau is set: give the reference model with --config.train.rho_reference")
-  candidates = int(round(tau * batch))
-  if candidates % micro:
-    raise errors.ConfigError(f"train.rho_tau={tau:g} x global_batch_size={batch} = {candidates} candidates is not a "
-                             f"multiple of the micro-batch {micro}; pick a tau that makes it one")
-  return candidates
-
-
-def build_train_step(spec, tx, schedule, plan_: StepPlan, state_sh, batch_sh, param_sh, z_weight: float,
+def build_train_step(spec, tx, schedule, plan_: train_plan.StepPlan, state_sh, batch_sh, param_sh, z_weight: float,
                      pad_id: int | None, loss_chunk: int, rho: rho_lib.Rho | None = None, reference_sh=None):
   """The jitted update: token-mean CE + z-loss over the whole global batch, accumulated over micro-batches. With
   `rho`, the step takes the candidates and the reference params and first keeps the batch it trains on."""
@@ -177,7 +94,7 @@ class BatchSource:
   """Produces this host's rows of step `s`'s [n_micro, micro, seq] batch (RHO-down: candidates) as a global
   jax.Array."""
 
-  def __init__(self, store: data.TokenStore, plan_: StepPlan, seed: int, index, batch_sh: NamedSharding):
+  def __init__(self, store: data.TokenStore, plan_: train_plan.StepPlan, seed: int, index, batch_sh: NamedSharding):
     self.store, self.plan, self.seed, self.index, self.sharding = store, plan_, seed, index, batch_sh
     self.shape = (plan_.rows_per_step // plan_.micro_batch, plan_.micro_batch, store.seq_len)
     self.row_start, self.row_stop = sharding.host_rows(batch_sh, self.shape, dim=1)
@@ -190,120 +107,6 @@ class BatchSource:
     local_ids = self.ids(step)[:, self.row_start:self.row_stop]
     rows = self.store.read(local_ids.reshape(-1)).reshape(local_ids.shape + (self.store.seq_len,))
     return sharding.put_host_rows(rows, self.sharding, self.shape, self.row_start, dim=1)
-
-
-# Config fields that decide a run's result besides its inputs (which the request names by content id).
-TRAIN_KEYS = ("global_batch_size", "max_steps", "lr", "warmup_steps", "min_lr_ratio", "b1", "b2", "eps",
-              "weight_decay", "grad_clip", "z_loss", "single_pass", "anneal_to_data")
-
-
-def run_request(cfg, spec: model.ModelSpec, store_id: str, padded: bool, index_id, init_id,
-                reference_id: str | None = None) -> dict:
-  """What decides a training run's result: its inputs by content id, the seed, the architecture and the recipe.
-  The run's id is this request's hash, so it is known (and checkable downstream) before the run trains."""
-  request = {"stage": cfg.stage, "store": store_id, "index": index_id, "init_from": init_id, "seed": int(cfg.seed),
-             "model": spec.architecture(), "precision": spec.precision,
-             "train": {k: cfg.train[k] for k in TRAIN_KEYS},
-             "loss_on_padding": bool(padded and cfg.sft.loss_on_padding)}
-  if cfg.train.rho_tau:
-    request["rho"] = {"tau": float(cfg.train.rho_tau), "reference": reference_id}
-  return request
-
-
-@dataclasses.dataclass(frozen=True)
-class Inputs:
-  """A run's inputs, resolved and checked before anything is written."""
-  store_path: pathlib.Path  # the token store to train on (SFT rows: where they will be built)
-  store_id: str
-  padded: bool
-  sft_eval_path: pathlib.Path | None  # task finetuning: the held-out SFT rows
-  index_id: str | None
-  init_manifest: dict | None
-  reference_manifest: dict | None  # RHO-down's reference model
-  request: dict
-
-
-def resolve_inputs(cfg, workdir: pathlib.Path, spec: model.ModelSpec) -> Inputs:
-  """Find the store (or SFT task rows), index and init params, and compute the run's request, writing nothing."""
-  init_manifest = checkpoint.read_params_manifest(cfg.train.init_from) if cfg.train.init_from else None
-  if init_manifest is not None:
-    checkpoint.check_architecture(init_manifest, spec, cfg.train.init_from)
-  sft_eval = None
-  if cfg.sft.tasks:
-    if cfg.data.train_store:
-      raise errors.ConfigError("set either data.train_store or sft.tasks, not both")
-    if init_manifest is None:
-      raise errors.ConfigError("task finetuning starts from a prior: set --config.train.init_from=<prior run>/params")
-    if not cfg.sft.data_dir and tasks.default_dir():
-      cfg.sft.data_dir = tasks.default_dir()  # the offline task folder, as the eval stage finds it
-    request = prepare.sft_request(cfg.sft.tasks, cfg.sft.data_dir, cfg.sft.train_split, init_manifest["tokenizer"],
-                                  spec.max_seq_len, cfg.sft.limit)
-    store_path, store_id, padded = workdir / "sft_train", artifacts.content_id(request), True
-    sft_eval = workdir / "sft_eval" if cfg.sft.eval_split else None
-  else:
-    if not cfg.data.train_store:
-      raise errors.ConfigError("set --config.data.train_store (or --config.sft.tasks to finetune on downstream tasks)")
-    store = data.TokenStore(cfg.data.train_store)
-    check_store_fits(store, spec)
-    if init_manifest is not None:
-      data.check_same_tokenizer(init_manifest["tokenizer"], f"the params {cfg.train.init_from}",
-                                store.manifest["tokenizer"], f"the training store {store.path}")
-    store_path, store_id, padded = store.path.resolve(), store.id, store.padded
-  index_id = data.index_id(cfg.data.index) if cfg.data.index else None
-  init_id = init_manifest.get("id") if init_manifest else None
-  reference = None
-  if cfg.train.rho_tau and cfg.train.rho_reference:
-    reference = checkpoint.read_params_manifest(cfg.train.rho_reference)
-    tok_info = init_manifest["tokenizer"] if init_manifest else data.TokenStore(store_path).manifest["tokenizer"]
-    data.check_same_tokenizer(reference["tokenizer"], f"the RHO reference {cfg.train.rho_reference}", tok_info,
-                              "the training data")
-  return Inputs(store_path, store_id, padded, sft_eval, index_id, init_manifest, reference,
-                run_request(cfg, spec, store_id, padded, index_id, init_id, reference.get("id") if reference else None))
-
-
-def build_sft_stores(cfg, inputs: Inputs, spec: model.ModelSpec) -> None:
-  """Task finetuning: render the task splits into padded rows with the tokenizer of the params being finetuned."""
-  tokenizer = data.checked_tokenizer_path(cfg.train.init_from, inputs.init_manifest["tokenizer"])
-  tok_info = inputs.init_manifest["tokenizer"]
-  splits = [(cfg.sft.train_split, inputs.store_path)] + ([(cfg.sft.eval_split, inputs.sft_eval_path)]
-                                                          if inputs.sft_eval_path else [])
-  for split, path in splits:
-    metrics.on_main_then_sync(lambda s=split, p=path: prepare.build_sft_store(
-        cfg.sft.tasks, cfg.sft.data_dir, s, tokenizer, tok_info, spec.max_seq_len, p, limit=cfg.sft.limit),
-        f"sft rows {split}")
-
-
-def check_store_fits(store: data.TokenStore, spec: model.ModelSpec) -> None:
-  if store.vocab_size > spec.vocab_size:
-    raise data.DataError(f"token store {store.path} has vocab {store.vocab_size} but model.vocab_size="
-                         f"{spec.vocab_size}; set --config.model.vocab_size to at least {store.vocab_size} "
-                         f"(rounded up to a multiple of 64: {-(-store.vocab_size // 64) * 64})")
-  if store.seq_len > spec.max_seq_len:
-    raise data.DataError(f"token store {store.path} has seq_len {store.seq_len} > model.max_seq_len="
-                         f"{spec.max_seq_len}; raise model.max_seq_len or prepare with a shorter seq_len")
-
-
-def check_run_folder(cfg, workdir: pathlib.Path, request: dict) -> bool:
-  """True when `workdir` holds this run, finished. Refuses a folder holding another run (a different request) and
-  an unfinished run unless train.resume; nothing is overwritten."""
-  fix = "choose another --config.workdir, or delete it to retrain"
-  if artifacts.up_to_date(workdir / "params", request, "a finished run", fix):
-    if not cfg.train.resume:
-      raise data.DataError(f"{workdir} holds this finished run already; pass --config.train.resume=True to reuse it, "
-                           "or choose another --config.workdir (nothing was overwritten)")
-    return True
-  saved = artifacts.recorded_request(workdir)
-  if saved is None and (workdir / "config.json").exists():
-    raise data.DataError(f"{workdir} holds a run without a recorded request (made by an older colorjax); {fix}")
-  if saved is not None:
-    if not cfg.train.resume:
-      raise data.DataError(f"{workdir} already holds a run; pass --config.train.resume=True to continue it, or "
-                           "choose another --config.workdir (nothing was overwritten)")
-    if saved != artifacts.normalized(request):
-      changed = ", ".join(artifacts.differences(saved, artifacts.normalized(request)))
-      raise data.DataError(f"cannot resume {workdir}: its inputs or settings differ ({changed}); resume with the "
-                           f"original ones, or {fix}")
-  return False
 
 
 def _print(msg: str):
@@ -323,8 +126,8 @@ def run(cfg) -> pathlib.Path:
   if not (math.isfinite(cfg.train.checkpoint_minutes) and cfg.train.checkpoint_minutes >= 0):
     raise errors.ConfigError(f"train.checkpoint_minutes={cfg.train.checkpoint_minutes}: minutes between checkpoints, "
                              ">= 0 (0 = off)")
-  inputs = resolve_inputs(cfg, workdir, spec)
-  finished = check_run_folder(cfg, workdir, inputs.request)
+  inputs = train_run.resolve_inputs(cfg, workdir, spec)
+  finished = train_run.check_run_folder(cfg, workdir, inputs.request)
   multihost_utils.sync_global_devices(f"checked {workdir}")  # every host checks before process 0 writes
   if finished:
     _print(f"{cfg.stage}: {workdir} is already finished; nothing to do")
@@ -334,7 +137,7 @@ def run(cfg) -> pathlib.Path:
   if cfg.data.index and not cfg.sft.tasks:
     store = data.TokenStore(inputs.store_path)
     index = data.load_index(cfg.data.index, store)
-    step_plan(cfg, index.size, store.seq_len, sharding.data_parallel_size(mesh))  # fail before writing
+    train_plan.step_plan(cfg, index.size, store.seq_len, sharding.data_parallel_size(mesh))  # fail before writing
   created = not workdir.exists()
   with artifacts.Lock(workdir):
     started = []
@@ -346,18 +149,18 @@ def run(cfg) -> pathlib.Path:
       raise
 
 
-def _train(cfg, workdir, spec, mesh, inputs: Inputs, index, started: list) -> pathlib.Path:
+def _train(cfg, workdir, spec, mesh, inputs: train_run.Inputs, index, started: list) -> pathlib.Path:
   """The run's named steps: open the data, write the run folder, init or restore, loop, export."""
   if cfg.sft.tasks:
-    build_sft_stores(cfg, inputs, spec)
+    train_run.build_sft_stores(cfg, inputs, spec)
   store = data.TokenStore(inputs.store_path)
-  check_store_fits(store, spec)
-  plan_ = step_plan(cfg, store.num_sequences if index is None else index.size, store.seq_len,
-                    sharding.data_parallel_size(mesh))
+  train_run.check_store_fits(store, spec)
+  plan_ = train_plan.step_plan(cfg, store.num_sequences if index is None else index.size, store.seq_len,
+                               sharding.data_parallel_size(mesh))
   eval_sets = data.eval_stores(cfg.data.eval_stores, store.manifest["tokenizer"], f"the training store {store.path}")
   if inputs.sft_eval_path is not None:
     eval_sets[f"tasks_{cfg.sft.eval_split}"] = data.TokenStore(inputs.sft_eval_path)
-  write_run_folder(cfg, workdir, inputs.request)
+  train_run.write_run_folder(cfg, workdir, inputs.request)
   if plan_.note:
     _print(f"{cfg.stage}: {plan_.note}")
   tx, schedule = make_optimizer(cfg.train, plan_.schedule_steps)
@@ -387,10 +190,12 @@ def _train(cfg, workdir, spec, mesh, inputs: Inputs, index, started: list) -> pa
                          meta={"config": config, "store_id": store.id})
     finally:
       log.close()
-    return export(cfg, workdir, spec, store, inputs, plan_, state, compute(spec, plan_, rho))
+    export_dir = train_run.export(cfg, workdir, spec, store, inputs, plan_, state, compute(spec, plan_, rho))
+    _print(f"{cfg.stage}: done; params exported to {export_dir}")
+    return export_dir
 
 
-def load_reference(cfg, spec, inputs: Inputs, mesh, plan_: StepPlan, pad_id):
+def load_reference(cfg, spec, inputs: train_run.Inputs, mesh, plan_: train_plan.StepPlan, pad_id):
   """RHO-down's fixed reference model (its own architecture, sharded like any params), or (None, None, None)."""
   if not plan_.candidates:
     return None, None, None
@@ -403,20 +208,11 @@ def load_reference(cfg, spec, inputs: Inputs, mesh, plan_: StepPlan, pad_id):
   return rho, params, reference_sh
 
 
-def compute(spec, plan_: StepPlan, rho) -> dict:
+def compute(spec, plan_: train_plan.StepPlan, rho) -> dict:
   """The run's FLOPs (SPEC §5 counts): training, and RHO-down's extra scoring forwards."""
   train_flops = float(model.flops_per_token(spec, plan_.seq_len, training=True)) * plan_.tokens
   selection = rho_lib.forward_flops_per_step(rho, plan_.candidates, plan_.seq_len) * plan_.total_steps if rho else 0.0
   return {"train_flops": train_flops, "selection_forward_flops": selection}
-
-
-def write_run_folder(cfg, workdir: pathlib.Path, request: dict) -> None:
-  """config.json (for people) and request.json (what resume and lineage checks compare), by process 0."""
-  if metrics.is_main():
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(cfg.to_json(indent=1))
-    (workdir / artifacts.REQUEST).write_text(json.dumps({"request": request}, indent=1))
-  multihost_utils.sync_global_devices(f"prepared {workdir}")
 
 
 def init_or_restore(cfg, spec, mesh, tx, ckpt: checkpoint.Checkpointer):
@@ -443,7 +239,7 @@ def init_or_restore(cfg, spec, mesh, tx, ckpt: checkpoint.Checkpointer):
   return jax.jit(init_state, out_shardings=state_sh)(jax.random.key(cfg.seed)), state_sh, param_sh, 0
 
 
-def _header(cfg, spec, mesh, plan_: StepPlan, store, state, start_step: int) -> dict:
+def _header(cfg, spec, mesh, plan_: train_plan.StepPlan, store, state, start_step: int) -> dict:
   counts = model.param_counts(spec)
   flops_token = model.flops_per_token(spec, store.seq_len, training=True)
   _print(f"params: total={counts['total']:,} non_embedding={counts['non_embedding']:,}")
@@ -458,8 +254,8 @@ def _header(cfg, spec, mesh, plan_: StepPlan, store, state, start_step: int) -> 
           "param_bytes_per_device": sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(state["params"]))}
 
 
-def train_loop(cfg, state, train_step, source, start_step: int, plan_: StepPlan, ckpt, log, evaluators, workdir,
-               started: list, meta: dict):
+def train_loop(cfg, state, train_step, source, start_step: int, plan_: train_plan.StepPlan, ckpt, log, evaluators,
+               workdir, started: list, meta: dict):
   """Steps start_step..total: metrics fetched one step late, evals, checkpoints every checkpoint_every steps and
   every checkpoint_minutes, a final save. A preemption notice (SIGTERM) saves at the step all hosts agree on and
   ends the run with errors.Preempted."""
@@ -518,27 +314,6 @@ def train_loop(cfg, state, train_step, source, start_step: int, plan_: StepPlan,
   return state
 
 
-def export(cfg, workdir: pathlib.Path, spec, store, inputs: Inputs, plan_: StepPlan, state,
-           flops: dict) -> pathlib.Path:
-  """The params export later stages read: params, tokenizer, and a manifest naming the run's request and id."""
-  final = {k: v for k, v in (metrics.read_metrics(workdir)[-1] if metrics.is_main() else {}).items()
-           if k.startswith("eval/")}
-  export_dir = workdir / "params"
-  rel = lambda path: artifacts.relative(path, export_dir) if path else None
-  manifest = {
-      "stage": cfg.stage, "model": spec.architecture(), "model_spec": spec.to_dict(),
-      "tokenizer": store.manifest["tokenizer"], "train_store": {"path": rel(store.path), "id": store.id},
-      "index": rel(cfg.data.index), "index_id": inputs.index_id, "init_from": rel(cfg.train.init_from),
-      "init_from_id": inputs.request["init_from"], "steps": plan_.total_steps, "tokens": plan_.tokens,
-      "schedule": plan_.schedule, "schedule_steps": plan_.schedule_steps, "seed": cfg.seed,
-      "id": artifacts.content_id(inputs.request), "request": inputs.request, "compute": flops,
-      "final_eval": final, "config": json.loads(cfg.to_json()),
-  }
-  checkpoint.export_params(export_dir, state["params"], manifest, store.tokenizer_path())
-  _print(f"{cfg.stage}: done; params exported to {export_dir}")
-  return export_dir
-
-
 def describe(cfg, num_items: int | None = None, seq_len: int | None = None, size_note: str = "") -> dict:
   """Dry run: sizes, FLOPs, steps, tokens and per-device memory, all without allocating. `num_items` and `seq_len`
   stand in for the data when the store (or index) does not exist yet, e.g. when planning a whole pipeline."""
@@ -549,13 +324,13 @@ def describe(cfg, num_items: int | None = None, seq_len: int | None = None, size
   store_exists = bool(cfg.data.train_store) and pathlib.Path(cfg.data.train_store, data.MANIFEST).exists()
   if store_exists:
     store = data.TokenStore(cfg.data.train_store)
-    check_store_fits(store, spec)
+    train_run.check_store_fits(store, spec)
     seq_len = store.seq_len
     if cfg.data.index and pathlib.Path(cfg.data.index).exists():
       num_items = data.load_index(cfg.data.index, store).size
     elif not cfg.data.index:
       num_items = store.num_sequences
-  plan_ = step_plan(cfg, num_items, seq_len, sharding.data_parallel_size(mesh))
+  plan_ = train_plan.step_plan(cfg, num_items, seq_len, sharding.data_parallel_size(mesh))
   tx, _ = make_optimizer(cfg.train, plan_.schedule_steps)
   abstract_params = model.abstract_params(spec)
   abstract_opt = jax.eval_shape(tx.init, abstract_params)

@@ -11,6 +11,7 @@ from tokenizers import Tokenizer
 
 from colorjax import data
 from colorjax import prepare
+from colorjax import tokenizer as tokenizer_lib
 from conftest import make_config
 
 SMALL_SOURCES = ("news", "milton", "fortunes")
@@ -39,7 +40,7 @@ def test_prepare_matches_direct_tokenization(real_store, data_dir, neox_tokenize
   store = data.TokenStore(real_store)
   assert store.dtype == np.uint16 and store.seq_len == 512 and store.eos_id == 0 and store.pad_id == 1
   assert store.manifest["tokenizer"]["vocab_size"] == 50280
-  assert store.manifest["tokenizer"]["sha256"] == data.tokenizer_info(tok, "x")["sha256"]
+  assert store.manifest["tokenizer"]["sha256"] == tokenizer_lib.tokenizer_info(tok, "x")["sha256"]
   first_id = 0
   for entry, source in zip(store.files, SMALL_SOURCES):
     docs = _docs(data_dir / "corpus" / f"{source}.jsonl.gz")
@@ -116,13 +117,13 @@ def test_tokenizer_without_known_specials_needs_explicit_ids(tmp_path):
   from tokenizers import models
   tok = Tokenizer(models.WordLevel({"<unk>": 0, "<s>": 1, "a": 2, "b": 3}, unk_token="<unk>"))
   with pytest.raises(data.DataError, match="no known end-of-document token.*prepare.eos_id"):
-    data.tokenizer_info(tok, "plain")
+    tokenizer_lib.tokenizer_info(tok, "plain")
   with pytest.raises(data.DataError, match="no known padding token.*prepare.pad_id"):
-    data.tokenizer_info(tok, "plain", eos_id=3)
-  info = data.tokenizer_info(tok, "plain", eos_id=3, pad_id=1)
+    tokenizer_lib.tokenizer_info(tok, "plain", eos_id=3)
+  info = tokenizer_lib.tokenizer_info(tok, "plain", eos_id=3, pad_id=1)
   assert (info["eos_id"], info["pad_id"]) == (3, 1)
   with pytest.raises(data.DataError, match="outside the vocabulary"):
-    data.tokenizer_info(tok, "plain", eos_id=99, pad_id=1)
+    tokenizer_lib.tokenizer_info(tok, "plain", eos_id=99, pad_id=1)
 
 
 def test_mixed_source_file_gets_per_sequence_labels(tmp_path, neox_tokenizer_path):

@@ -16,8 +16,10 @@ from colorjax import metrics
 from colorjax import losses
 from colorjax import model
 from colorjax import prepare
+from colorjax import sft_store
 from colorjax import sharding
 from colorjax import tasks
+from colorjax import tokenizer as tokenizer_lib
 from colorjax import train
 from conftest import make_config, run_cli, tiny_train_overrides
 from reference import reference_logits
@@ -120,9 +122,9 @@ def test_pad_masking_makes_the_loss_independent_of_padding(synthetic_prior, data
   spec, _, _, params, tok_path = _setup(synthetic_prior)
   rows = {}
   for seq_len in (256, 512):
-    tok_info = data.tokenizer_info(data.load_tokenizer(str(tok_path)), str(tok_path))
-    store = prepare.build_sft_store(("arc_easy",), data_dir / "tasks", "train", tok_path, tok_info, seq_len,
-                                    tmp_path / f"sft{seq_len}", limit=8)
+    tok_info = tokenizer_lib.tokenizer_info(tokenizer_lib.load_tokenizer(str(tok_path)), str(tok_path))
+    store = sft_store.build_sft_store(("arc_easy",), data_dir / "tasks", "train", tok_path, tok_info, seq_len,
+                                      tmp_path / f"sft{seq_len}", limit=8)
     s = data.TokenStore(store)
     assert s.padded and s.manifest["files"][0]["truncated_rows"] == 0
     rows[seq_len] = s.read(np.arange(8))
@@ -269,5 +271,5 @@ def test_missing_task_data_errors_name_the_config_fields(tmp_path):
     evaluate.load_task_examples(("boolq",), tmp_path)
   assert isinstance(info.value, FileNotFoundError) and "--config.eval.tasks_dir" in str(info.value)
   with pytest.raises(errors.DataError) as info:
-    tasks.load_docs("boolq", "train", tmp_path)  # the SFT path (prepare.build_sft_store) names both flags
+    tasks.load_docs("boolq", "train", tmp_path)  # the SFT path (sft_store.build_sft_store) names both flags
   assert "--config.sft.data_dir" in str(info.value) and "--config.eval.tasks_dir" in str(info.value)

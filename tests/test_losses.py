@@ -12,6 +12,7 @@ from colorjax import losses
 from colorjax import metrics
 from colorjax import model
 from colorjax import train
+from colorjax import train_plan
 from configs import base
 
 
@@ -97,7 +98,7 @@ def test_precision_policies_train_alike():
     cfg.model.vocab_size, cfg.model.max_seq_len, cfg.model.precision = 64, 64, precision
     cfg.train.global_batch_size, cfg.train.max_steps, cfg.train.warmup_steps = 8, 20, 2
     spec = model.ModelSpec.from_config(cfg.model)
-    plan = train.step_plan(cfg, None, 64, 1)
+    plan = train_plan.step_plan(cfg, None, 64, 1)
     tx, schedule = train.make_optimizer(cfg.train, plan.schedule_steps)
 
     def step(state, batch, spec=spec, tx=tx):

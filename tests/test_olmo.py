@@ -27,7 +27,9 @@ from colorjax import olmo_weights
 from colorjax import score
 from colorjax import select
 from colorjax import sharding
+from colorjax import tokenizer as tokenizer_lib
 from colorjax import train
+from colorjax import train_plan
 from conftest import REPO, make_config, run_cli
 
 FIXTURE = REPO.parent / "shared" / "fixtures" / "olmo-original"
@@ -108,7 +110,7 @@ def test_import_writes_a_params_export_with_the_originals_architecture(imported,
   assert manifest["request"]["weights_sha256"] == olmo.artifacts.fingerprint(PRIOR / "model.pt")["sha256"]
   assert manifest["id"] == olmo.artifacts.content_id(manifest["request"])
   assert manifest["steps"] is None and manifest["tokens"] is None  # no train.pt in the fixture
-  data.checked_tokenizer_path(imported["prior"], manifest["tokenizer"])  # the copy matches its recorded hash
+  tokenizer_lib.checked_tokenizer_path(imported["prior"], manifest["tokenizer"])  # the copy matches its recorded hash
   cond = checkpoint.read_params_manifest(imported["conditional"])
   assert cond["source"]["format"] == "olmo-safetensors" and cond["id"] != manifest["id"]
   again = olmo.run(import_config(PRIOR, imported["prior"].parent, tokenizer_path))  # same import: reused
@@ -163,7 +165,7 @@ def test_finetuning_the_imported_prior_reproduces_the_originals_conditional(impo
   _, target = load(imported["conditional"])
   store = token_rows(FIXTURE / "data" / "target" / "part-000.npy")
   mesh = sharding.make_mesh(cfg.mesh)
-  plan = train.step_plan(cfg, store.shape[0], SEQ, sharding.data_parallel_size(mesh))
+  plan = train_plan.step_plan(cfg, store.shape[0], SEQ, sharding.data_parallel_size(mesh))
   assert (plan.total_steps, plan.schedule_steps, plan.n_micro) == (8, 8, 2)
   tx, schedule = train.make_optimizer(cfg.train, plan.schedule_steps)
   param_sh = sharding.tree_shardings(model.abstract_params(spec), model.param_axes(spec), mesh)
@@ -316,16 +318,16 @@ def test_export_then_import_is_the_identity(imported, tmp_path, tokenizer_path):
 
 def write_pool_store(folder: pathlib.Path, tokenizer_path) -> pathlib.Path:
   """The fixture pool as a colorjax token store (one .npy per original file, same global ids)."""
-  tokenizer = data.load_tokenizer(str(tokenizer_path))
+  tokenizer = tokenizer_lib.load_tokenizer(str(tokenizer_path))
   folder.mkdir(parents=True)
   files = []
   for i in range(3):
     rows = token_rows(FIXTURE / "data" / "pool" / f"part-00{i}.npy")
     np.save(folder / f"part-00{i}.npy", rows)
     files.append({"array": f"part-00{i}.npy", "sequences": int(rows.shape[0])})
-  (folder / data.TOKENIZER).write_text(tokenizer.to_str())
+  (folder / tokenizer_lib.TOKENIZER).write_text(tokenizer.to_str())
   manifest = {"format": data.STORE_FORMAT, "version": data.STORE_VERSION, "id": "olmo-fixture-pool", "seq_len": SEQ,
-              "dtype": "uint16", "tokenizer": data.tokenizer_info(tokenizer, str(tokenizer_path), 0, 1),
+              "dtype": "uint16", "tokenizer": tokenizer_lib.tokenizer_info(tokenizer, str(tokenizer_path), 0, 1),
               "num_sequences": sum(f["sequences"] for f in files), "files": files, "padded": False}
   (folder / data.MANIFEST).write_text(json.dumps(manifest))
   return folder

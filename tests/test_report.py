@@ -7,6 +7,7 @@ import pytest
 from colorjax import model
 from colorjax import report
 from colorjax import report_markdown
+from colorjax import report_setup
 
 SPEC = {"d_model": 64, "n_layers": 2, "n_heads": 2, "mlp_hidden": 256, "vocab_size": 1024, "max_seq_len": 64}
 TARGET_SPEC = {**SPEC, "d_model": 128, "n_layers": 3}
@@ -204,14 +205,14 @@ def test_target_summary_reads_older_and_larger_splits(tmp_path):
   split = {"request": {"target_files": [[str(tmp_path / "plays.jsonl.gz"), "0" * 64]],
                        "pool_files": [str(tmp_path / "news.jsonl.gz")], "fractions": [0.3, 0.2], "group_regex": ""},
            "documents": {"target_train": 30, "target_eval": 20, "pool": {"plays": 50, "news": 10}}}
-  target = report.target_summary({"target": "text"}, tmp_path, {}, split, {})
+  target = report_setup.target_summary({"target": "text"}, tmp_path, {}, split, {})
   assert target["files"] == ["plays.jsonl.gz"] and target["heldout_works"] is None
   assert [target["parts"][p]["works"] for p in ("target_train", "target_eval", "pool")] == [30, 20, 50]
-  assert report.pool_summary(tmp_path, {}, split)["files"] == ["plays.jsonl.gz", "news.jsonl.gz"]
+  assert report_setup.pool_summary(tmp_path, {}, split)["files"] == ["plays.jsonl.gz", "news.jsonl.gz"]
   md = "\n".join(report_markdown._md_target(target, {}))  # pylint: disable=protected-access
   assert "each document is one work" in md and "20% are held out to evaluate the targets, the rest join" in md
   split["works"] = {"target_train": 12_000, "target_eval": ["a", "b"], "pool": 40_000}  # too many names: counts
-  target = report.target_summary({"target": "text"}, tmp_path, {}, split, {})
+  target = report_setup.target_summary({"target": "text"}, tmp_path, {}, split, {})
   assert [target["parts"][p]["works"] for p in ("target_train", "target_eval", "pool")] == [12_000, 2, 40_000]
   md = "\n".join(report_markdown._md_target(target, {}))  # pylint: disable=protected-access
   assert "Held-out works" not in md  # one work per document: their names would only repeat the documents

@@ -11,6 +11,7 @@ from colorjax import model
 from colorjax import rho as rho_lib
 from colorjax import sharding
 from colorjax import train
+from colorjax import train_plan
 from configs import base
 from conftest import make_config, tiny_train_overrides
 
@@ -45,7 +46,7 @@ def test_rho_step_equals_a_plain_step_on_the_selected_batch():
   cfg = make_config("pretrain", "demo", train__global_batch_size=8, train__micro_batch_size=4, train__max_steps=4,
                     train__warmup_steps=1)
   mesh = sharding.make_mesh(cfg.mesh)
-  plan_ = train.StepPlan(4, 4, "nominal", 8, 4, 32, 64, None, 16)
+  plan_ = train_plan.StepPlan(4, 4, "nominal", 8, 4, 32, 64, None, 16)
   tx, schedule = train.make_optimizer(cfg.train, 4)
   params = model.init_params(spec, jax.random.key(0))
   ref = model.init_params(ref_spec, jax.random.key(1))

@@ -27,6 +27,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 from colorjax import data, metrics, model, score, sharding, train  # noqa: E402
+from colorjax import train_plan
 from configs import base  # noqa: E402
 import trace_summary  # noqa: E402  (beside this file)
 
@@ -105,7 +106,7 @@ def main():
 
 def bench_train(args, cfg, spec, mesh, params, tokens, common, mfu):
   dp = sharding.data_parallel_size(mesh)
-  plan = train.step_plan(cfg, None, args.seq, dp)
+  plan = train_plan.step_plan(cfg, None, args.seq, dp)
   tx, schedule = train.make_optimizer(cfg.train, plan.schedule_steps)
   param_sh = sharding.tree_shardings(model.abstract_params(spec), model.param_axes(spec), mesh)
   init_state = lambda p: {"params": p, "opt_state": tx.init(p), "step": jnp.zeros((), jnp.int32)}
@@ -130,7 +131,7 @@ def bench_train(args, cfg, spec, mesh, params, tokens, common, mfu):
         "mfu": mfu(tok_s, flops), "peak_memory_gib": peak_memory_gib(), "compile_s": round(compile_s, 1)})
   if args.store:
     store = data.TokenStore(args.store)
-    real_plan = train.step_plan(cfg, store.num_sequences, store.seq_len, dp)
+    real_plan = train_plan.step_plan(cfg, store.num_sequences, store.seq_len, dp)
     source = train.BatchSource(store, real_plan, 0, None, batch_sh)
     prefetch = data.Prefetcher(source, range(args.steps + 1), cfg.data.prefetch)
     try:
