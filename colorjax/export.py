@@ -1,13 +1,15 @@
 """The `export` stage: a selection written back out as text, so people can read, audit or share the filtered data.
 
 Writes `<workdir>/selection.jsonl.gz` ({"id": global id, "score": CoLoR score or null, "source": label, "text":
-detokenized sequence} per selected sequence, in id order) and `breakdown.json` (per-source pool and selected
-counts), and prints the breakdown.
+detokenized sequence} per selected sequence, in id order; on N hosts each writes its share in parallel, to
+`selection-<host>-of-<N>.jsonl.gz`) and `breakdown.json` (per-source pool and selected counts), and prints the
+breakdown.
 """
 import gzip
 import json
 import pathlib
 
+import jax
 import numpy as np
 
 from colorjax import artifacts
@@ -18,6 +20,8 @@ from colorjax import metrics
 from colorjax import score as score_lib
 from colorjax import select as select_lib
 from colorjax import tokenizer as tokenizer_lib
+
+BREAKDOWN = "breakdown.json"
 
 
 def run(cfg) -> pathlib.Path:
@@ -32,15 +36,44 @@ def run(cfg) -> pathlib.Path:
   if cfg.export.max_rows:
     ids = ids[: cfg.export.max_rows]
   workdir = pathlib.Path(cfg.workdir).resolve() if cfg.workdir else selection / "export"
-  out_path = workdir / "selection.jsonl.gz"
-  if out_path.exists():
-    raise data.DataError(f"{out_path} already exists; choose another --config.workdir (nothing was overwritten)")
+  host, hosts = jax.process_index(), jax.process_count()
+  existing = [p for p in [workdir / n for n in output_names(hosts)] + [workdir / BREAKDOWN] if p.exists()]
+  if existing:
+    raise data.DataError(f"{existing[0]} already exists; choose another --config.workdir (nothing was overwritten)")
+  metrics.on_main_then_sync(lambda: None, f"export {workdir} checked")  # before any host writes
   tokenizer = tokenizer_lib.load_tokenizer(str(store.tokenizer_path()))
   scores_ref = manifest.get("scores")
   scores = score_lib.Scores(artifacts.resolve(scores_ref["path"], selection)) if scores_ref else None
   method = manifest["method"] if manifest["method"] != "random" else "color"
-  labels = store.labels() or ["all"]
   workdir.mkdir(parents=True, exist_ok=True)
+  mine = np.array_split(ids, hosts)[host]  # every host writes its own contiguous share of the ids, in parallel
+  out_path = workdir / output_names(hosts)[host]
+  _write_rows(out_path, mine, store, tokenizer, scores, method, manifest.get("conditional") or "conditional_0")
+
+  def finish():
+    breakdown = select_lib.label_rates(store, ids, 1 << 20)
+    (workdir / BREAKDOWN).write_text(json.dumps(breakdown, indent=1))
+    print(f"export: {ids.size:,} sequences -> {workdir / output_names(hosts)[0]}"
+          f"{f' (+ {hosts - 1} more files, one per host)' if hosts > 1 else ''}")
+    for name, r in sorted(breakdown.items(), key=lambda x: -x[1]["selected"]):
+      print(f"  {name:<16} {r['selected']:>9,} of {r['pool']:>11,} ({r['rate']:.1%})")
+
+  metrics.on_main_then_sync(lambda: None, f"export {workdir} rows written")
+  if metrics.is_main():
+    finish()
+  return workdir
+
+
+def output_names(hosts: int) -> list[str]:
+  """One file on one host (selection.jsonl.gz); on N hosts one per host, in id order when read in name order."""
+  if hosts == 1:
+    return ["selection.jsonl.gz"]
+  return [f"selection-{h:05d}-of-{hosts:05d}.jsonl.gz" for h in range(hosts)]
+
+
+def _write_rows(out_path, ids, store, tokenizer, scores, method, conditional) -> None:
+  """Detokenized rows of `ids` to a gzipped JSONL file, renamed into place when complete."""
+  labels = store.labels() or ["all"]
   tmp = out_path.with_name(out_path.name + ".tmp")
   bar = metrics.Progress(total=ids.size, unit="seq", desc="export")
   with gzip.open(tmp, "wt", encoding="utf-8") as f:
@@ -49,19 +82,13 @@ def run(cfg) -> pathlib.Path:
       rows = store.read(block)
       texts = tokenizer.decode_batch([r.tolist() for r in rows], skip_special_tokens=False)
       label_ids = store.label_ids(block)
-      values = _scores_of(scores, method, manifest.get("conditional") or "conditional_0", block)
+      values = _scores_of(scores, method, conditional, block)
       for i, sid in enumerate(block):
         f.write(json.dumps({"id": int(sid), "score": None if values is None else float(values[i]),
                             "source": labels[label_ids[i]], "text": texts[i]}) + "\n")
       bar.update(block.size)
   bar.close()
   tmp.rename(out_path)
-  breakdown = select_lib.label_rates(store, ids, 1 << 20)
-  (workdir / "breakdown.json").write_text(json.dumps(breakdown, indent=1))
-  print(f"export: {ids.size:,} sequences -> {out_path}")
-  for name, r in sorted(breakdown.items(), key=lambda x: -x[1]["selected"]):
-    print(f"  {name:<16} {r['selected']:>9,} of {r['pool']:>11,} ({r['rate']:.1%})")
-  return workdir
 
 
 def _scores_of(scores, method: str, conditional: str, ids: np.ndarray):

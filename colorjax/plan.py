@@ -79,7 +79,8 @@ def print_model_and_training(stage, spec, mesh, plan_, abstract_params, abstract
   print(f"steps: {plan_.total_steps:,} x {plan_.global_batch} x {plan_.seq_len} = {plan_.tokens:,} tokens; "
         f"schedule over {plan_.schedule_steps:,} steps ({plan_.schedule}); {plan_.n_micro} micro-batch(es) of "
         f"{plan_.micro_batch}")
-  print(f"mesh: {' '.join(f'{k}={v}' for k, v in mesh.shape.items())} ({math.prod(mesh.shape.values())} devices)")
+  print(f"mesh: {' '.join(f'{k}={v}' for k, v in mesh.shape.items())} ({math.prod(mesh.shape.values())} devices); "
+        f"per device: {plan_.micro_batch // dp} sequences x {plan_.n_micro} micro-batch(es) per step")
   print(f"memory/device (estimate): params {params_b / GIB:.2f} GiB + grads {grads_b / GIB:.2f} GiB + optimizer "
         f"{opt_b / GIB:.2f} GiB + activations {act_b / GIB:.2f} GiB = "
         f"{(params_b + grads_b + opt_b + act_b) / GIB:.2f} GiB")

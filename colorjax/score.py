@@ -353,7 +353,15 @@ def describe_nominal(cfg, num_sequences: int, seq_len: int, models: int) -> floa
   print(f"score (dry run): {models} models x {num_sequences:,} sequences x {seq_len} tokens, one vmapped pass; "
         f"{-(-num_sequences // batch):,} steps of {batch}")
   print(f"flops/token/model: {flops:,.0f} (2N+4LdT); total {total:.3e} FLOPs")
+  print(f"mesh: {' '.join(f'{k}={v}' for k, v in mesh.shape.items())} ({devices} devices); per device: "
+        f"{batch // dp} sequences per step")
   print(f"memory/device (estimate): params {params_b / plan.GIB:.2f} GiB + activations {act_b / plan.GIB:.2f} GiB")
+  rate = float(cfg.score.tokens_per_s_per_device)
+  if rate > 0:
+    seconds = num_sequences * seq_len / (rate * devices)
+    print(f"expected time: {seconds / 3600:,.1f} h for {num_sequences * seq_len:,} pool tokens at {rate:,.0f} pool "
+          f"tokens/s per device (score.tokens_per_s_per_device) x {devices} devices, if scoring scales linearly "
+          "(it has no cross-device traffic but the per-sequence results)")
   return total
 
 

@@ -81,11 +81,17 @@ def as_urls(message: str) -> str:
   return message
 
 
+def _orbax_direct() -> bool:
+  """COLORJAX_ORBAX_DIRECT=0 sends gs:// checkpoints through the mirror too (one host): for GCS emulators whose
+  object generations tensorstore's OCDBT cannot parse."""
+  return os.environ.get("COLORJAX_ORBAX_DIRECT", "1") != "0"
+
+
 def orbax_path(path):
   """Where orbax should write a checkpoint folder: on gs:// the bucket itself (orbax's native, multi-host driver),
   otherwise the local path (an s3:// mirror is uploaded by `sync`)."""
   url = remote_of(path)
-  if url and url.startswith("gs://"):
+  if url and url.startswith("gs://") and _orbax_direct():
     from etils import epath  # pylint: disable=import-outside-toplevel
     return epath.Path(url)
   return pathlib.Path(path)
@@ -167,10 +173,15 @@ def mirror(url: str) -> pathlib.Path:
   """Pull `url` into its mirror (once per process, not again inside a mirrored folder) and return the local path
   stages should use. On gs:// training checkpoints stay in the bucket (orbax reads them there)."""
   local = mirror_path(url).absolute()
+  if any(c in url for c in "*?["):  # a pattern (prepare.inputs): mirror each match; the pattern globs the mirror
+    fs, pattern = _fs(url)
+    for match in fs.glob(pattern):
+      mirror(url.split("://", 1)[0] + "://" + match)
+    return local
   if not any(local == root or root in local.parents for root in _mirrors):
     m = Mirror(url)
     try:
-      m.pull(skip_checkpoints=url.startswith("gs://"))
+      m.pull(skip_checkpoints=url.startswith("gs://") and _orbax_direct())
     except Exception as e:  # pylint: disable=broad-except  # botocore, aiohttp, google-auth: each its own errors
       raise errors.DataError(f"cannot read {url}: {type(e).__name__}: {e}; check the path, the credentials "
                              "(AWS_* / GOOGLE_APPLICATION_CREDENTIALS) and the endpoint (AWS_ENDPOINT_URL, "

@@ -10,7 +10,7 @@ import subprocess
 import pytest
 
 from colorjax import main as cli
-from conftest import REPO
+from conftest import REPO, run_cli
 
 LAUNCH = REPO / "launch"
 LAUNCHERS = sorted(p.name for p in LAUNCH.iterdir() if p.is_file() and p.suffix in (".sh", ".sbatch"))
@@ -285,3 +285,15 @@ def test_examples_cover_the_prior_and_the_scoring_run():
     assert all(v.startswith("gs://") for words in header_examples(LAUNCH / script)
                for name, v in config_args(words) if name in ("config.workdir", "config.data.train_store",
                                                              "config.score.store"))
+
+
+def test_cluster_dry_run_prints_per_device_batch_memory_and_scoring_time():
+  """The README's planning numbers for 32 devices (a v5p-64, or 4 nodes x 8 H100) and the paper's 175B-token pool."""
+  out = run_cli(["--config", "configs/pipeline.py:paper-150m", "--config.dry_run=True",
+                 "--config.dry_run_devices=32", "--config.workdir=/nonexistent/colorjax-dry-run"]).stdout
+  score = out[out.index("score (dry run)"):]
+  assert "342,000,000 sequences x 512 tokens" in score
+  assert "(32 devices); per device: 8 sequences per step" in score
+  assert "expected time: 3.3 h for 175,104,000,000 pool tokens at 464,000 pool tokens/s per device" in score
+  assert float(re.search(r"activations ([\d.]+) GiB", score).group(1)) > 0
+  assert "per device: 2 sequences x 4 micro-batch(es) per step" in out  # the 150M prior, 256 = 4 x 64 on 32

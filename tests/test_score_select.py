@@ -245,6 +245,26 @@ def test_export_writes_the_selected_text(synthetic_store, tmp_path):
   assert {r["source"] for r in rows} <= set(store.labels()) and "selected" not in out
 
 
+def test_two_hosts_export_their_shares_of_the_selection(synthetic_store, tmp_path):
+  store = data.TokenStore(synthetic_store)
+  nll = np.stack([np.arange(store.num_sequences), np.zeros(store.num_sequences)], 1).astype(np.float32)
+  _fake_scores(tmp_path / "scores", store, nll)
+  selection = select_lib.run(make_config("select", "color,20", workdir=str(tmp_path / "sel"),
+                                         select__scores=str(tmp_path / "scores")))
+  args = ["--config", "configs/export.py", f"--config.export.selection={selection}"]
+  run_cli(args + [f"--config.workdir={tmp_path / 'one'}"])
+  env = dict(os.environ, HOSTS="2", DEVICES="1", PYTHON=sys.executable, PYTHONPATH=str(REPO))
+  proc = subprocess.run(["bash", "launch/local_hosts.sh"] + args + [f"--config.workdir={tmp_path / 'two'}"], cwd=REPO,
+                        env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  parts = sorted((tmp_path / "two").glob("selection-*-of-00002.jsonl.gz"))
+  assert [p.name for p in parts] == ["selection-00000-of-00002.jsonl.gz", "selection-00001-of-00002.jsonl.gz"]
+  two = [line for p in parts for line in gzip.open(p, "rt")]
+  assert all(len(list(gzip.open(p, "rt"))) > 0 for p in parts)
+  assert two == list(gzip.open(tmp_path / "one" / "selection.jsonl.gz", "rt"))
+  assert (tmp_path / "two" / "breakdown.json").read_text() == (tmp_path / "one" / "breakdown.json").read_text()
+
+
 def test_index_from_another_store_is_refused(synthetic_store, tmp_path):
   store = data.TokenStore(synthetic_store)
   folder = tmp_path / "sel"
