@@ -225,12 +225,17 @@ def test_select_stage_methods_and_manifest(synthetic_store, tmp_path):
     select_lib.run(make_config("select", "color,7", workdir=str(tmp_path / "nan"), **common))
 
 
-def test_export_writes_the_selected_text(synthetic_store, tmp_path):
+def _selection_by_id(synthetic_store, tmp_path, tau: int):
+  """A CoLoR selection whose score is the sequence id (prior NLL = id, conditional NLL = 0): the top ids."""
   store = data.TokenStore(synthetic_store)
   nll = np.stack([np.arange(store.num_sequences), np.zeros(store.num_sequences)], 1).astype(np.float32)
   _fake_scores(tmp_path / "scores", store, nll)
-  selection = select_lib.run(make_config("select", "color,50", workdir=str(tmp_path / "sel"),
-                                         select__scores=str(tmp_path / "scores")))
+  return store, select_lib.run(make_config("select", f"color,{tau}", workdir=str(tmp_path / "sel"),
+                                           select__scores=str(tmp_path / "scores")))
+
+
+def test_export_writes_the_selected_text(synthetic_store, tmp_path):
+  store, selection = _selection_by_id(synthetic_store, tmp_path, 50)
   out = run_cli(["--config", "configs/export.py", f"--config.export.selection={selection}",
                  f"--config.workdir={tmp_path / 'export'}"]).stdout
   rows = [json.loads(line) for line in gzip.open(tmp_path / "export" / "selection.jsonl.gz", "rt")]
@@ -246,11 +251,7 @@ def test_export_writes_the_selected_text(synthetic_store, tmp_path):
 
 
 def test_two_hosts_export_their_shares_of_the_selection(synthetic_store, tmp_path):
-  store = data.TokenStore(synthetic_store)
-  nll = np.stack([np.arange(store.num_sequences), np.zeros(store.num_sequences)], 1).astype(np.float32)
-  _fake_scores(tmp_path / "scores", store, nll)
-  selection = select_lib.run(make_config("select", "color,20", workdir=str(tmp_path / "sel"),
-                                         select__scores=str(tmp_path / "scores")))
+  _, selection = _selection_by_id(synthetic_store, tmp_path, 20)
   args = ["--config", "configs/export.py", f"--config.export.selection={selection}"]
   run_cli(args + [f"--config.workdir={tmp_path / 'one'}"])
   env = dict(os.environ, HOSTS="2", DEVICES="1", PYTHON=sys.executable, PYTHONPATH=str(REPO))
