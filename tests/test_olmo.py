@@ -329,7 +329,8 @@ def write_pool_store(folder: pathlib.Path, tokenizer_path) -> pathlib.Path:
   (folder / tokenizer_lib.TOKENIZER).write_text(tokenizer.to_str())
   manifest = {"format": artifacts.STORE.format, "version": artifacts.STORE.version, "id": "olmo-fixture-pool",
               "seq_len": SEQ, "dtype": "uint16",
-              "tokenizer": tokenizer_lib.tokenizer_info(tokenizer, str(tokenizer_path), 0, 1), "num_sequences": sum(f["sequences"] for f in files), "files": files, "padded": False}
+              "tokenizer": tokenizer_lib.tokenizer_info(tokenizer, str(tokenizer_path), 0, 1),
+              "num_sequences": sum(f["sequences"] for f in files), "files": files, "padded": False}
   (folder / data.MANIFEST).write_text(json.dumps(manifest))
   return folder
 
