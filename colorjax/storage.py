@@ -137,7 +137,7 @@ class Mirror:
       folder = name.rsplit("/", 1)[0] + "/" if "/" in name else ""
       self.lazy |= {folder + array for array in _store_arrays(self.local / name)}
     for name in names:
-      if name in self.lazy or name in self.seen or (skip_checkpoints and name.split("/")[0] == "checkpoints"):
+      if name in self.lazy or name in self.seen or (skip_checkpoints and "checkpoints" in name.split("/")[:-1]):
         continue
       self._get(name)
 
