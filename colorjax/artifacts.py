@@ -7,6 +7,7 @@ preflight, decides whether an existing artifact is up to date by recomputing the
 inputs that are there now. Paths recorded in manifests are relative to the artifact's folder, so a work directory
 can be moved, copied or synced elsewhere and still reads its own artifacts.
 """
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -22,6 +23,46 @@ from colorjax import storage
 
 MANIFEST = "manifest.json"
 REQUEST = "request.json"  # an unfinished run's request, written before its first step
+
+
+@dataclasses.dataclass(frozen=True)
+class Kind:
+  """A kind of artifact: the `format` its manifest names (and `version`, where readers check one), what it is and
+  what makes it, so every reader refuses a wrong folder with the same clear message."""
+  format: str
+  what: str
+  made_by: str
+  version: int | None = None
+
+
+STORE = Kind("colorjax.token_store", "a token store", "the prepare stage (or dolma adopt)", version=1)
+PARAMS = Kind("colorjax.params", "a params export", "a finished pretrain/finetune run (<workdir>/params)")
+SCORES = Kind("colorjax.scores", "a score folder", "the score stage (or dolma import_scores)")
+SELECTION = Kind("colorjax.selection", "a selection", "the select or dsir stage (or dolma import_selection)")
+
+
+def read_manifest(path) -> dict:
+  """The manifest of an artifact folder, with errors that say what is wrong and how to fix it."""
+  folder = pathlib.Path(path)
+  manifest_path = folder / MANIFEST
+  if not folder.exists():
+    raise errors.DataError(f"{folder} does not exist")
+  if not manifest_path.exists():
+    raise errors.DataError(f"{manifest_path} is missing: {folder} is not a finished colorjax artifact (an "
+                           "interrupted run leaves no manifest); re-run the stage that makes it")
+  return read_json(manifest_path)
+
+
+def open_manifest(path, kind: Kind) -> dict:
+  """The manifest of an artifact that must be of `kind` (format, and version where one is read)."""
+  manifest = read_manifest(path)
+  if manifest.get("format") != kind.format:
+    raise errors.DataError(f"{pathlib.Path(path) / MANIFEST} is not {kind.what} (format={manifest.get('format')!r});"
+                           f" pass a folder written by {kind.made_by}")
+  if kind.version is not None and manifest.get("version") != kind.version:
+    raise errors.DataError(f"{path} holds {kind.what} of version {manifest.get('version')}; this colorjax reads "
+                           f"version {kind.version}: make it again with {kind.made_by}")
+  return manifest
 
 
 def normalized(request: dict) -> dict:

@@ -14,13 +14,12 @@ import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from colorjax import artifacts
 from colorjax import data
 from colorjax import metrics
 from colorjax import model
 from colorjax import storage
 from colorjax import tokenizer as tokenizer_lib
-
-PARAMS_FORMAT = "colorjax.params"
 
 
 class Checkpointer:
@@ -69,7 +68,7 @@ def export_params(folder, params, manifest: dict, tokenizer_path) -> pathlib.Pat
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(storage.orbax_path(folder / "params"), params, force=True)
   checkpointer.wait_until_finished()
-  manifest = dict(manifest, format=PARAMS_FORMAT, time=time.strftime("%Y-%m-%dT%H:%M:%S"))
+  manifest = dict(manifest, format=artifacts.PARAMS.format, time=time.strftime("%Y-%m-%dT%H:%M:%S"))
   if metrics.is_main():
     shutil.copyfile(tokenizer_path, folder / tokenizer_lib.TOKENIZER)
     (folder / data.MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
@@ -78,12 +77,7 @@ def export_params(folder, params, manifest: dict, tokenizer_path) -> pathlib.Pat
 
 
 def read_params_manifest(folder) -> dict:
-  folder = pathlib.Path(folder)
-  manifest = data.read_manifest(folder)
-  if manifest.get("format") != PARAMS_FORMAT:
-    raise data.DataError(f"{folder / data.MANIFEST} is not a params export (format={manifest.get('format')!r}); "
-                         "pass the params folder of a finished pretrain/finetune run (<workdir>/params)")
-  return manifest
+  return artifacts.open_manifest(folder, artifacts.PARAMS)
 
 
 def check_architecture(manifest: dict, spec: model.ModelSpec, where) -> None:

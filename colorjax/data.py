@@ -7,7 +7,6 @@ sequence's global id is its row over the store's arrays in manifest order. Train
 iterator state and any host can compute any step's ids.
 """
 import hashlib
-import json
 import os
 import pathlib
 import queue
@@ -20,8 +19,6 @@ from colorjax import errors
 from colorjax import storage
 from colorjax import tokenizer as tokenizer_lib
 
-STORE_FORMAT = "colorjax.token_store"
-STORE_VERSION = 1
 MANIFEST = artifacts.MANIFEST
 
 
@@ -45,34 +42,13 @@ def token_dtype(vocab_size: int) -> np.dtype:
 # Reading stores
 
 
-def read_manifest(path) -> dict:
-  """The manifest of an artifact folder, with errors that say what is wrong and how to fix it."""
-  folder = pathlib.Path(path)
-  manifest_path = folder / MANIFEST
-  if not folder.exists():
-    raise DataError(f"{folder} does not exist")
-  if not manifest_path.exists():
-    raise DataError(f"{manifest_path} is missing: {folder} is not a finished colorjax artifact (an interrupted run "
-                    "leaves no manifest); re-run the stage that makes it")
-  try:
-    return json.loads(manifest_path.read_text())
-  except json.JSONDecodeError as e:
-    raise DataError(f"{manifest_path} is not valid JSON ({e}); re-run the stage that makes it") from e
-
-
 class TokenStore:
   """Read access to a token store by global sequence id."""
 
   def __init__(self, path):
     self.path = pathlib.Path(path)
-    self.manifest = read_manifest(self.path)
+    self.manifest = artifacts.open_manifest(self.path, artifacts.STORE)
     m = self.manifest
-    if m.get("format") != STORE_FORMAT:
-      raise DataError(f"{self.path / MANIFEST} is not a token store manifest (format={m.get('format')!r}); pass a "
-                      "folder written by the prepare stage")
-    if m.get("version") != STORE_VERSION:
-      raise DataError(f"{self.path} has token store version {m.get('version')}; this colorjax reads version "
-                      f"{STORE_VERSION}: re-run prepare")
     self.seq_len = int(m["seq_len"])
     self.dtype = np.dtype(m["dtype"])
     self.vocab_size = int(m["tokenizer"]["vocab_size"])

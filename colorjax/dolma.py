@@ -130,7 +130,7 @@ def check_vocab(path: pathlib.Path, dtype: str, vocab_size: int) -> None:
 
 def adopt_request(entries: list[dict], dtype: str, seq_len: int, tok_info: dict) -> dict:
   """What decides an adopted store's content: the files (by hash, in order), dtype, seq_len and tokenizer."""
-  return {"kind": "dolma", "version": data.STORE_VERSION, "files": [[e["name"], e["sha256"]] for e in entries],
+  return {"kind": "dolma", "version": artifacts.STORE.version, "files": [[e["name"], e["sha256"]] for e in entries],
           "dtype": dtype, "seq_len": int(seq_len), "tokenizer_sha256": tok_info["sha256"],
           "eos_id": tok_info["eos_id"], "pad_id": tok_info["pad_id"]}
 
@@ -181,7 +181,7 @@ def adopt(cfg) -> pathlib.Path:
   common.print_main(f"dolma adopt: {len(entries)} {s['dtype']} files, seq_len {s['seq_len']}, in this order:")
   _report_order(s, entries)
   if artifacts.up_to_date(output, request, "another token store", "delete it or choose another --config.workdir"):
-    saved = data.read_manifest(output)
+    saved = artifacts.read_manifest(output)
     if saved.get("labels") != names or [e.get("label") for e in saved["files"]] != label_ids:
       raise data.DataError(f"{output} holds these files with other labels ({saved.get('labels')}); delete it to "
                            "relabel (nothing was overwritten)")
@@ -197,7 +197,7 @@ def adopt(cfg) -> pathlib.Path:
     raise data.DataError(f"no file holds one sequence of {s['seq_len']} tokens; check --config.dolma.seq_len "
                          "(nothing was written)")
   manifest = {
-      "format": data.STORE_FORMAT, "version": data.STORE_VERSION, "id": artifacts.content_id(request),
+      "format": artifacts.STORE.format, "version": artifacts.STORE.version, "id": artifacts.content_id(request),
       "seq_len": s["seq_len"], "dtype": s["dtype"], "tokenizer": tok_info, "num_sequences": first,
       "num_tokens": first * s["seq_len"], "labels": names, "files": entries,
       "adopted": {"from": "dolma/OLMo token files, read in place", "entries": s["entries"],

@@ -51,10 +51,7 @@ def _export_inputs(cfg):
   if not formats or any(f not in FORMATS for f in formats):
     raise errors.ConfigError(f"dolma.formats={tuple(formats)}: choose one or more of {FORMATS}")
   selection = pathlib.Path(d.selection).resolve()
-  manifest = data.read_manifest(selection)
-  if manifest.get("format") != "colorjax.selection":
-    raise data.DataError(f"{selection / data.MANIFEST} is not a selection manifest; pass a select (or "
-                         "import_selection) output folder")
+  manifest = artifacts.open_manifest(selection, artifacts.SELECTION)
   store = data.TokenStore(select_lib.store_of(selection, manifest))
   ids = data.load_index(selection, store)
   per_file = int(d.max_tokens_per_file) // store.seq_len

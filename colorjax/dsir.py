@@ -231,7 +231,7 @@ def _dsir(cfg, workdir, pool, target, request, k: int) -> pathlib.Path:
   ids, threshold = gumbel_top_k(weights, k, seed, d.block_rows)
   index_bytes = select_lib.npy_bytes(ids)
   manifest = {
-      "format": "colorjax.selection", "id": artifacts.content_id(request), "method": "dsir",
+      "format": artifacts.SELECTION.format, "id": artifacts.content_id(request), "method": "dsir",
       "tau": float(n / k), "tau_requested": float(d.tau), "tokens_requested": int(d.tokens), "k": int(k),
       "num_sequences": n, "tokens": int(k) * pool.seq_len, "threshold": threshold, "seed": seed,
       "conditional": None, "scores": None,

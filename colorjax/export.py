@@ -28,9 +28,7 @@ def run(cfg) -> pathlib.Path:
   if not cfg.export.selection:
     raise errors.ConfigError("set --config.export.selection to a selection folder (select stage output)")
   selection = pathlib.Path(cfg.export.selection).resolve()
-  manifest = data.read_manifest(selection)
-  if manifest.get("format") != "colorjax.selection":
-    raise data.DataError(f"{selection / data.MANIFEST} is not a selection manifest")
+  manifest = artifacts.open_manifest(selection, artifacts.SELECTION)
   store = data.TokenStore(select_lib.store_of(selection, manifest))
   ids = data.load_index(selection, store)
   if cfg.export.max_rows:
@@ -100,5 +98,5 @@ def _scores_of(scores, method: str, conditional: str, ids: np.ndarray):
 
 
 def describe(cfg) -> None:
-  manifest = data.read_manifest(cfg.export.selection)
+  manifest = artifacts.read_manifest(cfg.export.selection)
   print(f"export (dry run): {manifest['k']:,} sequences of {manifest['store_path']} -> text")

@@ -251,7 +251,7 @@ def import_scores(cfg) -> pathlib.Path:
   n, k = store.num_sequences, len(models)
   chunk_rows = max(1, min(n, SCORE_CHUNK_ROWS))
   manifest = {
-      "format": score_lib.SCORES_FORMAT, "num_sequences": n, "columns": [m["name"] for m in models],
+      "format": artifacts.SCORES.format, "num_sequences": n, "columns": [m["name"] for m in models],
       "models": models, "store": {"path": artifacts.relative(store.path, output), "id": store.id,
                                   "seq_len": store.seq_len},
       "id": artifacts.content_id(request), "request": request, "dtype": "float32",
@@ -341,7 +341,7 @@ def import_selection(cfg) -> pathlib.Path:
   ids, n, k = np.sort(ranked), store.num_sequences, int(ranked.size)
   index_bytes = select_lib.npy_bytes(ids)
   manifest = {
-      "format": "colorjax.selection", "id": artifacts.content_id(request), "method": "imported",
+      "format": artifacts.SELECTION.format, "id": artifacts.content_id(request), "method": "imported",
       "tau": float(n / k), "tau_requested": None, "tokens_requested": 0, "k": k, "num_sequences": n,
       "tokens": k * store.seq_len, "threshold": None, "seed": None, "conditional": None, "scores": None,
       "store_id": store.id, "store_path": artifacts.relative(store.path, output),

@@ -118,7 +118,7 @@ def input_fingerprints(files, known_entries=()) -> list[dict]:
 def store_request(prints: list[dict], tok_info: dict, seq_len: int, text_field: str, source_field: str) -> dict:
   """What decides a token store's content: input contents (by hash, in order), tokenizer, seq_len, fields."""
   return {
-      "kind": "text", "version": data.STORE_VERSION,
+      "kind": "text", "version": artifacts.STORE.version,
       "inputs": [[p["name"], p["sha256"]] for p in prints],
       "tokenizer_sha256": tok_info["sha256"], "eos_id": tok_info["eos_id"], "pad_id": tok_info["pad_id"],
       "seq_len": int(seq_len), "text_field": text_field, "source_field": source_field,
@@ -182,8 +182,8 @@ def run(cfg) -> pathlib.Path:
   if (output / data.MANIFEST).exists():
     saved = artifacts.read_json(output / data.MANIFEST).get("request") or {}
     if saved == artifacts.normalized(request):
-      print(f"prepare: {output} is up to date ({data.read_manifest(output)['num_sequences']:,} sequences); nothing "
-            "to do")
+      sequences = artifacts.read_manifest(output)["num_sequences"]
+      print(f"prepare: {output} is up to date ({sequences:,} sequences); nothing to do")
       return output
     inputs_changed = saved.get("inputs") != request["inputs"]
     what = (f"is stale: {_changed_inputs(saved, request)} since it was built" if inputs_changed else
@@ -254,8 +254,8 @@ def _build(cfg, output, files, tokenizer, tok_info, prints, request) -> pathlib.
     entry["first_id"] = offset
     offset += entry["sequences"]
   manifest = {
-      "format": data.STORE_FORMAT,
-      "version": data.STORE_VERSION,
+      "format": artifacts.STORE.format,
+      "version": artifacts.STORE.version,
       "id": artifacts.content_id(request),
       "seq_len": int(pcfg.seq_len),
       "dtype": data.token_dtype(tok_info["vocab_size"]).name,

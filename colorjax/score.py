@@ -32,7 +32,6 @@ from colorjax import preemption
 from colorjax import sharding
 from colorjax import storage
 
-SCORES_FORMAT = "colorjax.scores"
 
 
 def _zarr(path: pathlib.Path, create: bool = False, **kw):
@@ -59,10 +58,7 @@ class Scores:
 
   def __init__(self, path):
     self.path = pathlib.Path(path)
-    self.manifest = data.read_manifest(self.path)
-    if self.manifest.get("format") != SCORES_FORMAT:
-      raise data.DataError(f"{self.path / data.MANIFEST} is not a score manifest; pass the folder the score stage "
-                           "wrote")
+    self.manifest = artifacts.open_manifest(self.path, artifacts.SCORES)
     self.num_sequences = int(self.manifest["num_sequences"])
     self.columns = [m["name"] for m in self.manifest["models"]]
     self.chunk_rows = int(self.manifest["chunk_rows"])
@@ -242,7 +238,7 @@ def _score(cfg, workdir, store, request, profiler, shard_i, shard_n, peak_flops:
   n = store.num_sequences
   num_chunks = -(-n // chunk_rows)
   manifest = {
-      "format": SCORES_FORMAT, "num_sequences": n, "columns": [m["name"] for m in models], "models": models,
+      "format": artifacts.SCORES.format, "num_sequences": n, "columns": [m["name"] for m in models], "models": models,
       "store": {"path": artifacts.relative(store.path, workdir), "id": store.id, "seq_len": store.seq_len},
       "id": artifacts.content_id(request), "request": request, "dtype": "float32",
       "value": "per-sequence mean next-token NLL (fp32, no z-loss)", "chunk_rows": chunk_rows,

@@ -213,7 +213,7 @@ def _select(cfg, workdir, scores, store, request, n: int, k: int) -> pathlib.Pat
     ids, threshold = top_k(stream, k)
     stats = score_statistics(stream)
   manifest = {
-      "format": "colorjax.selection", "id": artifacts.content_id(request), "method": scfg.method,
+      "format": artifacts.SELECTION.format, "id": artifacts.content_id(request), "method": scfg.method,
       "tau": float(n / k), "tau_requested": float(scfg.tau), "tokens_requested": int(scfg.tokens), "k": int(k),
       "num_sequences": n, "tokens": int(k) * store.seq_len, "threshold": threshold,
       "seed": cfg.seed if scfg.method == "random" else None,

@@ -17,7 +17,7 @@ from colorjax import tokenizer as tokenizer_lib
 def sft_request(task_names, data_dir, split: str, tok_info: dict, seq_len: int, limit: int = 0) -> dict:
   """What decides an SFT store's content (task files by hash), so its id is known before it is built."""
   files = [tasks.split_path(t, split, data_dir) if data_dir else None for t in task_names]
-  return {"kind": "sft", "version": data.STORE_VERSION, "tasks": list(task_names), "split": split,
+  return {"kind": "sft", "version": artifacts.STORE.version, "tasks": list(task_names), "split": split,
           "limit": int(limit), "tokenizer_sha256": tok_info["sha256"], "eos_id": tok_info["eos_id"],
           "pad_id": tok_info["pad_id"], "seq_len": int(seq_len),
           "files": [artifacts.fingerprint(f)["sha256"] if f else None for f in files]}
@@ -63,7 +63,7 @@ def build_sft_store(task_names, data_dir, split: str, tokenizer_path, tok_info: 
     raise data.DataError(f"tasks {', '.join(task_names)} have no {split!r} documents in {data_dir or 'the hub'}; "
                          "fix --config.sft.data_dir or the task list")
   manifest = {
-      "format": data.STORE_FORMAT, "version": data.STORE_VERSION, "kind": "sft", "padded": True,
+      "format": artifacts.STORE.format, "version": artifacts.STORE.version, "kind": "sft", "padded": True,
       "id": artifacts.content_id(request), "seq_len": int(seq_len), "dtype": dtype.name,
       "tokenizer": tok_info, "num_sequences": offset, "num_tokens": offset * int(seq_len),
       "num_documents": offset, "labels": list(task_names), "files": entries, "request": request,

@@ -99,9 +99,9 @@ def orbax_path(path):
 
 def _store_arrays(manifest_path: pathlib.Path) -> set[str]:
   """Token-array files of a store (read lazily by RemoteArray, never pulled)."""
-  import json  # pylint: disable=import-outside-toplevel
-  manifest = json.loads(manifest_path.read_text())
-  if manifest.get("format") != "colorjax.token_store":
+  from colorjax import artifacts  # pylint: disable=import-outside-toplevel  # artifacts imports this module
+  manifest = artifacts.read_json(manifest_path)
+  if manifest.get("format") != artifacts.STORE.format:
     return set()
   return {f[key] for f in manifest.get("files", []) for key in ("array", "label_array") if key in f}
 
@@ -137,7 +137,7 @@ class Mirror:
       folder = name.rsplit("/", 1)[0] + "/" if "/" in name else ""
       self.lazy |= {folder + array for array in _store_arrays(self.local / name)}
     for name in names:
-      if name in self.lazy or name in self.seen or (skip_checkpoints and name.split("/")[0] == "checkpoints"):
+      if name in self.lazy or name in self.seen or (skip_checkpoints and "checkpoints" in name.split("/")[:-1]):
         continue
       self._get(name)
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
+from colorjax import artifacts
 from colorjax import data
 from colorjax import prepare
 from colorjax import tokenizer as tokenizer_lib
@@ -86,7 +87,7 @@ def test_prepare_notices_changed_input_content(tmp_path, neox_tokenizer_path):
   text.write_text("".join(json.dumps({"text": f"document {i} " * 40}) + "\n" for i in range(20)))
   cfg = prepare_cfg([text], neox_tokenizer_path, tmp_path / "store", seq_len=32, workers=1)
   prepare.run(cfg)
-  manifest = data.read_manifest(tmp_path / "store")
+  manifest = artifacts.read_manifest(tmp_path / "store")
   assert manifest["files"][0]["sha256"] == hashlib.sha256(text.read_bytes()).hexdigest()
   assert manifest["id"] == data.TokenStore(tmp_path / "store").id
   stat = text.stat()

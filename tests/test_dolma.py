@@ -168,7 +168,7 @@ def test_dry_runs_describe_every_action_and_write_nothing(fixture, pool, scores,
 def test_select_on_imported_scores_reproduces_the_originals_selection(color_selection, reference, scores):
   ids = data.load_index(color_selection)
   assert set(ids.tolist()) == set(reference["selection"]["selected_indices"]) and ids.size == 64
-  manifest = data.read_manifest(color_selection)
+  manifest = artifacts.read_manifest(color_selection)
   assert manifest["threshold"] == pytest.approx(reference["selection"]["kth_largest_score"], abs=0)
   assert manifest["scores"]["id"] == scores.id
 
@@ -180,7 +180,7 @@ def test_imported_selection_is_the_originals_and_trains(fixture, pool, reference
                         dolma__selection=str(fixture / "selection/selected_indices.npy")))
   ids = data.load_index(workdir, pool)
   assert ids.dtype == np.int64 and ids.tolist() == sorted(reference["selection"]["selected_indices"])
-  m = data.read_manifest(workdir)
+  m = artifacts.read_manifest(workdir)
   assert (m["method"], m["k"], m["tau"], m["store_id"], m["scores"]) == ("imported", 64, 4.0, pool.id, None)
   assert select_lib.store_of(workdir, m) == pool.path.resolve()
   assert data.index_id(workdir) == m["id"] == artifacts.content_id(m["request"])
@@ -285,7 +285,7 @@ def test_export_round_trips_to_token_files_and_parquet(color_selection, pool, re
   expected = np.asarray(reference["score_prior_minus_cond"], np.float32)[ids]
   assert np.array_equal(table.column("score").to_numpy(), expected)
   assert table.column("source").to_pylist() == [pool.labels()[i] for i in pool.label_ids(ids)]
-  assert data.read_manifest(out)["format"] == dolma_export.EXPORT_FORMAT
+  assert artifacts.read_manifest(out)["format"] == dolma_export.EXPORT_FORMAT
   assert not (out / artifacts.REQUEST).exists()
 
 

@@ -8,7 +8,6 @@ import pytest
 
 from colorjax import artifacts
 from colorjax import corpus
-from colorjax import data
 from colorjax import errors
 from colorjax import pipeline
 from colorjax import preflight
@@ -80,7 +79,7 @@ def test_a_moved_work_directory_reads_its_own_artifacts(demo_run, tmp_path):
   try:
     plan = json.loads((copy / "pipeline.json").read_text())
     assert plan["scores"] == "scores" and plan["runs"][0]["workdir"].startswith("runs/")
-    manifest = data.read_manifest(copy / "selections" / "color-tau8")
+    manifest = artifacts.read_manifest(copy / "selections" / "color-tau8")
     assert (copy / "selections" / "color-tau8" / manifest["store_path"]).resolve() == copy / "stores" / "pool"
     (copy / "report.json").unlink()
     run_cli(["--config", "configs/report.py", f"--config.workdir={copy}"])
@@ -191,8 +190,8 @@ def test_baseline_methods_join_a_finished_pipeline_with_compute_accounting(demo_
   assert set(rows) == set(methods)
   for method, r in rows.items():
     assert r["finished"] and r["target_loss"] > 0 and r["compute"]["total"] > 0, method
-  rho = data.read_manifest(root / "runs" / "target-rho_down-tau8-s0" / "params")
-  assert rho["request"]["rho"]["reference"] == data.read_manifest(root / "runs" / "reference" / "params")["id"]
+  rho = artifacts.read_manifest(root / "runs" / "target-rho_down-tau8-s0" / "params")
+  assert rho["request"]["rho"]["reference"] == artifacts.read_manifest(root / "runs" / "reference" / "params")["id"]
   assert rows["rho_down"]["compute"]["selection_forward"] > 0
   assert rows["rho_down"]["train_tokens"] == rows["color"]["train_tokens"]  # equal selected tokens
   assert rows["color"]["compute"]["shared"] > rows["conditional_only"]["compute"]["shared"] > 0

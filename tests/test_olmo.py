@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import yaml
 
+from colorjax import artifacts
 from colorjax import checkpoint
 from colorjax import checkpoint_formats
 from colorjax import data
@@ -326,8 +327,9 @@ def write_pool_store(folder: pathlib.Path, tokenizer_path) -> pathlib.Path:
     np.save(folder / f"part-00{i}.npy", rows)
     files.append({"array": f"part-00{i}.npy", "sequences": int(rows.shape[0])})
   (folder / tokenizer_lib.TOKENIZER).write_text(tokenizer.to_str())
-  manifest = {"format": data.STORE_FORMAT, "version": data.STORE_VERSION, "id": "olmo-fixture-pool", "seq_len": SEQ,
-              "dtype": "uint16", "tokenizer": tokenizer_lib.tokenizer_info(tokenizer, str(tokenizer_path), 0, 1),
+  manifest = {"format": artifacts.STORE.format, "version": artifacts.STORE.version, "id": "olmo-fixture-pool",
+              "seq_len": SEQ, "dtype": "uint16",
+              "tokenizer": tokenizer_lib.tokenizer_info(tokenizer, str(tokenizer_path), 0, 1),
               "num_sequences": sum(f["sequences"] for f in files), "files": files, "padded": False}
   (folder / data.MANIFEST).write_text(json.dumps(manifest))
   return folder

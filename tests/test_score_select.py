@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from colorjax import artifacts
 from colorjax import checkpoint
 from colorjax import data
 from colorjax import errors
@@ -171,7 +172,7 @@ def test_sortable_keys_preserve_float_order():
 
 def _fake_scores(folder, store, nll):
   """A finished score folder holding given NLLs (to test selection without a model)."""
-  manifest = {"format": score_lib.SCORES_FORMAT, "num_sequences": len(nll), "columns": ["prior", "conditional_0"],
+  manifest = {"format": artifacts.SCORES.format, "num_sequences": len(nll), "columns": ["prior", "conditional_0"],
               "models": [{"name": "prior"}, {"name": "conditional_0"}], "chunk_rows": 64, "batch_size": 16,
               "store": {"path": str(store.path), "id": store.id, "seq_len": store.seq_len}}
   score_lib._open_output(folder, manifest, -(-len(nll) // 64))

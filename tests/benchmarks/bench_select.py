@@ -18,6 +18,7 @@ import numpy as np
 REPO = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
+from colorjax import artifacts
 from colorjax import score as score_lib  # noqa: E402
 
 
@@ -25,7 +26,7 @@ def make_scores(folder: pathlib.Path, n: int, block: int = 1 << 22) -> None:
   if (folder / "manifest.json").exists() and score_lib.Scores(folder).num_sequences == n:
     return
   chunk = 1 << 20
-  manifest = {"format": score_lib.SCORES_FORMAT, "num_sequences": n, "columns": ["prior", "conditional_0"],
+  manifest = {"format": artifacts.SCORES.format, "num_sequences": n, "columns": ["prior", "conditional_0"],
               "models": [{"name": "prior"}, {"name": "conditional_0"}], "chunk_rows": chunk, "batch_size": 0,
               "store": {"path": "", "id": "benchmark", "seq_len": 512}}
   score_lib._open_output(folder, manifest, -(-n // chunk))  # pylint: disable=protected-access
