@@ -46,6 +46,11 @@ def _logits(h_xd, head_dv, logits_dtype):
   return logits.astype(jnp.float32)
 
 
+def logsumexp(logits_xv):
+  """fp32 logsumexp over the last axis: the one place the head's normalizer is computed."""
+  return jax.nn.logsumexp(logits_xv, axis=-1)
+
+
 def _chunked(x_bt, chunk: int):
   """[batch, seq, ...] -> [n_chunks, batch, chunk, ...], zero-padding seq to a multiple of chunk."""
   batch, seq = x_bt.shape[:2]
@@ -72,7 +77,7 @@ def head_nll(hidden_btd, head_dv, targets_bt, logits_dtype, chunk: int = 0):
 
   def nll(h_btd, t_bt):
     logits_btv = _logits(h_btd, head_dv, logits_dtype)
-    lse_bt = jax.nn.logsumexp(logits_btv, axis=-1)
+    lse_bt = logsumexp(logits_btv)
     return lse_bt - jnp.take_along_axis(logits_btv, t_bt[..., None], axis=-1)[..., 0], lse_bt
 
   seq = hidden_btd.shape[1]
@@ -93,7 +98,7 @@ def _head_loss_and_grads(hidden_btd, head_dv, targets_bt, weight_bt, z_weight: f
     grad_head_dv, loss, ce, z = carry
     h_btd, t_bt, w_bt = xs
     logits_btv = _logits(h_btd, head_c, logits_dtype)
-    lse_bt = jax.nn.logsumexp(logits_btv, axis=-1)
+    lse_bt = logsumexp(logits_btv)
     nll_bt = lse_bt - jnp.take_along_axis(logits_btv, t_bt[..., None], axis=-1)[..., 0]
     # d/dlogits of w·(lse - logit_t + z·lse²) = w·(softmax·(1 + 2z·lse) - onehot(t))
     coef_bt = w_bt * (1.0 + 2.0 * z_weight * lse_bt)

@@ -3,7 +3,8 @@
 Parameters are fp32; matmuls and attention run in `compute_dtype` (bf16 by default). `precision` says what else:
   original       what the paper's runs did (FSDP bf16 params under autocast, SPEC §3): bf16 residual stream and
                  activations, norm gains applied as bf16, LayerNorm/QK-norm statistics and RoPE in fp32 inside the
-                 op, bf16 logits (cross-entropy in fp32 on them). Faithful, and the fastest: half the bytes.
+                 op (the QK-norm output rounded to bf16 before RoPE, as OLMo), bf16 logits (cross-entropy in fp32 on
+                 them). Faithful, and the fastest: half the bytes.
   fp32_residual  more precise than the original: fp32 residual stream, norm gains and logits.
 Every parameter carries `logical_axes` metadata;
 `sharding.py` maps those names to mesh axes, so nothing here knows about devices. Activations are annotated through
@@ -93,8 +94,9 @@ class Linear(nnx.Module):
 
 @functools.partial(jax.checkpoint, static_argnums=(2,))
 def layer_norm(x, gain, eps: float):
-  """fp32 LayerNorm with a gain and no bias. Checkpointed: the backward pass keeps only `x` (bf16 under "original")
-  and recomputes the fp32 statistics, instead of keeping several fp32 copies of the activation per norm."""
+  """fp32 LayerNorm with a gain and no bias, two-pass statistics (exact far from zero too; a one-pass E[x²] − E[x]²
+  measured no faster on an H200, tests/benchmarks/variants.py). Checkpointed: the backward pass keeps only `x` (bf16
+  under "original") and recomputes the fp32 statistics, instead of keeping fp32 copies of the activation per norm."""
   x = x.astype(jnp.float32)
   mean = jnp.mean(x, axis=-1, keepdims=True)
   var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
@@ -153,7 +155,8 @@ class Attention(nnx.Module):
     spec, dtype = self.spec, jnp.dtype(self.spec.compute_dtype)
     batch, seq, _ = x_btd.shape
     q_btd, k_btd, v_btd = jnp.split(self.qkv(x_btd), 3, axis=-1)
-    q_btd, k_btd = self.q_norm(q_btd), self.k_norm(k_btd)
+    # As OLMo: QK-norm output back in the activation dtype (bf16 under "original"), then RoPE in fp32.
+    q_btd, k_btd = self.q_norm(q_btd).astype(spec.residual_dtype), self.k_norm(k_btd).astype(spec.residual_dtype)
     shape_bthd = (batch, seq, spec.n_heads, spec.head_dim)
     q_bthd = rope(q_btd.reshape(shape_bthd), spec.rope_theta).astype(dtype)
     k_bthd = rope(k_btd.reshape(shape_bthd), spec.rope_theta).astype(dtype)

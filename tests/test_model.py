@@ -151,3 +151,30 @@ def test_model_spec_rejects_bad_heads():
   m.n_heads = 3
   with pytest.raises(ValueError, match="divisible"):
     model.ModelSpec.from_config(m)
+
+
+def test_layer_norm_matches_float64_also_far_from_zero():
+  """The fp32 LayerNorm against float64, on centred rows and on rows whose mean is 100 standard deviations from zero
+  (where one-pass E[x²] − E[x]² statistics would be off by ~4e-3)."""
+  rng = np.random.default_rng(0)
+  centred = rng.standard_normal((64, 1024)) * 3.0
+  offset = rng.standard_normal((64, 1024)) + 100.0
+  gain = 1.0 + 0.1 * rng.standard_normal(1024)
+  for rows, tolerance in ((centred, 1e-5), (offset, 1e-4)):
+    x = rows.astype(np.float64)
+    want = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5) * gain
+    got = np.asarray(model.layer_norm(jnp.asarray(rows, jnp.float32), jnp.asarray(gain, jnp.float32), 1e-5))
+    assert np.max(np.abs(got - want)) < tolerance
+
+
+@pytest.mark.parametrize("precision,rope_dtype", [("original", jnp.bfloat16), ("fp32_residual", jnp.float32)])
+def test_qk_norm_output_enters_rope_in_the_activation_dtype(monkeypatch, precision, rope_dtype):
+  """As OLMo (`q = self.q_norm(q).to(dtype=dtype)` before fp32 RoPE): under "original" the QK-norm output is rounded
+  to bf16 before RoPE, which also halves the bytes between the two kernels on a GPU."""
+  seen = []
+  rope = model.rope
+  monkeypatch.setattr(model, "rope", lambda x, theta: seen.append(x.dtype) or rope(x, theta))
+  spec = spec_for("tiny", precision=precision)
+  params = model.init_params(spec, jax.random.key(0))
+  model.bind(spec, params)(jnp.zeros((1, 8), jnp.int32))
+  assert seen and set(seen) == {jnp.dtype(rope_dtype)}

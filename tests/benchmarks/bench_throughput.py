@@ -30,6 +30,7 @@ from colorjax import data, metrics, model, score, sharding, train  # noqa: E402
 from colorjax import train_plan
 from configs import base  # noqa: E402
 import trace_summary  # noqa: E402  (beside this file)
+import variants  # noqa: E402  (beside this file)
 
 
 def peak_memory_gib():
@@ -51,6 +52,14 @@ def timed(fn, steps: int) -> float:
     out = fn()
   jax.block_until_ready(out)
   return (time.perf_counter() - start) / steps
+
+
+def save_hlo(args, compiled_fn, name: str):
+  """The optimized HLO, for counting fusions and fp32 elementwise ops offline."""
+  if args.hlo:
+    folder = pathlib.Path(args.hlo)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.hlo.txt").write_text(compiled_fn.as_text())
 
 
 def emit(record: dict):
@@ -75,9 +84,13 @@ def main():
   parser.add_argument("--store", default="", help="token store: also time training fed by the real loader")
   parser.add_argument("--profile", default="", help="folder for a jax.profiler trace of a few steps")
   parser.add_argument("--tag", default="", help="free text copied into every JSON line")
+  parser.add_argument("--variants", default="base", help="comma-separated tests/benchmarks/variants.py patches")
+  parser.add_argument("--xla-flags", default=None, help="XLA flags colorjax adds (default: configs/base.py's)")
+  parser.add_argument("--hlo", default="", help="folder for the optimized HLO text of the measured steps")
   args = parser.parse_args()
 
   cfg = base.get_config()
+  sharding.add_xla_flags(cfg.mesh.xla_flags if args.xla_flags is None else args.xla_flags)
   cfg.model = base.model_config(args.size)
   cfg.model.attention = args.attention
   cfg.model.remat = args.remat
@@ -98,10 +111,13 @@ def main():
 
   with sharding.use_mesh(mesh):
     params = jax.jit(lambda k: model.init_params(spec, k))(jax.random.key(0))
-    if args.what in ("train", "both"):
-      params = bench_train(args, cfg, spec, mesh, params, tokens, common, mfu)
-    if args.what in ("score", "both"):
-      bench_score(args, spec, mesh, params, tokens, common, mfu)
+    for variant in args.variants.split(","):
+      with variants.applied(variant):
+        tagged = {**common, "variant": variant}
+        if args.what in ("train", "both"):
+          params = bench_train(args, cfg, spec, mesh, params, tokens, tagged, mfu)
+        if args.what in ("score", "both"):
+          bench_score(args, spec, mesh, params, tokens, tagged, mfu)
 
 
 def bench_train(args, cfg, spec, mesh, params, tokens, common, mfu):
@@ -118,6 +134,7 @@ def bench_train(args, cfg, spec, mesh, params, tokens, common, mfu):
   batch = jax.device_put(tokens.reshape(plan.n_micro, plan.micro_batch, args.seq), batch_sh)
   step = train.build_train_step(spec, tx, schedule, plan, state_sh, batch_sh, param_sh, 1e-4, None, args.loss_chunk)
   step, compile_s = compiled(step, holder["state"], batch)
+  save_hlo(args, step, f"train-{common['variant']}")
 
   def train_once(tokens_mbt=batch):
     holder["state"], stats = step(holder["state"], tokens_mbt)
@@ -149,7 +166,7 @@ def bench_train(args, cfg, spec, mesh, params, tokens, common, mfu):
           "micro": plan.micro_batch, "ms_per_step": round(seconds * 1e3, 2), "tokens_per_s": round(tok_s),
           "mfu": mfu(tok_s, flops)})
   if args.profile:
-    trace_summary.profile(lambda: train_once(), pathlib.Path(args.profile) / "train", steps=3)
+    trace_summary.profile(lambda: train_once(), pathlib.Path(args.profile) / f"train-{common['variant']}", steps=3)
   return holder["state"]["params"]
 
 
@@ -164,6 +181,7 @@ def bench_score(args, spec, mesh, params, tokens, common, mfu):
   pool = jax.device_put(tokens[: args.score_batch], row_sh)
   score_step = score.build_score_step(spec, stacked_sh, row_sh, row_sh, None, args.score_chunk)
   score_step, compile_s = compiled(score_step, stacked, pool)
+  save_hlo(args, score_step, f"score-{common['variant']}")
   seconds = timed(lambda: score_step(stacked, pool), args.steps)
   pool_tok_s = pool.shape[0] * args.seq / seconds
   flops = model.flops_per_token(spec, args.seq, training=False)
@@ -172,7 +190,7 @@ def bench_score(args, spec, mesh, params, tokens, common, mfu):
         "model_tokens_per_s": round(k * pool_tok_s), "mfu": mfu(k * pool_tok_s, flops),
         "peak_memory_gib": peak_memory_gib(), "compile_s": round(compile_s, 1)})
   if args.profile:
-    trace_summary.profile(lambda: score_step(stacked, pool), pathlib.Path(args.profile) / "score", steps=3)
+    trace_summary.profile(lambda: score_step(stacked, pool), pathlib.Path(args.profile) / f"score-{common['variant']}", steps=3)
 
 
 if __name__ == "__main__":

@@ -13,26 +13,41 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 BENCH="python3 tests/benchmarks/bench_throughput.py"
 STORE=""; [ -f .bench_store/books/manifest.json ] && STORE="--store .bench_store/books"
+START=$(date +%s); BUDGET=${BUDGET:-100000}  # seconds for all runs: a run is cut to what is left, or skipped
 run() {
   local limit=$1; shift
-  echo "=== $* (limit ${limit}s)" | tee -a "$OUT/log.txt"
+  local left=$((BUDGET - ($(date +%s) - START) - 10))
+  [ "$left" -lt "$limit" ] && limit=$left
+  if [ "$limit" -lt 30 ]; then echo "=== skipped (budget): $*" | tee -a "$OUT/log.txt"; return; fi
+  echo "=== $* (limit ${limit}s, XLA_FLAGS=${XLA_FLAGS:-})" | tee -a "$OUT/log.txt"
   timeout "$limit" "$@" >>"$OUT/log.txt" 2>&1; echo "rc=$?" >>"$OUT/log.txt"
 }
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader
 python3 -c "import jax; print('jax', jax.__version__, jax.devices())"
-if [ "${1:-full}" = quick ]; then  # the short set: activation variants, the default step, micro 256, 1.2B
+case "${1:-full}" in
+quick)  # the default step and the 1.2B
   run 80 $BENCH --size 150m --micro 128 --steps 5 --tag quick
   run 100 $BENCH --size 1.2b --micro 32 --what train --steps 3 --tag quick
-else
+  ;;
+probe)  # this code ("base") against main 1f6746b ("legacy") and a candidate (tests/benchmarks/variants.py), one call
+  run 90 $BENCH --size 150m --what score --steps 8 --variants base,legacy,lse_online,ln_onepass --profile /tmp/prof \
+    --hlo "$OUT/hlo" --tag probe
+  run 110 $BENCH --size 150m --micro 128 --what train --steps 5 --variants legacy,base,lse_online --tag probe
+  run 80 $BENCH --size 150m --micro 256 --what train --steps 5 --variants base,lse_online --tag probe
+  run 140 $BENCH --size 1.2b --micro 32 --what train --steps 3 --variants base,lse_online --tag probe
+  gzip -f "$OUT"/hlo/*.txt 2>/dev/null
+  ;;
+*)
 run "${T_NEW:-110}" $BENCH --size 150m --micro 128 --steps 5 $STORE --profile /tmp/prof --tag new
 [ -d .bench_base ] && (cd .bench_base && run "${T_BASE:-100}" python3 tests/benchmarks/bench_throughput.py \
   --size 150m --batch 256 --micro 128 --steps 5)
 run "${T_BIG:-130}" $BENCH --size 1.2b --micro 32 --what train --steps 3 --tag new
 run "${T_M256:-75}" $BENCH --size 150m --micro 256 --steps 5 --score-models 1 --tag micro256
 run "${T_FP32:-75}" $BENCH --size 150m --micro 128 --steps 5 --precision fp32_residual --tag fp32_residual
-XLA_FLAGS="--xla_gpu_enable_triton_gemm=false" run "${T_FLAGS:-75}" $BENCH --size 150m --micro 128 --steps 5 \
-  --tag no_triton_gemm
-fi
+XLA_FLAGS="--xla_gpu_enable_triton_gemm=true" run "${T_FLAGS:-75}" $BENCH --size 150m --micro 128 --steps 5 \
+  --tag triton_gemm
+  ;;
+esac
 grep -h '^{' "$OUT/log.txt" > "$OUT/results.jsonl"
 grep -h -E '^(train|score)' "$OUT/log.txt" | sed 's/^/baseline /'
 grep -h -E '^\{' "$OUT/log.txt" | python3 -c '

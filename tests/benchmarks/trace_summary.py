@@ -38,7 +38,7 @@ def _trace_file(folder: pathlib.Path) -> pathlib.Path:
   return found[-1]
 
 
-def summarize(folder: pathlib.Path, steps: int = 1, top: int = 25) -> dict:
+def summarize(folder: pathlib.Path, steps: int = 1, top: int = 40) -> dict:
   """Per-step device time by event name: total, count, and the `top` names by time."""
   with gzip.open(_trace_file(folder), "rt") as f:
     trace = json.load(f)
