@@ -35,6 +35,7 @@ probe)  # this code ("base") against main 1f6746b ("legacy") and a candidate (te
   run 110 $BENCH --size 150m --micro 128 --what train --steps 5 --variants legacy,base,lse_online --tag probe
   run 80 $BENCH --size 150m --micro 256 --what train --steps 5 --variants base,lse_online --tag probe
   run 140 $BENCH --size 1.2b --micro 32 --what train --steps 3 --variants base,lse_online --tag probe
+  for f in "$OUT"/hlo/score-*.txt; do python3 tests/benchmarks/hlo_summary.py "$f" | head -4 | tee -a "$OUT/log.txt"; done
   gzip -f "$OUT"/hlo/*.txt 2>/dev/null
   ;;
 *)
