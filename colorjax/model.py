@@ -151,12 +151,16 @@ class Attention(nnx.Module):
     self.out = Linear(d, d, std / math.sqrt(2 * (layer + 1)), ("heads", "embed"), dtype, rngs=rngs)
     self.spec = spec
 
+  def normed_qk(self, q_btd, k_btd):
+    """QK-norm with its output back in the activation dtype, as OLMo (`q = self.q_norm(q).to(dtype=dtype)`): bf16
+    under "original", so RoPE (fp32 inside) reads half the bytes."""
+    return self.q_norm(q_btd).astype(self.spec.residual_dtype), self.k_norm(k_btd).astype(self.spec.residual_dtype)
+
   def __call__(self, x_btd):
     spec, dtype = self.spec, jnp.dtype(self.spec.compute_dtype)
     batch, seq, _ = x_btd.shape
     q_btd, k_btd, v_btd = jnp.split(self.qkv(x_btd), 3, axis=-1)
-    # As OLMo: QK-norm output back in the activation dtype (bf16 under "original"), then RoPE in fp32.
-    q_btd, k_btd = self.q_norm(q_btd).astype(spec.residual_dtype), self.k_norm(k_btd).astype(spec.residual_dtype)
+    q_btd, k_btd = self.normed_qk(q_btd, k_btd)
     shape_bthd = (batch, seq, spec.n_heads, spec.head_dim)
     q_bthd = rope(q_btd.reshape(shape_bthd), spec.rope_theta).astype(dtype)
     k_bthd = rope(k_btd.reshape(shape_bthd), spec.rope_theta).astype(dtype)

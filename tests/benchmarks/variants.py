@@ -5,12 +5,11 @@ measurement, so a change and its baseline are timed in one device call before (o
 """
 import contextlib
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 
-from colorjax import losses, model, sharding
+from colorjax import losses, model
 
 
 @functools.partial(jax.checkpoint, static_argnums=(2,))
@@ -24,22 +23,9 @@ def ln_onepass(x, gain, eps: float):
   return (x - mean) * jax.lax.rsqrt(var + eps) * gain.astype(jnp.float32)
 
 
-def attention_qk_fp32(self, x_btd):
-  """Attention as before the QK-norm cast: the norms' fp32 outputs go straight into RoPE."""
-  spec, dtype = self.spec, jnp.dtype(self.spec.compute_dtype)
-  batch, seq, _ = x_btd.shape
-  q_btd, k_btd, v_btd = jnp.split(self.qkv(x_btd), 3, axis=-1)
-  q_btd, k_btd = self.q_norm(q_btd), self.k_norm(k_btd)
-  shape_bthd = (batch, seq, spec.n_heads, spec.head_dim)
-  q_bthd = model.rope(q_btd.reshape(shape_bthd), spec.rope_theta).astype(dtype)
-  k_bthd = model.rope(k_btd.reshape(shape_bthd), spec.rope_theta).astype(dtype)
-  v_bthd = v_btd.reshape(shape_bthd).astype(dtype)
-  axes = ("batch", "seq", "act_heads", None)
-  q_bthd, k_bthd, v_bthd = (sharding.constrain(t, axes) for t in (q_bthd, k_bthd, v_bthd))
-  out_bthd = jax.nn.dot_product_attention(
-      q_bthd, k_bthd, v_bthd, is_causal=True, scale=1.0 / math.sqrt(spec.head_dim),
-      implementation=model.attention_impl(spec))
-  return self.out(out_bthd.reshape(batch, seq, spec.d_model))
+def qk_fp32(self, q_btd, k_btd):
+  """The QK-norm before the cast: its fp32 outputs go straight into RoPE (written and read back in fp32)."""
+  return self.q_norm(q_btd), self.k_norm(k_btd)
 
 
 def _online_pair(a, b):
@@ -63,7 +49,7 @@ def lse_online(logits_xv):
 
 PATCHES = {
     "ln_onepass": (model, "layer_norm", ln_onepass),
-    "qk_fp32": (model.Attention, "__call__", attention_qk_fp32),
+    "qk_fp32": (model.Attention, "normed_qk", qk_fp32),
     "lse_online": (losses, "logsumexp", lse_online),
 }
 ALIASES = {"legacy": "qk_fp32"}  # the code of main 1f6746b
