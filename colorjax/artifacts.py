@@ -119,6 +119,13 @@ def up_to_date(folder, request: dict, what: str, fix: str) -> bool:
                          f"{', '.join(changed)}); {fix} (nothing was overwritten)")
 
 
+def check_new(folder, what: str, fix: str) -> None:
+  """Before building an artifact that `publish` moves into `folder`: a folder already there that `up_to_date` did
+  not accept (no manifest) fails now, not after the work."""
+  if pathlib.Path(folder).exists():
+    raise errors.DataError(f"{folder} exists but is not {what}; {fix} (nothing was overwritten)")
+
+
 def write_manifest(folder: pathlib.Path, manifest: dict) -> None:
   """Write the manifest last, atomically: a folder with a manifest is a finished artifact."""
   path = pathlib.Path(folder) / MANIFEST

@@ -288,8 +288,17 @@ def data_dir(cfg, root: pathlib.Path, create: bool = True) -> str:
 
 
 def input_files(cfg, folder: str):
+  """The target and pool files; each needs its own source label, the name of its pool part and of its source in
+  reports (two files with one label would write one part over the other)."""
   target_files = resolve_files(folder, cfg.pipeline.target_files)
   pool_files = [f for f in resolve_files(folder, cfg.pipeline.pool_files) if f not in target_files]
+  by_label: dict = {}
+  for path in list(target_files) + list(pool_files):
+    other = by_label.setdefault(text_files.source_label(path), path)
+    if other != path:
+      raise errors.ConfigError(f"{other} and {path} have the same source label {text_files.source_label(path)!r}; "
+                               "rename one (the pool keeps one part per label: --config.pipeline.target_files, "
+                               "pool_files)")
   return target_files, pool_files
 
 

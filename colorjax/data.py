@@ -148,14 +148,29 @@ class TokenStore:
     return out
 
 
-def eval_stores(entries, tok_info: dict, against: str) -> dict:
+def check_store_fits(store: TokenStore, spec) -> None:
+  """A store a model reads (train, held-out eval) must fit its vocabulary and its context: RoPE would run past
+  the trained positions without an error, so a longer store gives silently wrong losses."""
+  if store.vocab_size > spec.vocab_size:
+    raise DataError(f"token store {store.path} has vocab {store.vocab_size} but model.vocab_size="
+                    f"{spec.vocab_size}; set --config.model.vocab_size to at least {store.vocab_size} "
+                    f"(rounded up to a multiple of 64: {-(-store.vocab_size // 64) * 64})")
+  if store.seq_len > spec.max_seq_len:
+    raise DataError(f"token store {store.path} has seq_len {store.seq_len} > model.max_seq_len="
+                    f"{spec.max_seq_len}; raise model.max_seq_len (training) or prepare the store with "
+                    f"--config.prepare.seq_len={spec.max_seq_len}")
+
+
+def eval_stores(entries, tok_info: dict, against: str, spec) -> dict:
   """data.eval_stores ("name=path", or a bare path named by its folder) as name -> TokenStore, each checked to use
-  the tokenizer `tok_info` describes (that of `against`: the training store or the params evaluated)."""
+  the tokenizer `tok_info` describes (that of `against`: the training store or the params evaluated) and to fit
+  the model `spec`."""
   stores = {}
   for entry in entries:
     name, path = entry.split("=", 1) if "=" in entry else (pathlib.Path(entry).name, entry)
     store = TokenStore(path)
     tokenizer_lib.check_same_tokenizer(store.manifest["tokenizer"], f"eval store {path}", tok_info, against)
+    check_store_fits(store, spec)
     if name in stores:
       raise errors.ConfigError(f"data.eval_stores names {name!r} twice; give each store its own name=path")
     stores[name] = store

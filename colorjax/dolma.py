@@ -187,8 +187,7 @@ def adopt(cfg) -> pathlib.Path:
                            "relabel (nothing was overwritten)")
     common.print_main(f"dolma adopt: {output} is up to date; nothing to do")
     return output
-  if output.exists():
-    raise data.DataError(f"{output} exists but is not a token store; choose another --config.workdir")
+  artifacts.check_new(output, "a token store", "choose another --config.workdir")
   first = 0
   for entry, label in zip(entries, label_ids):
     entry.update(first_id=first, label=label)

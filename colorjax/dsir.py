@@ -203,6 +203,7 @@ def run(cfg) -> pathlib.Path:
   if artifacts.up_to_date(workdir, request, "another selection", "choose another --config.workdir"):
     print(f"dsir: {workdir} is up to date; nothing to do")
     return workdir
+  artifacts.check_new(workdir, "a selection", "choose another --config.workdir")
   k = selection_size(cfg, pool.num_sequences, pool.seq_len)
   if not metrics.is_main():  # a CPU stage: process 0 of a multi-host job does it all
     return workdir

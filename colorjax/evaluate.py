@@ -253,7 +253,8 @@ def format_table(results: dict) -> str:
   rows = [(k, f"{v:.4f}") for k, v in results.items() if not k.startswith("mc/")]
   rows += [(k[3:], f"{100 * v:.2f}") for k, v in results.items() if k.startswith("mc/") and k != "mc/mean"]
   if "mc/mean" in results:
-    rows.append(("mean (8-task)" if len(rows) >= 8 else "mean", f"{100 * results['mc/mean']:.2f}"))
+    n_tasks = sum(k.startswith("mc/") and k != "mc/mean" for k in results)
+    rows.append((f"mean ({n_tasks}-task)", f"{100 * results['mc/mean']:.2f}"))
   width = max((len(k) for k, _ in rows), default=4)
   return "\n".join(f"{k:<{width}}  {v:>8}" for k, v in rows)
 
@@ -294,7 +295,10 @@ def run(cfg) -> dict:
     raise data.DataError(f"{out_path} already exists; choose another --config.workdir (nothing was overwritten)")
   mesh = sharding.make_mesh(cfg.mesh)
   param_sh = sharding.tree_shardings(model.abstract_params(spec), model.param_axes(spec), mesh)
-  stores = data.eval_stores(cfg.data.eval_stores, manifest["tokenizer"], f"the params {params_dir}")
+  stores = data.eval_stores(cfg.data.eval_stores, manifest["tokenizer"], f"the params {params_dir}", spec)
+  if cfg.eval.tokenizer:
+    tokenizer_lib.check_tokenizer_file(cfg.eval.tokenizer, manifest["tokenizer"], "--config.eval.tokenizer",
+                                       f"the params {params_dir}")
   tokenizer_path = cfg.eval.tokenizer or tokenizer_lib.checked_tokenizer_path(params_dir, manifest["tokenizer"])
   heldout, mc = build_evaluators(cfg, spec, mesh, param_sh, tokenizer_path, stores)
   if heldout is None and mc is None:

@@ -110,9 +110,14 @@ class MetricsWriter:
       self._drop_after(truncate_after_step)
 
   def _drop_after(self, step: int):
-    """On resume, drop records of steps past the checkpoint: the resumed run writes them again, identically."""
+    """On resume, drop records of steps past the checkpoint and the evaluation at it (a kill during that eval would
+    lose it, so the resumed run always evaluates there again): the resumed run writes them again, identically."""
     lines = self.path.read_text().splitlines()
-    keep = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    keep = []
+    for line in lines:
+      record = json.loads(line) if line.strip() else None
+      if record is not None and (record.get("step", 0), record.get("event") == "eval") < (step, True):
+        keep.append(line)
     if len(keep) != len(lines):
       print(f"resume: dropping {len(lines) - len(keep)} metric records after step {step} (they are recomputed)")
       self.path.write_text("".join(line + "\n" for line in keep))

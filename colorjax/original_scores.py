@@ -307,10 +307,11 @@ def read_selected(path: pathlib.Path, n: int) -> np.ndarray:
   ids = np.fromfile(path, dtype=np.uint32).astype(np.int64)
   if not ids.size:
     raise data.DataError(f"{path} holds no ids; {fix}")
-  outside, repeated = ids[ids >= n], np.flatnonzero(np.bincount(ids, minlength=n) > 1)
+  outside = ids[ids >= n]
   if outside.size:
     raise data.DataError(f"{path} selects ids {_examples(np.unique(outside))} outside the store's {n:,} sequences: it "
                          "was selected from another pool; pass the store adopted from the files it was scored on")
+  repeated = np.flatnonzero(np.bincount(ids, minlength=n) > 1)
   if repeated.size:
     raise data.DataError(f"{path} selects ids {_examples(repeated)} more than once; it is not select_index_np.py's "
                          "output (or is corrupt)")

@@ -83,6 +83,8 @@ def check_settings(cfg) -> None:
     if method in ("dsir", "rho_down") and pcfg.target == "tasks":
       raise errors.ConfigError(f"pipeline method {method} needs target text (pipeline.target=text): it models the "
                                "target's text (use rho_down_prior, which uses the conditional, with target=tasks)")
+  if min(pcfg.seeds) < 0 or cfg.seed < 0:
+    raise errors.ConfigError(f"seed={cfg.seed}, pipeline.seeds={tuple(pcfg.seeds)}: seeds are integers >= 0")
   for tau in list(pcfg.taus) + ([pcfg.curve_tau] if pcfg.curve_tau else []):
     if not (math.isfinite(tau) and tau >= 1):
       raise errors.ConfigError(f"pipeline tau {tau}: keep the top 1/tau of the pool, so tau is a number >= 1")
@@ -95,6 +97,30 @@ def check_settings(cfg) -> None:
                              "target_eval_store (token stores of the target's finetune and held-out text)")
   for section in ("prior", "conditional", "reference", "target"):  # a missing mirror package: before any stage runs
     metrics.check_mirrors(cfg[section].train, f"{section}.train")
+  check_unused_sections(cfg)
+
+
+# Top-level fields a pipeline never reads (each stage has its own section), and where the setting goes instead.
+UNUSED = {"train": "prior.train, conditional.train, reference.train or target.train",
+          "model": "prior.model (prior and conditional) or target.model",
+          "prepare.seq_len": "pipeline.seq_len", "prepare.tokenizer": "pipeline.tokenizer",
+          "prepare.inputs": "pipeline.target_files / pool_files", "prepare.output": "(the pipeline's workdir)"}
+
+
+def check_unused_sections(cfg) -> None:
+  """An override of a field the pipeline ignores fails here, naming the field that takes the setting."""
+  defaults = base.get_config()
+  for name, instead in UNUSED.items():
+    section, _, field = name.partition(".")
+    given, default = cfg[section], defaults[section]
+    if field:
+      changed = [field] if given[field] != default[field] else []
+    else:
+      changed = [k for k, v in given.to_dict().items() if v != default[k]]
+    if changed:
+      fields = ", ".join(f"{section}.{k}" for k in changed) if not field else name
+      raise errors.ConfigError(f"{fields}: a pipeline does not read the top-level {section!r} settings; set "
+                               f"{'it' if field else 'them'} in {instead}")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -137,22 +137,27 @@ def _changed_inputs(saved: dict, request: dict) -> str:
   return "; ".join(parts + ([f"settings differ: {', '.join(others)}"] if others else [])) or "order of inputs"
 
 
-def _finalize_labels(entries: list, folder: pathlib.Path) -> list[str]:
-  """Global label list; single-label files get an id, mixed files' label arrays are remapped to global ids."""
+def _finalize_labels(entries: list, folder: pathlib.Path) -> tuple[list[str], list[pathlib.Path]]:
+  """Global label list; single-label files get an id, mixed files' label arrays are remapped to global ids into new
+  files (the per-file ones stay as the done markers describe them until the markers go: a kill here and a resume
+  remap the same input again, never a remapped array twice). Returns the names and the per-file arrays to delete."""
   names: list[str] = []
   for entry in entries:
     for name in entry["label_names"]:
       if name not in names:
         names.append(name)
+  local_arrays = []
   for entry in entries:
     local_names = entry.pop("label_names")
     if "label_array" in entry:
       to_global = np.asarray([names.index(n) for n in local_names], dtype=np.uint16)
-      path = folder / entry["label_array"]
-      np.save(path, to_global[np.load(path)])
+      local = folder / entry["label_array"]
+      entry["label_array"] = local.name.replace(".npy", ".global.npy")
+      np.save(folder / entry["label_array"], to_global[np.load(local)])
+      local_arrays.append(local)
     else:
       entry["label"] = names.index(local_names[0]) if local_names else 0
-  return names
+  return names, local_arrays
 
 
 def _existing_entries(output: pathlib.Path) -> list:
@@ -248,7 +253,7 @@ def _build(cfg, output, files, tokenizer, tok_info, prints, request) -> pathlib.
 
   entries = [done[i] for i in range(len(files))]
   _check_not_empty(entries, partial, int(pcfg.seq_len))
-  labels = _finalize_labels(entries, partial)
+  labels, local_label_arrays = _finalize_labels(entries, partial)
   offset = 0
   for entry in entries:
     entry["first_id"] = offset
@@ -271,6 +276,8 @@ def _build(cfg, output, files, tokenizer, tok_info, prints, request) -> pathlib.
   }
   for marker in partial.glob("done-*.json"):
     marker.unlink()
+  for local in local_label_arrays:
+    local.unlink()
   request_path.unlink()
   (partial / tokenizer_lib.TOKENIZER).write_text(tokenizer.to_str())
   artifacts.write_manifest(partial, manifest)

@@ -35,10 +35,18 @@ from colorjax import storage
 
 
 def _zarr(path: pathlib.Path, create: bool = False, **kw):
+  """Open a score array; `create` also opens one of the same shape and dtype already there: a start that died
+  before its manifest, or a shard job of the same request starting at the same moment (no chunk is scored before
+  the manifest exists, so nothing in it is trusted)."""
   spec = {"driver": "zarr", "kvstore": {"driver": "file", "path": str(path)}}
-  if create:
-    return ts.open(spec, create=True, **kw).result()
-  return ts.open(spec, open=True).result()
+  try:
+    return ts.open(spec, create=create, open=True, **kw).result()
+  except ValueError as e:
+    if create:
+      raise data.DataError(f"{path} exists with another shape or dtype, and {path.parent} has no manifest (a start "
+                           "of another job that died); delete that folder or choose another --config.workdir") from e
+    raise data.DataError(f"{path} is missing or unreadable ({e}); re-run the score stage into a new "
+                         "--config.workdir") from e
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -200,6 +208,8 @@ def run(cfg) -> pathlib.Path:
   if not cfg.workdir:
     raise errors.ConfigError("set --config.workdir to the folder the scores go to")
   workdir = pathlib.Path(cfg.workdir).resolve()
+  if not scfg.store:
+    raise errors.ConfigError("set --config.score.store to the pool's token store (a prepare or dolma output)")
   profiler = metrics.StepProfiler(cfg.profile_steps, workdir / "profile")
   store = data.TokenStore(scfg.store)
   request = scores_request(store.id, describe_models(model_entries(cfg)[0]))

@@ -185,6 +185,8 @@ def run(cfg) -> pathlib.Path:
   check_settings(cfg)
   if not cfg.workdir:
     raise errors.ConfigError("set --config.workdir to the folder the selection goes to")
+  if not scfg.scores:
+    raise errors.ConfigError("set --config.select.scores to a score folder (the score stage's workdir)")
   workdir = pathlib.Path(cfg.workdir).resolve()
   scores = score_lib.Scores(scfg.scores)
   store = data.TokenStore(scores.store_path())
@@ -195,6 +197,7 @@ def run(cfg) -> pathlib.Path:
   if artifacts.up_to_date(workdir, request, "another selection", "choose another --config.workdir"):
     print(f"select: {workdir} is up to date; nothing to do")
     return workdir
+  artifacts.check_new(workdir, "a selection", "choose another --config.workdir")
   n = scores.num_sequences
   k = selection_size(cfg, n, store.seq_len)
   scores.check_complete()

@@ -35,6 +35,7 @@ def build_sft_store(task_names, data_dir, split: str, tokenizer_path, tok_info: 
   request = sft_request(task_names, data_dir, split, tok_info, seq_len, limit)
   if artifacts.up_to_date(output, request, "SFT rows", "delete it or choose another folder"):
     return output
+  artifacts.check_new(output, "a token store of SFT rows", "delete it or choose another folder")
   partial = output.with_name(output.name + ".partial")
   if partial.exists():
     shutil.rmtree(partial)

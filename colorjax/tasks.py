@@ -192,7 +192,11 @@ def load_docs(
   path = split_path(task, split, data_dir)
   if path is None:
     raise _missing_file_error(task, split, data_dir, setting)
-  return read_jsonl(path, limit)
+  docs = read_jsonl(path, limit)
+  if not docs and limit != 0:
+    raise MissingTaskData(f"{path} holds no documents (an interrupted download?); re-create it, or point "
+                          f"{setting or DIR_SETTINGS} at a folder with a complete <task>/<split>.jsonl.gz")
+  return docs
 
 
 def train_tasks(data_dir: str | os.PathLike) -> tuple[str, ...]:

@@ -56,14 +56,18 @@ def _special_id(tokenizer, names, given: int, what: str, field: str, where: str)
                          f"the id to use")
 
 
+def content_sha256(tokenizer) -> str:
+  """The tokenizer's identity: a hash of its canonical serialization (not of a file's bytes or name)."""
+  return hashlib.sha256(tokenizer.to_str().encode("utf-8")).hexdigest()
+
+
 def tokenizer_info(tokenizer, name: str, eos_id: int = -1, pad_id: int = -1) -> dict:
   """What a store records of its tokenizer: a name, a content hash, its size and special ids (EOS ends every
   document; PAD fills SFT rows). Ids come from the tokenizer's known special tokens unless given (>= 0); a
   tokenizer with none must be given them, never a silent fallback."""
-  serialized = tokenizer.to_str()
   return {
       "name": str(name),
-      "sha256": hashlib.sha256(serialized.encode("utf-8")).hexdigest(),
+      "sha256": content_sha256(tokenizer),
       "vocab_size": int(tokenizer.get_vocab_size(with_added_tokens=True)),
       "eos_id": _special_id(tokenizer, EOS_NAMES, eos_id, "end-of-document", "prepare.eos_id", name),
       "pad_id": _special_id(tokenizer, PAD_NAMES, pad_id, "padding", "prepare.pad_id", name),
@@ -75,6 +79,13 @@ def check_same_tokenizer(a: dict, a_what: str, b: dict, b_what: str) -> None:
   if a["sha256"] != b["sha256"]:
     raise errors.DataError(f"{a_what} uses tokenizer {a['name']}, {b_what} uses {b['name']} (another tokenizer by "
                            "content); build both with one tokenizer")
+
+
+def check_tokenizer_file(path, tok_info: dict, setting: str, against: str) -> None:
+  """A tokenizer file given by `setting` must be the tokenizer `against` was made with (by content)."""
+  if content_sha256(load_tokenizer(str(path))) != tok_info["sha256"]:
+    raise errors.DataError(f"{setting}={path} is another tokenizer than {against} was made with ({tok_info['name']}, "
+                           f"by content); leave {setting} empty to use the tokenizer it carries")
 
 
 def checked_tokenizer_path(folder, tok_info: dict) -> pathlib.Path:

@@ -126,6 +126,10 @@ def run(cfg) -> pathlib.Path:
   if not (math.isfinite(cfg.train.checkpoint_minutes) and cfg.train.checkpoint_minutes >= 0):
     raise errors.ConfigError(f"train.checkpoint_minutes={cfg.train.checkpoint_minutes}: minutes between checkpoints, "
                              ">= 0 (0 = off)")
+  if cfg.train.log_every < 1:
+    raise errors.ConfigError(f"train.log_every={cfg.train.log_every}: steps per metrics record, >= 1")
+  if cfg.seed < 0:
+    raise errors.ConfigError(f"seed={cfg.seed}: the seed of init and data order is an integer >= 0")
   inputs = train_run.resolve_inputs(cfg, workdir, spec)
   finished = train_run.check_run_folder(cfg, workdir, inputs.request)
   multihost_utils.sync_global_devices(f"checked {workdir}")  # every host checks before process 0 writes
@@ -154,10 +158,11 @@ def _train(cfg, workdir, spec, mesh, inputs: train_run.Inputs, index, started: l
   if cfg.sft.tasks:
     train_run.build_sft_stores(cfg, inputs, spec)
   store = data.TokenStore(inputs.store_path)
-  train_run.check_store_fits(store, spec)
+  data.check_store_fits(store, spec)
   plan_ = train_plan.step_plan(cfg, store.num_sequences if index is None else index.size, store.seq_len,
                                sharding.data_parallel_size(mesh))
-  eval_sets = data.eval_stores(cfg.data.eval_stores, store.manifest["tokenizer"], f"the training store {store.path}")
+  eval_sets = data.eval_stores(cfg.data.eval_stores, store.manifest["tokenizer"], f"the training store {store.path}",
+                               spec)
   if inputs.sft_eval_path is not None:
     eval_sets[f"tasks_{cfg.sft.eval_split}"] = data.TokenStore(inputs.sft_eval_path)
   train_run.write_run_folder(cfg, workdir, inputs.request)
@@ -267,8 +272,9 @@ def train_loop(cfg, state, train_step, source, start_step: int, plan_: train_pla
         results.update(evaluator(state["params"]))
       log.eval(step, results)
 
-  if start_step == 0:
-    log_eval(0)
+  eval_due = lambda step: step == 0 or bool(cfg.train.eval_every and step % cfg.train.eval_every == 0)
+  if start_step < plan_.total_steps and eval_due(start_step):  # a resume: again, see metrics.MetricsWriter
+    log_eval(start_step)
   prefetch = data.Prefetcher(source, range(start_step, plan_.total_steps), cfg.data.prefetch)
   profiler = metrics.StepProfiler(cfg.profile_steps, workdir / "profile")
   pending, stopped = None, None
@@ -324,7 +330,7 @@ def describe(cfg, num_items: int | None = None, seq_len: int | None = None, size
   store_exists = bool(cfg.data.train_store) and pathlib.Path(cfg.data.train_store, data.MANIFEST).exists()
   if store_exists:
     store = data.TokenStore(cfg.data.train_store)
-    train_run.check_store_fits(store, spec)
+    data.check_store_fits(store, spec)
     seq_len = store.seq_len
     if cfg.data.index and pathlib.Path(cfg.data.index).exists():
       num_items = data.load_index(cfg.data.index, store).size

@@ -33,6 +33,8 @@ def run_request(cfg, spec: model.ModelSpec, store_id: str, padded: bool, index_i
              "model": spec.architecture(), "precision": spec.precision,
              "train": {k: cfg.train[k] for k in TRAIN_KEYS},
              "loss_on_padding": bool(padded and cfg.sft.loss_on_padding)}
+  if spec.compute_dtype != "bfloat16":  # bf16 (the original's) is implied, so runs made before this key keep ids
+    request["compute_dtype"] = spec.compute_dtype
   if cfg.train.rho_tau:
     request["rho"] = {"tau": float(cfg.train.rho_tau), "reference": reference_id}
   return request
@@ -72,7 +74,7 @@ def resolve_inputs(cfg, workdir: pathlib.Path, spec: model.ModelSpec) -> Inputs:
     if not cfg.data.train_store:
       raise errors.ConfigError("set --config.data.train_store (or --config.sft.tasks to finetune on downstream tasks)")
     store = data.TokenStore(cfg.data.train_store)
-    check_store_fits(store, spec)
+    data.check_store_fits(store, spec)
     if init_manifest is not None:
       tokenizer_lib.check_same_tokenizer(init_manifest["tokenizer"], f"the params {cfg.train.init_from}",
                                          store.manifest["tokenizer"], f"the training store {store.path}")
@@ -99,16 +101,6 @@ def build_sft_stores(cfg, inputs: Inputs, spec: model.ModelSpec) -> None:
     metrics.on_main_then_sync(lambda s=split, p=path: sft_store.build_sft_store(
         cfg.sft.tasks, cfg.sft.data_dir, s, tokenizer, tok_info, spec.max_seq_len, p, limit=cfg.sft.limit),
         f"sft rows {split}")
-
-
-def check_store_fits(store: data.TokenStore, spec: model.ModelSpec) -> None:
-  if store.vocab_size > spec.vocab_size:
-    raise data.DataError(f"token store {store.path} has vocab {store.vocab_size} but model.vocab_size="
-                         f"{spec.vocab_size}; set --config.model.vocab_size to at least {store.vocab_size} "
-                         f"(rounded up to a multiple of 64: {-(-store.vocab_size // 64) * 64})")
-  if store.seq_len > spec.max_seq_len:
-    raise data.DataError(f"token store {store.path} has seq_len {store.seq_len} > model.max_seq_len="
-                         f"{spec.max_seq_len}; raise model.max_seq_len or prepare with a shorter seq_len")
 
 
 def check_run_folder(cfg, workdir: pathlib.Path, request: dict) -> bool:

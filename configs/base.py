@@ -198,7 +198,8 @@ def stage_config(cfg, stage: str, **sections) -> ml_collections.ConfigDict:
   out.stage = stage
   out.seed = cfg.seed
   out.dry_run_devices = cfg.dry_run_devices
-  for name in ("mesh", "data", "eval", "sft", "score", "select"):
+  out.profile_steps = cfg.profile_steps
+  for name in ("mesh", "data", "eval", "sft", "score", "select", "dsir", "prepare"):
     out[name] = ml_collections.ConfigDict(cfg[name].to_dict())
   for name, value in sections.items():
     out[name] = ml_collections.ConfigDict(value.to_dict()) if isinstance(value, ml_collections.ConfigDict) else value

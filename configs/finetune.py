@@ -34,4 +34,6 @@ def get_config(arg: str = "books"):
     c.train.global_batch_size = 16
     c.train.log_every = 10
     c.train.eval_batches = 8
+  if size in ("150m", "1.2b"):  # as pretrain: the whole 256-row batch in one pass needs ~160 GiB of activations
+    c.train.micro_batch_size = 64 if size == "150m" else 16
   return c

@@ -158,7 +158,7 @@ def _paper(c, preset: str):
   if size == "1.2b":
     c.target.train.max_steps = 192_000
     c.target.train.warmup_steps = 8000
-  for t in (c.train, c.prior.train, c.conditional.train, c.target.train):  # each stage reads its own train section
+  for t in (c.prior.train, c.conditional.train, c.target.train):  # each stage reads its own train section
     t.eval_batches = 100
   c.score.batch_size = 256
   c.score.loss_chunk = 64

@@ -11,6 +11,8 @@ from configs import pretrain
 
 def get_config(arg: str = "150m"):
   size, _, anneal = arg.partition(",")
+  if anneal not in ("", "anneal"):
+    raise ValueError(f"target config arg {arg!r}: the only option after the size is ',anneal'")
   c = pretrain.get_config(size)
   c.stage = "pretrain"
   c.train.single_pass = True

@@ -84,3 +84,25 @@ def test_defaults_outside_the_paper_presets():
   assert cfg.model.precision == "original"
   for preset in ("demo", "books", "tasks"):
     assert not make_config("pipeline", preset).sft.loss_on_padding
+
+
+def test_finetune_configs_of_the_paper_sizes_accumulate_like_pretraining():
+  for size in ("150m", "1.2b"):
+    want = make_config("pretrain", size).train.micro_batch_size
+    assert make_config("finetune", f"books,{size}").train.micro_batch_size == want > 0
+  with pytest.raises(ValueError, match="only option after the size is ',anneal'"):
+    make_config("target", "150m,aneal")
+  assert make_config("target", "150m,anneal").train.anneal_to_data
+
+
+def test_pipeline_refuses_top_level_sections_it_does_not_read_and_passes_the_ones_it_does():
+  from colorjax import errors, pipeline
+  for override, message in ((dict(train__lr=3e-4), "train.lr: a pipeline does not read the top-level 'train'"),
+                            (dict(model__d_model=256), "set them in prior.model"),
+                            (dict(prepare__seq_len=256), "set it in pipeline.seq_len"),
+                            (dict(pipeline__seeds=(0, -1)), "seeds are integers >= 0")):
+    with pytest.raises(errors.ConfigError, match=message.replace("(", r"\(")):
+      pipeline.check_settings(make_config("pipeline", "books", **override))
+  cfg = make_config("pipeline", "books", dsir__ngram=3, prepare__workers=3, profile_steps="2:4")
+  dsir_cfg = base.stage_config(cfg, "dsir")
+  assert (dsir_cfg.dsir.ngram, dsir_cfg.prepare.workers, dsir_cfg.profile_steps) == (3, 3, "2:4")

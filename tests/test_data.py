@@ -140,6 +140,32 @@ def test_mixed_source_file_gets_per_sequence_labels(tmp_path, neox_tokenizer_pat
   assert store.labels() == ["a", "b", "mixed"]
 
 
+def test_a_kill_after_the_label_remap_resumes_to_the_same_labels(tmp_path, neox_tokenizer_path, monkeypatch):
+  """The second file's sources appear as (b, a), the store's as (a, b): its labels are remapped, and a resume after
+  a kill during that remap must not remap them twice."""
+  for name, order in (("m1.jsonl", "ab"), ("m2.jsonl", "ba")):
+    docs = [{"text": f"{s}word " * 200, "source": s} for s in order]
+    (tmp_path / name).write_text("".join(json.dumps(d) + "\n" for d in docs))
+  cfg = lambda out: prepare_cfg([tmp_path / "m*.jsonl"], neox_tokenizer_path, tmp_path / out, seq_len=64, workers=1)
+  prepare.run(cfg("whole"))
+  remap = prepare._finalize_labels
+
+  def killed(*args):
+    remap(*args)
+    raise SystemExit("killed after the remap")
+  monkeypatch.setattr(prepare, "_finalize_labels", killed)
+  with pytest.raises(SystemExit):
+    prepare.run(cfg("resumed"))
+  monkeypatch.setattr(prepare, "_finalize_labels", remap)
+  prepare.run(cfg("resumed"))
+  stores = [data.TokenStore(tmp_path / name) for name in ("whole", "resumed")]
+  labels = [[s.labels()[i] for i in s.label_ids(np.arange(s.num_sequences))] for s in stores]
+  assert labels[0] == labels[1] and stores[0].labels() == ["a", "b"]
+  assert labels[0][-1] == "a" and "b" in labels[0][len(labels[0]) // 2:]
+  assert sorted(f.name for f in (tmp_path / "resumed").glob("labels-*")) == [
+      "labels-00000.global.npy", "labels-00001.global.npy"]
+
+
 def test_plain_text_files_are_one_document_each(tmp_path, neox_tokenizer_path):
   for name in ("x.txt", "y.txt"):
     (tmp_path / name).write_text("The quick brown fox. " * 100)

@@ -322,11 +322,16 @@ def test_bad_inputs_name_the_file_and_the_fix(fixture, pool, neox_tokenizer_path
   with pytest.raises(errors.DataError, match=r"selected_indices\.npy selects ids .* outside the store's 64"):
     dolma.run(make_config("dolma", "import_selection", workdir=str(tmp_path / "f"), dolma__store=str(target.path),
                           dolma__selection=str(fixture / "selection")))
+  (tmp_path / "huge").mkdir()
+  np.array([3, 2**32 - 1], np.uint32).tofile(tmp_path / "huge" / "selected_indices.npy")
+  with pytest.raises(errors.DataError, match=r"selects ids 4294967295 outside"):  # refused before any histogram
+    dolma.run(make_config("dolma", "import_selection", workdir=str(tmp_path / "g"), dolma__store=str(target.path),
+                          dolma__selection=str(tmp_path / "huge")))
   broken = _copy_shard(fixture / "scores/prior-1/score", tmp_path / "prior-1/score")
   (broken / "1.npy").unlink()
   with pytest.raises(errors.DataError, match=r"files\.txt:1 names /gpfs/ckpt/prior-1/score/1\.npy.*copy that file"):
     original_scores.read_shard(broken)
-  assert not any((tmp_path / name).exists() for name in "abcdef")
+  assert not any((tmp_path / name).exists() for name in "abcdefg")
 
 
 def test_a_changed_token_file_is_refused_on_read(fixture, neox_tokenizer_path, tmp_path):

@@ -273,3 +273,24 @@ def test_missing_task_data_errors_name_the_config_fields(tmp_path):
   with pytest.raises(errors.DataError) as info:
     tasks.load_docs("boolq", "train", tmp_path)  # the SFT path (sft_store.build_sft_store) names both flags
   assert "--config.sft.data_dir" in str(info.value) and "--config.eval.tasks_dir" in str(info.value)
+
+
+def test_eval_refuses_a_longer_store_and_another_tokenizer_before_any_work(synthetic_prior, synthetic_store,
+                                                                            neox_tokenizer_path, tmp_path):
+  store = data.TokenStore(synthetic_store)
+  spec = model.ModelSpec(d_model=64, n_layers=1, n_heads=2, mlp_hidden=128, vocab_size=512, max_seq_len=32)
+  with pytest.raises(errors.DataError, match="seq_len 64 > model.max_seq_len=32") as info:
+    data.eval_stores((f"s={synthetic_store}",), store.manifest["tokenizer"], "the params", spec)
+  assert str(synthetic_store) in str(info.value) and "--config.prepare.seq_len=32" in str(info.value)
+  export, _ = synthetic_prior
+  cfg = make_config("eval", "tiny", eval__params=str(export), eval__tokenizer=str(neox_tokenizer_path),
+                    data__eval_stores=(f"s={synthetic_store}",), workdir=str(tmp_path / "ev"))
+  with pytest.raises(errors.DataError, match="--config.eval.tokenizer=.* is another tokenizer than the params"):
+    evaluate.run(cfg)
+  assert not (tmp_path / "ev").exists()
+
+
+def test_the_table_counts_the_tasks_it_averages():
+  table = evaluate.format_table({"books_loss": 3.0, "heldout_loss": 3.2, **{f"mc/t{i}": 0.5 for i in range(6)},
+                                 "mc/mean": 0.5})
+  assert "mean (6-task)" in table and "8-task" not in table

@@ -102,3 +102,16 @@ def test_paper_presets_dry_run(preset, target_steps):
   if preset == "paper-1.2b":
     assert "params: total=1,414,203,392 non_embedding=1,208,158,208" in out
     assert "20,874 x 256 x 512" in out  # tau=64: 2.7B tokens, stops before the 192k-step schedule ends
+
+
+def test_two_input_files_with_one_source_label_are_refused(tmp_path):
+  """Each file becomes the pool part <label>.jsonl.gz: same-named files in two folders would overwrite each other."""
+  from colorjax import errors
+  for folder in ("d1", "d2", "t"):
+    (tmp_path / folder).mkdir()
+    (tmp_path / folder / ("news.jsonl" if folder != "t" else "target.jsonl")).write_text('{"text": "x"}\n')
+  cfg = make_config("pipeline", "books", pipeline__data_dir=str(tmp_path), pipeline__target_files=("t/*.jsonl",),
+                    pipeline__pool_files=("d1/*.jsonl", "d2/*.jsonl"))
+  with pytest.raises(errors.ConfigError, match="same source label 'news'") as info:
+    corpus.input_files(cfg, str(tmp_path))
+  assert all(str(tmp_path / d / "news.jsonl") in str(info.value) for d in ("d1", "d2"))

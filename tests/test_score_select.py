@@ -220,6 +220,12 @@ def test_select_stage_methods_and_manifest(synthetic_store, tmp_path):
     with pytest.raises(errors.ConfigError, match=re.escape(message)):
       select_lib.run(make_config("select", "color", workdir=str(tmp_path / name), **common, **field))
     assert not (tmp_path / name).exists()
+  (tmp_path / "by_hand").mkdir()
+  with pytest.raises(data.DataError, match="by_hand exists but is not a selection"):
+    select_lib.run(make_config("select", "color,7", workdir=str(tmp_path / "by_hand"), **common))
+  assert list((tmp_path / "by_hand").iterdir()) == []
+  with pytest.raises(errors.ConfigError, match="set --config.select.scores"):
+    select_lib.run(make_config("select", "color,7", workdir=str(tmp_path / "unset")))
   nll[5, 0] = np.nan
   score_lib.Scores(tmp_path / "scores").nll[:].write(nll).result()
   with pytest.raises(data.DataError, match="sequence 5 is NaN"):
@@ -315,3 +321,16 @@ def test_sigterm_stops_scoring_after_the_finished_chunks(synthetic_store, synthe
   score_lib.run(config(folder))
   assert f"{partial} of {total} chunks already done" in capsys.readouterr().out
   np.testing.assert_array_equal(read_bits(folder), want)
+
+
+def test_a_score_folder_whose_start_died_before_its_manifest(synthetic_store, tmp_path):
+  """Arrays without a manifest (a killed start, or a shard job starting at the same moment) are reopened when they
+  have the job's layout, and refused by name when they do not."""
+  store = data.TokenStore(synthetic_store)
+  nll = np.ones((store.num_sequences, 2), np.float32)
+  _fake_scores(tmp_path / "s", store, nll)
+  (tmp_path / "s" / "manifest.json").unlink()
+  np.testing.assert_array_equal(_fake_scores(tmp_path / "s", store, nll).read(0, 5), nll[:5])
+  (tmp_path / "s" / "manifest.json").unlink()
+  with pytest.raises(data.DataError, match="nll.zarr exists with another shape or dtype"):
+    _fake_scores(tmp_path / "s", store, nll[:-1])

@@ -620,3 +620,11 @@ def test_render_rejects_bad_docs_naming_task_and_doc(task, doc, match):
   with pytest.raises(ValueError, match=match) as info:
     tasks.render(task, doc, 4)
   assert str(info.value).startswith(f"{task} doc 4: ")
+
+
+def test_empty_split_file_is_named_not_evaluated_as_zero_examples(tmp_path):
+  _write(tmp_path / "piqa" / "validation.jsonl.gz", [])
+  with pytest.raises(tasks.MissingTaskData, match="holds no documents") as info:
+    tasks.load_docs("piqa", "validation", tmp_path, setting="--config.eval.tasks_dir")
+  assert str(tmp_path / "piqa" / "validation.jsonl.gz") in str(info.value)
+  assert "--config.eval.tasks_dir" in str(info.value)

@@ -156,6 +156,9 @@ def test_killed_run_resumes_with_identical_losses(synthetic_store, tmp_path):
     run_cli(cli_args(tiny_train_overrides(synthetic_store, killed, **common)))
   with pytest.raises(AssertionError, match=r"differ \(train.lr\)"):
     run_cli(cli_args(tiny_train_overrides(synthetic_store, killed, train__resume=True, train__lr=0.5, **common)))
+  with pytest.raises(AssertionError, match=r"differ \(compute_dtype\)"):  # the fp32 run must not go on in bf16
+    run_cli(cli_args(tiny_train_overrides(synthetic_store, killed, train__resume=True, model__compute_dtype="bfloat16",
+                                          **common)))
   resumed = run_cli(cli_args(tiny_train_overrides(synthetic_store, killed, train__resume=True, **common)))
   assert "resumed" in resumed.stdout
   ref, got = train_losses(reference), train_losses(killed)
@@ -163,6 +166,43 @@ def test_killed_run_resumes_with_identical_losses(synthetic_store, tmp_path):
   np.testing.assert_allclose([got[s] for s in range(1, 17)], [ref[s] for s in range(1, 17)], rtol=1e-6)
   finished = run_cli(cli_args(tiny_train_overrides(synthetic_store, killed, train__resume=True, **common)))
   assert "nothing to do" in finished.stdout
+
+
+def test_a_kill_during_the_eval_at_a_checkpoint_step_is_evaluated_again_on_resume(synthetic_store, tmp_path,
+                                                                                   monkeypatch):
+  """The eval at step 4 follows the checkpoint at 4; a run killed during it resumes at 4 and evaluates there again,
+  so metrics.jsonl ends as the uninterrupted run's: one eval record per eval step, same values."""
+  common = dict(train__max_steps=8, train__checkpoint_every=4, train__eval_every=4, train__eval_batches=1,
+                data__eval_stores=(f"synthetic={synthetic_store}",))
+  evals = lambda workdir: [(r["step"], r["eval/synthetic_loss"]) for r in metrics.read_metrics(workdir)
+                           if r.get("event") == "eval"]
+  train.run(make_config("pretrain", "demo", **tiny_train_overrides(synthetic_store, tmp_path / "whole", **common)))
+  killed = tmp_path / "killed"
+  write_eval = metrics.TrainLog.eval
+
+  def dies_at_step_4(self, step, results):
+    if step == 4:
+      for _ in range(600):
+        if (killed / "checkpoints" / "4").exists():
+          raise SystemExit("killed during the eval at step 4")
+        time.sleep(0.1)
+    write_eval(self, step, results)
+  monkeypatch.setattr(metrics.TrainLog, "eval", dies_at_step_4)
+  with pytest.raises(SystemExit):
+    train.run(make_config("pretrain", "demo", **tiny_train_overrides(synthetic_store, killed, **common)))
+  monkeypatch.undo()
+  train.run(make_config("pretrain", "demo", **tiny_train_overrides(synthetic_store, killed, train__resume=True,
+                                                                   **common)))
+  assert [s for s, _ in evals(killed)] == [0, 4, 8]
+  np.testing.assert_allclose([v for _, v in evals(killed)], [v for _, v in evals(tmp_path / "whole")], rtol=1e-6)
+
+
+def test_resume_truncates_metrics_after_the_step_and_the_eval_at_it(tmp_path):
+  records = [{"event": "train", "step": 3}, {"event": "train", "step": 4}, {"event": "eval", "step": 4},
+             {"event": "train", "step": 5}, {"event": "eval", "step": 2}]
+  (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + "\n")
+  metrics.MetricsWriter(tmp_path, truncate_after_step=4).close()
+  assert metrics.read_metrics(tmp_path) == [records[0], records[1], records[4]]
 
 
 def test_single_pass_over_an_index_stops_when_exhausted(synthetic_store, tmp_path):
@@ -303,9 +343,11 @@ def test_sigterm_checkpoints_the_step_and_the_resumed_run_is_identical(synthetic
   have, _ = checkpoint.load_params(stopped / "params", spec)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7),
                have, want)
-  with pytest.raises(errors.ConfigError, match="checkpoint_minutes"):
-    train.run(make_config("pretrain", "demo", **tiny_train_overrides(synthetic_store, tmp_path / "bad",
-                                                                     train__checkpoint_minutes=-1.0)))
+  for bad, message in ((dict(train__checkpoint_minutes=-1.0), "checkpoint_minutes"),
+                       (dict(train__log_every=0), "train.log_every=0"), (dict(seed=-1), "seed=-1")):
+    with pytest.raises(errors.ConfigError, match=message):
+      train.run(make_config("pretrain", "demo", **tiny_train_overrides(synthetic_store, tmp_path / "bad", **bad)))
+    assert not (tmp_path / "bad").exists()
 
 
 def test_a_sigterm_to_one_host_stops_every_host_at_the_same_step(synthetic_store, tmp_path):

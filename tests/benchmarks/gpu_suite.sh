@@ -29,12 +29,13 @@ quick)  # the default step and the 1.2B
   run 80 $BENCH --size 150m --micro 128 --steps 5 --tag quick
   run 100 $BENCH --size 1.2b --micro 32 --what train --steps 3 --tag quick
   ;;
-probe)  # this code ("base") against main 1f6746b ("legacy") and a candidate (tests/benchmarks/variants.py), one call
-  run 90 $BENCH --size 150m --what score --steps 8 --variants base,legacy,lse_online,ln_onepass --profile /tmp/prof \
+probe)  # fp8 scoring (variants.py: trunk, trunk + head) against this code, the 1.2B profile, cuDNN GEMM fusions
+  run 120 $BENCH --size 150m --what score --steps 8 --variants base,fp8,fp8+fp8_head --profile /tmp/prof \
     --hlo "$OUT/hlo" --tag probe
-  run 110 $BENCH --size 150m --micro 128 --what train --steps 5 --variants legacy,base,lse_online --tag probe
-  run 80 $BENCH --size 150m --micro 256 --what train --steps 5 --variants base,lse_online --tag probe
-  run 140 $BENCH --size 1.2b --micro 32 --what train --steps 3 --variants base,lse_online --tag probe
+  run 150 $BENCH --size 1.2b --micro 32 --what train --steps 3 --profile /tmp/prof --tag probe
+  XLA_FLAGS="--xla_gpu_cudnn_gemm_fusion_level=2" run 100 $BENCH --size 150m --micro 128 --steps 5 \
+    --tag cudnn_fusion2
+  run 80 $BENCH --size 150m --micro 128 --what train --steps 5 --tag probe
   for f in "$OUT"/hlo/score-*.txt; do python3 tests/benchmarks/hlo_summary.py "$f" | head -4 | tee -a "$OUT/log.txt"; done
   gzip -f "$OUT"/hlo/*.txt 2>/dev/null
   ;;

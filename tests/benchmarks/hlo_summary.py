@@ -29,6 +29,7 @@ def instructions(text: str):
 def summarize(text: str, min_elements: int) -> dict:
   kinds = collections.Counter()
   fp32_writes = []
+  kinds["fp8 gemm"] = len(re.findall(r'custom_call_target="__cublas\$lt\$matmul\$f8"', text))
   for name, dtype, shape, opcode in instructions(text):
     if opcode in ("fusion", "custom-call", "all-reduce", "all-gather", "reduce-scatter", "copy"):
       kinds[opcode] += 1
