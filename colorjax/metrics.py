@@ -112,12 +112,12 @@ class MetricsWriter:
   def _drop_after(self, step: int):
     """On resume, drop records of steps past the checkpoint and the evaluation at it (a kill during that eval would
     lose it, so the resumed run always evaluates there again): the resumed run writes them again, identically."""
+    def kept(record: dict) -> bool:
+      at = record.get("step", 0)
+      return at < step or (at == step and record.get("event") != "eval")
+
     lines = self.path.read_text().splitlines()
-    keep = []
-    for line in lines:
-      record = json.loads(line) if line.strip() else None
-      if record is not None and (record.get("step", 0), record.get("event") == "eval") < (step, True):
-        keep.append(line)
+    keep = [line for line in lines if line.strip() and kept(json.loads(line))]
     if len(keep) != len(lines):
       print(f"resume: dropping {len(lines) - len(keep)} metric records after step {step} (they are recomputed)")
       self.path.write_text("".join(line + "\n" for line in keep))

@@ -181,3 +181,10 @@ def test_a_target_with_another_tokenizer_is_refused(synthetic_store, neox_tokeni
   with pytest.raises(errors.DataError, match="tokenizer"):
     dsir.run(dsir_config(synthetic_store, other, tmp_path / "sel"))
   assert not (tmp_path / "sel").exists()
+
+
+def test_a_folder_that_is_not_a_selection_is_refused_before_any_work(synthetic_store, target_store, tmp_path):
+  (tmp_path / "sel").mkdir()
+  with pytest.raises(errors.DataError, match="sel exists but is not a selection"):
+    dsir.run(dsir_config(synthetic_store, target_store, tmp_path / "sel"))
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["sel"] and not list((tmp_path / "sel").iterdir())

@@ -128,6 +128,10 @@ def test_pad_masking_makes_the_loss_independent_of_padding(synthetic_prior, data
     s = data.TokenStore(store)
     assert s.padded and s.manifest["files"][0]["truncated_rows"] == 0
     rows[seq_len] = s.read(np.arange(8))
+  (tmp_path / "by_hand").mkdir()
+  with pytest.raises(errors.DataError, match="by_hand exists but is not a token store of SFT rows"):
+    sft_store.build_sft_store(("arc_easy",), data_dir / "tasks", "train", tok_path, tok_info, 256,
+                              tmp_path / "by_hand", limit=8)
   spec = model.ModelSpec(**dict(spec.to_dict(), max_seq_len=512))
   loss = jax.jit(lambda t, pad: losses.batch_loss(spec, params, t, pad, 0.0)[1], static_argnums=1)
   masked = [(lambda r: float(r[0] / r[2]))(loss(jnp.asarray(rows[n]), 1)) for n in (256, 512)]
