@@ -26,12 +26,13 @@ import time
 
 import numpy as np
 
-from colorjax import artifacts
-from colorjax import data
+from colorjax import console
 from colorjax import errors
-from colorjax import metrics
 from colorjax import select as select_lib
-from colorjax import tokenizer as tokenizer_lib
+from colorjax.artifacts import formats
+from colorjax.artifacts import lineage
+from colorjax.data import stores
+from colorjax.data import tokenizer as tokenizer_lib
 
 FEATURES = "token-ngrams-splitmix-v1"  # names the hashing below: change it whenever the features change
 _ORDER_KEY = 0x9E3779B97F4A7C15  # times the order: the start key of each order's hash
@@ -128,7 +129,7 @@ def gumbel_top_k(weights, k: int, seed: int, block_rows: int = 1 << 20):
 # The stage
 
 
-def _blocks(store: data.TokenStore, ids: np.ndarray | None, block_rows: int):
+def _blocks(store: stores.TokenStore, ids: np.ndarray | None, block_rows: int):
   """[B, L] token blocks of a store in id order: all of it, or the given sorted ids."""
   n = store.num_sequences if ids is None else ids.size
   for start in range(0, n, block_rows):
@@ -167,14 +168,14 @@ def selection_size(cfg, n: int, seq_len: int) -> int:
   return select_lib.keep_count(n, seq_len, cfg.dsir.tau, cfg.dsir.tokens, "dsir")
 
 
-def open_stores(cfg) -> tuple[data.TokenStore, data.TokenStore]:
-  pool, target = data.TokenStore(cfg.dsir.store), data.TokenStore(cfg.dsir.target)
+def open_stores(cfg) -> tuple[stores.TokenStore, stores.TokenStore]:
+  pool, target = stores.TokenStore(cfg.dsir.store), stores.TokenStore(cfg.dsir.target)
   tokenizer_lib.check_same_tokenizer(pool.manifest["tokenizer"], f"pool store {pool.path}",
                                      target.manifest["tokenizer"], f"target store {target.path}")
   if pool.padded or target.padded:
-    raise data.DataError("dsir resamples pretraining sequences; a padded (SFT) store is neither a pool nor a target")
+    raise errors.DataError("dsir resamples pretraining sequences; a padded (SFT) store is neither a pool nor a target")
   if not target.num_sequences:
-    raise data.DataError(f"target store {target.path} holds no sequences")
+    raise errors.DataError(f"target store {target.path} holds no sequences")
   return pool, target
 
 
@@ -186,7 +187,7 @@ def dsir_request(cfg, pool_id: str, target_id: str) -> dict:
           "raw_tokens": int(d.raw_tokens), "features": FEATURES, "store": pool_id, "target": target_id}
 
 
-def raw_ids(cfg, pool: data.TokenStore) -> np.ndarray | None:
+def raw_ids(cfg, pool: stores.TokenStore) -> np.ndarray | None:
   """Sorted ids of the pool sample the raw model is fit on (None: the whole pool)."""
   d = cfg.dsir
   rows = max(1, int(d.raw_tokens) // pool.seq_len)
@@ -200,14 +201,14 @@ def run(cfg) -> pathlib.Path:
   workdir = pathlib.Path(cfg.workdir).resolve()
   pool, target = open_stores(cfg)
   request = dsir_request(cfg, pool.id, target.id)
-  if artifacts.up_to_date(workdir, request, "another selection", "choose another --config.workdir"):
+  if lineage.up_to_date(workdir, request, "another selection", "choose another --config.workdir"):
     print(f"dsir: {workdir} is up to date; nothing to do")
     return workdir
-  artifacts.check_new(workdir, "a selection", "choose another --config.workdir")
+  lineage.check_new(workdir, "a selection", "choose another --config.workdir")
   k = selection_size(cfg, pool.num_sequences, pool.seq_len)
-  if not metrics.is_main():  # a CPU stage: process 0 of a multi-host job does it all
+  if not console.is_main():  # a CPU stage: process 0 of a multi-host job does it all
     return workdir
-  with artifacts.Lock(workdir):
+  with lineage.Lock(workdir):
     return _dsir(cfg, workdir, pool, target, request, k)
 
 
@@ -217,7 +218,7 @@ def _dsir(cfg, workdir, pool, target, request, k: int) -> pathlib.Path:
   skip = sorted({pool.eos_id, pool.pad_id})
   target_counts = total_counts(_blocks(target, None, d.block_rows), d.buckets, d.ngram, skip)
   if not target_counts.sum():
-    raise data.DataError(f"target store {target.path} has no n-grams outside EOS/PAD; nothing to match")
+    raise errors.DataError(f"target store {target.path} has no n-grams outside EOS/PAD; nothing to match")
   sample = raw_ids(cfg, pool)
   raw_counts = total_counts(_blocks(pool, sample, d.block_rows), d.buckets, d.ngram, skip)
   log_ratio = fit(target_counts, raw_counts, d.smoothing)
@@ -232,12 +233,12 @@ def _dsir(cfg, workdir, pool, target, request, k: int) -> pathlib.Path:
   ids, threshold = gumbel_top_k(weights, k, seed, d.block_rows)
   index_bytes = select_lib.npy_bytes(ids)
   manifest = {
-      "format": artifacts.SELECTION.format, "id": artifacts.content_id(request), "method": "dsir",
+      "format": formats.SELECTION.format, "id": lineage.content_id(request), "method": "dsir",
       "tau": float(n / k), "tau_requested": float(d.tau), "tokens_requested": int(d.tokens), "k": int(k),
       "num_sequences": n, "tokens": int(k) * pool.seq_len, "threshold": threshold, "seed": seed,
       "conditional": None, "scores": None,
-      "store_id": pool.id, "store_path": artifacts.relative(pool.path, workdir),
-      "target": {"id": target.id, "path": artifacts.relative(target.path, workdir),
+      "store_id": pool.id, "store_path": lineage.relative(pool.path, workdir),
+      "target": {"id": target.id, "path": lineage.relative(target.path, workdir),
                  "ngrams": int(target_counts.sum())},
       "raw": {"sequences": n if sample is None else int(sample.size), "ngrams": int(raw_counts.sum())},
       "features": {"name": FEATURES, "buckets": int(d.buckets), "ngram": int(d.ngram), "skip_ids": skip,
@@ -249,8 +250,8 @@ def _dsir(cfg, workdir, pool, target, request, k: int) -> pathlib.Path:
   }
   del weights
   (partial / "index.npy").write_bytes(index_bytes)
-  artifacts.write_manifest(partial, manifest)
-  artifacts.publish(partial, workdir)
+  lineage.write_manifest(partial, manifest)
+  lineage.publish(partial, workdir)
   print(f"dsir: k={k:,} of {n:,} (tau {manifest['tau']:.2f}) toward {target.path} -> {workdir}")
   select_lib.print_sources(manifest["sources"])
   return workdir

@@ -19,9 +19,10 @@ class LockedError(DataError):
 
 
 class Preempted(Exception):
-  """The job was asked to stop (SIGTERM / a preemption notice) and stopped cleanly at a step boundary; `main` prints
-  the message (how to resume) and exits with status 143. Not a ColorjaxError: nothing needs fixing."""
+  """The job was asked to stop (SIGTERM / a preemption notice, or Ctrl-C) and stopped cleanly at a step boundary;
+  `main` prints the message (how to resume) and exits with 128 + the signal (143, or 130 for Ctrl-C). Not a
+  ColorjaxError: nothing needs fixing."""
 
-  def __init__(self, message: str, step: int):
+  def __init__(self, message: str, step: int, signum: int = 15):
     super().__init__(message)
-    self.step = step
+    self.step, self.signum = step, int(signum)

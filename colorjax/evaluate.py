@@ -17,15 +17,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from colorjax import checkpoint
-from colorjax import data
+from colorjax import console
 from colorjax import errors
-from colorjax import losses
-from colorjax import metrics
-from colorjax import model
 from colorjax import sharding
-from colorjax import tasks
-from colorjax import tokenizer as tokenizer_lib
+from colorjax.data import stores as stores_lib
+from colorjax.data import tasks
+from colorjax.data import tokenizer as tokenizer_lib
+from colorjax.model import losses
+from colorjax.model import transformer
+from colorjax.training import checkpoint
+from colorjax.training import metrics
 
 
 def eval_batch_size(cfg, mesh) -> int:
@@ -47,7 +48,7 @@ def heldout_ids(num_sequences: int, count: int, shuffle: bool) -> np.ndarray:
   count = min(count, num_sequences) if count else num_sequences
   if not shuffle or count == num_sequences:
     return np.arange(count, dtype=np.int64)
-  sample = data.Permutation(num_sequences, SAMPLE_SEED, stream=SAMPLE_STREAM)(np.arange(count))
+  sample = stores_lib.Permutation(num_sequences, SAMPLE_SEED, stream=SAMPLE_STREAM)(np.arange(count))
   return np.sort(sample)
 
 
@@ -75,11 +76,11 @@ class HeldoutEvaluator:
       self._fns[pad_id] = jax.jit(weighted_sum, in_shardings=(self.param_sh, self.row_sh, self.weight_sh))
     return self._fns[pad_id]
 
-  def sample_ids(self, store: data.TokenStore) -> np.ndarray:
+  def sample_ids(self, store: stores_lib.TokenStore) -> np.ndarray:
     """The ids `store_loss` reads: the same at every call."""
     return heldout_ids(store.num_sequences, (self.max_batches or 0) * self.batch, self.shuffle)
 
-  def store_loss(self, params, store: data.TokenStore) -> float:
+  def store_loss(self, params, store: stores_lib.TokenStore) -> float:
     sample = self.sample_ids(store)
     n = sample.size
     pad_id = losses.pad_to_mask(store, self.loss_on_padding)
@@ -207,8 +208,8 @@ class MultipleChoiceEvaluator:
   def logprobs(self, params, progress: bool = False) -> np.ndarray:
     """Summed continuation log-prob of every request (flat, example-major)."""
     out = np.zeros(self.num_requests, np.float64)
-    bar = metrics.Progress(total=self.num_requests, unit="choices", desc="tasks",
-                           enabled=progress and metrics.is_main())
+    bar = console.Progress(total=self.num_requests, unit="choices", desc="tasks",
+                           enabled=progress and console.is_main())
     pending = None
 
     def finish(request_ids, sums):
@@ -264,7 +265,7 @@ def tasks_dir(cfg) -> str | None:
   if cfg.eval.tasks_dir:
     return str(cfg.eval.tasks_dir)
   found = tasks.default_dir()
-  if found and cfg.eval.tasks and metrics.is_main():
+  if found and cfg.eval.tasks and console.is_main():
     print(f"eval: task data from {found} (--config.eval.tasks_dir is empty)")
   return found
 
@@ -292,10 +293,10 @@ def run(cfg) -> dict:
   workdir = pathlib.Path(cfg.workdir).resolve() if cfg.workdir else params_dir.parent / "eval"
   out_path = workdir / "eval.json"
   if out_path.exists():
-    raise data.DataError(f"{out_path} already exists; choose another --config.workdir (nothing was overwritten)")
+    raise errors.DataError(f"{out_path} already exists; choose another --config.workdir (nothing was overwritten)")
   mesh = sharding.make_mesh(cfg.mesh)
-  param_sh = sharding.tree_shardings(model.abstract_params(spec), model.param_axes(spec), mesh)
-  stores = data.eval_stores(cfg.data.eval_stores, manifest["tokenizer"], f"the params {params_dir}", spec)
+  param_sh = sharding.tree_shardings(transformer.abstract_params(spec), transformer.param_axes(spec), mesh)
+  stores = stores_lib.eval_stores(cfg.data.eval_stores, manifest["tokenizer"], f"the params {params_dir}", spec)
   if cfg.eval.tokenizer:
     tokenizer_lib.check_tokenizer_file(cfg.eval.tokenizer, manifest["tokenizer"], "--config.eval.tokenizer",
                                        f"the params {params_dir}")
@@ -312,7 +313,7 @@ def run(cfg) -> dict:
     if mc is not None:
       results.update(mc(params, progress=True))
   seconds = time.time() - start
-  if metrics.is_main():
+  if console.is_main():
     workdir.mkdir(parents=True, exist_ok=True)
     record = {"event": "eval", "step": manifest.get("steps", 0), "params": str(params_dir), "seconds": seconds,
               **results}
@@ -330,8 +331,8 @@ def run(cfg) -> dict:
 def describe(cfg) -> None:
   manifest = checkpoint.read_params_manifest(cfg.eval.params)
   spec = checkpoint.spec_from_manifest(manifest, cfg.model)
-  counts = model.param_counts(spec)
+  counts = transformer.param_counts(spec)
   print(f"eval (dry run): params {cfg.eval.params}: total={counts['total']:,} non_embedding="
         f"{counts['non_embedding']:,}; tasks {', '.join(cfg.eval.tasks) or '-'}; held-out "
         f"{', '.join(cfg.data.eval_stores) or '-'}; flops/token (forward) "
-        f"{model.flops_per_token(spec, spec.max_seq_len, training=False):,.0f}")
+        f"{transformer.flops_per_token(spec, spec.max_seq_len, training=False):,.0f}")

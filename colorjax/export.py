@@ -12,14 +12,16 @@ import pathlib
 import jax
 import numpy as np
 
-from colorjax import artifacts
-from colorjax import data
+from colorjax import console
 from colorjax import errors
-from colorjax import losses
-from colorjax import metrics
+from colorjax import methods
 from colorjax import score as score_lib
 from colorjax import select as select_lib
-from colorjax import tokenizer as tokenizer_lib
+from colorjax.artifacts import formats
+from colorjax.artifacts import lineage
+from colorjax.data import stores
+from colorjax.data import tokenizer as tokenizer_lib
+from colorjax.model import losses
 
 BREAKDOWN = "breakdown.json"
 
@@ -28,25 +30,25 @@ def run(cfg) -> pathlib.Path:
   if not cfg.export.selection:
     raise errors.ConfigError("set --config.export.selection to a selection folder (select stage output)")
   selection = pathlib.Path(cfg.export.selection).resolve()
-  manifest = artifacts.open_manifest(selection, artifacts.SELECTION)
-  store = data.TokenStore(select_lib.store_of(selection, manifest))
-  ids = data.load_index(selection, store)
+  manifest = formats.open_manifest(selection, formats.SELECTION)
+  store = stores.TokenStore(select_lib.store_of(selection, manifest))
+  ids = stores.load_index(selection, store)
   if cfg.export.max_rows:
     ids = ids[: cfg.export.max_rows]
   workdir = pathlib.Path(cfg.workdir).resolve() if cfg.workdir else selection / "export"
   host, hosts = jax.process_index(), jax.process_count()
   existing = [p for p in [workdir / n for n in output_names(hosts)] + [workdir / BREAKDOWN] if p.exists()]
   if existing:
-    raise data.DataError(f"{existing[0]} already exists; choose another --config.workdir (nothing was overwritten)")
-  metrics.on_main_then_sync(lambda: None, f"export {workdir} checked")  # before any host writes
+    raise errors.DataError(f"{existing[0]} already exists; choose another --config.workdir (nothing was overwritten)")
+  console.on_main_then_sync(lambda: None, f"export {workdir} checked")  # before any host writes
   tokenizer = tokenizer_lib.load_tokenizer(str(store.tokenizer_path()))
   scores_ref = manifest.get("scores")
-  scores = score_lib.Scores(artifacts.resolve(scores_ref["path"], selection)) if scores_ref else None
-  method = manifest["method"] if manifest["method"] != "random" else "color"
+  scores = score_lib.Scores(lineage.resolve(scores_ref["path"], selection)) if scores_ref else None
   workdir.mkdir(parents=True, exist_ok=True)
   mine = np.array_split(ids, hosts)[host]  # every host writes its own contiguous share of the ids, in parallel
   out_path = workdir / output_names(hosts)[host]
-  _write_rows(out_path, mine, store, tokenizer, scores, method, manifest.get("conditional") or "conditional_0")
+  _write_rows(out_path, mine, store, tokenizer, scores, methods.score_columns_of(manifest["method"]),
+              manifest.get("conditional") or "conditional_0")
 
   def finish():
     breakdown = select_lib.label_rates(store, ids, 1 << 20)
@@ -56,8 +58,8 @@ def run(cfg) -> pathlib.Path:
     for name, r in sorted(breakdown.items(), key=lambda x: -x[1]["selected"]):
       print(f"  {name:<16} {r['selected']:>9,} of {r['pool']:>11,} ({r['rate']:.1%})")
 
-  metrics.on_main_then_sync(lambda: None, f"export {workdir} rows written")
-  if metrics.is_main():
+  console.on_main_then_sync(lambda: None, f"export {workdir} rows written")
+  if console.is_main():
     finish()
   return workdir
 
@@ -69,18 +71,18 @@ def output_names(hosts: int) -> list[str]:
   return [f"selection-{h:05d}-of-{hosts:05d}.jsonl.gz" for h in range(hosts)]
 
 
-def _write_rows(out_path, ids, store, tokenizer, scores, method, conditional) -> None:
+def _write_rows(out_path, ids, store, tokenizer, scores, columns, conditional) -> None:
   """Detokenized rows of `ids` to a gzipped JSONL file, renamed into place when complete."""
   labels = store.labels() or ["all"]
   tmp = out_path.with_name(out_path.name + ".tmp")
-  bar = metrics.Progress(total=ids.size, unit="seq", desc="export")
+  bar = console.Progress(total=ids.size, unit="seq", desc="export")
   with gzip.open(tmp, "wt", encoding="utf-8") as f:
     for start in range(0, ids.size, 4096):
       block = ids[start:start + 4096]
       rows = store.read(block)
       texts = tokenizer.decode_batch([r.tolist() for r in rows], skip_special_tokens=False)
       label_ids = store.label_ids(block)
-      values = _scores_of(scores, method, conditional, block)
+      values = scores_of(scores, columns, conditional, block)
       for i, sid in enumerate(block):
         f.write(json.dumps({"id": int(sid), "score": None if values is None else float(values[i]),
                             "source": labels[label_ids[i]], "text": texts[i]}) + "\n")
@@ -89,14 +91,16 @@ def _write_rows(out_path, ids, store, tokenizer, scores, method, conditional) ->
   tmp.rename(out_path)
 
 
-def _scores_of(scores, method: str, conditional: str, ids: np.ndarray):
+def scores_of(scores, columns: tuple, conditional: str, ids: np.ndarray):
+  """The score of each of `ids` by `columns` (methods.score_columns_of), from the selected rows only; None without
+  scores."""
   if scores is None:
     return None
   cond = scores.column(conditional)
-  rows = scores.nll.oindex[np.asarray(ids)].read().result()  # only the selected rows are read
-  return losses.color_score(None if method == "conditional_only" else rows[:, scores.column("prior")], rows[:, cond])
+  rows = scores.read_ids(ids)
+  return losses.color_score(rows[:, scores.column("prior")] if "prior" in columns else None, rows[:, cond])
 
 
 def describe(cfg) -> None:
-  manifest = artifacts.read_manifest(cfg.export.selection)
+  manifest = formats.read_manifest(cfg.export.selection)
   print(f"export (dry run): {manifest['k']:,} sequences of {manifest['store_path']} -> text")

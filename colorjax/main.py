@@ -20,7 +20,7 @@ from ml_collections import config_flags
 
 from colorjax import errors
 from colorjax import sharding
-from colorjax import storage
+from colorjax.artifacts import object_storage
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "a configs/<file>.py[:arg]; override fields with --config.<field>=<value>", lock_config=True)
@@ -34,57 +34,58 @@ STAGES = {
     "score": "colorjax.score",
     "select": "colorjax.select",
     "export": "colorjax.export",
-    "olmo": "colorjax.olmo",
-    "pipeline": "colorjax.pipeline",
-    "report": "colorjax.report",
-    "dolma": "colorjax.dolma",
+    "olmo": "colorjax.interop.olmo",
+    "pipeline": "colorjax.pipeline.runner",
+    "report": "colorjax.report.results",
+    "dolma": "colorjax.interop.dolma",
     "dsir": "colorjax.dsir",
 }
 
 USAGE_EXIT = 2
-# A stage stopped cleanly by SIGTERM (errors.Preempted). 143 = 128 + SIGTERM is what a shell reports for a process
+# A stage stopped cleanly by SIGTERM (errors.Preempted; Ctrl-C gives 130 = 128 + SIGINT the same way). 143 = 128 +
+# SIGTERM is what a shell reports for a process
 # SIGTERM ended, so schedulers treat the job as terminated by its signal either way (SLURM requeues a preempted job
 # whatever the status; a Kubernetes Job's podFailurePolicy can match 143 to restart without counting a failure).
 # Not 0: that would tell the scheduler, or a `train && score` script, that an unfinished stage succeeded.
 PREEMPTED_EXIT = 128 + 15
+INTERRUPTED_EXIT = 128 + 2
 _CONFIG_ARG = re.compile(r"^--?(?:no)?(config(?:\.[^=]+)?)(?:=(.*))?$")
 
 
 def _fail(where: str, message) -> None:
-  sys.stderr.write(f"colorjax{' ' + where if where else ''}: error: {storage.as_urls(str(message))}\n")
+  sys.stderr.write(f"colorjax{' ' + where if where else ''}: error: {object_storage.as_urls(str(message))}\n")
   sys.exit(USAGE_EXIT)
 
 
-def _config_args(argv) -> list[tuple[str, str | None]]:
-  """(name, value) of every --config / --config.<field> argument; value None when it is the next argument or
-  the flag is a bare boolean. Stops at `--`, as absl does."""
+def _config_args(argv) -> list[tuple[str, str | None, list[int]]]:
+  """(name, value, argv positions) of every --config / --config.<field> argument; value None when the flag is a bare
+  boolean. Stops at `--`, as absl does."""
   found = []
   for i, arg in enumerate(argv[1:], 1):
     if arg == "--":
       break
     match = _CONFIG_ARG.match(arg)
     if match:
-      value = match.group(2)
+      value, positions = match.group(2), [i]
       if value is None and match.group(1) == "config" and i + 1 < len(argv):
-        value = argv[i + 1]
-      found.append((match.group(1), value))
+        value, positions = argv[i + 1], [i, i + 1]
+      found.append((match.group(1), value, positions))
   return found
 
 
-def _reject_repeats(config_args) -> None:
-  """ml_collections appends a repeated tuple override to the first ((8.0,) then (8.0, 4.0) gives (8.0, 8.0, 4.0))
-  and lets a repeated scalar silently win, so a repeat is refused before anything is loaded."""
-  names = [name for name, _ in config_args]
-  for name in dict.fromkeys(names):
-    if names.count(name) > 1:
-      fix = "give one config file" if name == "config" else f"give it once (a tuple as one value: --{name}=\"(a, b)\")"
-      _fail("", f"--{name} is given {names.count(name)} times; {fix}")
+def _last_wins(argv, config_args) -> list[str]:
+  """argv with every --config / --config.<field> given more than once reduced to its last occurrence, as absl treats
+  a repeated flag (a wrapper script's default, then the user's). ml_collections itself would append a repeated tuple
+  override to the first ((8.0,) then (8.0, 4.0) gives (8.0, 8.0, 4.0)): here the last tuple replaces it."""
+  last = {name: positions for name, _, positions in config_args}
+  dropped = {i for name, _, positions in config_args if positions is not last[name] for i in positions}
+  return [arg for i, arg in enumerate(argv) if i not in dropped]
 
 
 def _unknown_override(config_args) -> str | None:
   """The message for the first --config.<field> that names no field, or None when every field exists (the error
   being explained is then a bug). Reloads the config file: this only runs after absl failed on one."""
-  paths = [value for name, value in config_args if name == "config"]
+  paths = [value for name, value, _ in config_args if name == "config"]
   if not paths or paths[0] is None:
     return None
   path, *arg = paths[0].split(":", 1)
@@ -94,7 +95,7 @@ def _unknown_override(config_args) -> str | None:
   cfg = module.get_config(*arg)
   if not isinstance(cfg, ml_collections.ConfigDict):
     return None
-  for name, _ in config_args:
+  for name, _, _ in config_args:
     parts, node = name.split(".")[1:], cfg
     for depth, part in enumerate(parts):
       if not isinstance(node, ml_collections.ConfigDict):
@@ -112,9 +113,10 @@ def parse_flags(argv):
   type, a config file's own ValueError such as an unknown preset) as one `colorjax: error:` line, exit 2."""
   config_args = []
   try:
-    config_args = _config_args(flags.FLAGS.read_flags_from_files(argv, force_gnu=False))
-    _reject_repeats(config_args)
-    files = [value.split(":", 1)[0] for name, value in config_args if name == "config" and value]
+    argv = flags.FLAGS.read_flags_from_files(argv, force_gnu=False)
+    argv = _last_wins(argv, _config_args(argv))
+    config_args = _config_args(argv)
+    files = [value.split(":", 1)[0] for name, value, _ in config_args if name == "config" and value]
     if files and not os.path.isfile(files[0]):
       _fail("", f"--config {files[0]}: no such file (a relative path is taken from {os.getcwd()})")
     return flags.FLAGS(argv)
@@ -153,18 +155,22 @@ def main(argv):
     sharding.add_xla_flags(cfg.mesh.xla_flags)  # before anything initializes a backend
     sharding.maybe_initialize_distributed(cfg.mesh.distributed)
     stage = importlib.import_module(STAGES[stage_name])
-    storage.mirror_config(cfg)
+    object_storage.mirror_config(cfg)
     if cfg.dry_run:
       stage.describe(cfg)
     else:
       stage.run(cfg)
-      storage.sync()
+      object_storage.sync()
   except errors.ColorjaxError as e:  # every process of a multi-host run prints its own
     _fail(where, e)
   except errors.Preempted as e:
-    storage.sync()
+    object_storage.sync()
     sys.stderr.write(f"colorjax{' ' + where if where else ''}: {e}\n")
-    sys.exit(PREEMPTED_EXIT)
+    sys.exit(128 + e.signum)
+  except KeyboardInterrupt:  # a Ctrl-C outside a stage's step loop (loading, a second Ctrl-C): nothing half-written
+    sys.stderr.write(f"colorjax{' ' + where if where else ''}: interrupted; finished artifacts and checkpoints are "
+                     "kept, re-run the same command to resume\n")
+    sys.exit(INTERRUPTED_EXIT)
 
 
 if __name__ == "__main__":

@@ -16,18 +16,19 @@ import time
 
 import numpy as np
 
-from colorjax import artifacts
-from colorjax import data
+from colorjax import console
 from colorjax import errors
-from colorjax import metrics
-from colorjax import text_files
-from colorjax import tokenizer as tokenizer_lib
+from colorjax.artifacts import formats
+from colorjax.artifacts import lineage
+from colorjax.data import stores
+from colorjax.data import text_files
+from colorjax.data import tokenizer as tokenizer_lib
 
 _PROGRESS = None  # worker side: the queue progress increments go to
 
 
 def file_sha256(path: pathlib.Path) -> str:
-  return artifacts.fingerprint(path)["sha256"]
+  return lineage.fingerprint(path)["sha256"]
 
 
 def _init_worker(progress_queue, rayon_threads: int):
@@ -112,13 +113,13 @@ def input_fingerprints(files, known_entries=()) -> list[dict]:
   """Each input's name and fingerprint; hashes are reused from a previous manifest's entries when a file's size
   and mtime are unchanged, so checking a large, unchanged input set costs a stat per file."""
   known = {e["path"]: e for e in known_entries}
-  return [{"name": f.name, **artifacts.fingerprint(f, known.get(str(f)))} for f in files]
+  return [{"name": f.name, **lineage.fingerprint(f, known.get(str(f)))} for f in files]
 
 
 def store_request(prints: list[dict], tok_info: dict, seq_len: int, text_field: str, source_field: str) -> dict:
   """What decides a token store's content: input contents (by hash, in order), tokenizer, seq_len, fields."""
   return {
-      "kind": "text", "version": artifacts.STORE.version,
+      "kind": "text", "version": formats.STORE.version,
       "inputs": [[p["name"], p["sha256"]] for p in prints],
       "tokenizer_sha256": tok_info["sha256"], "eos_id": tok_info["eos_id"], "pad_id": tok_info["pad_id"],
       "seq_len": int(seq_len), "text_field": text_field, "source_field": source_field,
@@ -133,7 +134,7 @@ def _changed_inputs(saved: dict, request: dict) -> str:
   parts = [f"content of {', '.join(changed)} changed"] if changed else []
   parts += [f"added {', '.join(n for n in new if n not in old)}"] if set(new) - set(old) else []
   parts += [f"removed {', '.join(n for n in old if n not in new)}"] if set(old) - set(new) else []
-  others = [k for k in artifacts.differences(saved, request) if k != "inputs"]
+  others = [k for k in lineage.differences(saved, request) if k != "inputs"]
   return "; ".join(parts + ([f"settings differ: {', '.join(others)}"] if others else [])) or "order of inputs"
 
 
@@ -161,8 +162,8 @@ def _finalize_labels(entries: list, folder: pathlib.Path) -> tuple[list[str], li
 
 
 def _existing_entries(output: pathlib.Path) -> list:
-  path = output / data.MANIFEST
-  return artifacts.read_json(path).get("files", []) if path.exists() else []
+  path = output / formats.MANIFEST
+  return formats.read_json(path).get("files", []) if path.exists() else []
 
 
 def check_inputs(cfg):
@@ -184,20 +185,20 @@ def check_inputs(cfg):
 def run(cfg) -> pathlib.Path:
   """Build (or find up to date) the token store described by cfg.prepare."""
   output, files, tokenizer, tok_info, prints, request = check_inputs(cfg)
-  if (output / data.MANIFEST).exists():
-    saved = artifacts.read_json(output / data.MANIFEST).get("request") or {}
-    if saved == artifacts.normalized(request):
-      sequences = artifacts.read_manifest(output)["num_sequences"]
+  if (output / formats.MANIFEST).exists():
+    saved = formats.read_json(output / formats.MANIFEST).get("request") or {}
+    if saved == lineage.normalized(request):
+      sequences = formats.read_manifest(output)["num_sequences"]
       print(f"prepare: {output} is up to date ({sequences:,} sequences); nothing to do")
       return output
     inputs_changed = saved.get("inputs") != request["inputs"]
     what = (f"is stale: {_changed_inputs(saved, request)} since it was built" if inputs_changed else
             f"was made with other settings ({_changed_inputs(saved, request)})")
-    raise data.DataError(f"{output} {what}. Delete it and re-run prepare (and every stage built from it), or choose "
-                         "another --config.prepare.output (nothing was overwritten)")
+    raise errors.DataError(f"{output} {what}. Delete it and re-run prepare (and every stage built from it), or choose "
+                           "another --config.prepare.output (nothing was overwritten)")
   if output.exists():
-    raise data.DataError(f"{output} exists but is not a token store; choose another --config.prepare.output")
-  with artifacts.Lock(output):
+    raise errors.DataError(f"{output} exists but is not a token store; choose another --config.prepare.output")
+  with lineage.Lock(output):
     return _build(cfg, output, files, tokenizer, tok_info, prints, request)
 
 
@@ -206,8 +207,8 @@ def _build(cfg, output, files, tokenizer, tok_info, prints, request) -> pathlib.
   partial = output.with_name(output.name + ".partial")
   partial.mkdir(parents=True, exist_ok=True)
   request_path = partial / "request.json"
-  saved = artifacts.read_json(request_path) if request_path.exists() else None
-  if saved is not None and artifacts.differences(saved, artifacts.normalized(request)) not in ([], ["inputs"]):
+  saved = formats.read_json(request_path) if request_path.exists() else None
+  if saved is not None and lineage.differences(saved, lineage.normalized(request)) not in ([], ["inputs"]):
     print(f"prepare: discarding {partial}: an interrupted prepare with other settings")
     shutil.rmtree(partial)
     partial.mkdir(parents=True)
@@ -223,10 +224,10 @@ def _build(cfg, output, files, tokenizer, tok_info, prints, request) -> pathlib.
       else:
         marker.unlink()
   jobs = [dict(file_index=i, path=str(f), folder=str(partial), seq_len=int(pcfg.seq_len),
-               tokenizer_json=tokenizer.to_str(), dtype=data.token_dtype(tok_info["vocab_size"]).str,
+               tokenizer_json=tokenizer.to_str(), dtype=stores.token_dtype(tok_info["vocab_size"]).str,
                eos_id=tok_info["eos_id"], text_field=pcfg.text_field, source_field=pcfg.source_field,
                docs_per_chunk=int(pcfg.docs_per_chunk), fingerprint={k: prints[i][k] for k in ("sha256", "bytes",
-                                                                                             "mtime_ns")})
+                                                                                               "mtime_ns")})
           for i, f in enumerate(files) if i not in done]
   cores = os.cpu_count() or 1
   workers = max(1, min(pcfg.workers or cores, len(jobs) or 1))
@@ -236,7 +237,7 @@ def _build(cfg, output, files, tokenizer, tok_info, prints, request) -> pathlib.
   if jobs:
     ctx = multiprocessing.get_context("spawn")
     progress_queue = ctx.Queue()
-    bar = metrics.Progress(total=None, unit="docs", desc="prepare")
+    bar = console.Progress(total=None, unit="docs", desc="prepare")
     tokens = 0
     with ctx.Pool(workers, initializer=_init_worker, initargs=(progress_queue, max(1, cores // workers))) as pool:
       pending = pool.map_async(tokenize_file, jobs, chunksize=1)
@@ -259,11 +260,11 @@ def _build(cfg, output, files, tokenizer, tok_info, prints, request) -> pathlib.
     entry["first_id"] = offset
     offset += entry["sequences"]
   manifest = {
-      "format": artifacts.STORE.format,
-      "version": artifacts.STORE.version,
-      "id": artifacts.content_id(request),
+      "format": formats.STORE.format,
+      "version": formats.STORE.version,
+      "id": lineage.content_id(request),
       "seq_len": int(pcfg.seq_len),
-      "dtype": data.token_dtype(tok_info["vocab_size"]).name,
+      "dtype": stores.token_dtype(tok_info["vocab_size"]).name,
       "tokenizer": tok_info,
       "num_sequences": offset,
       "num_tokens": offset * int(pcfg.seq_len),
@@ -280,8 +281,8 @@ def _build(cfg, output, files, tokenizer, tok_info, prints, request) -> pathlib.
     local.unlink()
   request_path.unlink()
   (partial / tokenizer_lib.TOKENIZER).write_text(tokenizer.to_str())
-  artifacts.write_manifest(partial, manifest)
-  artifacts.publish(partial, output)
+  lineage.write_manifest(partial, manifest)
+  lineage.publish(partial, output)
   print(f"prepare: wrote {output}: {offset:,} sequences of {pcfg.seq_len} tokens "
         f"({manifest['num_documents']:,} documents, id {manifest['id']})")
   return output
@@ -294,8 +295,8 @@ def _check_not_empty(entries: list, partial: pathlib.Path, seq_len: int) -> None
     shutil.rmtree(partial)
     detail = ", ".join(f"{pathlib.Path(e['path']).name}: {e['documents']} documents, {e['tokens']} tokens"
                        for e in short[:5])
-    raise data.DataError(f"no input holds one full sequence of {seq_len} tokens ({detail}); add text or lower "
-                         "--config.prepare.seq_len (nothing was written)")
+    raise errors.DataError(f"no input holds one full sequence of {seq_len} tokens ({detail}); add text or lower "
+                           "--config.prepare.seq_len (nothing was written)")
   for e in short:
     print(f"prepare: warning: {e['path']} holds {e['tokens']} tokens, less than one sequence of {seq_len}; it "
           "contributes nothing")
@@ -307,4 +308,4 @@ def describe(cfg) -> None:
   total = sum(f.stat().st_size for f in files)
   print(f"prepare (dry run): {len(files)} files, {total / 1e6:,.1f} MB, tokenizer {tok_info['name']} "
         f"vocab {tok_info['vocab_size']} (sha256 {tok_info['sha256'][:12]}), seq_len {cfg.prepare.seq_len}, dtype "
-        f"{data.token_dtype(tok_info['vocab_size']).name} -> {output}")
+        f"{stores.token_dtype(tok_info['vocab_size']).name} -> {output}")

@@ -20,17 +20,19 @@ import jax.numpy as jnp
 import numpy as np
 import tensorstore as ts
 
-from colorjax import artifacts
-from colorjax import checkpoint
-from colorjax import data
+from colorjax import console
 from colorjax import errors
-from colorjax import losses
-from colorjax import metrics
-from colorjax import model
-from colorjax import plan
-from colorjax import preemption
 from colorjax import sharding
-from colorjax import storage
+from colorjax.artifacts import formats
+from colorjax.artifacts import lineage
+from colorjax.artifacts import object_storage
+from colorjax.data import stores
+from colorjax.model import estimate
+from colorjax.model import losses
+from colorjax.model import transformer
+from colorjax.training import checkpoint
+from colorjax.training import metrics
+from colorjax.training import preemption
 
 
 
@@ -43,10 +45,17 @@ def _zarr(path: pathlib.Path, create: bool = False, **kw):
     return ts.open(spec, create=create, open=True, **kw).result()
   except ValueError as e:
     if create:
-      raise data.DataError(f"{path} exists with another shape or dtype, and {path.parent} has no manifest (a start "
-                           "of another job that died); delete that folder or choose another --config.workdir") from e
-    raise data.DataError(f"{path} is missing or unreadable ({e}); re-run the score stage into a new "
-                         "--config.workdir") from e
+      raise errors.DataError(f"{path} exists with another shape or dtype, and {path.parent} has no manifest (a start "
+                             "of another job that died); delete that folder or choose another --config.workdir") from e
+    raise errors.DataError(f"{path} is missing or unreadable ({e}); re-run the score stage into a new "
+                           "--config.workdir") from e
+
+
+VERIFY_FLAG = "--config.score.verify=True"
+
+
+def _first_line(error: Exception) -> str:
+  return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -66,7 +75,7 @@ class Scores:
 
   def __init__(self, path):
     self.path = pathlib.Path(path)
-    self.manifest = artifacts.open_manifest(self.path, artifacts.SCORES)
+    self.manifest = formats.open_manifest(self.path, formats.SCORES)
     self.num_sequences = int(self.manifest["num_sequences"])
     self.columns = [m["name"] for m in self.manifest["models"]]
     self.chunk_rows = int(self.manifest["chunk_rows"])
@@ -79,32 +88,50 @@ class Scores:
     return self._nll
 
   def done(self) -> np.ndarray:
-    return _zarr(self.path / "done.zarr").read().result().astype(bool)
+    try:
+      return _zarr(self.path / "done.zarr").read().result().astype(bool)
+    except ValueError as e:
+      raise errors.DataError(f"{self.path / 'done.zarr'} is unreadable ({_first_line(e)}); delete {self.path} and "
+                             "re-run the score stage") from e
 
   def check_complete(self):
     done = self.done()
     if not done.all():
-      raise data.DataError(f"{self.path} is incomplete: {int((~done).sum())} of {done.size} row chunks are not "
-                           "scored yet; finish the score stage (re-run it, or every --config.score.shard job)")
+      raise errors.DataError(f"{self.path} is incomplete: {int((~done).sum())} of {done.size} row chunks are not "
+                             "scored yet; finish the score stage (re-run it, or every --config.score.shard job)")
 
   @property
   def id(self) -> str:
     """Content id: the pool and the models, by their ids (older score folders: derived the same way)."""
-    return self.manifest.get("id") or artifacts.content_id(scores_request(self.manifest["store"]["id"],
-                                                                          self.manifest["models"]))
+    return self.manifest.get("id") or lineage.content_id(scores_request(self.manifest["store"]["id"],
+                                                                        self.manifest["models"]))
 
   def store_path(self) -> pathlib.Path:
     """The scored pool store, as recorded relative to this folder (so a moved work directory finds its own)."""
-    return artifacts.resolve(self.manifest["store"]["path"], self.path)
+    return lineage.resolve(self.manifest["store"]["path"], self.path)
 
   def column(self, name: str) -> int:
     if name not in self.columns:
-      raise data.DataError(f"{self.path} has no model column {name!r}; columns: {self.columns}")
+      raise errors.DataError(f"{self.path} has no model column {name!r}; columns: {self.columns}")
     return self.columns.index(name)
 
   def read(self, start: int, stop: int) -> np.ndarray:
     """Rows [start, stop) of the [num_sequences, models] NLL array (stop clipped to the end)."""
-    return self.nll[start:min(stop, self.num_sequences)].read().result()
+    stop = min(stop, self.num_sequences)
+    return self._checked(lambda: self.nll[start:stop].read().result(), f"rows {start:,}..{stop - 1:,}")
+
+  def read_ids(self, ids: np.ndarray) -> np.ndarray:
+    """The NLL rows of `ids` (only those rows' chunks are read)."""
+    ids = np.asarray(ids)
+    return self._checked(lambda: self.nll.oindex[ids].read().result(), f"{ids.size:,} selected rows")
+
+  def _checked(self, read, what: str) -> np.ndarray:
+    """A read whose failure (a chunk damaged on disk) names the folder and the fix."""
+    try:
+      return read()
+    except ValueError as e:
+      raise errors.DataError(f"{self.path / 'nll.zarr'}: {what} are unreadable ({_first_line(e)}); re-score the "
+                             f"damaged chunks: re-run the score stage (or the pipeline) with {VERIFY_FLAG}") from e
 
 
 def model_entries(cfg):
@@ -118,7 +145,7 @@ def model_entries(cfg):
   for _, path, manifest in entries:
     checkpoint.check_architecture(manifest, spec, path)
     if manifest["tokenizer"]["sha256"] != entries[0][2]["tokenizer"]["sha256"]:
-      raise data.DataError(f"{path} was trained with another tokenizer than the prior {scfg.prior}")
+      raise errors.DataError(f"{path} was trained with another tokenizer than the prior {scfg.prior}")
   return entries, spec
 
 
@@ -127,9 +154,14 @@ def describe_models(entries) -> list[dict]:
   return [{"name": name, "id": m.get("id")} for name, _, m in entries]
 
 
-def scores_request(store_id: str, models: list[dict]) -> dict:
-  """What decides a score array's content: the pool and the models, by content id."""
-  return {"store": store_id, "models": [[m["name"], m.get("id")] for m in models]}
+def scores_request(store_id: str, models: list[dict], numerics: dict | None = None) -> dict:
+  """What decides a score array's content: the pool and the models, by content id, and the numerics they ran in
+  (ModelSpec.numerics) when not the default, so that scores made before numerics were recorded keep their ids while
+  scores in another precision are another artifact (never reused, never mixed on a resume)."""
+  request = {"store": store_id, "models": [[m["name"], m.get("id")] for m in models]}
+  if numerics and numerics != transformer.ModelSpec.DEFAULT_NUMERICS:
+    request["numerics"] = numerics
+  return request
 
 
 def load_models(cfg, mesh):
@@ -137,12 +169,12 @@ def load_models(cfg, mesh):
   entries, spec = model_entries(cfg)
   paths = [(name, path) for name, path, _ in entries]
   manifests = [m for _, _, m in entries]
-  axes = model.param_axes(spec)
-  param_sh = sharding.tree_shardings(model.abstract_params(spec), axes, mesh)
-  sharding.warn_replicated(model.abstract_params(spec), axes, mesh)
+  axes = transformer.param_axes(spec)
+  param_sh = sharding.tree_shardings(transformer.abstract_params(spec), axes, mesh)
+  sharding.warn_replicated(transformer.abstract_params(spec), axes, mesh)
   stacked_axes = jax.tree.map(lambda a: ("models",) + a, axes, is_leaf=sharding.is_axes)
   stacked_abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct((len(paths),) + a.shape, a.dtype),
-                                  model.abstract_params(spec))
+                                  transformer.abstract_params(spec))
   stacked_sh = sharding.tree_shardings(stacked_abstract, stacked_axes, mesh)
   loaded = [checkpoint.load_params(p, spec, param_sh)[0] for _, p in paths]
   stacked = jax.jit(lambda *ps: jax.tree.map(lambda *xs: jnp.stack(xs), *ps), out_shardings=stacked_sh)(*loaded)
@@ -152,10 +184,48 @@ def load_models(cfg, mesh):
 
 def is_complete(workdir: pathlib.Path, request: dict) -> bool:
   """Whether `workdir` already holds finished scores for this request (pool and models)."""
-  if not (workdir / data.MANIFEST).exists():
+  if not (workdir / formats.MANIFEST).exists():
     return False
   scores = Scores(workdir)
-  return scores.manifest.get("request") == artifacts.normalized(request) and bool(scores.done().all())
+  return scores.manifest.get("request") == lineage.normalized(request) and bool(scores.done().all())
+
+
+def damaged_chunks(scores: Scores) -> list[int]:
+  """Row chunks whose file is damaged (a disk fault, a truncated copy): marked done but unreadable or holding a NaN,
+  or not done with a file left that cannot be read (a re-score would read it before writing a short last chunk)."""
+  done, bad = scores.done(), []
+  for chunk in range(done.size):
+    if not done[chunk] and not (scores.path / "nll.zarr" / f"{chunk}.0").exists():
+      continue
+    first, stop = chunk * scores.chunk_rows, min(scores.num_sequences, (chunk + 1) * scores.chunk_rows)
+    try:
+      rows = scores.nll[first:stop].read().result()
+    except ValueError:
+      bad.append(chunk)
+      continue
+    if done[chunk] and np.isnan(rows).any():
+      bad.append(chunk)
+  return bad
+
+
+def reopen_damaged(workdir: pathlib.Path, request: dict) -> None:
+  """score.verify: the damaged chunks of this request's scores lose their done flag, so this run re-scores them."""
+  if not (workdir / formats.MANIFEST).exists():
+    return
+  scores = Scores(workdir)
+  if scores.manifest.get("request") != lineage.normalized(request):
+    return
+  bad = damaged_chunks(scores)
+  if bad and console.is_main():
+    print(f"score: {len(bad)} of {scores.done().size} chunks of {workdir} are damaged (chunks {bad[:10]}"
+          f"{' ...' if len(bad) > 10 else ''}); re-scoring them")
+    done = _zarr(workdir / "done.zarr")
+    for chunk in bad:
+      done[chunk].write(np.uint8(0)).result()
+      # the damaged file goes: a write of a short last chunk would read it first (one chunk spans all columns)
+      (workdir / "nll.zarr" / f"{chunk}.0").unlink(missing_ok=True)
+  elif console.is_main():
+    print(f"score: verified the {int(scores.done().sum())} written chunks of {workdir}: none damaged")
 
 
 def step_schedule(per_host: list, n: int, chunk_rows: int, host_batch: int) -> list[tuple[int, int, bool]]:
@@ -182,25 +252,25 @@ def build_score_step(spec, stacked_sh, batch_sh, out_sh, pad_id, chunk: int):
 
 def _open_output(workdir: pathlib.Path, manifest: dict, num_chunks: int):
   """Create the score folder, or check that an existing one was made by the same job (store, models, layout)."""
-  path = workdir / data.MANIFEST
+  path = workdir / formats.MANIFEST
   keys = ("request", "num_sequences", "chunk_rows", "batch_size", "columns")
   if path.exists():
     existing = json.loads(path.read_text())
     strip = lambda m: {k: m.get(k) for k in keys}
     if strip(existing) != strip(manifest):
-      diff = artifacts.differences(existing.get("request") or {}, artifacts.normalized(manifest["request"]))
+      diff = lineage.differences(existing.get("request") or {}, lineage.normalized(manifest["request"]))
       diff += [k for k in keys[1:] if existing.get(k) != manifest.get(k)]
-      raise data.DataError(f"{workdir} holds scores of another job (differs in {', '.join(diff)}); choose another "
-                           "--config.workdir (nothing was overwritten)")
+      raise errors.DataError(f"{workdir} holds scores of another job (differs in {', '.join(diff)}); choose another "
+                             "--config.workdir (nothing was overwritten)")
     return
-  if metrics.is_main():
+  if console.is_main():
     workdir.mkdir(parents=True, exist_ok=True)
     n, k = manifest["num_sequences"], len(manifest["models"])
     _zarr(workdir / "nll.zarr", create=True, dtype=ts.float32, shape=[n, k], fill_value=np.nan,
           chunk_layout=ts.ChunkLayout(chunk_shape=[manifest["chunk_rows"], k]))
     _zarr(workdir / "done.zarr", create=True, dtype=ts.uint8, shape=[num_chunks], fill_value=0,
           chunk_layout=ts.ChunkLayout(chunk_shape=[1]))
-    artifacts.write_manifest(workdir, manifest)
+    lineage.write_manifest(workdir, manifest)
 
 
 def run(cfg) -> pathlib.Path:
@@ -211,14 +281,17 @@ def run(cfg) -> pathlib.Path:
   if not scfg.store:
     raise errors.ConfigError("set --config.score.store to the pool's token store (a prepare or dolma output)")
   profiler = metrics.StepProfiler(cfg.profile_steps, workdir / "profile")
-  store = data.TokenStore(scfg.store)
-  request = scores_request(store.id, describe_models(model_entries(cfg)[0]))
+  store = stores.TokenStore(scfg.store)
+  entries, spec = model_entries(cfg)
+  request = scores_request(store.id, describe_models(entries), spec.numerics())
+  if scfg.verify:
+    console.on_main_then_sync(lambda: reopen_damaged(workdir, request), "score verify")
   if is_complete(workdir, request):
-    if metrics.is_main():
+    if console.is_main():
       print(f"score: {workdir} is complete for this pool and these models; nothing to do")
     return workdir
   shard_i, shard_n = parse_shard(scfg.shard)
-  with artifacts.Lock(workdir, f"shard-{shard_i}-of-{shard_n}"):
+  with lineage.Lock(workdir, f"shard-{shard_i}-of-{shard_n}"):
     # MFU's per-device peak is one setting for every stage that reports MFU: train.peak_flops
     return _score(cfg, workdir, store, request, profiler, shard_i, shard_n, cfg.train.peak_flops)
 
@@ -228,10 +301,10 @@ def _score(cfg, workdir, store, request, profiler, shard_i, shard_n, peak_flops:
   mesh = sharding.make_mesh(cfg.mesh)
   spec, stacked, stacked_sh, models, tok_info = load_models(cfg, mesh)
   if tok_info["sha256"] != store.manifest["tokenizer"]["sha256"]:
-    raise data.DataError(f"pool {store.path} was tokenized with {store.manifest['tokenizer']['name']}, the models "
-                         f"with {tok_info['name']}; prepare the pool with the models' tokenizer")
+    raise errors.DataError(f"pool {store.path} was tokenized with {store.manifest['tokenizer']['name']}, the models "
+                           f"with {tok_info['name']}; prepare the pool with the models' tokenizer")
   if store.seq_len > spec.max_seq_len:
-    raise data.DataError(f"pool seq_len {store.seq_len} exceeds the models' context {spec.max_seq_len}")
+    raise errors.DataError(f"pool seq_len {store.seq_len} exceeds the models' context {spec.max_seq_len}")
 
   dp = sharding.data_parallel_size(mesh)
   batch = -(-int(scfg.batch_size) // dp) * dp
@@ -248,15 +321,15 @@ def _score(cfg, workdir, store, request, profiler, shard_i, shard_n, peak_flops:
   n = store.num_sequences
   num_chunks = -(-n // chunk_rows)
   manifest = {
-      "format": artifacts.SCORES.format, "num_sequences": n, "columns": [m["name"] for m in models], "models": models,
-      "store": {"path": artifacts.relative(store.path, workdir), "id": store.id, "seq_len": store.seq_len},
-      "id": artifacts.content_id(request), "request": request, "dtype": "float32",
+      "format": formats.SCORES.format, "num_sequences": n, "columns": [m["name"] for m in models], "models": models,
+      "store": {"path": lineage.relative(store.path, workdir), "id": store.id, "seq_len": store.seq_len},
+      "id": lineage.content_id(request), "request": request, "dtype": "float32",
       "value": "per-sequence mean next-token NLL (fp32, no z-loss)", "chunk_rows": chunk_rows,
       "batch_size": batch, "model": spec.architecture(), "tokenizer": tok_info,
       "config": json.loads(cfg.to_json()), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
   }
-  metrics.on_main_then_sync(lambda: _open_output(workdir, manifest, num_chunks), "score output")
-  if not metrics.is_main():
+  console.on_main_then_sync(lambda: _open_output(workdir, manifest, num_chunks), "score output")
+  if not console.is_main():
     _open_output(workdir, manifest, num_chunks)  # every host checks the folder it will write into
   out = Scores(workdir)
   mine = np.arange(num_chunks)[shard_i * num_chunks // shard_n:(shard_i + 1) * num_chunks // shard_n]
@@ -266,13 +339,13 @@ def _score(cfg, workdir, store, request, profiler, shard_i, shard_n, peak_flops:
   schedule = step_schedule(per_host, n, chunk_rows, host_batch)
   pad_id = losses.pad_to_mask(store)  # scores are means over real tokens, whatever the training policy
   step_fn = build_score_step(spec, stacked_sh, batch_sh, out_sh, pad_id, int(scfg.loss_chunk))
-  flops = model.flops_per_token(spec, store.seq_len, training=False) * len(models)
+  flops = transformer.flops_per_token(spec, store.seq_len, training=False) * len(models)
   peak = metrics.peak_flops(peak_flops)
 
-  print_main = lambda msg: print(msg, flush=True) if metrics.is_main() else None
+  print_main = lambda msg: print(msg, flush=True) if console.is_main() else None
   print_main(f"score: {n:,} sequences x {len(models)} models ({', '.join(m['name'] for m in models)}); "
              f"{len(mine) - len(todo)} of {len(mine)} chunks already done; batch {batch}, chunk {chunk_rows} rows; "
-             f"mesh {sharding.describe(mesh)}")
+             f"{spec.compute_dtype} compute, precision {spec.precision}; mesh {sharding.describe(mesh)}")
 
   def produce(step: int):
     slot, j, _ = schedule[step]
@@ -284,10 +357,10 @@ def _score(cfg, workdir, store, request, profiler, shard_i, shard_n, peak_flops:
         rows[: ids.size] = store.read(ids)
     return sharding.put_host_rows(rows, batch_sh, (batch, store.seq_len), row_start)
 
-  bar = metrics.Progress(total=len(schedule) * batch, unit="seq", desc="score")
+  bar = console.Progress(total=len(schedule) * batch, unit="seq", desc="score")
   buffer = np.empty((chunk_rows, len(models)), np.float32)
   start = time.time()
-  prefetch = data.Prefetcher(produce, range(len(schedule)), cfg.data.prefetch)
+  prefetch = stores.Prefetcher(produce, range(len(schedule)), cfg.data.prefetch)
   pending = None
 
   def finish(step, result):
@@ -300,11 +373,11 @@ def _score(cfg, workdir, store, request, profiler, shard_i, shard_n, peak_flops:
       first, stop = chunk * chunk_rows, min(n, (chunk + 1) * chunk_rows)
       out.nll[first:stop].write(buffer[: stop - first]).result()
       _zarr(workdir / "done.zarr")[chunk].write(np.uint8(1)).result()
-      storage.flush()
+      object_storage.flush()
     elapsed = max(time.time() - start, 1e-9)
     seq_per_s = bar.count / elapsed
     mfu = f" mfu {seq_per_s * store.seq_len * flops / (peak * jax.device_count()):.1%}" if peak else ""
-    bar.update(batch, extra=f"{metrics.human(seq_per_s * store.seq_len)} tok/s{mfu}")
+    bar.update(batch, extra=f"{console.human(seq_per_s * store.seq_len)} tok/s{mfu}")
 
   stopped = None
   try:
@@ -326,9 +399,9 @@ def _score(cfg, workdir, store, request, profiler, shard_i, shard_n, peak_flops:
     profiler.close()
   bar.close()
   seconds = time.time() - start
-  metrics.on_main_then_sync(lambda: None, "score finished")  # every host's chunks are written
+  console.on_main_then_sync(lambda: None, "score finished")  # every host's chunks are written
   done = out.done()
-  if metrics.is_main():
+  if console.is_main():
     scored = (stopped or len(schedule)) * batch
     record = {"event": "score", "shard": f"{shard_i}/{shard_n}", "chunks": int(done[todo].sum()), "seconds": seconds,
               "sequences_per_s": scored / max(seconds, 1e-9),
@@ -338,30 +411,31 @@ def _score(cfg, workdir, store, request, profiler, shard_i, shard_n, peak_flops:
     state = "complete" if done.all() else f"{int(done.sum())} of {done.size} chunks done"
     print(f"score: {state}; {record['tokens_per_s_per_model']:,.0f} tokens/s per model; {workdir}")
   if stopped is not None:
-    raise errors.Preempted(f"preempted after step {stopped} of {len(schedule)}: {int(done.sum())} of {done.size} "
-                           "row chunks are written (done flags set); re-run the same command to score the rest",
-                           stopped)
+    raise errors.Preempted(f"{watch.reason()} after step {stopped} of {len(schedule)}: {int(done.sum())} of "
+                           f"{done.size} row chunks are written (done flags set); re-run the same command to score the "
+                           "rest", stopped, watch.signum)
   return workdir
 
 
 def describe_nominal(cfg, num_sequences: int, seq_len: int, models: int) -> float:
   """Dry-run report of scoring `num_sequences` with `models` models of cfg.model's architecture; returns FLOPs."""
-  spec = model.ModelSpec.from_config(cfg.model)
-  flops = model.flops_per_token(spec, seq_len, training=False)
+  spec = transformer.ModelSpec.from_config(cfg.model)
+  flops = transformer.flops_per_token(spec, seq_len, training=False)
   total = flops * models * num_sequences * seq_len
   devices = cfg.dry_run_devices or jax.device_count()
   mesh = sharding.abstract_mesh(cfg.mesh, devices)
   dp = int(np.prod([mesh.shape[a] for a in sharding.RULES["batch"]]))
   batch = -(-int(cfg.score.batch_size) // dp) * dp
-  params_b = models * plan.sharded_bytes(model.abstract_params(spec), model.param_axes(spec), mesh)
-  act_b = models * plan.activation_bytes(spec, batch // dp, seq_len, False, cfg.score.loss_chunk, training=False,
-                                         tensor=mesh.shape["tensor"])
+  params_b = models * estimate.sharded_bytes(transformer.abstract_params(spec), transformer.param_axes(spec), mesh)
+  act_b = models * estimate.activation_bytes(spec, batch // dp, seq_len, False, cfg.score.loss_chunk, training=False,
+                                             tensor=mesh.shape["tensor"])
   print(f"score (dry run): {models} models x {num_sequences:,} sequences x {seq_len} tokens, one vmapped pass; "
         f"{-(-num_sequences // batch):,} steps of {batch}")
   print(f"flops/token/model: {flops:,.0f} (2N+4LdT); total {total:.3e} FLOPs")
   print(f"mesh: {' '.join(f'{k}={v}' for k, v in mesh.shape.items())} ({devices} devices); per device: "
         f"{batch // dp} sequences per step")
-  print(f"memory/device (estimate): params {params_b / plan.GIB:.2f} GiB + activations {act_b / plan.GIB:.2f} GiB")
+  print(f"memory/device (estimate): params {params_b / estimate.GIB:.2f} GiB + activations "
+        f"{act_b / estimate.GIB:.2f} GiB")
   rate = float(cfg.score.tokens_per_s_per_device)
   if rate > 0:
     seconds = num_sequences * seq_len / (rate * devices)
@@ -373,7 +447,7 @@ def describe_nominal(cfg, num_sequences: int, seq_len: int, models: int) -> floa
 
 def describe(cfg) -> None:
   entries, spec = model_entries(cfg)
-  store = data.TokenStore(cfg.score.store)
+  store = stores.TokenStore(cfg.score.store)
   cfg_model = cfg.model
   for key, value in spec.architecture().items():
     cfg_model[key] = value

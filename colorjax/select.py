@@ -1,10 +1,11 @@
 """The `select` stage: the exact global top ⌊N/τ⌋ sequences by score, in memory independent of N.
 
-score(x) = NLL_prior(x) − NLL_cond(x) in fp32 (CoLoR-Filter), or −NLL_cond(x) (conditional_only); `random` draws a
-uniform sample of the same size. Top-k is a two-level radix select on the scores' order-preserving 32-bit keys:
-one streaming pass histograms the top 16 bits, a second the low 16 bits inside the boundary bucket, which gives the
-exact k-th largest score; a third pass collects every id above it plus the lowest ids among the ties at it. Memory
-is a block of rows plus 65,536 counters, and the output itself.
+The methods this stage runs are the registry's (`colorjax.methods`) with stage "select": a method that ranks score
+columns keeps the top k of NLL_prior(x) − NLL_cond(x) in fp32 (CoLoR-Filter) or of −NLL_cond(x); one that ranks none
+draws a seeded uniform sample of the same size. Top-k is a two-level radix select on the scores' order-preserving
+32-bit keys: one streaming pass histograms the top 16 bits, a second the low 16 bits inside the boundary bucket, which
+gives the exact k-th largest score; a third pass collects every id above it plus the lowest ids among the ties at it.
+Memory is a block of rows plus 65,536 counters, and the output itself.
 
 Output: `index.npy` (selected global ids, int64, ascending) and `manifest.json` (method, τ, k, threshold, score
 statistics and histogram, per-source selection rates, the scores and store it came from).
@@ -19,12 +20,14 @@ import time
 
 import numpy as np
 
-from colorjax import artifacts
-from colorjax import data
+from colorjax import console
 from colorjax import errors
-from colorjax import losses
-from colorjax import metrics
+from colorjax import methods
 from colorjax import score as score_lib
+from colorjax.artifacts import formats
+from colorjax.artifacts import lineage
+from colorjax.data import stores
+from colorjax.model import losses
 
 HIST_BINS = 100
 
@@ -53,10 +56,10 @@ def _kth_bucket(counts: np.ndarray, k: int) -> tuple[int, int]:
 class ScoreStream:
   """Streams fp32 scores of one selection method over the score array, `block_rows` rows at a time."""
 
-  def __init__(self, scores: score_lib.Scores, method: str, conditional: str, block_rows: int):
+  def __init__(self, scores: score_lib.Scores, method: methods.Method, conditional: str, block_rows: int):
     self.scores, self.block_rows = scores, int(block_rows)
     self.cond = scores.column(conditional)
-    self.prior = scores.column("prior") if method == "color" else None
+    self.prior = scores.column("prior") if "prior" in method.score_columns else None
 
   def __iter__(self):
     n = self.scores.num_sequences
@@ -65,8 +68,8 @@ class ScoreStream:
       values = losses.color_score(None if self.prior is None else rows[:, self.prior], rows[:, self.cond])
       if np.isnan(values).any():
         bad = start + int(np.argmax(np.isnan(values)))
-        raise data.DataError(f"{self.scores.path}: score of sequence {bad} is NaN (unscored or corrupt); re-run the "
-                             "score stage")
+        raise errors.DataError(f"{self.scores.path}: score of sequence {bad} is NaN (unscored or corrupt); re-run the "
+                               f"score stage with {score_lib.VERIFY_FLAG} (it re-scores damaged chunks)")
       yield start, values.astype(np.float32)
 
 
@@ -102,7 +105,7 @@ def top_k(stream, k: int):
 def random_sample(n: int, k: int, seed: int, block_rows: int) -> np.ndarray:
   """k distinct ids of [0, n), uniform, sorted: the first k positions of a seeded permutation, built blockwise so
   the temporaries stay O(block_rows) beside the output."""
-  perm = data.Permutation(n, seed, stream=7) if n else None
+  perm = stores.Permutation(n, seed, stream=7) if n else None
   ids = np.empty(k, np.int64)
   for start in range(0, k, block_rows):
     stop = min(k, start + block_rows)
@@ -129,7 +132,7 @@ def score_statistics(stream) -> dict:
           "min": lo, "max": hi, "hist_edges": edges.tolist(), "hist_counts": hist.tolist()}
 
 
-def label_rates(store: data.TokenStore, ids: np.ndarray, block_rows: int) -> dict:
+def label_rates(store: stores.TokenStore, ids: np.ndarray, block_rows: int) -> dict:
   """Per-source pool counts, selected counts and selection rates (by each sequence's first document's source)."""
   labels = store.labels() or ["all"]
   pool = np.zeros(len(labels), np.int64)
@@ -141,14 +144,11 @@ def label_rates(store: data.TokenStore, ids: np.ndarray, block_rows: int) -> dic
           for name, p, c in zip(labels, pool, chosen)}
 
 
-METHODS = ("color", "conditional_only", "random")
-
-
 def selection_request(cfg, scores_id: str, store_id: str) -> dict:
   """What decides a selection's content: the method and its settings, the pool, and (except for a random draw,
   which a retrained prior or conditional leaves unchanged) the scores by id."""
   scfg = cfg.select
-  random = scfg.method == "random"
+  random = not methods.get(scfg.method, "select.method", "select").ranks_scores
   return {"method": scfg.method, "tau": float(scfg.tau), "tokens": int(scfg.tokens),
           "conditional": None if random else scfg.conditional, "seed": int(cfg.seed) if random else None,
           "scores": None if random else scores_id, "store": store_id}
@@ -156,8 +156,7 @@ def selection_request(cfg, scores_id: str, store_id: str) -> dict:
 
 def check_settings(cfg) -> None:
   scfg = cfg.select
-  if scfg.method not in METHODS:
-    raise errors.ConfigError(f"select.method={scfg.method!r}; choose one of {', '.join(METHODS)}")
+  methods.get(scfg.method, "select.method", "select")
   if scfg.tokens < 0:
     raise errors.ConfigError(f"select.tokens={scfg.tokens}: give a positive token budget (0 = use select.tau)")
   if not scfg.tokens and not (math.isfinite(scfg.tau) and scfg.tau >= 1):
@@ -189,53 +188,54 @@ def run(cfg) -> pathlib.Path:
     raise errors.ConfigError("set --config.select.scores to a score folder (the score stage's workdir)")
   workdir = pathlib.Path(cfg.workdir).resolve()
   scores = score_lib.Scores(scfg.scores)
-  store = data.TokenStore(scores.store_path())
+  store = stores.TokenStore(scores.store_path())
   if store.id != scores.manifest["store"]["id"]:
-    raise data.DataError(f"store {store.path} changed since it was scored (id {store.id}, scores say "
-                         f"{scores.manifest['store']['id']}); re-run the score stage")
+    raise errors.DataError(f"store {store.path} changed since it was scored (id {store.id}, scores say "
+                           f"{scores.manifest['store']['id']}); re-run the score stage")
   request = selection_request(cfg, scores.id, store.id)
-  if artifacts.up_to_date(workdir, request, "another selection", "choose another --config.workdir"):
+  if lineage.up_to_date(workdir, request, "another selection", "choose another --config.workdir"):
     print(f"select: {workdir} is up to date; nothing to do")
     return workdir
-  artifacts.check_new(workdir, "a selection", "choose another --config.workdir")
+  lineage.check_new(workdir, "a selection", "choose another --config.workdir")
   n = scores.num_sequences
   k = selection_size(cfg, n, store.seq_len)
   scores.check_complete()
-  with artifacts.Lock(workdir):
+  with lineage.Lock(workdir):
     return _select(cfg, workdir, scores, store, request, n, k)
 
 
 def _select(cfg, workdir, scores, store, request, n: int, k: int) -> pathlib.Path:
   scfg = cfg.select
+  method = methods.get(scfg.method, "select.method", "select")
   start = time.time()
   stats, threshold = None, None
-  if scfg.method == "random":
+  if not method.ranks_scores:
     ids = random_sample(n, k, cfg.seed, scfg.block_rows)
   else:
-    stream = ScoreStream(scores, scfg.method, scfg.conditional, scfg.block_rows)
+    stream = ScoreStream(scores, method, scfg.conditional, scfg.block_rows)
     ids, threshold = top_k(stream, k)
     stats = score_statistics(stream)
   manifest = {
-      "format": artifacts.SELECTION.format, "id": artifacts.content_id(request), "method": scfg.method,
+      "format": formats.SELECTION.format, "id": lineage.content_id(request), "method": scfg.method,
       "tau": float(n / k), "tau_requested": float(scfg.tau), "tokens_requested": int(scfg.tokens), "k": int(k),
       "num_sequences": n, "tokens": int(k) * store.seq_len, "threshold": threshold,
-      "seed": cfg.seed if scfg.method == "random" else None,
-      "conditional": scfg.conditional if scfg.method != "random" else None,
-      "scores": {"path": artifacts.relative(scores.path, workdir), "id": scores.id,
+      "seed": None if method.ranks_scores else cfg.seed,
+      "conditional": scfg.conditional if method.ranks_scores else None,
+      "scores": {"path": lineage.relative(scores.path, workdir), "id": scores.id,
                  "models": scores.manifest["models"]},
-      "store_id": store.id, "store_path": artifacts.relative(store.path, workdir),
+      "store_id": store.id, "store_path": lineage.relative(store.path, workdir),
       "index_sha256": hashlib.sha256(npy_bytes(ids)).hexdigest(), "score_stats": stats,
       "sources": label_rates(store, ids, scfg.block_rows), "seconds": time.time() - start,
       "request": request, "config": json.loads(cfg.to_json()), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
   }
-  if metrics.is_main():
+  if console.is_main():
     partial = workdir.with_name(workdir.name + ".partial")
     if partial.exists():
       shutil.rmtree(partial)
     partial.mkdir(parents=True)
     (partial / "index.npy").write_bytes(npy_bytes(ids))
-    artifacts.write_manifest(partial, manifest)
-    artifacts.publish(partial, workdir)
+    lineage.write_manifest(partial, manifest)
+    lineage.publish(partial, workdir)
     print(f"select: {scfg.method} k={k:,} of {n:,} (tau {manifest['tau']:.2f})"
           + (f", threshold {threshold:.4f}" if threshold is not None else "") + f" -> {workdir}")
     print_sources(manifest["sources"])
@@ -257,7 +257,7 @@ def npy_bytes(ids: np.ndarray) -> bytes:
 
 def store_of(selection: pathlib.Path, manifest: dict) -> pathlib.Path:
   """The pool store a selection indexes, as recorded relative to the selection folder."""
-  return artifacts.resolve(manifest["store_path"], selection)
+  return lineage.resolve(manifest["store_path"], selection)
 
 
 def describe(cfg) -> None:

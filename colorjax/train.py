@@ -17,20 +17,22 @@ import optax
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
-from colorjax import artifacts
-from colorjax import checkpoint
-from colorjax import data
+from colorjax import console
 from colorjax import errors
 from colorjax import evaluate
-from colorjax import losses
-from colorjax import metrics
-from colorjax import model
-from colorjax import plan
-from colorjax import preemption
-from colorjax import rho as rho_lib
 from colorjax import sharding
-from colorjax import train_plan
-from colorjax import train_run
+from colorjax.artifacts import formats
+from colorjax.artifacts import lineage
+from colorjax.data import stores
+from colorjax.model import estimate
+from colorjax.model import losses
+from colorjax.model import transformer
+from colorjax.training import checkpoint
+from colorjax.training import metrics
+from colorjax.training import preemption
+from colorjax.training import rho as rho_lib
+from colorjax.training import run_folder
+from colorjax.training import step_plan
 
 
 def lr_at(step, lr: float, warmup: int, max_steps: int, min_ratio: float):
@@ -52,7 +54,7 @@ def make_optimizer(tcfg, schedule_steps: int):
   return tx, schedule
 
 
-def build_train_step(spec, tx, schedule, plan_: train_plan.StepPlan, state_sh, batch_sh, param_sh, z_weight: float,
+def build_train_step(spec, tx, schedule, steps: step_plan.StepPlan, state_sh, batch_sh, param_sh, z_weight: float,
                      pad_id: int | None, loss_chunk: int, rho: rho_lib.Rho | None = None, reference_sh=None):
   """The jitted update: token-mean CE + z-loss over the whole global batch, accumulated over micro-batches. With
   `rho`, the step takes the candidates and the reference params and first keeps the batch it trains on."""
@@ -94,13 +96,13 @@ class BatchSource:
   """Produces this host's rows of step `s`'s [n_micro, micro, seq] batch (RHO-down: candidates) as a global
   jax.Array."""
 
-  def __init__(self, store: data.TokenStore, plan_: train_plan.StepPlan, seed: int, index, batch_sh: NamedSharding):
-    self.store, self.plan, self.seed, self.index, self.sharding = store, plan_, seed, index, batch_sh
-    self.shape = (plan_.rows_per_step // plan_.micro_batch, plan_.micro_batch, store.seq_len)
+  def __init__(self, store: stores.TokenStore, steps: step_plan.StepPlan, seed: int, index, batch_sh: NamedSharding):
+    self.store, self.plan, self.seed, self.index, self.sharding = store, steps, seed, index, batch_sh
+    self.shape = (steps.rows_per_step // steps.micro_batch, steps.micro_batch, store.seq_len)
     self.row_start, self.row_stop = sharding.host_rows(batch_sh, self.shape, dim=1)
 
   def ids(self, step: int) -> np.ndarray:
-    ids = data.step_ids(step, self.plan.rows_per_step, self.plan.num_items, self.seed, self.index)
+    ids = stores.step_ids(step, self.plan.rows_per_step, self.plan.num_items, self.seed, self.index)
     return ids.reshape(self.shape[:2])
 
   def __call__(self, step: int):
@@ -110,7 +112,7 @@ class BatchSource:
 
 
 def _print(msg: str):
-  if metrics.is_main():
+  if console.is_main():
     print(msg, flush=True)
 
 
@@ -120,7 +122,7 @@ def run(cfg) -> pathlib.Path:
   if not cfg.workdir:
     raise errors.ConfigError("set --config.workdir to the run folder")
   workdir = pathlib.Path(cfg.workdir).resolve()
-  spec = model.ModelSpec.from_config(cfg.model)
+  spec = transformer.ModelSpec.from_config(cfg.model)
   metrics.StepProfiler(cfg.profile_steps, workdir / "profile")  # a malformed range fails before any work
   metrics.check_mirrors(cfg.train)
   if not (math.isfinite(cfg.train.checkpoint_minutes) and cfg.train.checkpoint_minutes >= 0):
@@ -130,8 +132,8 @@ def run(cfg) -> pathlib.Path:
     raise errors.ConfigError(f"train.log_every={cfg.train.log_every}: steps per metrics record, >= 1")
   if cfg.seed < 0:
     raise errors.ConfigError(f"seed={cfg.seed}: the seed of init and data order is an integer >= 0")
-  inputs = train_run.resolve_inputs(cfg, workdir, spec)
-  finished = train_run.check_run_folder(cfg, workdir, inputs.request)
+  inputs = run_folder.resolve_inputs(cfg, workdir, spec)
+  finished = run_folder.check_run_folder(cfg, workdir, inputs.request)
   multihost_utils.sync_global_devices(f"checked {workdir}")  # every host checks before process 0 writes
   if finished:
     _print(f"{cfg.stage}: {workdir} is already finished; nothing to do")
@@ -139,36 +141,36 @@ def run(cfg) -> pathlib.Path:
   mesh = sharding.make_mesh(cfg.mesh)
   index = None
   if cfg.data.index and not cfg.sft.tasks:
-    store = data.TokenStore(inputs.store_path)
-    index = data.load_index(cfg.data.index, store)
-    train_plan.step_plan(cfg, index.size, store.seq_len, sharding.data_parallel_size(mesh))  # fail before writing
+    store = stores.TokenStore(inputs.store_path)
+    index = stores.load_index(cfg.data.index, store)
+    step_plan.step_plan(cfg, index.size, store.seq_len, sharding.data_parallel_size(mesh))  # fail before writing
   created = not workdir.exists()
-  with artifacts.Lock(workdir):
+  with lineage.Lock(workdir):
     started = []
     try:
       return _train(cfg, workdir, spec, mesh, inputs, index, started)
     except BaseException:
-      if created and not started and metrics.is_main() and workdir.exists():
+      if created and not started and console.is_main() and workdir.exists():
         shutil.rmtree(workdir)  # a run that never took a step leaves nothing to clean up by hand
       raise
 
 
-def _train(cfg, workdir, spec, mesh, inputs: train_run.Inputs, index, started: list) -> pathlib.Path:
+def _train(cfg, workdir, spec, mesh, inputs: run_folder.Inputs, index, started: list) -> pathlib.Path:
   """The run's named steps: open the data, write the run folder, init or restore, loop, export."""
   if cfg.sft.tasks:
-    train_run.build_sft_stores(cfg, inputs, spec)
-  store = data.TokenStore(inputs.store_path)
-  data.check_store_fits(store, spec)
-  plan_ = train_plan.step_plan(cfg, store.num_sequences if index is None else index.size, store.seq_len,
-                               sharding.data_parallel_size(mesh))
-  eval_sets = data.eval_stores(cfg.data.eval_stores, store.manifest["tokenizer"], f"the training store {store.path}",
-                               spec)
+    run_folder.build_sft_stores(cfg, inputs, spec)
+  store = stores.TokenStore(inputs.store_path)
+  stores.check_store_fits(store, spec)
+  steps = step_plan.step_plan(cfg, store.num_sequences if index is None else index.size, store.seq_len,
+                              sharding.data_parallel_size(mesh))
+  eval_sets = stores.eval_stores(cfg.data.eval_stores, store.manifest["tokenizer"], f"the training store {store.path}",
+                                 spec)
   if inputs.sft_eval_path is not None:
-    eval_sets[f"tasks_{cfg.sft.eval_split}"] = data.TokenStore(inputs.sft_eval_path)
-  train_run.write_run_folder(cfg, workdir, inputs.request)
-  if plan_.note:
-    _print(f"{cfg.stage}: {plan_.note}")
-  tx, schedule = make_optimizer(cfg.train, plan_.schedule_steps)
+    eval_sets[f"tasks_{cfg.sft.eval_split}"] = stores.TokenStore(inputs.sft_eval_path)
+  run_folder.write_run_folder(cfg, workdir, inputs.request)
+  if steps.note:
+    _print(f"{cfg.stage}: {steps.note}")
+  tx, schedule = make_optimizer(cfg.train, steps.schedule_steps)
   ckpt = checkpoint.Checkpointer(workdir, cfg.train.keep_checkpoints)
   with sharding.use_mesh(mesh):
     state, state_sh, param_sh, start_step = init_or_restore(cfg, spec, mesh, tx, ckpt)
@@ -176,58 +178,59 @@ def _train(cfg, workdir, spec, mesh, inputs: train_run.Inputs, index, started: l
       _print(f"{cfg.stage}: resumed {workdir} at step {start_step}")
     batch_sh = sharding.batch_sharding(mesh, ndim=3, batch_dim=1)
     pad_id = losses.pad_to_mask(store, cfg.sft.loss_on_padding)
-    rho, reference, reference_sh = load_reference(cfg, spec, inputs, mesh, plan_, pad_id)
-    jitted = build_train_step(spec, tx, schedule, plan_, state_sh, batch_sh, param_sh, cfg.train.z_loss, pad_id,
+    rho, reference, reference_sh = load_reference(cfg, spec, inputs, mesh, steps, pad_id)
+    jitted = build_train_step(spec, tx, schedule, steps, state_sh, batch_sh, param_sh, cfg.train.z_loss, pad_id,
                               cfg.train.loss_chunk, rho, reference_sh)
     train_step = jitted if rho is None else (lambda state, batch: jitted(state, batch, reference))
     evaluators = [e for e in evaluate.build_evaluators(cfg, spec, mesh, param_sh, store.tokenizer_path(), eval_sets)
                   if e is not None]
     config = json.loads(cfg.to_json())
-    log = metrics.TrainLog(workdir, cfg.stage, start_step, plan_.total_steps, plan_.global_batch * store.seq_len,
-                           model.flops_per_token(spec, store.seq_len, training=True),
+    log = metrics.TrainLog(workdir, cfg.stage, start_step, steps.total_steps, steps.global_batch * store.seq_len,
+                           transformer.flops_per_token(spec, store.seq_len, training=True),
                            metrics.peak_flops(cfg.train.peak_flops), cfg.train.log_every,
                            truncate=cfg.train.resume,
                            mirrors=metrics.open_mirrors(cfg.train, workdir, cfg.stage, start_step, config))
     try:
-      log.start(_header(cfg, spec, mesh, plan_, store, state, start_step))
-      source = BatchSource(store, plan_, cfg.seed, index, batch_sh)
-      state = train_loop(cfg, state, train_step, source, start_step, plan_, ckpt, log, evaluators, workdir, started,
+      log.start(_header(cfg, spec, mesh, steps, store, state, start_step))
+      source = BatchSource(store, steps, cfg.seed, index, batch_sh)
+      state = train_loop(cfg, state, train_step, source, start_step, steps, ckpt, log, evaluators, workdir, started,
                          meta={"config": config, "store_id": store.id})
     finally:
       log.close()
-    export_dir = train_run.export(cfg, workdir, spec, store, inputs, plan_, state, compute(spec, plan_, rho))
+    export_dir = run_folder.publish_params(cfg, workdir, spec, store, inputs, steps, state, compute(spec, steps, rho))
     _print(f"{cfg.stage}: done; params exported to {export_dir}")
     return export_dir
 
 
-def load_reference(cfg, spec, inputs: train_run.Inputs, mesh, plan_: train_plan.StepPlan, pad_id):
+def load_reference(cfg, spec, inputs: run_folder.Inputs, mesh, steps: step_plan.StepPlan, pad_id):
   """RHO-down's fixed reference model (its own architecture, sharded like any params), or (None, None, None)."""
-  if not plan_.candidates:
+  if not steps.candidates:
     return None, None, None
   reference_spec = checkpoint.spec_from_manifest(inputs.reference_manifest, cfg.model)
-  reference_sh = sharding.tree_shardings(model.abstract_params(reference_spec), model.param_axes(reference_spec), mesh)
+  reference_sh = sharding.tree_shardings(transformer.abstract_params(reference_spec),
+                                         transformer.param_axes(reference_spec), mesh)
   params, _ = checkpoint.load_params(cfg.train.rho_reference, reference_spec, reference_sh)
-  rho = rho_lib.Rho(spec, reference_spec, plan_.global_batch, pad_id, cfg.train.loss_chunk)
-  _print(f"{cfg.stage}: RHO-down: {plan_.candidates} candidates per step, training on the {plan_.global_batch} with "
+  rho = rho_lib.Rho(spec, reference_spec, steps.global_batch, pad_id, cfg.train.loss_chunk)
+  _print(f"{cfg.stage}: RHO-down: {steps.candidates} candidates per step, training on the {steps.global_batch} with "
          f"the largest NLL - NLL_ref ({cfg.train.rho_reference})")
   return rho, params, reference_sh
 
 
-def compute(spec, plan_: train_plan.StepPlan, rho) -> dict:
+def compute(spec, steps: step_plan.StepPlan, rho) -> dict:
   """The run's FLOPs (SPEC §5 counts): training, and RHO-down's extra scoring forwards."""
-  train_flops = float(model.flops_per_token(spec, plan_.seq_len, training=True)) * plan_.tokens
-  selection = rho_lib.forward_flops_per_step(rho, plan_.candidates, plan_.seq_len) * plan_.total_steps if rho else 0.0
+  train_flops = float(transformer.flops_per_token(spec, steps.seq_len, training=True)) * steps.tokens
+  selection = rho_lib.forward_flops_per_step(rho, steps.candidates, steps.seq_len) * steps.total_steps if rho else 0.0
   return {"train_flops": train_flops, "selection_forward_flops": selection}
 
 
 def init_or_restore(cfg, spec, mesh, tx, ckpt: checkpoint.Checkpointer):
   """The sharded train state: the latest checkpoint (resume), else params from train.init_from, else a fresh init.
   Returns (state, state shardings, param shardings, start step)."""
-  param_sh = sharding.tree_shardings(model.abstract_params(spec), model.param_axes(spec), mesh)
-  sharding.warn_replicated(model.abstract_params(spec), model.param_axes(spec), mesh)
+  param_sh = sharding.tree_shardings(transformer.abstract_params(spec), transformer.param_axes(spec), mesh)
+  sharding.warn_replicated(transformer.abstract_params(spec), transformer.param_axes(spec), mesh)
 
   def init_state(key, params=None):
-    params = model.init_params(spec, key) if params is None else params
+    params = transformer.init_params(spec, key) if params is None else params
     return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
 
   abstract_state = jax.eval_shape(init_state, jax.random.key(0))
@@ -244,22 +247,22 @@ def init_or_restore(cfg, spec, mesh, tx, ckpt: checkpoint.Checkpointer):
   return jax.jit(init_state, out_shardings=state_sh)(jax.random.key(cfg.seed)), state_sh, param_sh, 0
 
 
-def _header(cfg, spec, mesh, plan_: train_plan.StepPlan, store, state, start_step: int) -> dict:
-  counts = model.param_counts(spec)
-  flops_token = model.flops_per_token(spec, store.seq_len, training=True)
+def _header(cfg, spec, mesh, steps: step_plan.StepPlan, store, state, start_step: int) -> dict:
+  counts = transformer.param_counts(spec)
+  flops_token = transformer.flops_per_token(spec, store.seq_len, training=True)
   _print(f"params: total={counts['total']:,} non_embedding={counts['non_embedding']:,}")
   _print(f"flops/token: {flops_token:,.0f} (6N+12LdT, N={counts['non_embedding'] + counts['head']:,}); mesh "
-         f"{sharding.describe(mesh)}; {plan_.total_steps:,} steps x {plan_.global_batch} x {store.seq_len} = "
-         f"{plan_.tokens:,} tokens; schedule over {plan_.schedule_steps:,} steps ({plan_.schedule}); "
-         f"{plan_.n_micro} micro-batch(es) of {plan_.micro_batch}")
+         f"{sharding.describe(mesh)}; {steps.total_steps:,} steps x {steps.global_batch} x {store.seq_len} = "
+         f"{steps.tokens:,} tokens; schedule over {steps.schedule_steps:,} steps ({steps.schedule}); "
+         f"{steps.n_micro} micro-batch(es) of {steps.micro_batch}")
   return {"event": "start", "step": start_step, "stage": cfg.stage, "params_total": counts["total"],
           "params_non_embedding": counts["non_embedding"], "flops_per_token": flops_token,
-          "total_steps": plan_.total_steps, "schedule_steps": plan_.schedule_steps, "schedule": plan_.schedule,
-          "tokens_planned": plan_.tokens, "train_items": plan_.num_items, "mesh": dict(mesh.shape),
+          "total_steps": steps.total_steps, "schedule_steps": steps.schedule_steps, "schedule": steps.schedule,
+          "tokens_planned": steps.tokens, "train_items": steps.num_items, "mesh": dict(mesh.shape),
           "param_bytes_per_device": sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(state["params"]))}
 
 
-def train_loop(cfg, state, train_step, source, start_step: int, plan_: train_plan.StepPlan, ckpt, log, evaluators,
+def train_loop(cfg, state, train_step, source, start_step: int, steps: step_plan.StepPlan, ckpt, log, evaluators,
                workdir, started: list, meta: dict):
   """Steps start_step..total: metrics fetched one step late, evals, checkpoints every checkpoint_every steps and
   every checkpoint_minutes, a final save. A preemption notice (SIGTERM) saves at the step all hosts agree on and
@@ -273,9 +276,9 @@ def train_loop(cfg, state, train_step, source, start_step: int, plan_: train_pla
       log.eval(step, results)
 
   eval_due = lambda step: step == 0 or bool(cfg.train.eval_every and step % cfg.train.eval_every == 0)
-  if start_step < plan_.total_steps and eval_due(start_step):  # a resume: again, see metrics.MetricsWriter
+  if start_step < steps.total_steps and eval_due(start_step):  # a resume: again, see metrics.MetricsWriter
     log_eval(start_step)
-  prefetch = data.Prefetcher(source, range(start_step, plan_.total_steps), cfg.data.prefetch)
+  prefetch = stores.Prefetcher(source, range(start_step, steps.total_steps), cfg.data.prefetch)
   profiler = metrics.StepProfiler(cfg.profile_steps, workdir / "profile")
   pending, stopped = None, None
   with preemption.Watch(cfg.train.checkpoint_minutes) as watch:  # until the stop's save is on disk
@@ -290,7 +293,7 @@ def train_loop(cfg, state, train_step, source, start_step: int, plan_: train_pla
         pending = (step + 1, stats)
         done = step + 1
         stop, timer = watch.check()  # every step on every host, the last one too
-        if done == plan_.total_steps:
+        if done == steps.total_steps:
           break  # the final save below
         if stop or timer or (cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0):
           ckpt.save(done, state, meta)
@@ -310,40 +313,40 @@ def train_loop(cfg, state, train_step, source, start_step: int, plan_: train_pla
     log.done_stepping()
     if stopped is not None:
       ckpt.close()
-      raise errors.Preempted(f"preempted at step {stopped} of {plan_.total_steps}: checkpoint saved in "
+      raise errors.Preempted(f"{watch.reason()} at step {stopped} of {steps.total_steps}: checkpoint saved in "
                              f"{ckpt.directory / str(stopped)}; resume with --config.train.resume=True (a pipeline "
-                             "resumes its stages itself: re-run it)", stopped)
-  if start_step < plan_.total_steps:
-    ckpt.save(plan_.total_steps, state, meta)
+                             "resumes its stages itself: re-run it)", stopped, watch.signum)
+  if start_step < steps.total_steps:
+    ckpt.save(steps.total_steps, state, meta)
   ckpt.close()
-  log_eval(plan_.total_steps)
+  log_eval(steps.total_steps)
   return state
 
 
 def describe(cfg, num_items: int | None = None, seq_len: int | None = None, size_note: str = "") -> dict:
   """Dry run: sizes, FLOPs, steps, tokens and per-device memory, all without allocating. `num_items` and `seq_len`
   stand in for the data when the store (or index) does not exist yet, e.g. when planning a whole pipeline."""
-  spec = model.ModelSpec.from_config(cfg.model)
+  spec = transformer.ModelSpec.from_config(cfg.model)
   num_devices = cfg.dry_run_devices or jax.device_count()
   mesh = sharding.abstract_mesh(cfg.mesh, num_devices)
   seq_len = seq_len or spec.max_seq_len
-  store_exists = bool(cfg.data.train_store) and pathlib.Path(cfg.data.train_store, data.MANIFEST).exists()
+  store_exists = bool(cfg.data.train_store) and pathlib.Path(cfg.data.train_store, formats.MANIFEST).exists()
   if store_exists:
-    store = data.TokenStore(cfg.data.train_store)
-    data.check_store_fits(store, spec)
+    store = stores.TokenStore(cfg.data.train_store)
+    stores.check_store_fits(store, spec)
     seq_len = store.seq_len
     if cfg.data.index and pathlib.Path(cfg.data.index).exists():
-      num_items = data.load_index(cfg.data.index, store).size
+      num_items = stores.load_index(cfg.data.index, store).size
     elif not cfg.data.index:
       num_items = store.num_sequences
-  plan_ = train_plan.step_plan(cfg, num_items, seq_len, sharding.data_parallel_size(mesh))
-  tx, _ = make_optimizer(cfg.train, plan_.schedule_steps)
-  abstract_params = model.abstract_params(spec)
+  steps = step_plan.step_plan(cfg, num_items, seq_len, sharding.data_parallel_size(mesh))
+  tx, _ = make_optimizer(cfg.train, steps.schedule_steps)
+  abstract_params = transformer.abstract_params(spec)
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
-  notes = [plan_.note] if plan_.note else []
+  notes = [steps.note] if steps.note else []
   if num_items is None:
     notes.append("train store not found: the step count is the nominal max_steps")
   elif not store_exists or (cfg.data.index and not pathlib.Path(cfg.data.index).exists()):
     notes.append(f"data size taken as {num_items:,} sequences ({size_note or 'nominal'})")
-  return plan.print_model_and_training(cfg.stage, spec, mesh, plan_, abstract_params, abstract_opt, tx=tx,
-                                       data_note="; ".join(notes) or None, loss_chunk=cfg.train.loss_chunk)
+  return estimate.print_model_and_training(cfg.stage, spec, mesh, steps, abstract_params, abstract_opt, tx=tx,
+                                           data_note="; ".join(notes) or None, loss_chunk=cfg.train.loss_chunk)

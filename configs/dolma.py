@@ -15,7 +15,7 @@
   python -m colorjax.main --config configs/dolma.py:export_selection --config.dolma.selection=selections/color-tau16 \
       --config.workdir=exports/color-tau16
 """
-from configs import base
+from colorjax import config
 
 ACTIONS = ("adopt", "import_scores", "import_selection", "export_selection")
 
@@ -23,7 +23,7 @@ ACTIONS = ("adopt", "import_scores", "import_selection", "export_selection")
 def get_config(action: str = "adopt"):
   if action not in ACTIONS:
     raise ValueError(f"unknown dolma action {action!r}; choose one of {', '.join(ACTIONS)}")
-  c = base.get_config()
+  c = config.get_config()
   c.stage = "dolma"
   c.dolma.action = action
   return c

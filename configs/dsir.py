@@ -3,11 +3,11 @@
   python -m colorjax.main --config configs/dsir.py:16 --config.dsir.store=stores/pool \
       --config.dsir.target=stores/target --config.workdir=selections/dsir-tau16
 """
-from configs import base
+from colorjax import config
 
 
 def get_config(arg: str = "16"):
-  c = base.get_config()
+  c = config.get_config()
   c.stage = "dsir"
   c.dsir.tau = float(arg or 16)
   return c

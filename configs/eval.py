@@ -4,14 +4,14 @@ the architecture always comes from the export's manifest).
   python -m colorjax.main --config configs/eval.py:150m --config.eval.params=runs/target/params \
       --config.eval.tasks_dir=../shared/data/tasks --config.data.eval_stores="('books=stores/books-val',)"
 """
-from configs import base
-from colorjax import tasks
+from colorjax import config
+from colorjax.data import tasks
 
 
 def get_config(size: str = "150m"):
-  c = base.get_config()
+  c = config.get_config()
   c.stage = "eval"
-  c.model = base.model_config(size)
+  c.model = config.model_config(size)
   c.eval.tasks = tasks.TASK_NAMES
   c.eval.batch_size = 64 if size in ("150m", "1.2b") else 16
   c.eval.batch_tokens = 65536 if size in ("150m", "1.2b") else 16384

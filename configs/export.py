@@ -2,10 +2,10 @@
 
   python -m colorjax.main --config configs/export.py --config.export.selection=sel/color-16 --config.workdir=sel/color-16-text
 """
-from configs import base
+from colorjax import config
 
 
 def get_config():
-  c = base.get_config()
+  c = config.get_config()
   c.stage = "export"
   return c

@@ -7,7 +7,7 @@
       python -m colorjax.main --config configs/finetune.py:tasks --config.train.init_from=runs/prior/params \
           --config.sft.data_dir=../shared/data/tasks --config.workdir=runs/cond-tasks
 """
-from configs import base
+from colorjax import config
 
 # The 7 tasks with train splits in the offline data (SciQ has none); add "sciq" when loading all 8 from the hub.
 TRAIN_TASKS = ("piqa", "hellaswag", "winogrande", "openbookqa", "boolq", "arc_easy", "arc_challenge")
@@ -18,9 +18,9 @@ def get_config(arg: str = "books"):
   size = size or "150m"
   if target not in ("books", "tasks"):
     raise ValueError(f"finetune target {target!r}: choose books or tasks (e.g. configs/finetune.py:tasks,tiny)")
-  c = base.get_config()
+  c = config.get_config()
   c.stage = "finetune"
-  c.model = base.model_config(size)
+  c.model = config.model_config(size)
   c.train.max_steps = 0  # one epoch: the data decides the length
   c.train.single_pass = True
   c.train.anneal_to_data = True  # the schedule ends with the epoch

@@ -9,13 +9,13 @@
       python -m colorjax.main --config configs/olmo.py:export --config.olmo.params=runs/cond-books/params \
           --config.workdir=olmo/cond-books
 """
-from configs import base
+from colorjax import config
 
 
 def get_config(mode: str = "import"):
   if mode not in ("import", "export"):
     raise ValueError(f"olmo mode {mode!r}: choose import or export (e.g. configs/olmo.py:import)")
-  c = base.get_config()
+  c = config.get_config()
   c.stage = "olmo"
   c.olmo.mode = mode
   return c

@@ -12,7 +12,7 @@
 """
 import ml_collections
 
-from configs import base
+from colorjax import config
 
 PRESETS = ("demo", "books", "tasks", "paper-150m", "paper-1.2b")
 TASKS_WITH_TRAIN = ("piqa", "hellaswag", "winogrande", "openbookqa", "boolq", "arc_easy", "arc_challenge")
@@ -20,7 +20,7 @@ ALL_TASKS = ("piqa", "hellaswag", "winogrande", "openbookqa", "boolq", "sciq", "
 
 
 def _small_train(steps: int, batch: int = 16, warmup: int = 10) -> ml_collections.ConfigDict:
-  t = base.train_config()
+  t = config.train_config()
   t.global_batch_size = batch
   t.max_steps = steps
   t.warmup_steps = warmup
@@ -34,7 +34,7 @@ def _small_train(steps: int, batch: int = 16, warmup: int = 10) -> ml_collection
 def get_config(preset: str = "demo"):
   if preset not in PRESETS:
     raise ValueError(f"unknown pipeline preset {preset!r}; choose one of {', '.join(PRESETS)}")
-  c = base.get_config()
+  c = config.get_config()
   c.stage = "pipeline"
   c.workdir = f"runs/{preset}"
 
@@ -70,7 +70,7 @@ def get_config(preset: str = "demo"):
   p.on_stale = "refuse"  # stale artifacts in the work directory: refuse (list them) | redo (move to stale/, rebuild)
 
   c.prior = ml_collections.ConfigDict()
-  c.prior.model = base.model_config("demo")  # the prior's (and conditional's) architecture
+  c.prior.model = config.model_config("demo")  # the prior's (and conditional's) architecture
   c.prior.model.vocab_size = 4096
   c.prior.train = _small_train(600)  # the prior's pretraining recipe
   c.conditional = ml_collections.ConfigDict()
@@ -80,7 +80,7 @@ def get_config(preset: str = "demo"):
   c.reference = ml_collections.ConfigDict()
   c.reference.train = _small_train(300, warmup=20)  # RHO-down's reference: trained from scratch on the target text
   c.target = ml_collections.ConfigDict()
-  c.target.model = base.model_config("demo")  # the target models' architecture
+  c.target.model = config.model_config("demo")  # the target models' architecture
   c.target.model.vocab_size = 4096
   c.target.train = _small_train(100000)  # target recipe: single pass over each selection
   c.target.train.single_pass = True
@@ -139,18 +139,18 @@ def _paper(c, preset: str):
   c.eval.batch_size = 64  # held-out loss as the original: 100 batches x 64 shuffled sequences per eval (SPEC §3)
   c.eval.shuffle = True
   c.sft.loss_on_padding = True  # the original's SFT loss counted PAD positions (SPEC §3); False = the fix
-  c.prior.model = base.model_config("150m")
-  c.prior.train = base.train_config()  # 24,000 x 256 x 512, warmup 1000, SPEC §3
+  c.prior.model = config.model_config("150m")
+  c.prior.train = config.train_config()  # 24,000 x 256 x 512, warmup 1000, SPEC §3
   c.prior.train.micro_batch_size = 64
-  c.conditional.train = base.train_config()
+  c.conditional.train = config.train_config()
   c.conditional.train.max_steps = 0
   c.conditional.train.single_pass = True
   c.conditional.train.anneal_to_data = True
   c.conditional.train.warmup_steps = 100
   c.conditional.train.micro_batch_size = 64
   size = "150m" if preset == "paper-150m" else "1.2b"
-  c.target.model = base.model_config(size)
-  c.target.train = base.train_config()
+  c.target.model = config.model_config(size)
+  c.target.train = config.train_config()
   c.target.train.single_pass = True
   c.target.train.anneal_to_data = False  # the original: schedule on the nominal max_steps
   c.target.train.eval_every = 2000

@@ -4,10 +4,10 @@
       --config.prepare.inputs="('data/c4/*.json.gz',)" --config.prepare.tokenizer=tokenizer.json \
       --config.prepare.output=stores/c4
 """
-from configs import base
+from colorjax import config
 
 
 def get_config():
-  c = base.get_config()
+  c = config.get_config()
   c.stage = "prepare"
   return c

@@ -2,10 +2,10 @@
 
   python -m colorjax.main --config configs/report.py --config.workdir=runs/books
 """
-from configs import base
+from colorjax import config
 
 
 def get_config():
-  c = base.get_config()
+  c = config.get_config()
   c.stage = "report"
   return c

@@ -4,13 +4,13 @@
       --config.score.prior=runs/prior/params --config.score.conditionals="('runs/cond-books/params',)" \
       --config.workdir=scores/c4-books
 """
-from configs import base
+from colorjax import config
 
 
 def get_config(size: str = "150m"):
-  c = base.get_config()
+  c = config.get_config()
   c.stage = "score"
-  c.model = base.model_config(size)  # compute settings; the architecture comes from the params' manifests
+  c.model = config.model_config(size)  # compute settings; the architecture comes from the params' manifests
   if size in ("tiny", "demo"):
     c.score.batch_size = 32
     c.score.loss_chunk = 0

@@ -6,14 +6,14 @@ The schedule follows the nominal max_steps like the original (so small selection
   python -m colorjax.main --config configs/target.py:1.2b --config.data.train_store=stores/c4 \
       --config.data.index=selections/color-tau16 --config.workdir=runs/target-1.2b-color-tau16
 """
-from configs import pretrain
+from colorjax import config
 
 
 def get_config(arg: str = "150m"):
   size, _, anneal = arg.partition(",")
   if anneal not in ("", "anneal"):
     raise ValueError(f"target config arg {arg!r}: the only option after the size is ',anneal'")
-  c = pretrain.get_config(size)
+  c = config.pretrain_config(size)
   c.stage = "pretrain"
   c.train.single_pass = True
   c.train.anneal_to_data = anneal == "anneal"

@@ -46,8 +46,10 @@ def run_cli(args, env_extra=None, timeout=900, check=True):
 
 def make_config(name: str, arg: str | None = None, **overrides):
   """A locked config from configs/<name>.py[:arg] with dotted overrides, as main would build it."""
-  import importlib
-  module = importlib.import_module(f"configs.{name}")
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(f"colorjax_test_config_{name}", REPO / "configs" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
   cfg = module.get_config(arg) if arg is not None else module.get_config()
   for dotted, value in overrides.items():
     node = cfg
@@ -62,7 +64,8 @@ def make_config(name: str, arg: str | None = None, **overrides):
 @pytest.fixture(scope="session")
 def synthetic_store(tmp_path_factory):
   """A small synthetic multi-domain token store (vocab 512, seq_len 64) and its tokenizer."""
-  from colorjax import prepare, synthetic
+  from colorjax import prepare
+  from colorjax.data import synthetic
   root = tmp_path_factory.mktemp("synthetic")
   files = [synthetic.write_domain(root / "text" / f"{d}.jsonl.gz", d, 150, seed=1) for d in synthetic.DOMAINS]
   tokenizer = synthetic.train_tokenizer(files, root / "tokenizer.json", vocab_size=512)
@@ -87,7 +90,7 @@ def synthetic_prior(synthetic_store, tmp_path_factory):
   from colorjax import train
   workdir = tmp_path_factory.mktemp("prior") / "run"
   cfg = make_config("pretrain", "demo", **tiny_train_overrides(synthetic_store, workdir, train__max_steps=30,
-                                                                model__max_seq_len=128))
+                                                               model__max_seq_len=128))
   return train.run(cfg), cfg
 
 
@@ -100,11 +103,11 @@ def demo_run(tmp_path_factory):
   """A shrunken demo pipeline, run once per session: (work directory, seconds it took). Tests that change it work
   on a copy."""
   import time
-  from colorjax import pipeline
+  from colorjax.pipeline import runner
   root = tmp_path_factory.mktemp("demo") / "work"
   cfg = make_config("pipeline", "demo", workdir=str(root), **SMALL_DEMO)
   start = time.time()
-  pipeline.run(cfg)
+  runner.run(cfg)
   return root, time.time() - start
 
 
@@ -141,7 +144,7 @@ def fake_wandb(monkeypatch):
 
 def jsonl_scalars(workdir) -> dict:
   """step -> {tag: value} of a run's metrics.jsonl scalars: what every metrics mirror (TensorBoard, W&B) must show."""
-  from colorjax import metrics
+  from colorjax.training import metrics
   out = {}
   for record in metrics.read_metrics(workdir):
     for tag, value in metrics.scalars(record).items():

@@ -2,7 +2,7 @@
 target configs and the paper pipeline presets, as the stages they run would see them."""
 import pytest
 
-from configs import base
+from colorjax import config
 
 from conftest import make_config
 
@@ -28,9 +28,9 @@ def _pipeline_stages(preset):
   """The configs the pipeline's prior, conditional and target runs are built from (pipeline.stage_config)."""
   cfg = make_config("pipeline", preset)
   return cfg, {
-      "prior": base.stage_config(cfg, "pretrain", model=cfg.prior.model, train=cfg.prior.train),
-      "conditional": base.stage_config(cfg, "finetune", model=cfg.prior.model, train=cfg.conditional.train),
-      "target": base.stage_config(cfg, "pretrain", model=cfg.target.model, train=cfg.target.train),
+      "prior": config.stage_config(cfg, "pretrain", model=cfg.prior.model, train=cfg.prior.train),
+      "conditional": config.stage_config(cfg, "finetune", model=cfg.prior.model, train=cfg.conditional.train),
+      "target": config.stage_config(cfg, "pretrain", model=cfg.target.model, train=cfg.target.train),
   }
 
 
@@ -75,7 +75,7 @@ def test_paper_presets_keep_the_originals_precision_and_sft_loss(preset):
     assert stage.model.precision == "original" and stage.model.compute_dtype == "bfloat16"
     assert stage.sft.loss_on_padding
   fixed = make_config("pipeline", preset, sft__loss_on_padding=False)  # the fix stays one flag away
-  assert not base.stage_config(fixed, "finetune", train=fixed.conditional.train).sft.loss_on_padding
+  assert not config.stage_config(fixed, "finetune", train=fixed.conditional.train).sft.loss_on_padding
 
 
 def test_defaults_outside_the_paper_presets():
@@ -96,13 +96,14 @@ def test_finetune_configs_of_the_paper_sizes_accumulate_like_pretraining():
 
 
 def test_pipeline_refuses_top_level_sections_it_does_not_read_and_passes_the_ones_it_does():
-  from colorjax import errors, pipeline
+  from colorjax import errors
+  from colorjax.pipeline import runner
   for override, message in ((dict(train__lr=3e-4), "train.lr: a pipeline does not read the top-level 'train'"),
                             (dict(model__d_model=256), "set them in prior.model"),
                             (dict(prepare__seq_len=256), "set it in pipeline.seq_len"),
                             (dict(pipeline__seeds=(0, -1)), "seeds are integers >= 0")):
     with pytest.raises(errors.ConfigError, match=message.replace("(", r"\(")):
-      pipeline.check_settings(make_config("pipeline", "books", **override))
+      runner.check_settings(make_config("pipeline", "books", **override))
   cfg = make_config("pipeline", "books", dsir__ngram=3, prepare__workers=3, profile_steps="2:4")
-  dsir_cfg = base.stage_config(cfg, "dsir")
+  dsir_cfg = config.stage_config(cfg, "dsir")
   assert (dsir_cfg.dsir.ngram, dsir_cfg.prepare.workers, dsir_cfg.profile_steps) == (3, 3, "2:4")

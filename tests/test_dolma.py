@@ -8,14 +8,15 @@ import shutil
 import numpy as np
 import pytest
 
-from colorjax import artifacts
-from colorjax import data
-from colorjax import dolma
-from colorjax import dolma_export
 from colorjax import errors
-from colorjax import original_scores
 from colorjax import score as score_lib
 from colorjax import select as select_lib
+from colorjax.artifacts import formats
+from colorjax.artifacts import lineage
+from colorjax.data import stores
+from colorjax.interop import dolma
+from colorjax.interop import dolma_export
+from colorjax.interop import dolma_scores
 from conftest import REPO, make_config, run_cli, tiny_train_overrides
 
 POOL_FILES = ["data/pool/part-000.npy", "data/pool/part-001.npy", "data/pool/part-002.npy"]
@@ -48,9 +49,9 @@ def joined(fixture, shards) -> str:
   return "+".join(str(fixture / s) for s in shards)
 
 
-def adopt(workdir, tokenizer, **overrides) -> data.TokenStore:
+def adopt(workdir, tokenizer, **overrides) -> stores.TokenStore:
   dolma.run(make_config("dolma", "adopt", workdir=str(workdir), dolma__tokenizer=str(tokenizer), **overrides))
-  return data.TokenStore(workdir)
+  return stores.TokenStore(workdir)
 
 
 def import_scores(workdir, store, prior, conditionals, **overrides) -> score_lib.Scores:
@@ -100,11 +101,11 @@ def test_adopted_store_has_the_originals_ids_and_rows_without_a_copy(fixture, po
   assert pool.labels() == ["part-000", "part-001", "part-002"]
   assert pool.label_ids(np.array([0, 100, 255])).tolist() == [0, 1, 2]
   assert pool.manifest["request"]["kind"] == "dolma"
-  assert pool.id == artifacts.content_id(pool.manifest["request"])
+  assert pool.id == lineage.content_id(pool.manifest["request"])
 
 
 def test_a_list_or_a_glob_gives_the_same_store_and_a_glob_is_warned_about(fixture, pool, neox_tokenizer_path,
-                                                                           tmp_path, capsys):
+                                                                          tmp_path, capsys):
   listed = adopt(tmp_path / "listed", neox_tokenizer_path, dolma__paths=tuple(POOL_FILES), dolma__root=str(fixture),
                  dolma__dtype="uint16", dolma__seq_len=64, dolma__eos_id=0, dolma__pad_id=1)
   assert listed.id == pool.id and "warning" not in capsys.readouterr().out
@@ -128,8 +129,8 @@ def test_imported_scores_are_the_originals_floats_at_every_id(scores, pool, refe
   scores.check_complete()
   m = scores.manifest
   assert m["store"]["id"] == pool.id and scores.store_path() == pool.path.resolve()
-  assert m["request"] == artifacts.normalized(score_lib.scores_request(pool.id, m["models"]))
-  assert scores.id == m["id"] == artifacts.content_id(m["request"])
+  assert m["request"] == lineage.normalized(score_lib.scores_request(pool.id, m["models"]))
+  assert scores.id == m["id"] == lineage.content_id(m["request"])
   assert [x["name"] for x in m["models"]] == ["prior", "conditional_0"] and all(x["id"] for x in m["models"])
   assert m["imported"]["same_row_order_as_prior"] == {"conditional_0": True}
   again = make_config("dolma", "import_scores", workdir=str(scores.path), dolma__store=str(pool.path),
@@ -166,9 +167,9 @@ def test_dry_runs_describe_every_action_and_write_nothing(fixture, pool, scores,
 
 
 def test_select_on_imported_scores_reproduces_the_originals_selection(color_selection, reference, scores):
-  ids = data.load_index(color_selection)
+  ids = stores.load_index(color_selection)
   assert set(ids.tolist()) == set(reference["selection"]["selected_indices"]) and ids.size == 64
-  manifest = artifacts.read_manifest(color_selection)
+  manifest = formats.read_manifest(color_selection)
   assert manifest["threshold"] == pytest.approx(reference["selection"]["kth_largest_score"], abs=0)
   assert manifest["scores"]["id"] == scores.id
 
@@ -178,12 +179,12 @@ def test_imported_selection_is_the_originals_and_trains(fixture, pool, reference
   workdir = tmp_path / "imported"
   dolma.run(make_config("dolma", "import_selection", workdir=str(workdir), dolma__store=str(pool.path),
                         dolma__selection=str(fixture / "selection/selected_indices.npy")))
-  ids = data.load_index(workdir, pool)
+  ids = stores.load_index(workdir, pool)
   assert ids.dtype == np.int64 and ids.tolist() == sorted(reference["selection"]["selected_indices"])
-  m = artifacts.read_manifest(workdir)
+  m = formats.read_manifest(workdir)
   assert (m["method"], m["k"], m["tau"], m["store_id"], m["scores"]) == ("imported", 64, 4.0, pool.id, None)
   assert select_lib.store_of(workdir, m) == pool.path.resolve()
-  assert data.index_id(workdir) == m["id"] == artifacts.content_id(m["request"])
+  assert stores.index_id(workdir) == m["id"] == lineage.content_id(m["request"])
   run = tmp_path / "run"
   cfg = make_config("pretrain", "demo", **tiny_train_overrides(pool.path, run, data__index=str(workdir),
                                                                model__vocab_size=50304, model__max_seq_len=64,
@@ -215,7 +216,7 @@ def test_a_shard_ending_in_id_0_keeps_it_and_rows_align_by_id(fixture, pool, ref
   prior2 = _copy_shard(fixture / "scores/prior-2/score", tmp_path / "prior-2/score", order=last_is_zero,
                        split=[100])  # 1.npy full (100 rows), 2.npy cut to the 28 written rows
   cond2 = _copy_shard(fixture / "scores/cond-2/score", tmp_path / "cond-2/score")  # the original row order
-  shard = original_scores.read_shard(prior2)
+  shard = dolma_scores.read_shard(prior2)
   assert shard["rows"] == 128 and shard["ids"][-1] == 0 and "cut" in shard["rule"]
   scores = import_scores(tmp_path / "scores", pool.path, f"{fixture / PRIOR[0]}+{prior2}",
                          [f"{fixture / COND[0]}+{cond2.parent}"])
@@ -231,7 +232,7 @@ def _presized_shard(folder: pathlib.Path, ids, values, index_entries: int = 1000
   index = np.zeros(index_entries, np.int64)
   index[: len(ids)] = ids
   index.tofile(folder / "mmap_index.npy")
-  floats = np.zeros(original_scores.PRESIZED_ROWS, np.float32)
+  floats = np.zeros(dolma_scores.PRESIZED_ROWS, np.float32)
   floats[: len(values)] = values
   floats.tofile(folder / "1.npy")
   (folder / "files.txt").write_text(f"/somewhere/else/{folder.name}/1.npy\n")
@@ -240,30 +241,30 @@ def _presized_shard(folder: pathlib.Path, ids, values, index_entries: int = 1000
 
 def test_row_count_rule_of_pre_sized_shards(tmp_path):
   written = _presized_shard(tmp_path / "written", [5, 3, 0], [1.5, 2.5, 3.5])
-  assert original_scores.read_shard(written)["ids"].tolist() == [5, 3, 0]  # the original's reader drops the 0
+  assert dolma_scores.read_shard(written)["ids"].tolist() == [5, 3, 0]  # the original's reader drops the 0
   unwritten = _presized_shard(tmp_path / "unwritten", [5, 3], [1.5, 2.5])
-  assert original_scores.read_shard(unwritten)["ids"].tolist() == [5, 3]
-  assert original_scores.read_shard(unwritten, rows=3)["ids"].tolist() == [5, 3, 0]  # the user says 3 rows were written
+  assert dolma_scores.read_shard(unwritten)["ids"].tolist() == [5, 3]
+  assert dolma_scores.read_shard(unwritten, rows=3)["ids"].tolist() == [5, 3, 0]  # the user says 3 rows were written
   # a short last shard: rows does not apply
-  assert original_scores.read_shard(unwritten, rows=8)["ids"].tolist() == [5, 3]
-  assert original_scores.written_rows(4, 4, None, 0, 0.0) == (4, "no room after the last nonzero id")
-  assert original_scores.written_rows(3, 9, 4, 0, 0.0)[0] == 4
-  assert original_scores.written_rows(3, 9, None, 4, 0.0) == (4, "dolma.rows")
-  assert original_scores.written_rows(3, 9, None, 0, 0.7)[0] == 4
-  assert original_scores.written_rows(3, 9, None, 0, 0.0)[0] == 3
+  assert dolma_scores.read_shard(unwritten, rows=8)["ids"].tolist() == [5, 3]
+  assert dolma_scores.written_rows(4, 4, None, 0, 0.0) == (4, "no room after the last nonzero id")
+  assert dolma_scores.written_rows(3, 9, 4, 0, 0.0)[0] == 4
+  assert dolma_scores.written_rows(3, 9, None, 4, 0.0) == (4, "dolma.rows")
+  assert dolma_scores.written_rows(3, 9, None, 0, 0.7)[0] == 4
+  assert dolma_scores.written_rows(3, 9, None, 0, 0.0)[0] == 3
   cut = tmp_path / "cut"
   cut.mkdir()
   np.array([5, 3, 0, 0], np.int64).tofile(cut / "mmap_index.npy")
   np.array([1.5, 2.5, 3.5, 4.5], np.float32).tofile(cut / "1.npy")
   (cut / "files.txt").write_text("1.npy\n")
   with pytest.raises(errors.DataError, match="do not belong together"):
-    original_scores.read_shard(cut)  # 4 float rows but at most 3 ids
+    dolma_scores.read_shard(cut)  # 4 float rows but at most 3 ids
 
 
 def test_export_round_trips_to_token_files_and_parquet(color_selection, pool, reference, neox_tokenizer_path,
                                                        tmp_path):
   import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
-  ids = data.load_index(color_selection)
+  ids = stores.load_index(color_selection)
   out = tmp_path / "export"
   dolma.run(make_config("dolma", "export_selection", workdir=str(out), dolma__selection=str(color_selection),
                         dolma__max_tokens_per_file=20 * 64 + 10, dolma__rows_per_file=25))
@@ -285,13 +286,13 @@ def test_export_round_trips_to_token_files_and_parquet(color_selection, pool, re
   expected = np.asarray(reference["score_prior_minus_cond"], np.float32)[ids]
   assert np.array_equal(table.column("score").to_numpy(), expected)
   assert table.column("source").to_pylist() == [pool.labels()[i] for i in pool.label_ids(ids)]
-  assert artifacts.read_manifest(out)["format"] == dolma_export.EXPORT_FORMAT
-  assert not (out / artifacts.REQUEST).exists()
+  assert formats.read_manifest(out)["format"] == dolma_export.EXPORT_FORMAT
+  assert not (out / formats.REQUEST).exists()
 
 
 def test_parquet_parts_of_two_hosts_cover_the_selection_once(color_selection, pool, tmp_path):
   import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
-  ids = data.load_index(color_selection)
+  ids = stores.load_index(color_selection)
   for host in (0, 1):
     dolma_export.write_parquet_part(tmp_path, pool, ids, lambda block: None, pool.labels(), 20, host, 2)
   names = sorted(p.name for p in tmp_path.glob("*.parquet"))
@@ -330,7 +331,7 @@ def test_bad_inputs_name_the_file_and_the_fix(fixture, pool, neox_tokenizer_path
   broken = _copy_shard(fixture / "scores/prior-1/score", tmp_path / "prior-1/score")
   (broken / "1.npy").unlink()
   with pytest.raises(errors.DataError, match=r"files\.txt:1 names /gpfs/ckpt/prior-1/score/1\.npy.*copy that file"):
-    original_scores.read_shard(broken)
+    dolma_scores.read_shard(broken)
   assert not any((tmp_path / name).exists() for name in "abcdefg")
 
 
@@ -343,7 +344,7 @@ def test_a_changed_token_file_is_refused_on_read(fixture, neox_tokenizer_path, t
   with open(copy, "r+b") as f:
     f.truncate(64 * 2 * 50)
   with pytest.raises(errors.DataError, match=r"part-000\.npy has 6,400 bytes, 12,874 when .*adopt the files again"):
-    data.TokenStore(store.path).read([0])
+    stores.TokenStore(store.path).read([0])
 
 
 def test_cli_dry_run_then_import_selection(fixture, pool, tmp_path):

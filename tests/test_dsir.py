@@ -5,13 +5,13 @@ import json
 import numpy as np
 import pytest
 
-from colorjax import artifacts
-from colorjax import data
 from colorjax import dsir
 from colorjax import errors
 from colorjax import prepare
-from colorjax import synthetic
 from colorjax import train
+from colorjax.artifacts import lineage
+from colorjax.data import stores
+from colorjax.data import synthetic
 from conftest import make_config
 from conftest import run_cli
 from conftest import tiny_train_overrides
@@ -60,7 +60,7 @@ def dsir_config(pool, target, workdir, arg="6", **overrides):
 
 
 def test_weights_equal_a_direct_computation(synthetic_store, target_store):
-  pool, target = data.TokenStore(synthetic_store), data.TokenStore(target_store)
+  pool, target = stores.TokenStore(synthetic_store), stores.TokenStore(target_store)
   rows, target_rows = pool.read(np.arange(0, 1200, 40)), target.read(np.arange(12))
   rows[3, 10] = pool.eos_id  # a boundary in the middle: its unigram and both bigrams are dropped
   skip, buckets = {pool.eos_id, pool.pad_id}, 997
@@ -84,7 +84,7 @@ def test_orders_hash_apart_and_unigrams_only_is_order_1():
 
 
 def test_blockwise_streaming_equals_one_block(synthetic_store, target_store, tmp_path):
-  pool = data.TokenStore(synthetic_store)
+  pool = stores.TokenStore(synthetic_store)
   rows = pool.read(np.arange(pool.num_sequences))
   whole = dsir.total_counts([rows], 1000, 2, [0, 1])
   assert np.array_equal(whole, dsir.total_counts((rows[i:i + 7] for i in range(0, len(rows), 7)), 1000, 2, [0, 1]))
@@ -123,14 +123,14 @@ def test_dsir_enriches_the_target_domain_and_train_takes_it(synthetic_store, tar
   proc = run_cli(args)
   assert "recipes" in proc.stdout
   manifest = json.loads((workdir / "manifest.json").read_text())
-  store = data.TokenStore(synthetic_store)
-  ids = data.load_index(workdir, store)
+  store = stores.TokenStore(synthetic_store)
+  ids = stores.load_index(workdir, store)
   k = store.num_sequences // 6
   assert manifest["format"] == "colorjax.selection" and manifest["method"] == "dsir" and manifest["k"] == k
   assert ids.size == k and np.all(np.diff(ids) > 0) and np.load(workdir / "index.npy").dtype == np.int64
-  assert manifest["id"] == artifacts.content_id(manifest["request"]) == data.index_id(workdir)
-  assert manifest["request"]["target"] == data.TokenStore(target_store).id and manifest["seed"] == 5
-  assert manifest["store_path"] == artifacts.relative(synthetic_store, workdir)
+  assert manifest["id"] == lineage.content_id(manifest["request"]) == stores.index_id(workdir)
+  assert manifest["request"]["target"] == stores.TokenStore(target_store).id and manifest["seed"] == 5
+  assert manifest["store_path"] == lineage.relative(synthetic_store, workdir)
   rates = {name: r["rate"] for name, r in manifest["sources"].items()}
   assert rates["recipes"] > 0.6 and max(r for name, r in rates.items() if name != "recipes") < 0.05
   assert manifest["score_stats"]["count"] == store.num_sequences
@@ -145,10 +145,10 @@ def test_dsir_enriches_the_target_domain_and_train_takes_it(synthetic_store, tar
 
 def test_raw_sample_is_a_seeded_subset(synthetic_store, target_store, tmp_path):
   cfg = dsir_config(synthetic_store, target_store, tmp_path / "s", dsir__raw_tokens=64 * 300, dsir__seed=1)
-  sample = dsir.raw_ids(cfg, data.TokenStore(synthetic_store))
+  sample = dsir.raw_ids(cfg, stores.TokenStore(synthetic_store))
   assert sample.size == 300 and np.all(np.diff(sample) > 0)
   whole = dsir_config(synthetic_store, target_store, tmp_path / "s")
-  assert dsir.raw_ids(whole, data.TokenStore(synthetic_store)) is None
+  assert dsir.raw_ids(whole, stores.TokenStore(synthetic_store)) is None
   manifest = json.loads((dsir.run(cfg) / "manifest.json").read_text())
   assert manifest["raw"]["sequences"] == 300 and manifest["request"]["raw_tokens"] == 64 * 300
 

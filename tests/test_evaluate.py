@@ -8,19 +8,19 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
-from colorjax import checkpoint
-from colorjax import data
 from colorjax import errors
 from colorjax import evaluate
-from colorjax import metrics
-from colorjax import losses
-from colorjax import model
 from colorjax import prepare
-from colorjax import sft_store
 from colorjax import sharding
-from colorjax import tasks
-from colorjax import tokenizer as tokenizer_lib
 from colorjax import train
+from colorjax.data import sft_rows
+from colorjax.data import stores
+from colorjax.data import tasks
+from colorjax.data import tokenizer as tokenizer_lib
+from colorjax.model import losses
+from colorjax.model import transformer
+from colorjax.training import checkpoint
+from colorjax.training import metrics
 from conftest import make_config, run_cli, tiny_train_overrides
 from reference import reference_logits
 
@@ -33,9 +33,9 @@ def _setup(prior, max_seq_len=None):
   mcfg.compute_dtype = "float32"
   spec = checkpoint.spec_from_manifest(manifest, mcfg)
   if max_seq_len:
-    spec = model.ModelSpec(**dict(spec.to_dict(), max_seq_len=max_seq_len))
+    spec = transformer.ModelSpec(**dict(spec.to_dict(), max_seq_len=max_seq_len))
   mesh = sharding.make_mesh(make_config("pretrain", "demo").mesh)
-  param_sh = sharding.tree_shardings(model.abstract_params(spec), model.param_axes(spec), mesh)
+  param_sh = sharding.tree_shardings(transformer.abstract_params(spec), transformer.param_axes(spec), mesh)
   params, _ = checkpoint.load_params(export, spec, param_sh)
   return spec, mesh, param_sh, params, export / "tokenizer.json"
 
@@ -123,16 +123,16 @@ def test_pad_masking_makes_the_loss_independent_of_padding(synthetic_prior, data
   rows = {}
   for seq_len in (256, 512):
     tok_info = tokenizer_lib.tokenizer_info(tokenizer_lib.load_tokenizer(str(tok_path)), str(tok_path))
-    store = sft_store.build_sft_store(("arc_easy",), data_dir / "tasks", "train", tok_path, tok_info, seq_len,
-                                      tmp_path / f"sft{seq_len}", limit=8)
-    s = data.TokenStore(store)
+    store = sft_rows.build_sft_store(("arc_easy",), data_dir / "tasks", "train", tok_path, tok_info, seq_len,
+                                     tmp_path / f"sft{seq_len}", limit=8)
+    s = stores.TokenStore(store)
     assert s.padded and s.manifest["files"][0]["truncated_rows"] == 0
     rows[seq_len] = s.read(np.arange(8))
   (tmp_path / "by_hand").mkdir()
   with pytest.raises(errors.DataError, match="by_hand exists but is not a token store of SFT rows"):
-    sft_store.build_sft_store(("arc_easy",), data_dir / "tasks", "train", tok_path, tok_info, 256,
-                              tmp_path / "by_hand", limit=8)
-  spec = model.ModelSpec(**dict(spec.to_dict(), max_seq_len=512))
+    sft_rows.build_sft_store(("arc_easy",), data_dir / "tasks", "train", tok_path, tok_info, 256,
+                             tmp_path / "by_hand", limit=8)
+  spec = transformer.ModelSpec(**dict(spec.to_dict(), max_seq_len=512))
   loss = jax.jit(lambda t, pad: losses.batch_loss(spec, params, t, pad, 0.0)[1], static_argnums=1)
   masked = [(lambda r: float(r[0] / r[2]))(loss(jnp.asarray(rows[n]), 1)) for n in (256, 512)]
   unmasked = [(lambda r: float(r[0] / r[2]))(loss(jnp.asarray(rows[n]), None)) for n in (256, 512)]
@@ -143,7 +143,7 @@ def test_pad_masking_makes_the_loss_independent_of_padding(synthetic_prior, data
 
 def test_finetuning_on_a_domain_lowers_its_heldout_loss(synthetic_prior, synthetic_store, tmp_path):
   export, _ = synthetic_prior
-  base_store = data.TokenStore(synthetic_store)
+  base_store = stores.TokenStore(synthetic_store)
   tokenizer = base_store.tokenizer_path()
   stories = [f for f in base_store.manifest["files"] if "stories" in f["path"]][0]["path"]
   target = prepare.run(make_config("prepare", prepare__inputs=(stories,), prepare__tokenizer=str(tokenizer),
@@ -156,7 +156,7 @@ def test_finetuning_on_a_domain_lowers_its_heldout_loss(synthetic_prior, synthet
   evals = [r["eval/stories_loss"] for r in metrics.read_metrics(tmp_path / "cond") if r.get("event") == "eval"]
   assert evals[-1] < evals[0] - 0.3
   manifest = checkpoint.read_params_manifest(tmp_path / "cond" / "params")
-  assert manifest["schedule"] == "data" and manifest["steps"] == data.TokenStore(target).num_sequences // 16
+  assert manifest["schedule"] == "data" and manifest["steps"] == stores.TokenStore(target).num_sequences // 16
   assert (tmp_path / "cond" / "params" / manifest["init_from"]).resolve() == export.resolve()  # relative: relocatable
   assert manifest["init_from_id"] == checkpoint.read_params_manifest(export)["id"] == manifest["request"]["init_from"]
 
@@ -172,11 +172,11 @@ def test_task_finetuning_lowers_heldout_task_loss(synthetic_prior, data_dir, tmp
   evals = [r["eval/tasks_validation_loss"] for r in metrics.read_metrics(tmp_path / "cond")
            if r.get("event") == "eval"]
   assert evals[-1] < evals[0] - 0.3
-  store = data.TokenStore(tmp_path / "cond" / "sft_train")
+  store = stores.TokenStore(tmp_path / "cond" / "sft_train")
   assert store.num_sequences == 3 * 64 and store.labels() == ["piqa", "arc_easy", "winogrande"]
   with pytest.raises(ValueError, match="init_from"):
     train.run(make_config("finetune", "tasks,demo", **dict(overrides, train__init_from="",
-                                                            workdir=str(tmp_path / "x"))))
+                                                           workdir=str(tmp_path / "x"))))
 
 
 def test_eval_stage_reports_all_eight_tasks(synthetic_prior, synthetic_store, data_dir, tmp_path):
@@ -211,7 +211,7 @@ def test_heldout_ids_are_a_fixed_sorted_sample():
 
 def test_shuffled_heldout_loss_reads_exactly_its_sample(synthetic_prior, synthetic_store):
   spec, mesh, param_sh, params, _ = _setup(synthetic_prior)
-  store = data.TokenStore(synthetic_store)
+  store = stores.TokenStore(synthetic_store)
   reads = []
   read = store.read
   store.read = lambda ids: (reads.append(np.asarray(ids)), read(ids))[1]
@@ -275,16 +275,16 @@ def test_missing_task_data_errors_name_the_config_fields(tmp_path):
     evaluate.load_task_examples(("boolq",), tmp_path)
   assert isinstance(info.value, FileNotFoundError) and "--config.eval.tasks_dir" in str(info.value)
   with pytest.raises(errors.DataError) as info:
-    tasks.load_docs("boolq", "train", tmp_path)  # the SFT path (sft_store.build_sft_store) names both flags
+    tasks.load_docs("boolq", "train", tmp_path)  # the SFT path (sft_rows.build_sft_store) names both flags
   assert "--config.sft.data_dir" in str(info.value) and "--config.eval.tasks_dir" in str(info.value)
 
 
 def test_eval_refuses_a_longer_store_and_another_tokenizer_before_any_work(synthetic_prior, synthetic_store,
-                                                                            neox_tokenizer_path, tmp_path):
-  store = data.TokenStore(synthetic_store)
-  spec = model.ModelSpec(d_model=64, n_layers=1, n_heads=2, mlp_hidden=128, vocab_size=512, max_seq_len=32)
+                                                                           neox_tokenizer_path, tmp_path):
+  store = stores.TokenStore(synthetic_store)
+  spec = transformer.ModelSpec(d_model=64, n_layers=1, n_heads=2, mlp_hidden=128, vocab_size=512, max_seq_len=32)
   with pytest.raises(errors.DataError, match="seq_len 64 > model.max_seq_len=32") as info:
-    data.eval_stores((f"s={synthetic_store}",), store.manifest["tokenizer"], "the params", spec)
+    stores.eval_stores((f"s={synthetic_store}",), store.manifest["tokenizer"], "the params", spec)
   assert str(synthetic_store) in str(info.value) and "--config.prepare.seq_len=32" in str(info.value)
   export, _ = synthetic_prior
   cfg = make_config("eval", "tiny", eval__params=str(export), eval__tokenizer=str(neox_tokenizer_path),

@@ -6,11 +6,12 @@ import shutil
 
 import pytest
 
-from colorjax import artifacts
-from colorjax import corpus
 from colorjax import errors
-from colorjax import pipeline
-from colorjax import preflight
+from colorjax.artifacts import formats
+from colorjax.artifacts import lineage
+from colorjax.data import corpus
+from colorjax.pipeline import preflight
+from colorjax.pipeline import runner
 from conftest import SMALL_DEMO, make_config, run_cli
 
 
@@ -22,8 +23,8 @@ def _copy(demo_run, tmp_path, name="w"):
 
 
 def _stale_labels(cfg, root):
-  plan = pipeline.make_plan(cfg, root)
-  return [e.label for e, _ in preflight.stale(preflight.lineage(cfg, root, plan), root)]
+  stages = runner.stage_configs(cfg, root)
+  return [e.label for e, _ in preflight.stale(preflight.lineage(cfg, root, stages), root)]
 
 
 def test_a_retrained_prior_makes_everything_built_from_it_stale(demo_run, tmp_path):
@@ -34,7 +35,7 @@ def test_a_retrained_prior_makes_everything_built_from_it_stale(demo_run, tmp_pa
   assert _stale_labels(make_config("pipeline", "demo", workdir=str(root), **SMALL_DEMO), root) == []
   before = {p: p.stat().st_mtime_ns for p in root.rglob("manifest.json")}
   with pytest.raises(errors.DataError) as e:
-    pipeline.run(cfg)
+    runner.run(cfg)
   message = str(e.value)
   for label in ("prior (runs/prior)", "conditional (runs/conditional)", "scores (scores)",
                 "selection color-tau8", "target target-color-tau8-s0"):
@@ -47,7 +48,7 @@ def test_a_retrained_prior_makes_everything_built_from_it_stale(demo_run, tmp_pa
   labels = _stale_labels(cfg, root)
   assert "prior" not in labels and labels[0] == "conditional"
 
-  found = preflight.stale(preflight.lineage(cfg, root, pipeline.make_plan(cfg, root)), root)
+  found = preflight.stale(preflight.lineage(cfg, root, runner.stage_configs(cfg, root)), root)
   redo = make_config("pipeline", "demo", workdir=str(root), **dict(SMALL_DEMO, prior__train__max_steps=30,
                                                                    pipeline__on_stale="redo"))
   preflight.handle_stale(redo, root, found)
@@ -77,9 +78,9 @@ def test_a_moved_work_directory_reads_its_own_artifacts(demo_run, tmp_path):
   moved = tmp_path / "original-moved"
   shutil.move(str(original), str(moved))  # the original disappears
   try:
-    plan = json.loads((copy / "pipeline.json").read_text())
-    assert plan["scores"] == "scores" and plan["runs"][0]["workdir"].startswith("runs/")
-    manifest = artifacts.read_manifest(copy / "selections" / "color-tau8")
+    record = json.loads((copy / "pipeline.json").read_text())
+    assert record["scores"] == "scores" and record["runs"][0]["workdir"].startswith("runs/")
+    manifest = formats.read_manifest(copy / "selections" / "color-tau8")
     assert (copy / "selections" / "color-tau8" / manifest["store_path"]).resolve() == copy / "stores" / "pool"
     (copy / "report.json").unlink()
     run_cli(["--config", "configs/report.py", f"--config.workdir={copy}"])
@@ -96,15 +97,15 @@ def test_one_writer_per_artifact(demo_run, tmp_path):
   """8.4: a second process on the same work directory or artifact exits at once, naming the holder."""
   root = _copy(demo_run, tmp_path)
   cfg = make_config("pipeline", "demo", workdir=str(root), **SMALL_DEMO)
-  with artifacts.Lock(root):
+  with lineage.Lock(root):
     with pytest.raises(errors.LockedError, match=r"is being written by pid \d+ on"):
-      pipeline.run(cfg)
-  with artifacts.Lock(root / "scores", "shard-0-of-2"):
-    with artifacts.Lock(root / "scores", "shard-1-of-2"):  # shards of one job lock separately
+      runner.run(cfg)
+  with lineage.Lock(root / "scores", "shard-0-of-2"):
+    with lineage.Lock(root / "scores", "shard-1-of-2"):  # shards of one job lock separately
       with pytest.raises(errors.LockedError):
-        with artifacts.Lock(root / "scores", "shard-0-of-2"):
+        with lineage.Lock(root / "scores", "shard-0-of-2"):
           pass
-  with artifacts.Lock(root):  # released: taken again
+  with lineage.Lock(root):  # released: taken again
     pass
 
 
@@ -149,9 +150,9 @@ def test_an_unusable_target_split_fails_before_any_training(tmp_path):
   with pytest.raises(errors.ConfigError, match="> 1"):
     corpus.Split.from_config(_split_config(tmp_path, pipeline__target_split=(0.6, 0.3)).pipeline)
   with pytest.raises(errors.ConfigError, match="repeats a value"):
-    pipeline.check_settings(_split_config(tmp_path, pipeline__taus=(8.0, 8.0)))
+    runner.check_settings(_split_config(tmp_path, pipeline__taus=(8.0, 8.0)))
   with pytest.raises(errors.ConfigError, match="keep the top 1/tau"):
-    pipeline.check_settings(_split_config(tmp_path, pipeline__taus=(float("nan"),)))
+    runner.check_settings(_split_config(tmp_path, pipeline__taus=(float("nan"),)))
 
 
 @pytest.mark.parametrize("preset", ["demo", "books", "tasks", "paper-150m"])
@@ -181,20 +182,51 @@ def test_baseline_methods_join_a_finished_pipeline_with_compute_accounting(demo_
   root = _copy(demo_run, tmp_path)
   methods = ("color", "random", "conditional_only", "dsir", "rho_down", "rho_down_prior")
   cfg = make_config("pipeline", "demo", workdir=str(root), **dict(SMALL_DEMO, pipeline__methods=methods,
-                                                                   reference__train__max_steps=30))
+                                                                  reference__train__max_steps=30))
   before = {p: p.stat().st_mtime_ns for p in root.glob("runs/*/params/manifest.json")}
-  pipeline.run(cfg)
+  runner.run(cfg)
   assert {p: p.stat().st_mtime_ns for p in before} == before  # nothing finished was redone
   report = json.loads((root / "report.json").read_text())
   rows = {r["method"]: r for r in report["runs"] if r["role"] == "compare"}
   assert set(rows) == set(methods)
   for method, r in rows.items():
     assert r["finished"] and r["target_loss"] > 0 and r["compute"]["total"] > 0, method
-  rho = artifacts.read_manifest(root / "runs" / "target-rho_down-tau8-s0" / "params")
-  assert rho["request"]["rho"]["reference"] == artifacts.read_manifest(root / "runs" / "reference" / "params")["id"]
+  rho = formats.read_manifest(root / "runs" / "target-rho_down-tau8-s0" / "params")
+  assert rho["request"]["rho"]["reference"] == formats.read_manifest(root / "runs" / "reference" / "params")["id"]
   assert rows["rho_down"]["compute"]["selection_forward"] > 0
   assert rows["rho_down"]["train_tokens"] == rows["color"]["train_tokens"]  # equal selected tokens
   assert rows["color"]["compute"]["shared"] > rows["conditional_only"]["compute"]["shared"] > 0
   assert rows["random"]["compute"]["shared"] == rows["dsir"]["compute"]["shared"] == 0
   assert (root / "plots" / "loss_vs_compute.png").exists() and "## Compute" in (root / "report.md").read_text()
-  assert preflight.stale(preflight.lineage(cfg, root, pipeline.make_plan(cfg, root)), root) == []
+  assert preflight.stale(preflight.lineage(cfg, root, runner.stage_configs(cfg, root)), root) == []
+
+
+# The ids main at 9713a8e (before the subpackages) gave these requests: a work directory built then must stay up to
+# date, so a refactor that changes any of them fails here (the pipeline preflight compares exactly these ids).
+IDS_AT_9713A8E = {
+    "run-tiny-bfloat16": "733451c81fa1372f", "run-tiny-float32": "3c5b3550cf224711",
+    "run-150m-bfloat16": "80fe105adaa6a7d1", "run-rho": "ef915021d0202bfc", "select-color": "a8565517fd69c012",
+    "select-conditional_only": "9a2e34444336776d", "select-random": "49bf5104a84e0ea3", "scores": "a995854f99a2d691",
+    "dsir": "ac1e3d4676ddae53",
+}
+
+
+def test_request_ids_unchanged_since_9713a8e():
+  from colorjax import dsir, score, select  # pylint: disable=import-outside-toplevel
+  from colorjax.model import transformer  # pylint: disable=import-outside-toplevel
+  from colorjax.training import run_folder  # pylint: disable=import-outside-toplevel
+  ids = {}
+  for size, dtype in (("tiny", "bfloat16"), ("tiny", "float32"), ("150m", "bfloat16")):
+    cfg = make_config("pretrain", size, model__compute_dtype=dtype)
+    spec = transformer.ModelSpec.from_config(cfg.model)
+    ids[f"run-{size}-{dtype}"] = lineage.content_id(run_folder.run_request(cfg, spec, "s" * 16, False, None, None))
+  cfg = make_config("target", "tiny", train__rho_tau=4.0)
+  spec = transformer.ModelSpec.from_config(cfg.model)
+  ids["run-rho"] = lineage.content_id(run_folder.run_request(cfg, spec, "s" * 16, False, "i" * 16, None, "r" * 16))
+  for method in ("color", "conditional_only", "random"):
+    cfg = make_config("select", f"{method},8", seed=3)
+    ids[f"select-{method}"] = lineage.content_id(select.selection_request(cfg, "c" * 16, "s" * 16))
+  models = [{"name": "prior", "id": "a" * 16}, {"name": "conditional_0", "id": "b" * 16}]
+  ids["scores"] = lineage.content_id(score.scores_request("p" * 16, models))
+  ids["dsir"] = lineage.content_id(dsir.dsir_request(make_config("dsir", "16"), "p" * 16, "t" * 16))
+  assert ids == IDS_AT_9713A8E

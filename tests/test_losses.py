@@ -6,25 +6,25 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from colorjax import checkpoint
-from colorjax import data
-from colorjax import losses
-from colorjax import metrics
-from colorjax import model
+from colorjax import config
 from colorjax import train
-from colorjax import train_plan
-from configs import base
+from colorjax.data import stores
+from colorjax.model import losses
+from colorjax.model import transformer
+from colorjax.training import checkpoint
+from colorjax.training import metrics
+from colorjax.training import step_plan
 
 
 def spec_for(size="tiny", **kw):
-  m = base.model_config(size)
+  m = config.model_config(size)
   for k, v in kw.items():
     m[k] = v
-  return model.ModelSpec.from_config(m)
+  return transformer.ModelSpec.from_config(m)
 
 
 def _params(spec, seed=0):
-  params = model.init_params(spec, jax.random.key(seed))
+  params = transformer.init_params(spec, jax.random.key(seed))
   keys = iter(jax.random.split(jax.random.key(seed + 1), len(jax.tree.leaves(params))))
   return jax.tree.map(lambda x: x + 0.05 * jax.random.normal(next(keys), x.shape), params)
 
@@ -55,17 +55,17 @@ def test_fused_head_loss_matches_plain_autodiff(pad_id, chunk):
 def test_gelu_is_torchs_exact_formula_rounded_once():
   x = jax.random.normal(jax.random.key(0), (4096,), jnp.float32) * 3
   want = np.asarray(jax.nn.gelu(x.astype(jnp.float64) if jax.config.jax_enable_x64 else x, approximate=False))
-  np.testing.assert_allclose(np.asarray(model.gelu(x)), want, rtol=2e-6, atol=2e-6)
+  np.testing.assert_allclose(np.asarray(transformer.gelu(x)), want, rtol=2e-6, atol=2e-6)
   xb = x.astype(jnp.bfloat16)
-  got = np.asarray(model.gelu(xb).astype(jnp.float32))
+  got = np.asarray(transformer.gelu(xb).astype(jnp.float32))
   once = np.asarray(jax.nn.gelu(xb.astype(jnp.float32), approximate=False).astype(jnp.bfloat16).astype(jnp.float32))
-  assert model.gelu(xb).dtype == jnp.bfloat16
+  assert transformer.gelu(xb).dtype == jnp.bfloat16
   # One rounding of (nearly) the same fp32 value: at most one bf16 ulp apart; the far negative tail (|y| < 1e-5)
   # differs by cancellation in 1 + erf, exactly as in torch's formula.
   np.testing.assert_allclose(got, once, rtol=2.0**-8, atol=1e-5)
   bf16_steps = np.asarray(jax.nn.gelu(xb, approximate=False).astype(jnp.float32))
   assert np.mean(bf16_steps != once) > 0.05  # jax.nn.gelu on bf16 rounds after each op: not the original's math
-  g = jax.grad(lambda v: jnp.sum(model.gelu(v)))(x)
+  g = jax.grad(lambda v: jnp.sum(transformer.gelu(v)))(x)
   g_ref = jax.grad(lambda v: jnp.sum(jax.nn.gelu(v, approximate=False)))(x)
   np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), rtol=1e-5, atol=1e-6)
 
@@ -75,10 +75,10 @@ def test_precision_policies_agree_on_a_trained_model(synthetic_prior, synthetic_
   export, cfg = synthetic_prior
   trained = checkpoint.spec_from_manifest(checkpoint.read_params_manifest(export), cfg.model)
   params, _ = checkpoint.load_params(export, trained)
-  tokens = jnp.asarray(data.TokenStore(synthetic_store).read(np.arange(16)).astype(np.int32))
+  tokens = jnp.asarray(stores.TokenStore(synthetic_store).read(np.arange(16)).astype(np.int32))
   per_policy = {}
-  for precision in model.PRECISIONS:
-    spec = model.ModelSpec(**dict(trained.to_dict(), precision=precision, compute_dtype="bfloat16"))
+  for precision in transformer.PRECISIONS:
+    spec = transformer.ModelSpec(**dict(trained.to_dict(), precision=precision, compute_dtype="bfloat16"))
     per_policy[precision] = np.asarray(jax.jit(lambda p, t, s=spec: losses.sequence_nll(s, p, t, None, 16))(
         params, tokens))
   a, b = per_policy["original"], per_policy["fp32_residual"]
@@ -92,13 +92,13 @@ def test_precision_policies_train_alike():
   curves = {}
   tokens = np.random.default_rng(1).integers(0, 64, (20, 8, 64)).astype(np.int32)
   tokens[:, :, 1::2] = (tokens[:, :, 0::2] * 3 + 1) % 64  # learnable structure: odd tokens follow even ones
-  for precision in model.PRECISIONS:
-    cfg = base.get_config()
-    cfg.model = base.model_config("demo")
+  for precision in transformer.PRECISIONS:
+    cfg = config.get_config()
+    cfg.model = config.model_config("demo")
     cfg.model.vocab_size, cfg.model.max_seq_len, cfg.model.precision = 64, 64, precision
     cfg.train.global_batch_size, cfg.train.max_steps, cfg.train.warmup_steps = 8, 20, 2
-    spec = model.ModelSpec.from_config(cfg.model)
-    plan = train_plan.step_plan(cfg, None, 64, 1)
+    spec = transformer.ModelSpec.from_config(cfg.model)
+    plan = step_plan.step_plan(cfg, None, 64, 1)
     tx, schedule = train.make_optimizer(cfg.train, plan.schedule_steps)
 
     def step(state, batch, spec=spec, tx=tx):
@@ -108,7 +108,7 @@ def test_precision_policies_train_alike():
       updates, opt = tx.update(grads, state[1], state[0])
       return (jax.tree.map(jnp.add, state[0], updates), opt), ce / count
 
-    params = model.init_params(spec, jax.random.key(0))
+    params = transformer.init_params(spec, jax.random.key(0))
     state, curve = (params, tx.init(params)), []
     step = jax.jit(step)
     for batch in tokens:
@@ -129,7 +129,7 @@ def test_multiple_choice_gather_equals_the_full_head():
   positions = np.array([[20, 21, 22, 0], [5, 6, 0, 0], [23, 0, 0, 0], [10, 11, 12, 13]])
   mask = (positions > 0) | (np.arange(4) == 0)
   gathered_targets = jnp.take_along_axis(targets, jnp.asarray(positions), axis=1)
-  module = model.bind(spec, params)
+  module = transformer.bind(spec, params)
   full_logits = np.asarray(module(inputs), np.float64)
   logp = full_logits - np.log(np.exp(full_logits - full_logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
       - full_logits.max(-1, keepdims=True)
@@ -146,13 +146,13 @@ def test_150m_step_at_micro_256_fits_80gb():
   are left out: cuDNN's flash attention (the GPU path) never stores them; the CPU's XLA attention does."""
   spec = spec_for("150m")
   fn = lambda p, t: jax.vjp(lambda q: losses.batch_loss(spec, q, t, None, 1e-4, 128)[0], p)[1]
-  residuals = jax.tree.leaves(jax.eval_shape(fn, model.abstract_params(spec),
+  residuals = jax.tree.leaves(jax.eval_shape(fn, transformer.abstract_params(spec),
                                              jax.ShapeDtypeStruct((256, 512), jnp.int32)))
   is_scores = lambda a: a.ndim >= 2 and a.shape[-1] == 512 and a.shape[-2] == 512
   kept = sum(a.size * a.dtype.itemsize for a in residuals if not is_scores(a))
   fp32_acts = [a for a in residuals if a.dtype == jnp.float32 and a.size >= 256 * 512 * 1024 and not is_scores(a)]
   assert not fp32_acts, "precision 'original' keeps no fp32 activation for the backward pass"
-  state = 4 * sum(math.prod(a.shape) * 4 for a in jax.tree.leaves(model.abstract_params(spec)))
+  state = 4 * sum(math.prod(a.shape) * 4 for a in jax.tree.leaves(transformer.abstract_params(spec)))
   logits_chunk = 3 * 256 * 128 * spec.vocab_size * 4  # fp32 logits, probabilities and their gradient, one chunk
   total_gib = (kept + state + logits_chunk) / 2**30
   print(f"150M micro 256: residuals {kept / 2**30:.1f} GiB + state {state / 2**30:.1f} GiB + head chunk "

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from colorjax import errors
-from colorjax import metrics
 from colorjax import train
+from colorjax.training import metrics
 from conftest import jsonl_scalars
 from conftest import make_config
 from conftest import run_cli
@@ -45,7 +45,7 @@ def test_a_mirror_without_its_package_is_a_config_error(synthetic_store, tmp_pat
 
 
 def test_a_failing_mirror_is_switched_off_with_a_warning(tmp_path):
-  class Broken(metrics.Mirror):
+  class Broken(metrics.MetricsMirror):
     def log(self, values, step):
       raise OSError("disk full")
 

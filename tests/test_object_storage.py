@@ -12,7 +12,8 @@ import time
 import numpy as np
 import pytest
 
-from colorjax import storage
+from colorjax.artifacts import formats
+from colorjax.artifacts import object_storage
 from conftest import run_cli
 
 BUCKET = "colorjax-test"
@@ -72,11 +73,11 @@ def in_process(monkeypatch, tmp_path):
       monkeypatch.setenv(key, value)
     monkeypatch.setenv("COLORJAX_CACHE", str(tmp_path / "cache"))
   yield use
-  storage.forget()
+  object_storage.forget()
 
 
 def _put(url: str, local) -> None:
-  fs, path = storage._fs(url)  # pylint: disable=protected-access
+  fs, path = object_storage._fs(url)  # pylint: disable=protected-access
   fs.put_file(str(local), path)
 
 
@@ -109,9 +110,10 @@ def _stages(root: str, inputs: list[str], tokenizer: str, env: dict, cache) -> N
 
 def _results(root) -> dict:
   """What the stages produced, read from a local folder or a fresh mirror of a bucket prefix."""
-  from colorjax import checkpoint, score  # pylint: disable=import-outside-toplevel
-  if storage.is_remote(root):
-    root = storage.mirror(root)
+  from colorjax import score
+  from colorjax.training import checkpoint  # pylint: disable=import-outside-toplevel
+  if object_storage.is_remote(root):
+    root = object_storage.mirror(root)
   losses = {name: [r["loss"] for r in map(json.loads, (root / name / "metrics.jsonl").read_text().splitlines())
                    if "loss" in r] for name in ("prior", "cond", "target")}
   target = checkpoint.read_params_manifest(root / "target" / "params")
@@ -141,7 +143,7 @@ def test_pipeline_on_object_storage_equals_local_disk(scheme, local_run, synthet
     _put(f"{root}/input/{path.name}", path)
   _put(f"{root}/input/tokenizer.json", synthetic_store.parent / "tokenizer.json")
   _stages(root, [f"{root}/input/{p.name}" for p in text], f"{root}/input/tokenizer.json", env, tmp_path / "cache")
-  fs, prefix = storage._fs(root)  # pylint: disable=protected-access
+  fs, prefix = object_storage._fs(root)  # pylint: disable=protected-access
   names = {p[len(prefix) + 1:] for p in fs.find(prefix)}
   assert {"store/manifest.json", "prior/params/manifest.json", "scores/manifest.json",
           "selection/manifest.json", "target/metrics.jsonl"} <= names
@@ -153,17 +155,17 @@ def test_pipeline_on_object_storage_equals_local_disk(scheme, local_run, synthet
 
 def test_store_rows_are_ranged_reads(synthetic_store, s3_env, in_process, monkeypatch):
   in_process(s3_env)
-  from colorjax import data  # pylint: disable=import-outside-toplevel
+  from colorjax.data import stores  # pylint: disable=import-outside-toplevel
   url = f"s3://{BUCKET}/ranged/store"
-  fs, prefix = storage._fs(url)  # pylint: disable=protected-access
+  fs, prefix = object_storage._fs(url)  # pylint: disable=protected-access
   fs.put(str(synthetic_store), prefix, recursive=True)
-  local = data.TokenStore(synthetic_store)
+  local = stores.TokenStore(synthetic_store)
   array_file = synthetic_store / local.files[0]["array"]
   requests = []
   real = fs.cat_ranges
   monkeypatch.setattr(fs, "cat_ranges", lambda paths, starts, ends, **kw: (
       requests.extend(zip(starts, ends)) or real(paths, starts, ends, **kw)))
-  store = data.TokenStore(storage.mirror(url))
+  store = stores.TokenStore(object_storage.mirror(url))
   assert not (store.path / local.files[0]["array"]).exists()  # the token array was not downloaded
   ids = np.array([7, 3, 4, 5, 40, 3])
   np.testing.assert_array_equal(store.read(ids), local.read(ids))
@@ -175,23 +177,23 @@ def test_store_rows_are_ranged_reads(synthetic_store, s3_env, in_process, monkey
 def test_sync_uploads_changes_manifest_last_and_deletions(s3_env, in_process, monkeypatch):
   in_process(s3_env)
   url = f"s3://{BUCKET}/sync/run"
-  local = storage.mirror(url)
+  local = object_storage.mirror(url)
   (local / "sub").mkdir(parents=True)
   (local / "sub" / "a.bin").write_bytes(b"a")
-  (local / storage.MANIFEST).write_text("{}")
+  (local / formats.MANIFEST).write_text("{}")
   (local / ".run.lock").write_text("pid")
   (local / "x.partial").mkdir()
   (local / "x.partial" / "b").write_bytes(b"b")
   order = []
-  fs, prefix = storage._fs(url)  # pylint: disable=protected-access
+  fs, prefix = object_storage._fs(url)  # pylint: disable=protected-access
   real = fs.put_file
   monkeypatch.setattr(fs, "put_file", lambda lpath, rpath, **kw: order.append(rpath[len(prefix) + 1:]) or real(
       lpath, rpath, **kw))
-  assert storage.sync() == 2 and order == ["sub/a.bin", storage.MANIFEST]
-  assert storage.sync() == 0  # nothing changed
+  assert object_storage.sync() == 2 and order == ["sub/a.bin", formats.MANIFEST]
+  assert object_storage.sync() == 0  # nothing changed
   (local / "sub" / "a.bin").unlink()
-  storage.sync()
-  assert {p[len(prefix) + 1:] for p in fs.find(prefix)} == {storage.MANIFEST}
+  object_storage.sync()
+  assert {p[len(prefix) + 1:] for p in fs.find(prefix)} == {formats.MANIFEST}
 
 
 def test_unreachable_paths_fail_before_work(tmp_path):
@@ -210,18 +212,18 @@ def test_gcs_params_go_to_the_bucket_and_patterns_mirror_each_match(gcs_env, in_
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
   in_process(gcs_env)
   monkeypatch.setenv("COLORJAX_ORBAX_DIRECT", "1")
-  folder = storage.mirror(f"gs://{BUCKET}/direct/run") / "params"
-  target = storage.orbax_path(folder)
+  folder = object_storage.mirror(f"gs://{BUCKET}/direct/run") / "params"
+  target = object_storage.orbax_path(folder)
   assert str(target) == f"gs://{BUCKET}/direct/run/params"  # orbax writes to the bucket, not the mirror
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(target, {"w": jnp.arange(4.0)})
   checkpointer.wait_until_finished()
   assert not folder.exists()
   np.testing.assert_array_equal(ocp.StandardCheckpointer().restore(target)["w"], np.arange(4.0))
-  assert storage.orbax_path(tmp_path / "local") == tmp_path / "local"
+  assert object_storage.orbax_path(tmp_path / "local") == tmp_path / "local"
   for name in ("a.jsonl", "b.jsonl", "c.txt"):
     (tmp_path / name).write_text(name)
     _put(f"gs://{BUCKET}/texts/{name}", tmp_path / name)
-  pattern = storage.mirror(f"gs://{BUCKET}/texts/*.jsonl")
+  pattern = object_storage.mirror(f"gs://{BUCKET}/texts/*.jsonl")
   assert sorted(p.name for p in pattern.parent.glob(pattern.name)) == ["a.jsonl", "b.jsonl"]
   assert not (pattern.parent / "c.txt").exists()

@@ -15,22 +15,22 @@ import numpy as np
 import pytest
 import yaml
 
-from colorjax import artifacts
-from colorjax import checkpoint
-from colorjax import checkpoint_formats
-from colorjax import data
 from colorjax import errors
-from colorjax import losses
-from colorjax import model
-from colorjax import olmo
-from colorjax import olmo_config
-from colorjax import olmo_weights
 from colorjax import score
 from colorjax import select
 from colorjax import sharding
-from colorjax import tokenizer as tokenizer_lib
 from colorjax import train
-from colorjax import train_plan
+from colorjax.artifacts import formats
+from colorjax.artifacts import lineage
+from colorjax.data import tokenizer as tokenizer_lib
+from colorjax.interop import olmo
+from colorjax.interop import olmo_config
+from colorjax.interop import olmo_weights
+from colorjax.interop import torch_files
+from colorjax.model import losses
+from colorjax.model import transformer
+from colorjax.training import checkpoint
+from colorjax.training import step_plan
 from conftest import REPO, make_config, run_cli
 
 FIXTURE = REPO.parent / "shared" / "fixtures" / "olmo-original"
@@ -82,7 +82,7 @@ def imported(tmp_path_factory, tokenizer_path):
           for name, folder in (("prior", PRIOR), ("conditional", CONDITIONAL))}
 
 
-def load(export) -> tuple[model.ModelSpec, dict]:
+def load(export) -> tuple[transformer.ModelSpec, dict]:
   """Params of an export computed in fp32 end to end (the fixture's precision)."""
   compute = make_config("score", "demo", **FP32).model
   spec = checkpoint.spec_from_manifest(checkpoint.read_params_manifest(export), compute)
@@ -96,7 +96,7 @@ def test_readers_see_the_state_dict_the_original_saved(ref):
   assert [(k, list(v.shape), str(v.dtype)) for k, v in pt.items()] == expected  # model.pt order
   assert sorted((k, list(v.shape), str(v.dtype)) for k, v in st.items()) == sorted(expected)
   assert [key for key, _, _ in olmo_weights.key_map(2)] == [key for key, _, _ in expected]
-  names = checkpoint_formats.read_safetensors(CONDITIONAL / "model.safetensors")
+  names = torch_files.read_safetensors(CONDITIONAL / "model.safetensors")
   assert {olmo_weights.olmo_name(k) for k in st} == set(names)  # the writer names tensors exactly as OLMo did
   assert sum(v.size for v in pt.values()) == ref["model_config"]["n_params"]
 
@@ -108,8 +108,8 @@ def test_import_writes_a_params_export_with_the_originals_architecture(imported,
                                "rope_theta": 10000.0, "norm_eps": 1e-5}
   assert manifest["model_spec"]["max_seq_len"] == 64
   assert (manifest["tokenizer"]["eos_id"], manifest["tokenizer"]["pad_id"]) == (0, 1)
-  assert manifest["request"]["weights_sha256"] == olmo.artifacts.fingerprint(PRIOR / "model.pt")["sha256"]
-  assert manifest["id"] == olmo.artifacts.content_id(manifest["request"])
+  assert manifest["request"]["weights_sha256"] == lineage.fingerprint(PRIOR / "model.pt")["sha256"]
+  assert manifest["id"] == lineage.content_id(manifest["request"])
   assert manifest["steps"] is None and manifest["tokens"] is None  # no train.pt in the fixture
   tokenizer_lib.checked_tokenizer_path(imported["prior"], manifest["tokenizer"])  # the copy matches its recorded hash
   cond = checkpoint.read_params_manifest(imported["conditional"])
@@ -131,7 +131,7 @@ def test_imported_models_reproduce_the_originals_scores(imported, ref):
 
 def test_imported_prior_reproduces_the_originals_logits(imported, ref):
   spec, params = load(imported["prior"])
-  logits = np.asarray(model.bind(spec, params)(jnp.asarray(pool_rows()[:1], jnp.int32)))[0]
+  logits = np.asarray(transformer.bind(spec, params)(jnp.asarray(pool_rows()[:1], jnp.int32)))[0]
   assert logits.shape == (SEQ, 1024)
   for position, expected in ref["prior_logits_sequence_0"].items():
     row = logits[int(position)]
@@ -166,10 +166,10 @@ def test_finetuning_the_imported_prior_reproduces_the_originals_conditional(impo
   _, target = load(imported["conditional"])
   store = token_rows(FIXTURE / "data" / "target" / "part-000.npy")
   mesh = sharding.make_mesh(cfg.mesh)
-  plan = train_plan.step_plan(cfg, store.shape[0], SEQ, sharding.data_parallel_size(mesh))
+  plan = step_plan.step_plan(cfg, store.shape[0], SEQ, sharding.data_parallel_size(mesh))
   assert (plan.total_steps, plan.schedule_steps, plan.n_micro) == (8, 8, 2)
   tx, schedule = train.make_optimizer(cfg.train, plan.schedule_steps)
-  param_sh = sharding.tree_shardings(model.abstract_params(spec), model.param_axes(spec), mesh)
+  param_sh = sharding.tree_shardings(transformer.abstract_params(spec), transformer.param_axes(spec), mesh)
   init_state = lambda p: {"params": p, "opt_state": tx.init(p), "step": jnp.zeros((), jnp.int32)}
   abstract = jax.eval_shape(init_state, params)
   state_sh = {"params": param_sh, "step": sharding.replicated(mesh),
@@ -234,7 +234,7 @@ def test_hostile_pickles_elsewhere_are_refused(tmp_path):
   marker = tmp_path / "pwned"
   payload = reduce_payload("os", "system", f"touch {marker}")
   name = base64.urlsafe_b64encode(b"\x80\x02" + payload).decode()
-  checkpoint_formats.write_safetensors(tmp_path / "model.safetensors", {name: np.zeros(2, np.float32)})
+  torch_files.write_safetensors(tmp_path / "model.safetensors", {name: np.zeros(2, np.float32)})
   with pytest.raises(errors.DataError, match="refused to unpickle os.system"):
     olmo_weights.read_olmo_safetensors(tmp_path / "model.safetensors")
   with pytest.raises(errors.DataError, match="refused to unpickle os.system"):
@@ -327,11 +327,11 @@ def write_pool_store(folder: pathlib.Path, tokenizer_path) -> pathlib.Path:
     np.save(folder / f"part-00{i}.npy", rows)
     files.append({"array": f"part-00{i}.npy", "sequences": int(rows.shape[0])})
   (folder / tokenizer_lib.TOKENIZER).write_text(tokenizer.to_str())
-  manifest = {"format": artifacts.STORE.format, "version": artifacts.STORE.version, "id": "olmo-fixture-pool",
+  manifest = {"format": formats.STORE.format, "version": formats.STORE.version, "id": "olmo-fixture-pool",
               "seq_len": SEQ, "dtype": "uint16",
               "tokenizer": tokenizer_lib.tokenizer_info(tokenizer, str(tokenizer_path), 0, 1),
               "num_sequences": sum(f["sequences"] for f in files), "files": files, "padded": False}
-  (folder / data.MANIFEST).write_text(json.dumps(manifest))
+  (folder / formats.MANIFEST).write_text(json.dumps(manifest))
   return folder
 
 

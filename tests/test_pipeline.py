@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from colorjax import corpus
-from colorjax import pipeline
+from colorjax.data import corpus
+from colorjax.pipeline import runner
 from conftest import SMALL_DEMO, make_config, run_cli
 
 def test_demo_pipeline_reports_every_run(demo_run):
@@ -38,7 +38,7 @@ def test_rerun_does_nothing_and_one_deleted_branch_reruns_alone(demo_run, capsys
   manifests = {p.parent.parent.name: p.stat().st_mtime_ns for p in (root / "runs").glob("*/params/manifest.json")}
   cfg = make_config("pipeline", "demo", workdir=str(root), **SMALL_DEMO)
   start = time.time()
-  pipeline.run(cfg)
+  runner.run(cfg)
   rerun_seconds = time.time() - start
   out = capsys.readouterr().out
   assert rerun_seconds < min(30, first_seconds / 3), (rerun_seconds, first_seconds)
@@ -46,7 +46,7 @@ def test_rerun_does_nothing_and_one_deleted_branch_reruns_alone(demo_run, capsys
   assert out.count("nothing to do") + out.count("up to date") >= 10
   shutil.rmtree(root / "selections" / "random-tau8-s0")
   shutil.rmtree(root / "runs" / "target-random-tau8-s0")
-  pipeline.run(cfg)
+  runner.run(cfg)
   out = capsys.readouterr().out
   assert out.count("params: total") == 1 and "select: random k=" in out
   after = {p.parent.parent.name: p.stat().st_mtime_ns for p in (root / "runs").glob("*/params/manifest.json")}

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
-from colorjax import data
 from colorjax import errors
 from colorjax import prepare
+from colorjax.data import stores
 from conftest import make_config
 
 pa = pytest.importorskip("pyarrow", reason="pyarrow is in requirements.txt; install it to read parquet")
@@ -29,7 +29,7 @@ def prepare_cfg(inputs, tokenizer, output):
 def test_parquet_rows_tokenize_like_direct_tokenization(tmp_path, neox_tokenizer_path):
   path = tmp_path / "plays.parquet"
   pq.write_table(pa.table({"text": TEXTS, "source": ["hamlet", "hamlet", None, "other"]}), path)
-  store = data.TokenStore(prepare.run(prepare_cfg([path], neox_tokenizer_path, tmp_path / "store")))
+  store = stores.TokenStore(prepare.run(prepare_cfg([path], neox_tokenizer_path, tmp_path / "store")))
 
   tok = Tokenizer.from_file(str(neox_tokenizer_path))
   stream = np.concatenate([tok.encode(t, add_special_tokens=False).ids + [store.eos_id] for t in TEXTS])

@@ -4,10 +4,10 @@ import json
 
 import pytest
 
-from colorjax import model
-from colorjax import report
-from colorjax import report_markdown
-from colorjax import report_setup
+from colorjax.model import transformer
+from colorjax.report import markdown
+from colorjax.report import results
+from colorjax.report import setup as setup_lib
 
 SPEC = {"d_model": 64, "n_layers": 2, "n_heads": 2, "mlp_hidden": 256, "vocab_size": 1024, "max_seq_len": 64}
 TARGET_SPEC = {**SPEC, "d_model": 128, "n_layers": 3}
@@ -21,32 +21,32 @@ def _row(method, tau, seed, tokens, loss, role="compare", curve=()):
 
 def test_tokens_to_reach_interpolates_and_handles_the_ends():
   curve = [[0, 6.0], [100, 4.0], [200, 3.0]]
-  assert report.tokens_to_reach(curve, 3.5) == pytest.approx(150.0)
-  assert report.tokens_to_reach(curve, 4.0) == pytest.approx(100.0)
-  assert report.tokens_to_reach(curve, 7.0) == 0  # already reached at the first point
-  assert report.tokens_to_reach([[50, 2.0]], 2.5) == 50
-  assert report.tokens_to_reach(curve, 2.0) is None  # never reached
-  assert report.tokens_to_reach([], 2.0) is None
+  assert results.tokens_to_reach(curve, 3.5) == pytest.approx(150.0)
+  assert results.tokens_to_reach(curve, 4.0) == pytest.approx(100.0)
+  assert results.tokens_to_reach(curve, 7.0) == 0  # already reached at the first point
+  assert results.tokens_to_reach([[50, 2.0]], 2.5) == 50
+  assert results.tokens_to_reach(curve, 2.0) is None  # never reached
+  assert results.tokens_to_reach([], 2.0) is None
 
 
 def test_random_tokens_to_match_is_log_linear_with_bounds():
   points = [[100, 3.0], [400, 2.0]]
-  tokens, bound = report.random_tokens_to_match(points, 2.5)
+  tokens, bound = results.random_tokens_to_match(points, 2.5)
   assert tokens == pytest.approx(200.0) and bound is None  # halfway in log(tokens): sqrt(100 * 400)
-  assert report.random_tokens_to_match(points, 3.0) == (100, None)
-  assert report.random_tokens_to_match(points, 2.0)[0] == pytest.approx(400.0)
-  assert report.random_tokens_to_match(points, 1.5) == (400, "lower")
-  assert report.random_tokens_to_match(points, 3.5) == (100, "upper")
-  assert report.random_tokens_to_match([], 2.5) == (None, None)
+  assert results.random_tokens_to_match(points, 3.0) == (100, None)
+  assert results.random_tokens_to_match(points, 2.0)[0] == pytest.approx(400.0)
+  assert results.random_tokens_to_match(points, 1.5) == (400, "lower")
+  assert results.random_tokens_to_match(points, 3.5) == (100, "upper")
+  assert results.random_tokens_to_match([], 2.5) == (None, None)
   # unsorted noise: the first budget that reaches the loss counts
-  tokens, bound = report.random_tokens_to_match([[100, 3.0], [200, 2.8], [400, 2.4], [800, 2.6]], 2.5)
+  tokens, bound = results.random_tokens_to_match([[100, 3.0], [200, 2.8], [400, 2.4], [800, 2.6]], 2.5)
   assert bound is None and 200 < tokens < 400
 
 
 def test_data_efficiency_from_finished_random_runs():
   rows = [_row("color", 8.0, 0, 50, 2.5), _row("random", 8.0, 0, 100, 3.1), _row("random", 8.0, 1, 100, 2.9),
           _row("random", 2.0, 0, 400, 2.0, role="curve", curve=[(0, 6.0), (200, 3.0), (400, 2.0)])]
-  eff = report.data_efficiency(rows, report.summarize(rows))["tau8"]
+  eff = results.data_efficiency(rows, results.summarize(rows))["tau8"]
   assert eff["random_points"] == [[100, pytest.approx(3.0)], [400, 2.0]]
   assert eff["random_tokens_to_match"] == pytest.approx(200.0) and eff["bound"] is None
   assert eff["ratio"] == pytest.approx(4.0)
@@ -57,28 +57,28 @@ def test_data_efficiency_from_finished_random_runs():
 @pytest.mark.parametrize("loss,bound,ratio", [(1.5, "lower", 8.0), (3.5, "upper", 2.0)])
 def test_data_efficiency_bounds(loss, bound, ratio):
   rows = [_row("color", 8.0, 0, 50, loss), _row("random", 8.0, 0, 100, 3.0), _row("random", 2.0, 0, 400, 2.0)]
-  eff = report.data_efficiency(rows, report.summarize(rows))["tau8"]
+  eff = results.data_efficiency(rows, results.summarize(rows))["tau8"]
   assert eff["bound"] == bound and eff["ratio"] == pytest.approx(ratio)
   assert eff["curve_ratio"] is None and eff["curve_lower_bound"] is None  # no curve run
-  cell = report_markdown._bounded(eff["ratio"], eff["bound"], "x")  # pylint: disable=protected-access
+  cell = markdown._bounded(eff["ratio"], eff["bound"], "x")  # pylint: disable=protected-access
   assert cell == {"lower": ">", "upper": "<"}[bound] + f"{ratio:.1f}x"
 
 
 def test_unfinished_random_runs_give_no_point():
   rows = [_row("color", 8.0, 0, 50, 2.5), _row("random", 8.0, 0, 100, 3.0), _row("random", 2.0, 0, None, 2.0)]
   rows[2]["finished"] = False
-  assert report.random_points(rows) == [[100, 3.0]]
+  assert results.random_points(rows) == [[100, 3.0]]
 
 
 def test_summarize_one_seed_has_no_spread():
   rows = [_row("color", 4.0, 0, 100, 2.5), _row("random", 4.0, 0, 100, 3.0), _row("random", 4.0, 1, 100, 3.2)]
-  summary = {s["method"]: s for s in report.summarize(rows)}
+  summary = {s["method"]: s for s in results.summarize(rows)}
   assert summary["color"]["seeds"] == 1 and summary["color"]["target_loss_std"] is None
   assert summary["random"]["target_loss_mean"] == pytest.approx(3.1)
   assert summary["random"]["target_loss_std"] == pytest.approx(0.1414, abs=1e-4)  # sample std over seeds
-  md = "\n".join(report_markdown._md_summary(report.summarize(rows)))  # pylint: disable=protected-access
+  md = "\n".join(markdown._md_summary(results.summarize(rows)))  # pylint: disable=protected-access
   assert "| color | 4 | 1 | 100 | 2.5000 | - |" in md and "3.1000 ± 0.1414" in md
-  one_seed = "\n".join(report_markdown._md_summary(report.summarize(rows[:2])))  # pylint: disable=protected-access
+  one_seed = "\n".join(markdown._md_summary(results.summarize(rows[:2])))  # pylint: disable=protected-access
   assert "±" not in one_seed and "(1 seed)" in one_seed
 
 
@@ -157,7 +157,7 @@ def work(tmp_path):
 
 def test_write_describes_the_setup_and_the_efficiency(work, tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)  # relative paths in pipeline.json are relative to the work dir, not the cwd
-  path = report.write(work)
+  path = results.write(work)
   md = path.read_text()
   result = json.loads((work / "report.json").read_text())
   assert f"`bard.jsonl.gz` (in `{tmp_path / 'corpus'}`)" in md and "Held-out works: The Tempest; Cymbeline." in md
@@ -167,7 +167,7 @@ def test_write_describes_the_setup_and_the_efficiency(work, tmp_path, monkeypatc
   assert "| finetune (conditional) | 2 | 12 | 20 | 1,280 |" in md
   assert "| almanac | 40 | 70 | 4,480 | 70.0% |" in md and "| bard | 9 | 30 | 1,920 | 30.0% |" in md
   assert "2 pool documents identical to a target document were dropped" in md
-  prior, target = (model.param_counts(model.ModelSpec(**s))["total"] for s in (SPEC, TARGET_SPEC))
+  prior, target = (transformer.param_counts(transformer.ModelSpec(**s))["total"] for s in (SPEC, TARGET_SPEC))
   assert f"| prior | 64 | 2 | 2 | 256 | 1,024 | {prior:,} |" in md
   assert f"| target | 128 | 3 | 2 | 256 | 1,024 | {target:,} |" in md
   assert "`stores/target_eval`: 11 sequences of 64 tokens" in md and "fp32" in md
@@ -194,7 +194,7 @@ def test_write_moved_work_dir_and_older_inputs(work, tmp_path):
   plan = json.loads((moved / "pipeline.json").read_text())
   del plan["config"]
   (moved / "pipeline.json").write_text(json.dumps(plan))
-  md = report.write(moved).read_text()
+  md = results.write(moved).read_text()
   result = json.loads((moved / "report.json").read_text())
   assert result["data_efficiency"]["tau4"]["ratio"] == pytest.approx(2.0)
   assert "prior" not in result["setup"]["models"] and "conditional" in result["setup"]["models"]
@@ -205,19 +205,19 @@ def test_target_summary_reads_older_and_larger_splits(tmp_path):
   split = {"request": {"target_files": [[str(tmp_path / "plays.jsonl.gz"), "0" * 64]],
                        "pool_files": [str(tmp_path / "news.jsonl.gz")], "fractions": [0.3, 0.2], "group_regex": ""},
            "documents": {"target_train": 30, "target_eval": 20, "pool": {"plays": 50, "news": 10}}}
-  target = report_setup.target_summary({"target": "text"}, tmp_path, {}, split, {})
+  target = setup_lib.target_summary({"target": "text"}, tmp_path, {}, split, {})
   assert target["files"] == ["plays.jsonl.gz"] and target["heldout_works"] is None
   assert [target["parts"][p]["works"] for p in ("target_train", "target_eval", "pool")] == [30, 20, 50]
-  assert report_setup.pool_summary(tmp_path, {}, split)["files"] == ["plays.jsonl.gz", "news.jsonl.gz"]
-  md = "\n".join(report_markdown._md_target(target, {}))  # pylint: disable=protected-access
+  assert setup_lib.pool_summary(tmp_path, {}, split)["files"] == ["plays.jsonl.gz", "news.jsonl.gz"]
+  md = "\n".join(markdown._md_target(target, {}))  # pylint: disable=protected-access
   assert "each document is one work" in md and "20% are held out to evaluate the targets, the rest join" in md
   split["works"] = {"target_train": 12_000, "target_eval": ["a", "b"], "pool": 40_000}  # too many names: counts
-  target = report_setup.target_summary({"target": "text"}, tmp_path, {}, split, {})
+  target = setup_lib.target_summary({"target": "text"}, tmp_path, {}, split, {})
   assert [target["parts"][p]["works"] for p in ("target_train", "target_eval", "pool")] == [12_000, 2, 40_000]
-  md = "\n".join(report_markdown._md_target(target, {}))  # pylint: disable=protected-access
+  md = "\n".join(markdown._md_target(target, {}))  # pylint: disable=protected-access
   assert "Held-out works" not in md  # one work per document: their names would only repeat the documents
 
 
 def test_write_needs_pipeline_json(tmp_path):
   with pytest.raises(Exception, match="pipeline.json is missing"):
-    report.write(tmp_path)
+    results.write(tmp_path)

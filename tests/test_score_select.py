@@ -13,13 +13,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from colorjax import artifacts
-from colorjax import checkpoint
-from colorjax import data
 from colorjax import errors
-from colorjax import losses
 from colorjax import score as score_lib
 from colorjax import select as select_lib
+from colorjax.artifacts import formats
+from colorjax.data import stores
+from colorjax.model import losses
+from colorjax.training import checkpoint
 from conftest import REPO, make_config, run_cli
 
 
@@ -57,7 +57,7 @@ def test_vmapped_scores_equal_separate_plain_forward_on_1_and_8_devices(syntheti
     env = {"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
     run_cli(score_args(str(synthetic_store), str(prior), conditional, str(tmp_path / f"d{devices}")), env_extra=env)
     outs[devices] = score_lib.Scores(tmp_path / f"d{devices}")
-  store = data.TokenStore(synthetic_store)
+  store = stores.TokenStore(synthetic_store)
   n = store.num_sequences
   got = outs[1].read(0, n)
   assert got.shape == (n, 2) and got.dtype == np.float32 and outs[1].columns == ["prior", "conditional_0"]
@@ -91,7 +91,7 @@ def test_killed_scoring_resumes_to_a_byte_identical_array(synthetic_store, synth
   for kill_after in (1, total // 2, total - 2):
     folder = tmp_path / f"killed{kill_after}"
     args = [sys.executable, "-m", "colorjax.main"] + score_args(str(synthetic_store), str(prior), conditional,
-                                                               str(folder))
+                                                                str(folder))
     proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 300
     while _done_count(folder) < kill_after and proc.poll() is None and time.time() < deadline:
@@ -112,7 +112,7 @@ def test_independent_shards_fill_one_array(synthetic_store, synthetic_prior, con
     out = run_cli(score_args(str(synthetic_store), str(prior), conditional, str(tmp_path / "sharded"),
                              **{"score.shard": shard})).stdout
     assert "complete" not in out.splitlines()[-1] or shard == "0/3"
-  with pytest.raises(data.DataError, match="incomplete"):
+  with pytest.raises(errors.DataError, match="incomplete"):
     score_lib.Scores(tmp_path / "sharded").check_complete()
   run_cli(score_args(str(synthetic_store), str(prior), conditional, str(tmp_path / "sharded"),
                      **{"score.shard": "2/3"}))
@@ -172,7 +172,7 @@ def test_sortable_keys_preserve_float_order():
 
 def _fake_scores(folder, store, nll):
   """A finished score folder holding given NLLs (to test selection without a model)."""
-  manifest = {"format": artifacts.SCORES.format, "num_sequences": len(nll), "columns": ["prior", "conditional_0"],
+  manifest = {"format": formats.SCORES.format, "num_sequences": len(nll), "columns": ["prior", "conditional_0"],
               "models": [{"name": "prior"}, {"name": "conditional_0"}], "chunk_rows": 64, "batch_size": 16,
               "store": {"path": str(store.path), "id": store.id, "seq_len": store.seq_len}}
   score_lib._open_output(folder, manifest, -(-len(nll) // 64))
@@ -183,7 +183,7 @@ def _fake_scores(folder, store, nll):
 
 
 def test_select_stage_methods_and_manifest(synthetic_store, tmp_path):
-  store = data.TokenStore(synthetic_store)
+  store = stores.TokenStore(synthetic_store)
   n = store.num_sequences
   rng = np.random.default_rng(1)
   nll = np.stack([rng.uniform(2, 6, n), rng.uniform(2, 6, n)], 1).astype(np.float32)
@@ -209,7 +209,7 @@ def test_select_stage_methods_and_manifest(synthetic_store, tmp_path):
                                          **common))
   assert np.load(by_tokens / "index.npy").size == 100
   assert select_lib.run(make_config("select", "color,7", workdir=str(tmp_path / "color"), **common)) == color
-  with pytest.raises(data.DataError, match=r"holds another selection made from other inputs or settings \(differs "
+  with pytest.raises(errors.DataError, match=r"holds another selection made from other inputs or settings \(differs "
                      r"in: tau\)"):
     select_lib.run(make_config("select", "color,8", workdir=str(tmp_path / "color"), **common))
   assert json.loads((color / "manifest.json").read_text())["scores"]["path"] == "../scores"  # relocatable
@@ -221,20 +221,20 @@ def test_select_stage_methods_and_manifest(synthetic_store, tmp_path):
       select_lib.run(make_config("select", "color", workdir=str(tmp_path / name), **common, **field))
     assert not (tmp_path / name).exists()
   (tmp_path / "by_hand").mkdir()
-  with pytest.raises(data.DataError, match="by_hand exists but is not a selection"):
+  with pytest.raises(errors.DataError, match="by_hand exists but is not a selection"):
     select_lib.run(make_config("select", "color,7", workdir=str(tmp_path / "by_hand"), **common))
   assert list((tmp_path / "by_hand").iterdir()) == []
   with pytest.raises(errors.ConfigError, match="set --config.select.scores"):
     select_lib.run(make_config("select", "color,7", workdir=str(tmp_path / "unset")))
   nll[5, 0] = np.nan
   score_lib.Scores(tmp_path / "scores").nll[:].write(nll).result()
-  with pytest.raises(data.DataError, match="sequence 5 is NaN"):
+  with pytest.raises(errors.DataError, match="sequence 5 is NaN"):
     select_lib.run(make_config("select", "color,7", workdir=str(tmp_path / "nan"), **common))
 
 
 def _selection_by_id(synthetic_store, tmp_path, tau: int):
   """A CoLoR selection whose score is the sequence id (prior NLL = id, conditional NLL = 0): the top ids."""
-  store = data.TokenStore(synthetic_store)
+  store = stores.TokenStore(synthetic_store)
   nll = np.stack([np.arange(store.num_sequences), np.zeros(store.num_sequences)], 1).astype(np.float32)
   _fake_scores(tmp_path / "scores", store, nll)
   return store, select_lib.run(make_config("select", f"color,{tau}", workdir=str(tmp_path / "sel"),
@@ -274,13 +274,13 @@ def test_two_hosts_export_their_shares_of_the_selection(synthetic_store, tmp_pat
 
 
 def test_index_from_another_store_is_refused(synthetic_store, tmp_path):
-  store = data.TokenStore(synthetic_store)
+  store = stores.TokenStore(synthetic_store)
   folder = tmp_path / "sel"
   folder.mkdir()
   np.save(folder / "index.npy", np.arange(10))
   (folder / "manifest.json").write_text(json.dumps({"store_id": "somethingelse"}))
-  with pytest.raises(data.DataError, match="point --config.data.train_store"):
-    data.load_index(folder, store)
+  with pytest.raises(errors.DataError, match="point --config.data.train_store"):
+    stores.load_index(folder, store)
 
 
 def test_sigterm_stops_scoring_after_the_finished_chunks(synthetic_store, synthetic_prior, conditional, tmp_path,
@@ -298,7 +298,7 @@ def test_sigterm_stops_scoring_after_the_finished_chunks(synthetic_store, synthe
   folder = tmp_path / "stopped"
   env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
   args = [sys.executable, "-m", "colorjax.main"] + score_args(str(synthetic_store), str(prior), conditional,
-                                                             str(folder), **small)
+                                                              str(folder), **small)
   proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 300
   while _done_count(folder) < 2 and proc.poll() is None and time.time() < deadline:
@@ -326,11 +326,11 @@ def test_sigterm_stops_scoring_after_the_finished_chunks(synthetic_store, synthe
 def test_a_score_folder_whose_start_died_before_its_manifest(synthetic_store, tmp_path):
   """Arrays without a manifest (a killed start, or a shard job starting at the same moment) are reopened when they
   have the job's layout, and refused by name when they do not."""
-  store = data.TokenStore(synthetic_store)
+  store = stores.TokenStore(synthetic_store)
   nll = np.ones((store.num_sequences, 2), np.float32)
   _fake_scores(tmp_path / "s", store, nll)
   (tmp_path / "s" / "manifest.json").unlink()
   np.testing.assert_array_equal(_fake_scores(tmp_path / "s", store, nll).read(0, 5), nll[:5])
   (tmp_path / "s" / "manifest.json").unlink()
-  with pytest.raises(data.DataError, match="nll.zarr exists with another shape or dtype"):
+  with pytest.raises(errors.DataError, match="nll.zarr exists with another shape or dtype"):
     _fake_scores(tmp_path / "s", store, nll[:-1])

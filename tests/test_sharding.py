@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec as P
 
-from colorjax import model
-from colorjax import plan
 from colorjax import sharding
 from colorjax import train
+from colorjax.model import estimate
+from colorjax.model import transformer
 from conftest import REPO, make_config
-from configs import base
+from colorjax import config
 
 
 def abstract_mesh(data=1, fsdp=4, tensor=2):
@@ -28,10 +28,10 @@ def abstract_mesh(data=1, fsdp=4, tensor=2):
 
 
 def tiny_spec(**overrides):
-  m = base.model_config("tiny")
+  m = config.model_config("tiny")
   for key, value in overrides.items():
     m[key] = value
-  return model.ModelSpec.from_config(m)
+  return transformer.ModelSpec.from_config(m)
 
 
 def test_logical_names_map_through_the_rules():
@@ -56,7 +56,7 @@ def test_fit_spec_replicates_only_dims_the_mesh_does_not_divide():
 
 def test_replicated_parameters_are_reported(caplog):
   spec = tiny_spec(vocab_size=50257)
-  abstract, axes = model.abstract_params(spec), model.param_axes(spec)
+  abstract, axes = transformer.abstract_params(spec), transformer.param_axes(spec)
   assert sharding.describe_replicated(abstract, axes, abstract_mesh(tensor=1)) == []
   lines = sharding.describe_replicated(abstract, axes, abstract_mesh())
   assert lines == ["embed (50257, 128): dim 0 of 50257 not split over tensor=2 (50257 % 2 != 0)",
@@ -71,7 +71,7 @@ def test_replicated_parameters_are_reported(caplog):
 
 def optimizer_and_state(spec):
   tx, _ = train.make_optimizer(make_config("pretrain", "tiny").train, 100)
-  return tx, jax.eval_shape(tx.init, model.abstract_params(spec))
+  return tx, jax.eval_shape(tx.init, transformer.abstract_params(spec))
 
 
 def adam_states(tree):
@@ -82,7 +82,7 @@ def adam_states(tree):
 
 def test_opt_state_shardings_follow_the_params_and_replicate_counts():
   spec, mesh = tiny_spec(), abstract_mesh()
-  param_sh = sharding.tree_shardings(model.abstract_params(spec), model.param_axes(spec), mesh)
+  param_sh = sharding.tree_shardings(transformer.abstract_params(spec), transformer.param_axes(spec), mesh)
   tx, abstract_opt = optimizer_and_state(spec)
   opt_sh = sharding.opt_state_shardings(tx, abstract_opt, param_sh, mesh)
   assert jax.tree.structure(opt_sh) == jax.tree.structure(abstract_opt)
@@ -95,13 +95,13 @@ def test_opt_state_shardings_follow_the_params_and_replicate_counts():
 
 def test_opt_state_axes_give_the_dry_run_its_optimizer_bytes():
   spec, mesh = tiny_spec(), abstract_mesh()
-  axes = model.param_axes(spec)
+  axes = transformer.param_axes(spec)
   tx, abstract_opt = optimizer_and_state(spec)
   opt_axes = sharding.opt_state_axes(tx, abstract_opt, axes)
   (adam,) = adam_states(opt_axes)
   assert adam.mu == axes and adam.nu == axes
-  params_b = plan.sharded_bytes(model.abstract_params(spec), axes, mesh)
-  assert plan.sharded_bytes(abstract_opt, opt_axes, mesh) == 2 * params_b + 2 * 4  # mu, nu + two int32 counts
+  params_b = estimate.sharded_bytes(transformer.abstract_params(spec), axes, mesh)
+  assert estimate.sharded_bytes(abstract_opt, opt_axes, mesh) == 2 * params_b + 2 * 4  # mu, nu + two int32 counts
 
 
 def test_batch_sharding_covers_every_batch_layout():
@@ -147,26 +147,26 @@ def test_use_mesh_sets_and_restores_jax_mesh_context():
 def test_abstract_params_stay_mesh_free_when_first_built_under_a_mesh():
   """nnx.eval_shape attaches the context mesh; the cached graph must not hand that to callers outside it."""
   spec = tiny_spec(n_layers=1)
-  model._graph.cache_clear()
+  transformer._graph.cache_clear()
   with sharding.use_mesh(abstract_mesh()):
-    inside = model.abstract_params(spec)
+    inside = transformer.abstract_params(spec)
   assert all(leaf.sharding is None for leaf in jax.tree.leaves(inside))
-  assert model.abstract_params(spec) == inside
+  assert transformer.abstract_params(spec) == inside
 
 
 EIGHT_DEVICES = textwrap.dedent("""
     import json
     import jax
     import numpy as np
-    from colorjax import losses, model, sharding
-    from configs import base
+    from colorjax import config, sharding
+    from colorjax.model import losses, transformer
 
-    m = base.model_config("tiny")
+    m = config.model_config("tiny")
     m.vocab_size, m.compute_dtype, m.max_seq_len = 512, "float32", 64
-    spec = model.ModelSpec.from_config(m)
+    spec = transformer.ModelSpec.from_config(m)
     mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-    param_sh = sharding.tree_shardings(model.abstract_params(spec), model.param_axes(spec), mesh)
-    params = jax.jit(lambda k: model.init_params(spec, k), out_shardings=param_sh)(jax.random.key(0))
+    param_sh = sharding.tree_shardings(transformer.abstract_params(spec), transformer.param_axes(spec), mesh)
+    params = jax.jit(lambda k: transformer.init_params(spec, k), out_shardings=param_sh)(jax.random.key(0))
     tokens = np.random.default_rng(0).integers(0, 512, size=(8, 32), dtype=np.int32)
     tokens = jax.device_put(tokens, sharding.batch_sharding(mesh))
     nll = lambda p, t: losses.sequence_nll(spec, p, t, None)

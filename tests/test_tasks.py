@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from colorjax import tasks
+from colorjax.data import tasks
 
 SPLIT_SIZES = {
     ("piqa", "train"): 16113,

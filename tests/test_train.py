@@ -14,13 +14,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from colorjax import artifacts
-from colorjax import checkpoint
-from colorjax import data
 from colorjax import errors
-from colorjax import metrics
-from colorjax import model
 from colorjax import train
+from colorjax.artifacts import lineage
+from colorjax.data import stores
+from colorjax.model import transformer
+from colorjax.training import checkpoint
+from colorjax.training import metrics
 from conftest import REPO, jsonl_scalars, make_config, run_cli, tiny_train_overrides
 
 
@@ -69,7 +69,7 @@ def test_pretrain_learns_writes_metrics_and_exports(synthetic_store, tmp_path, f
   assert {"train/loss", "train/z_loss", "train/lr", "train/grad_norm", "train/tokens_per_s",
           "eval/synthetic_loss"} <= set(run.by_step()[40]) and "train/mfu" not in run.by_step()[40]  # None on CPU
   assert (run.kwargs["project"], run.kwargs["dir"], run.kwargs["job_type"]) == ("colorjax-test", str(workdir),
-                                                                                  "pretrain")
+                                                                                "pretrain")
   assert run.kwargs["config"]["train"]["max_steps"] == 40
   records = metrics.read_metrics(workdir)
   losses = train_losses(workdir)
@@ -78,29 +78,29 @@ def test_pretrain_learns_writes_metrics_and_exports(synthetic_store, tmp_path, f
   evals = [r["eval/synthetic_loss"] for r in records if r.get("event") == "eval"]
   assert len(evals) == 3 and evals[-1] < evals[0] - 1.5
   start = records[0]
-  assert start["params_total"] == model.param_counts(model.ModelSpec.from_config(cfg.model))["total"]
+  assert start["params_total"] == transformer.param_counts(transformer.ModelSpec.from_config(cfg.model))["total"]
   for key in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", "tokens_seen"):
     assert key in records[-2]
   manifest = checkpoint.read_params_manifest(export)
   assert manifest["steps"] == 40 and manifest["tokens"] == 40 * 16 * 64
-  assert manifest["train_store"]["id"] == data.TokenStore(synthetic_store).id
+  assert manifest["train_store"]["id"] == stores.TokenStore(synthetic_store).id
   assert manifest["model"]["d_model"] == cfg.model.d_model
   assert json.loads((workdir / "config.json").read_text())["train"]["max_steps"] == 40
-  params, _ = checkpoint.load_params(export, model.ModelSpec.from_config(cfg.model))
+  params, _ = checkpoint.load_params(export, transformer.ModelSpec.from_config(cfg.model))
   assert params["embed"].shape == (512, cfg.model.d_model)
 
-  with pytest.raises(data.DataError, match="holds this finished run already"):
+  with pytest.raises(errors.DataError, match="holds this finished run already"):
     train.run(cfg)
-  assert manifest["id"] == artifacts.content_id(manifest["request"])  # known before training: lineage by content
+  assert manifest["id"] == lineage.content_id(manifest["request"])  # known before training: lineage by content
   changed = make_config("pretrain", "demo", **tiny_train_overrides(
       synthetic_store, workdir, train__max_steps=40, train__eval_every=20, data__eval_stores=(eval_set,),
       train__eval_batches=2, train__checkpoint_every=20, train__resume=True, train__lr=0.5))
-  with pytest.raises(data.DataError, match=r"holds a finished run made from other inputs or settings \(differs in: "
+  with pytest.raises(errors.DataError, match=r"holds a finished run made from other inputs or settings \(differs in: "
                      r"train.lr\)"):
     train.run(changed)
   wrong = make_config("pretrain", "tiny", **tiny_train_overrides(synthetic_store, tmp_path / "other"))
-  with pytest.raises(data.DataError, match="d_model: saved"):
-    checkpoint.load_params(export, model.ModelSpec.from_config(wrong.model))
+  with pytest.raises(errors.DataError, match="d_model: saved"):
+    checkpoint.load_params(export, transformer.ModelSpec.from_config(wrong.model))
 
 
 def test_gradient_accumulation_equals_the_full_batch(synthetic_store, tmp_path):
@@ -169,7 +169,7 @@ def test_killed_run_resumes_with_identical_losses(synthetic_store, tmp_path):
 
 
 def test_a_kill_during_the_eval_at_a_checkpoint_step_is_evaluated_again_on_resume(synthetic_store, tmp_path,
-                                                                                   monkeypatch):
+                                                                                  monkeypatch):
   """The eval at step 4 follows the checkpoint at 4; a run killed during it resumes at 4 and evaluates there again,
   so metrics.jsonl ends as the uninterrupted run's: one eval record per eval step, same values."""
   common = dict(train__max_steps=8, train__checkpoint_every=4, train__eval_every=4, train__eval_batches=1,
@@ -235,9 +235,9 @@ def test_cli_rejects_config_typos():
 
 def test_shardings_follow_logical_rules():
   from colorjax import sharding
-  spec = model.ModelSpec.from_config(make_config("pretrain", "tiny").model)
+  spec = transformer.ModelSpec.from_config(make_config("pretrain", "tiny").model)
   mesh = jax.sharding.AbstractMesh((1, 4, 2), sharding.MESH_AXES)
-  axes = model.param_axes(spec)
+  axes = transformer.param_axes(spec)
   assert sharding.fit_spec(sharding.logical_to_spec(axes["embed"]), (50304, 128), mesh) == jax.P("tensor", "fsdp")
   qkv = axes["block_0"]["attn"]["qkv"]["kernel"]
   assert sharding.fit_spec(sharding.logical_to_spec(qkv), (128, 384), mesh) == jax.P("fsdp", "tensor")
@@ -265,15 +265,15 @@ def test_a_run_that_fails_before_its_first_step_leaves_nothing(synthetic_store, 
   """Issue 8.7: failed checks (mismatched prior, a truncated store) leave no run folder to delete by hand."""
   prior, _ = synthetic_prior
   wrong = make_config("finetune", "books,tiny", **tiny_train_overrides(synthetic_store, tmp_path / "cond",
-                                                                      train__init_from=str(prior)))
-  with pytest.raises(data.DataError, match="do not fit the configured model"):
+                                                                       train__init_from=str(prior)))
+  with pytest.raises(errors.DataError, match="do not fit the configured model"):
     train.run(wrong)
   assert not (tmp_path / "cond").exists()
   broken = tmp_path / "broken"
   shutil.copytree(synthetic_store, broken)
-  array = broken / data.TokenStore(broken).files[0]["array"]
+  array = broken / stores.TokenStore(broken).files[0]["array"]
   array.write_bytes(array.read_bytes()[:1000])
-  with pytest.raises(data.DataError, match="not a readable .npy file|holds"):
+  with pytest.raises(errors.DataError, match="not a readable .npy file|holds"):
     train.run(make_config("pretrain", "demo", **tiny_train_overrides(broken, tmp_path / "run", train__max_steps=3)))
   assert not (tmp_path / "run").exists()
 
@@ -307,7 +307,7 @@ def test_sigterm_checkpoints_the_step_and_the_resumed_run_is_identical(synthetic
   """Issue 12.3: SIGTERM saves a checkpoint at the next step boundary and exits 143 with a resume hint; resuming
   (past an unfinished checkpoint, which is never picked) reproduces the uninterrupted run's losses and params. The
   uninterrupted run checkpoints on train.checkpoint_minutes' timer, on a clock that ticks a minute per reading."""
-  from colorjax import preemption
+  from colorjax.training import preemption
   common = dict(train__max_steps=64, train__checkpoint_every=0)
   reference = tmp_path / "reference"
   handler = signal.getsignal(signal.SIGTERM)
@@ -338,7 +338,8 @@ def test_sigterm_checkpoints_the_step_and_the_resumed_run_is_identical(synthetic
   ref, got = train_losses(reference), train_losses(stopped)
   assert sorted(got) == list(range(1, 65))
   np.testing.assert_allclose([got[s] for s in range(1, 65)], [ref[s] for s in range(1, 65)], rtol=1e-6)
-  spec = model.ModelSpec.from_config(make_config("pretrain", "demo", **tiny_train_overrides(synthetic_store, "")).model)
+  cfg = make_config("pretrain", "demo", **tiny_train_overrides(synthetic_store, ""))
+  spec = transformer.ModelSpec.from_config(cfg.model)
   want, _ = checkpoint.load_params(reference / "params", spec)
   have, _ = checkpoint.load_params(stopped / "params", spec)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7),
@@ -373,7 +374,7 @@ def test_a_sigterm_to_one_host_stops_every_host_at_the_same_step(synthetic_store
 def test_hosts_without_jax_preemption_service_agree_every_few_checks(monkeypatch):
   """The fallback (jax_enable_preemption_service off): each host's SIGTERM flag and process 0's timer travel in an
   all-gather every AGREE_EVERY checks, so every host stops, or saves, after the same step. Here: host 0 of two."""
-  from colorjax import preemption
+  from colorjax.training import preemption
   host1 = {"due": 1, "sigterm": 0}
   gathers = []
 

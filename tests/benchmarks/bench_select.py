@@ -18,15 +18,15 @@ import numpy as np
 REPO = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from colorjax import artifacts
 from colorjax import score as score_lib  # noqa: E402
+from colorjax.artifacts import formats
 
 
 def make_scores(folder: pathlib.Path, n: int, block: int = 1 << 22) -> None:
   if (folder / "manifest.json").exists() and score_lib.Scores(folder).num_sequences == n:
     return
   chunk = 1 << 20
-  manifest = {"format": artifacts.SCORES.format, "num_sequences": n, "columns": ["prior", "conditional_0"],
+  manifest = {"format": formats.SCORES.format, "num_sequences": n, "columns": ["prior", "conditional_0"],
               "models": [{"name": "prior"}, {"name": "conditional_0"}], "chunk_rows": chunk, "batch_size": 0,
               "store": {"path": "", "id": "benchmark", "seq_len": 512}}
   score_lib._open_output(folder, manifest, -(-n // chunk))  # pylint: disable=protected-access
@@ -45,9 +45,9 @@ def make_scores(folder: pathlib.Path, n: int, block: int = 1 << 22) -> None:
 CHILD = """
 import json, resource, sys, time
 sys.path.insert(0, {repo!r})
-from colorjax import score as score_lib, select as select_lib
+from colorjax import methods, score as score_lib, select as select_lib
 scores = score_lib.Scores({folder!r})
-stream = select_lib.ScoreStream(scores, "color", "conditional_0", {block})
+stream = select_lib.ScoreStream(scores, methods.HEADLINE, "conditional_0", {block})
 baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # interpreter + jax/tensorstore imports
 start = time.time()
 ids, threshold = select_lib.top_k(stream, {k})

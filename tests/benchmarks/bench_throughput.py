@@ -26,9 +26,12 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
-from colorjax import data, metrics, model, score, sharding, train  # noqa: E402
-from colorjax import train_plan
-from configs import base  # noqa: E402
+from colorjax import config  # noqa: E402
+from colorjax import score, sharding, train
+from colorjax.data import stores
+from colorjax.model import transformer  # noqa: E402
+from colorjax.training import metrics
+from colorjax.training import step_plan
 import trace_summary  # noqa: E402  (beside this file)
 import variants  # noqa: E402  (beside this file)
 
@@ -77,7 +80,7 @@ def main():
   parser.add_argument("--loss-chunk", type=int, default=128, help="train head chunk (positions)")
   parser.add_argument("--score-chunk", type=int, default=64, help="score head chunk (positions)")
   parser.add_argument("--score-models", type=int, default=2, help="models scored in one vmapped pass")
-  parser.add_argument("--precision", default="original", choices=model.PRECISIONS)
+  parser.add_argument("--precision", default="original", choices=transformer.PRECISIONS)
   parser.add_argument("--attention", default="auto")
   parser.add_argument("--remat", action="store_true")
   parser.add_argument("--what", default="both", choices=("train", "score", "both"))
@@ -85,32 +88,33 @@ def main():
   parser.add_argument("--profile", default="", help="folder for a jax.profiler trace of a few steps")
   parser.add_argument("--tag", default="", help="free text copied into every JSON line")
   parser.add_argument("--variants", default="base", help="comma-separated tests/benchmarks/variants.py patches")
-  parser.add_argument("--xla-flags", default=None, help="XLA flags colorjax adds (default: configs/base.py's)")
+  parser.add_argument("--xla-flags", default=None, help="XLA flags colorjax adds (default: colorjax/config.py's)")
   parser.add_argument("--hlo", default="", help="folder for the optimized HLO text of the measured steps")
   args = parser.parse_args()
 
-  cfg = base.get_config()
+  cfg = config.get_config()
   sharding.add_xla_flags(cfg.mesh.xla_flags if args.xla_flags is None else args.xla_flags)
-  cfg.model = base.model_config(args.size)
+  cfg.model = config.model_config(args.size)
   cfg.model.attention = args.attention
   cfg.model.remat = args.remat
   cfg.model.precision = args.precision
   cfg.train.global_batch_size = args.batch
   cfg.train.micro_batch_size = args.micro
   cfg.train.max_steps = 1000
-  spec = model.ModelSpec.from_config(cfg.model)
+  spec = transformer.ModelSpec.from_config(cfg.model)
   mesh = sharding.make_mesh(cfg.mesh)
   peak = metrics.peak_flops()
   common = {"device": jax.devices()[0].device_kind, "devices": jax.device_count(), "jax": jax.__version__,
-            "size": args.size, "precision": args.precision, "seq": args.seq, "attention": model.attention_impl(spec),
+            "size": args.size, "precision": args.precision, "seq": args.seq,
+            "attention": transformer.attention_impl(spec),
             "xla_flags": os.environ.get("XLA_FLAGS", ""), "tag": args.tag}
   mfu = lambda tok_s, flops: round(tok_s * flops / (peak * jax.device_count()), 4) if peak else None
   tokens = np.random.default_rng(0).integers(0, 50000, (args.batch, args.seq), dtype=np.int32) % spec.vocab_size
   if args.store:  # the dtype the real loader delivers, so one compiled step serves both measurements
-    tokens = tokens.astype(data.TokenStore(args.store).dtype)
+    tokens = tokens.astype(stores.TokenStore(args.store).dtype)
 
   with sharding.use_mesh(mesh):
-    params = jax.jit(lambda k: model.init_params(spec, k))(jax.random.key(0))
+    params = jax.jit(lambda k: transformer.init_params(spec, k))(jax.random.key(0))
     for variant in args.variants.split(","):
       with variants.applied(variant):
         tagged = {**common, "variant": variant}
@@ -122,9 +126,9 @@ def main():
 
 def bench_train(args, cfg, spec, mesh, params, tokens, common, mfu):
   dp = sharding.data_parallel_size(mesh)
-  plan = train_plan.step_plan(cfg, None, args.seq, dp)
+  plan = step_plan.step_plan(cfg, None, args.seq, dp)
   tx, schedule = train.make_optimizer(cfg.train, plan.schedule_steps)
-  param_sh = sharding.tree_shardings(model.abstract_params(spec), model.param_axes(spec), mesh)
+  param_sh = sharding.tree_shardings(transformer.abstract_params(spec), transformer.param_axes(spec), mesh)
   init_state = lambda p: {"params": p, "opt_state": tx.init(p), "step": jnp.zeros((), jnp.int32)}
   abstract = jax.eval_shape(init_state, params)
   state_sh = {"params": param_sh, "step": sharding.replicated(mesh),
@@ -142,15 +146,15 @@ def bench_train(args, cfg, spec, mesh, params, tokens, common, mfu):
 
   seconds = timed(train_once, args.steps)
   tok_s = args.batch * args.seq / seconds
-  flops = model.flops_per_token(spec, args.seq, training=True)
+  flops = transformer.flops_per_token(spec, args.seq, training=True)
   emit({"measure": "train", **common, "batch": args.batch, "micro": plan.micro_batch, "loss_chunk": args.loss_chunk,
         "remat": args.remat, "ms_per_step": round(seconds * 1e3, 2), "tokens_per_s": round(tok_s),
         "mfu": mfu(tok_s, flops), "peak_memory_gib": peak_memory_gib(), "compile_s": round(compile_s, 1)})
   if args.store:
-    store = data.TokenStore(args.store)
-    real_plan = train_plan.step_plan(cfg, store.num_sequences, store.seq_len, dp)
+    store = stores.TokenStore(args.store)
+    real_plan = step_plan.step_plan(cfg, store.num_sequences, store.seq_len, dp)
     source = train.BatchSource(store, real_plan, 0, None, batch_sh)
-    prefetch = data.Prefetcher(source, range(args.steps + 1), cfg.data.prefetch)
+    prefetch = stores.Prefetcher(source, range(args.steps + 1), cfg.data.prefetch)
     try:
       it = iter(prefetch)
       jax.block_until_ready(train_once(next(it)[1]))
@@ -172,8 +176,9 @@ def bench_train(args, cfg, spec, mesh, params, tokens, common, mfu):
 
 def bench_score(args, spec, mesh, params, tokens, common, mfu):
   k = args.score_models
-  stacked_abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct((k,) + a.shape, a.dtype), model.abstract_params(spec))
-  stacked_axes = jax.tree.map(lambda a: ("models",) + a, model.param_axes(spec), is_leaf=sharding.is_axes)
+  stacked_abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct((k,) + a.shape, a.dtype),
+                                  transformer.abstract_params(spec))
+  stacked_axes = jax.tree.map(lambda a: ("models",) + a, transformer.param_axes(spec), is_leaf=sharding.is_axes)
   stacked_sh = sharding.tree_shardings(stacked_abstract, stacked_axes, mesh)
   stacked = jax.jit(lambda p: jax.tree.map(lambda x: jnp.stack([x * (1 + 0.01 * i) for i in range(k)]), p),
                     out_shardings=stacked_sh)(params)
@@ -184,7 +189,7 @@ def bench_score(args, spec, mesh, params, tokens, common, mfu):
   save_hlo(args, score_step, f"score-{common['variant']}")
   seconds = timed(lambda: score_step(stacked, pool), args.steps)
   pool_tok_s = pool.shape[0] * args.seq / seconds
-  flops = model.flops_per_token(spec, args.seq, training=False)
+  flops = transformer.flops_per_token(spec, args.seq, training=False)
   emit({"measure": "score_pair" if k == 2 else f"score_{k}_models", **common, "batch": pool.shape[0],
         "score_chunk": args.score_chunk, "ms_per_step": round(seconds * 1e3, 2), "pool_tokens_per_s": round(pool_tok_s),
         "model_tokens_per_s": round(k * pool_tok_s), "mfu": mfu(k * pool_tok_s, flops),

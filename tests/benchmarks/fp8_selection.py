@@ -19,7 +19,10 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
-from colorjax import checkpoint, data, losses, model  # noqa: E402
+from colorjax.data import stores
+from colorjax.model import losses
+from colorjax.model import transformer  # noqa: E402
+from colorjax.training import checkpoint
 import variants  # noqa: E402  (beside this file)
 
 TAUS = (4, 8, 16, 32, 64)
@@ -49,23 +52,23 @@ def main():
   root = pathlib.Path(args.workdir)
   paths = {"prior": args.prior or root / "runs/prior/params",
            "conditional": args.conditional or root / "runs/conditional/params"}
-  store = data.TokenStore(args.store or root / "stores/pool")
+  store = stores.TokenStore(args.store or root / "stores/pool")
   n = min(args.limit or store.num_sequences, store.num_sequences)
   tokens = store.read(np.arange(n))
   pad_id = losses.pad_to_mask(store)
   loaded = {}
   for name, path in paths.items():
-    spec = model.ModelSpec(**checkpoint.read_params_manifest(path)["model_spec"])
+    spec = transformer.ModelSpec(**checkpoint.read_params_manifest(path)["model_spec"])
     loaded[name] = (spec, checkpoint.load_params(path, spec)[0])
 
   def scores(variant: str) -> np.ndarray:
     nll = {}
     for name, (spec, params) in loaded.items():
       if variant == "fp32":
-        spec = model.ModelSpec(**dict(spec.to_dict(), compute_dtype="float32", precision="fp32_residual",
-                                      attention="xla"))
+        spec = transformer.ModelSpec(**dict(spec.to_dict(), compute_dtype="float32", precision="fp32_residual",
+                                            attention="xla"))
       else:
-        spec = model.ModelSpec(**dict(spec.to_dict(), compute_dtype="bfloat16", precision="original"))
+        spec = transformer.ModelSpec(**dict(spec.to_dict(), compute_dtype="bfloat16", precision="original"))
       with variants.applied("base" if variant in ("fp32", "bf16") else variant):
         nll[name] = pool_nll(spec, params, tokens, pad_id, args.batch)
     return losses.color_score(nll["prior"], nll["conditional"])

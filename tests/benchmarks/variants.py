@@ -9,7 +9,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from colorjax import losses, model
+from colorjax.model import losses
+from colorjax.model import transformer
 
 
 @functools.partial(jax.checkpoint, static_argnums=(2,))
@@ -73,10 +74,10 @@ def logits_fp8(h_xd, head_dv, logits_dtype):
 
 
 PATCHES = {
-    "ln_onepass": (model, "layer_norm", ln_onepass),
-    "qk_fp32": (model.Attention, "normed_qk", qk_fp32),
+    "ln_onepass": (transformer, "layer_norm", ln_onepass),
+    "qk_fp32": (transformer.Attention, "normed_qk", qk_fp32),
     "lse_online": (losses, "logsumexp", lse_online),
-    "fp8": (model.Linear, "__call__", linear_fp8),
+    "fp8": (transformer.Linear, "__call__", linear_fp8),
     "fp8_head": (losses, "_logits", logits_fp8),
 }
 ALIASES = {"legacy": "qk_fp32"}  # the code of main 1f6746b

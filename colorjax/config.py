@@ -1,0 +1,236 @@
+"""The config schema: the one config every stage shares; the presets in configs/ override a few fields of it.
+
+Every field has a default and a one-line comment. `main.py` locks the config, so an override that names a field
+that does not exist (a typo) fails before anything runs. It lives in the package (not in configs/) so that library
+code reads the schema without importing the presets, and the presets import nothing but colorjax.
+"""
+import ml_collections
+
+# Model sizes. The 150m and 1.2b rows are the paper's (SPEC §2); tiny is for CPU development and tests.
+MODEL_SIZES = {
+    "demo": dict(d_model=64, n_layers=2, n_heads=2, mlp_hidden=256),
+    "tiny": dict(d_model=128, n_layers=2, n_heads=2, mlp_hidden=512),
+    "150m": dict(d_model=1024, n_layers=12, n_heads=16, mlp_hidden=4096),
+    "1.2b": dict(d_model=2048, n_layers=24, n_heads=32, mlp_hidden=8192),
+}
+
+
+def model_config(size: str = "150m") -> ml_collections.ConfigDict:
+  """OLMo-style decoder hyperparameters (SPEC §2)."""
+  if size not in MODEL_SIZES:
+    raise ValueError(f"unknown model size {size!r}; choose one of {sorted(MODEL_SIZES)}")
+  m = ml_collections.ConfigDict()
+  m.size = size  # name of the size preset these numbers came from (informational)
+  m.d_model = MODEL_SIZES[size]["d_model"]  # residual stream width
+  m.n_layers = MODEL_SIZES[size]["n_layers"]  # number of transformer blocks
+  m.n_heads = MODEL_SIZES[size]["n_heads"]  # attention heads (head dim = d_model / n_heads)
+  m.mlp_hidden = MODEL_SIZES[size]["mlp_hidden"]  # MLP hidden width
+  m.vocab_size = 50304  # embedding rows: the tokenizer's vocab padded to a multiple of 64
+  m.max_seq_len = 512  # longest sequence the model is trained/evaluated on
+  m.rope_theta = 10000.0  # RoPE base
+  m.norm_eps = 1e-5  # LayerNorm epsilon
+  m.compute_dtype = "bfloat16"  # matmul/attention dtype; params, optimizer, norm statistics, softmax, losses fp32
+  m.precision = "original"  # original (bf16 residual stream and logits, as the paper's runs) | fp32_residual
+  m.attention = "auto"  # attention kernel: auto (cudnn on GPU with bf16, else xla) | xla | cudnn
+  m.remat = False  # recompute each block in the backward pass (less memory, ~1/3 more compute)
+  return m
+
+
+def train_config() -> ml_collections.ConfigDict:
+  """Optimizer, schedule, batch and loop settings (SPEC §3); pretrain, finetune and target training share it."""
+  t = ml_collections.ConfigDict()
+  t.global_batch_size = 256  # sequences per optimizer step (all hosts together)
+  t.micro_batch_size = 0  # sequences per forward/backward pass; 0 = whole batch (no accumulation)
+  t.max_steps = 24000  # nominal length, on which the LR schedule is defined (<= 0: one pass over the data)
+  t.lr = 1e-3  # peak learning rate
+  t.warmup_steps = 1000  # linear warmup from min_lr_ratio*lr to lr (the 150M prior and targets; 1.2B: 8000)
+  t.min_lr_ratio = 0.1  # warmup start and cosine floor, as a fraction of lr
+  t.b1 = 0.9  # AdamW beta1
+  t.b2 = 0.95  # AdamW beta2
+  t.eps = 1e-15  # AdamW epsilon
+  t.weight_decay = 0.0  # AdamW decoupled weight decay
+  t.grad_clip = 1.0  # global gradient-norm clip
+  t.z_loss = 1e-4  # weight of mean(logsumexp^2) added to the training loss
+  t.loss_chunk = 128  # output head + loss over this many positions (x all rows) at a time (0 = all at once)
+  t.single_pass = False  # stop when the data (store or index) is used once instead of at max_steps
+  t.anneal_to_data = False  # single pass: define the schedule on the data size, not max_steps
+  t.init_from = ""  # params export to start from (finetune); empty = fresh init
+  t.rho_tau = 0.0  # RHO-down: per step, train on the batch of rho_tau x batch candidates with most reducible loss
+  t.rho_reference = ""  # RHO-down: params export of the fixed reference (target-only model, or the conditional)
+  t.log_every = 10  # steps between console/metrics.jsonl lines
+  t.eval_every = 500  # steps between held-out evals (0 = only at the end)
+  t.eval_batches = 20  # batches of each eval store per eval (0 = the whole store)
+  t.checkpoint_every = 1000  # steps between checkpoints (0 = only at the end)
+  t.checkpoint_minutes = 0.0  # also checkpoint when this many minutes passed since the last save (0 = off)
+  t.keep_checkpoints = 2  # checkpoints kept on disk
+  t.resume = False  # continue the run in workdir from its latest checkpoint
+  t.peak_flops = 0.0  # per-device peak FLOP/s for MFU (0 = look up by device kind)
+  t.tensorboard = False  # mirror train/eval scalars to TensorBoard files in <workdir>/tensorboard (extra: tensorboard)
+  t.wandb_project = ""  # mirror them to this Weights & Biases project ("" = off; extra: wandb; WANDB_MODE applies)
+  return t
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.stage = "pretrain"  # what main runs: one of main.STAGES (prepare, pretrain, score, select, pipeline, ...)
+  c.workdir = ""  # run folder: config, metrics.jsonl, checkpoints and outputs of this stage
+  c.seed = 0  # seeds init and data order; data order depends only on (seed, step)
+  c.dry_run = False  # validate, build everything abstractly, print sizes/FLOPs/memory, exit
+  c.dry_run_devices = 0  # dry run only: pretend the mesh has this many devices (0 = the real ones)
+  c.profile_steps = ""  # "a:b": jax.profiler trace of steps [a, b) of train/score into <workdir>/profile
+
+  c.model = model_config("150m")
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = 1  # pure data-parallel replicas (params replicated across this axis)
+  c.mesh.fsdp = -1  # FSDP shards (params/optimizer sharded, batch split); -1 = all remaining devices
+  c.mesh.tensor = 1  # tensor-parallel shards of heads/MLP/vocab
+  c.mesh.distributed = "auto"  # multi-host init: auto (when the environment names a cluster) | on | off
+  # Added to $XLA_FLAGS (a flag already there wins; "" = none). Triton GEMMs off: cuBLAS was faster on the
+  # 150M/1.2B shapes (H200, jax 0.11.2: train +1.5%, scoring +3.5%; README "Performance").
+  c.mesh.xla_flags = "--xla_gpu_enable_triton_gemm=false"
+
+  c.prepare = ml_collections.ConfigDict()
+  c.prepare.inputs = ()  # text files or globs (jsonl, jsonl.gz, txt, txt.gz); order kept, each glob sorted
+  c.prepare.output = ""  # token store folder to write (must not exist yet, unless resuming a partial one)
+  c.prepare.tokenizer = ""  # path to a tokenizer.json, or a name `tokenizers` can fetch when online
+  c.prepare.eos_id = -1  # end-of-document token id (-1 = the tokenizer's <|endoftext|>, </s> or <eos>)
+  c.prepare.pad_id = -1  # padding token id (-1 = the tokenizer's <|padding|>, <pad> or [PAD])
+  c.prepare.seq_len = 512  # tokens per stored sequence
+  c.prepare.text_field = "text"  # JSON field holding a document's text
+  c.prepare.source_field = "source"  # JSON field naming a document's source (optional; else the file stem)
+  c.prepare.workers = 0  # tokenizer worker processes (0 = one per CPU core, at most one per file)
+  c.prepare.docs_per_chunk = 512  # documents per encode_batch call
+
+  c.data = ml_collections.ConfigDict()
+  c.data.train_store = ""  # token store to train on
+  c.data.index = ""  # optional .npy of global sequence ids to train on (a selection); empty = whole store
+  c.data.eval_stores = ()  # held-out LM-loss sets as "name=path" token stores
+  c.data.prefetch = 4  # batches the background loader keeps ready
+
+  c.sft = ml_collections.ConfigDict()
+  c.sft.tasks = ()  # finetune on these tasks' rows (context + gold continuation); empty = data.train_store
+  c.sft.data_dir = ""  # folder of <task>/<split>.jsonl(.gz) files; empty = HuggingFace datasets (online)
+  c.sft.train_split = "train"  # split rendered into training rows
+  c.sft.limit = 0  # documents per task and split (0 = all)
+  c.sft.eval_split = "validation"  # split rendered into the held-out set "tasks_<split>" ("" = none)
+  c.sft.loss_on_padding = False  # True reproduces the original: loss also on PAD positions of padded SFT rows
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.params = ""  # eval stage: the params export to evaluate (<run>/params)
+  c.eval.tasks = ()  # multiple-choice tasks (eval stage, and in-loop during training when set)
+  c.eval.tasks_dir = ""  # folder of <task>/<split>.jsonl(.gz) files; empty = HuggingFace datasets (online)
+  c.eval.split = ""  # split for every task ("" = each task's eval split of SPEC §4)
+  c.eval.limit = 0  # documents per task (0 = all)
+  c.eval.batch_size = 0  # sequences per held-out eval batch (0 = the train micro-batch)
+  c.eval.shuffle = False  # held-out: a fixed seeded random sample of each store, not its first batches in id order
+  c.eval.batch_tokens = 16384  # tokens per multiple-choice batch (batch = this / bucket length)
+  c.eval.tokenizer = ""  # tokenizer.json for the prompts ("" = the one the params or store carry)
+
+  c.score = ml_collections.ConfigDict()
+  c.score.store = ""  # the pool token store to score
+  c.score.prior = ""  # params export of the prior model
+  c.score.conditionals = ()  # params exports of one or more conditional models (same architecture as the prior)
+  c.score.batch_size = 256  # sequences per scoring step (all hosts together)
+  c.score.loss_chunk = 64  # head + log-softmax over this many positions at a time (bounds logits memory)
+  c.score.tokens_per_s_per_device = 464_000.0  # dry-run time estimate: pool tok/s per device (150M x2, one H200)
+  c.score.chunk_rows = 0  # rows per output chunk, the unit of writing and resuming (0 = about 65,536)
+  c.score.shard = ""  # "i/n": score only the i-th of n row ranges (independent jobs, one shared output)
+  c.score.verify = False  # re-read every chunk marked done and re-score the unreadable or NaN ones (a disk fault)
+
+  c.select = ml_collections.ConfigDict()
+  c.select.scores = ""  # score folder written by the score stage
+  c.select.method = "color"  # color (NLL_prior - NLL_cond) | conditional_only (-NLL_cond) | random
+  c.select.conditional = "conditional_0"  # which conditional column of the scores to use
+  c.select.tau = 16.0  # keep the top floor(N / tau) sequences
+  c.select.tokens = 0  # instead of tau: keep floor(tokens / seq_len) sequences (0 = use tau)
+  c.select.block_rows = 1 << 20  # rows per streamed block (memory is O(block_rows), not O(N))
+
+  c.export = ml_collections.ConfigDict()
+  c.export.selection = ""  # selection folder (select stage output) whose sequences to write out as text
+  c.export.max_rows = 0  # write at most this many sequences (0 = all), in id order
+
+  c.olmo = ml_collections.ConfigDict()
+  c.olmo.mode = "import"  # import (OLMo checkpoint -> params export) | export (params export -> OLMo checkpoint)
+  c.olmo.weights = ""  # import: an OLMo checkpoint's model.safetensors or model.pt, or the folder holding it
+  c.olmo.config = ""  # import: that checkpoint's config.yaml ("" = the one beside the weights)
+  c.olmo.tokenizer = ""  # import: its tokenizer.json ("" = the shared GPT-NeoX pii-special if config.yaml names it)
+  c.olmo.params = ""  # export: the params export to write in OLMo's format (<run>/params)
+
+  c.dolma = ml_collections.ConfigDict()
+  c.dolma.action = "adopt"  # adopt | import_scores | import_selection | export_selection; output goes to workdir
+  c.dolma.paths = ()  # adopt: token files, globs or folders (globs and folders: *.npy sorted), in global-id order
+  c.dolma.paths_from = ""  # adopt: an original run's config.yaml; its data.paths are the files (original order)
+  c.dolma.root = ""  # adopt: folder that relative paths are taken from when not found as given (paths_from's run)
+  c.dolma.dtype = ""  # adopt: token dtype of the files, uint16 | uint32 ("" = paths_from's data.memmap_dtype)
+  c.dolma.seq_len = 0  # adopt: tokens per sequence, the original's chunk_size (0 = model.max_sequence_length)
+  c.dolma.tokenizer = ""  # adopt: the tokenizer.json the tokens were made with (the original's gpt-neox-20b one)
+  c.dolma.eos_id = -1  # adopt: end-of-document id (-1 = paths_from's model.eos_token_id, else the tokenizer's)
+  c.dolma.pad_id = -1  # adopt: padding id (-1 = paths_from's model.pad_token_id, else the tokenizer's)
+  c.dolma.labels = ()  # adopt: a source name per file (names may repeat); empty = each file's stem
+  c.dolma.store = ""  # import_scores / import_selection: the adopted store the original scored / selected
+  c.dolma.prior = ""  # import_scores: the prior's score folders joined by "+" (as the original's extra_data_paths)
+  c.dolma.conditionals = ()  # import_scores: per conditional model, its score folders joined by "+"
+  c.dolma.models = ()  # import_scores: params exports (or ids) of prior + conditionals; empty = ids of the scores
+  c.dolma.rows = 0  # import_scores: rows each full scoring shard wrote (steps x batch); 0 = decide from the files
+  c.dolma.selection = ""  # import_selection: selected_indices.npy; export_selection: a colorjax selection folder
+  c.dolma.formats = ("tokens", "parquet")  # export_selection: dolma/OLMo token files and/or Parquet
+  c.dolma.max_tokens_per_file = 1 << 30  # export_selection: tokens per token file at most (whole sequences)
+  c.dolma.rows_per_file = 100_000  # export_selection: sequences per Parquet file at most
+
+  c.dsir = ml_collections.ConfigDict()
+  c.dsir.store = ""  # pool token store to resample from
+  c.dsir.target = ""  # target token store whose n-gram distribution the selection should match (same tokenizer)
+  c.dsir.buckets = 10000  # hash buckets of the n-gram features (the paper's 10,000)
+  c.dsir.ngram = 2  # hash token n-grams of orders 1..ngram (2 = unigrams + bigrams, as the paper)
+  c.dsir.smoothing = 1e-8  # added to each bucket probability before the log (the data-selection package's)
+  c.dsir.tau = 16.0  # keep floor(N / tau) sequences
+  c.dsir.tokens = 0  # instead of tau: keep floor(tokens / seq_len) sequences (0 = use tau)
+  c.dsir.seed = -1  # seed of the Gumbel noise and the raw sample (-1 = the top-level seed)
+  c.dsir.raw_tokens = 0  # fit the raw (pool) model on a uniform sample of about this many tokens (0 = whole pool)
+  c.dsir.block_rows = 1 << 13  # pool rows hashed per block (memory ~ block_rows x seq_len x 50 bytes)
+
+  c.train = train_config()
+  return c
+
+
+def stage_config(cfg, stage: str, **sections) -> ml_collections.ConfigDict:
+  """A single-stage config derived from the pipeline's: shared sections copied, then the given ones."""
+  out = get_config()
+  out.stage = stage
+  out.seed = cfg.seed
+  out.dry_run_devices = cfg.dry_run_devices
+  out.profile_steps = cfg.profile_steps
+  for name in ("mesh", "data", "eval", "sft", "score", "select", "dsir", "prepare"):
+    out[name] = ml_collections.ConfigDict(cfg[name].to_dict())
+  for name, value in sections.items():
+    out[name] = ml_collections.ConfigDict(value.to_dict()) if isinstance(value, ml_collections.ConfigDict) else value
+  return out
+
+
+def pretrain_config(size: str = "150m") -> ml_collections.ConfigDict:
+  """The pretrain stage at a model size: the paper's eval and micro-batch settings at 150m/1.2b, a short CPU run at
+  tiny/demo. configs/pretrain.py and configs/target.py start from it."""
+  c = get_config()
+  c.stage = "pretrain"
+  c.model = model_config(size)
+  if size in ("tiny", "demo"):
+    c.model.max_seq_len = 512
+    c.train.global_batch_size = 16
+    c.train.max_steps = 300
+    c.train.warmup_steps = 30
+    c.train.log_every = 10
+    c.train.eval_every = 100
+    c.train.eval_batches = 4
+    c.train.checkpoint_every = 100
+  if size in ("150m", "1.2b"):  # the paper's models: held-out loss on 100 x 64 shuffled sequences (SPEC §3)
+    c.train.eval_batches = 100
+    c.eval.batch_size = 64
+    c.eval.shuffle = True
+  if size == "150m":
+    c.train.micro_batch_size = 64  # 4 accumulation steps: fits one 80 GB GPU (see the dry run's memory estimate)
+  if size == "1.2b":
+    c.train.max_steps = 192000  # the paper's 1.2B schedule (SPEC §1); prior/aux models use 150m
+    c.train.warmup_steps = 8000
+    c.train.micro_batch_size = 16
+  return c

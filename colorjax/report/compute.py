@@ -1,0 +1,112 @@
+"""Compute accounting of a pipeline's methods, as the paper compares them: what each selection method spends to
+reach its held-out loss, in FLOPs from colorjax's own counters (SPEC §5: 6N + 12LdT per trained token, 2N + 4LdT per
+scored token).
+
+Per target run: its training, plus RHO-down's scoring forwards of every candidate; plus the work its method needs
+before training — CoLoR: prior, conditional and scoring the pool with both; conditional-only: prior, conditional and
+one scoring pass; RHO-down + prior: prior and conditional; RHO-down: its target-only reference; random and DSIR:
+nothing (DSIR's n-gram counting is not counted in FLOPs).
+"""
+import json
+import pathlib
+
+from colorjax import methods
+from colorjax.artifacts import formats
+from colorjax.model import transformer
+
+
+
+def _manifest(path: pathlib.Path | None, sub: str = "") -> dict:
+  """The manifest in `path`, else in its `sub` folder (a run folder's params/); {} when absent."""
+  for folder in ((path, path / sub) if path is not None else ()):
+    if (folder / formats.MANIFEST).is_file():
+      return json.loads((folder / formats.MANIFEST).read_text())
+  return {}
+
+
+def run_flops(manifest: dict) -> dict:
+  """A run's training and selection FLOPs: recorded by the run, else counted from its architecture and tokens."""
+  if manifest.get("compute"):
+    return dict(manifest["compute"])
+  if not manifest.get("model_spec") or not manifest.get("tokens"):
+    return {"train_flops": None, "selection_forward_flops": 0.0}
+  spec = transformer.ModelSpec(**manifest["model_spec"])
+  seq = manifest.get("config", {}).get("model", {}).get("max_seq_len", spec.max_seq_len)
+  return {"train_flops": float(transformer.flops_per_token(spec, seq, training=True)) * manifest["tokens"],
+          "selection_forward_flops": 0.0}
+
+
+def shared_costs(pipeline_record: dict, at) -> dict:
+  """FLOPs of the pipeline's shared steps (None when a step's artifact is missing)."""
+  trained = lambda key: run_flops(_manifest(at(pipeline_record.get(key)), "params"))["train_flops"]
+  costs = {"prior": trained("prior"), "conditional": trained("conditional"), "reference": trained("reference")}
+  scores, prior = _manifest(at(pipeline_record.get("scores"))), _manifest(at(pipeline_record.get("prior")), "params")
+  if scores and prior.get("model_spec"):
+    spec = transformer.ModelSpec(**prior["model_spec"])
+    seq = scores["store"]["seq_len"]
+    per_model = float(transformer.flops_per_token(spec, seq, training=False)) * scores["num_sequences"] * seq
+    costs["scoring"], costs["scoring_one"] = per_model * len(scores["models"]), per_model
+  else:
+    costs["scoring"] = costs["scoring_one"] = None
+  return costs
+
+
+def account(rows: list[dict], pipeline_record: dict, at) -> dict:
+  """Adds "compute" ({"train", "selection_forward", "shared", "total"}) to every run row; returns the shared costs."""
+  costs = shared_costs(pipeline_record, at)
+  workdirs = {r["name"]: r.get("workdir") for r in pipeline_record.get("runs", [])}
+  for r in rows:
+    own = run_flops(_manifest(at(workdirs.get(r["name"])), "params"))
+    method = methods.REGISTRY.get(r["method"])
+    needed = [costs.get(step) for step in (method.shared_work if method is not None else ())]
+    shared = None if any(c is None for c in needed) else float(sum(needed))
+    parts = (own["train_flops"], own.get("selection_forward_flops") or 0.0, shared)
+    r["compute"] = {"train": parts[0], "selection_forward": parts[1], "shared": shared,
+                    "total": None if None in parts else float(sum(parts))}
+  return costs
+
+
+def markdown(rows: list[dict], costs: dict) -> list[str]:
+  """The report's compute table: every comparison run's held-out loss against what its method spent."""
+  compared = [r for r in rows if r["role"] == "compare" and r.get("compute")]
+  if not compared:
+    return []
+  e = lambda x: "-" if x is None else f"{x:.3e}"
+  steps = ", ".join(f"{k} {e(v)}" for k, v in costs.items() if k != "scoring_one")
+  lines = ["## Compute", "", "FLOPs each method spent to reach its held-out loss (SPEC §5 counts). Shared: the prior, "
+           "conditional and scoring a method needs (CoLoR: all three; conditional-only: one scoring pass; RHO-down + "
+           f"prior: prior and conditional; RHO-down: its reference; random and DSIR: none). Shared steps: {steps}.",
+           "", "| run | method | τ | loss | training | selection forwards | shared | total |",
+           "|---|---|---|---|---|---|---|---|"]
+  for r in compared:
+    c = r["compute"]
+    loss = "-" if r["target_loss"] is None else f"{r['target_loss']:.4f}"
+    lines.append(f"| {r['name']} | {r['method']} | {r['tau']:g} | {loss} | {e(c['train'])} | "
+                 f"{e(c['selection_forward'])} | {e(c['shared'])} | {e(c['total'])} |")
+  return lines + [""]
+
+
+def plot(rows: list[dict], folder: pathlib.Path) -> list[str]:
+  """Held-out loss against total compute, one marker per comparison run (log compute axis)."""
+  points = [r for r in rows if r["role"] == "compare" and r.get("compute", {}).get("total") and r["target_loss"]]
+  if not points:
+    return []
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  folder.mkdir(parents=True, exist_ok=True)
+  fig, ax = plt.subplots(figsize=(7, 5))
+  for method in sorted({r["method"] for r in points}):
+    mine = [r for r in points if r["method"] == method]
+    ax.scatter([r["compute"]["total"] for r in mine], [r["target_loss"] for r in mine], label=method)
+    for r in mine:
+      ax.annotate(f"τ={r['tau']:g}", (r["compute"]["total"], r["target_loss"]), fontsize=7)
+  ax.set_xscale("log")
+  ax.set_xlabel("total compute (FLOPs)")
+  ax.set_ylabel("held-out target loss")
+  ax.set_title("Target loss against the compute each method spent")
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(folder / "loss_vs_compute.png", dpi=120)
+  plt.close(fig)
+  return ["plots/loss_vs_compute.png"]

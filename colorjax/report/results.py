@@ -1,0 +1,264 @@
+"""The `report` stage: report.md + report.json + plots for a pipeline work directory. This module reads the work
+directory and computes the result (report.json); setup.py describes the setup (data, models, target_loss),
+markdown.py renders the result as report.md and plots.py draws the plots.
+
+Reads `pipeline.json` (the runs; its paths are relative to the work directory, absolute in older ones), each run's
+metrics.jsonl and params manifest, data/split.json, the token stores', selections' and prior/conditional manifests
+and the scores. Everything but pipeline.json may be missing (older or partial work directories): the report then
+leaves that part out. report.json:
+  {"preset", "target",
+   "setup": {"target", "pool", "stores", "models", "target_loss", "data_efficiency_method"},
+   "runs": [{"name", "method", "tau", "seed", "role", "train_tokens", "finished", "target_loss", "loss_name",
+             "tasks": {task: acc}, "tasks_mean", "curve": [[tokens, loss], ...], "schedule"}],
+   "summary": [{"method", "tau", "seeds", "train_tokens", "compute_mean", "target_loss_mean", "target_loss_std",
+                "tasks_mean"}],
+   "compute": {shared step: FLOPs} (each run also gets "compute": {"train", "selection_forward", "shared", "total"}),
+   "data_efficiency": {"tau<τ>": {"color_tokens", "color_loss", "random_points", "random_tokens_to_match", "ratio",
+                                  "bound", "curve_tokens_to_match", "curve_ratio", "curve_lower_bound"}},
+   "selections": {...}, "examples": {...}, "plots": [...]}
+"""
+import json
+import math
+import pathlib
+
+import numpy as np
+
+from colorjax import errors
+from colorjax import methods
+from colorjax import score as score_lib
+from colorjax import select as select_lib
+from colorjax.artifacts import formats
+from colorjax.data import stores
+from colorjax.data import tokenizer as tokenizer_lib
+from colorjax.model import losses
+from colorjax.report import compute
+from colorjax.report import markdown
+from colorjax.report import plots
+from colorjax.report import setup
+from colorjax.training import metrics
+
+EFFICIENCY_METHOD = (
+    "Every finished random run (the random comparison run at each τ, and the curve run over 1/curve_tau of the "
+    "pool) gives one point (training tokens, final held-out loss), averaged over seeds per budget. The tokens at "
+    "which random reaches CoLoR's mean final loss are interpolated between adjacent budgets with the loss linear in "
+    "log(tokens); ratio = those tokens / CoLoR's tokens. When CoLoR's loss is below every random point the ratio is "
+    "a lower bound (\">\": largest random budget / CoLoR's tokens); when even the smallest random budget does "
+    "better, an upper bound (\"<\": smallest budget / CoLoR's tokens). The secondary figure reads the same off the "
+    "curve runs' learning curve (linear between eval points) while they are still mid-schedule (learning rate not "
+    "annealed), so it understates the ratio.")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Runs
+
+
+def _final_eval(records: list[dict]) -> dict:
+  evals = [r for r in records if r.get("event") == "eval"]
+  return evals[-1] if evals else {}
+
+
+def _loss_key(record: dict) -> str | None:
+  keys = [k for k in record if k.startswith("eval/") and k.endswith("_loss")]
+  for prefix in ("eval/target", "eval/tasks_"):
+    for key in keys:
+      if key.startswith(prefix):
+        return key
+  return keys[0] if keys else None
+
+
+def collect_runs(pipeline_record: dict, root: pathlib.Path) -> list[dict]:
+  rows = []
+  for r in pipeline_record["runs"]:
+    workdir = setup.run_dir(root, r)
+    records = metrics.read_metrics(workdir)
+    final = _final_eval(records)
+    key = _loss_key(final)
+    manifest = setup.load(workdir / "params" / formats.MANIFEST)
+    tasks = {k[len("eval/mc/"):]: v for k, v in final.items() if k.startswith("eval/mc/") and k != "eval/mc/mean"}
+    start = next((x for x in records if x.get("event") == "start"), {})
+    tokens_per_step = (start.get("tokens_planned", 0) / start["total_steps"]) if start.get("total_steps") else 0
+    curve = [[x["step"] * tokens_per_step, x[key]] for x in records if x.get("event") == "eval" and key in x]
+    rows.append({
+        "name": r["name"], "method": r["method"], "tau": r["tau"], "seed": r["seed"], "role": r["role"],
+        "train_tokens": manifest.get("tokens"), "finished": bool(manifest), "target_loss": final.get(key),
+        "loss_name": key[len("eval/"):] if key else None, "tasks": tasks,
+        "tasks_mean": final.get("eval/mc/mean"), "curve": curve, "schedule": manifest.get("schedule"),
+    })
+  return rows
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+  """Mean and sample std (None for one seed: no spread to report) over seeds of each (method, τ) comparison."""
+  groups: dict = {}
+  for r in rows:
+    if r["role"] == "compare" and r["target_loss"] is not None:
+      groups.setdefault((r["method"], r["tau"]), []).append(r)
+  out = []
+  for (method, tau), members in sorted(groups.items(), key=lambda x: (x[0][1], x[0][0])):
+    target_losses = np.array([m["target_loss"] for m in members])
+    means = [m["tasks_mean"] for m in members if m["tasks_mean"] is not None]
+    totals = [m["compute"]["total"] for m in members if (m.get("compute") or {}).get("total") is not None]
+    out.append({"method": method, "tau": tau, "seeds": len(members), "train_tokens": members[0]["train_tokens"],
+                "compute_mean": float(np.mean(totals)) if len(totals) == len(members) else None,
+                "target_loss_mean": float(target_losses.mean()),
+                "target_loss_std": float(target_losses.std(ddof=1)) if len(members) > 1 else None,
+                "tasks_mean": float(np.mean(means)) if means else None})
+  return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data efficiency
+
+
+def tokens_to_reach(curve: list, loss: float):
+  """First token count at which a (tokens, loss) curve reaches `loss` (linear interpolation), or None."""
+  if curve and curve[0][1] <= loss:
+    return curve[0][0]
+  for (t0, l0), (t1, l1) in zip(curve, curve[1:]):
+    if l1 <= loss:
+      return t0 + (t1 - t0) * (l0 - loss) / (l0 - l1)
+  return None
+
+
+def random_points(rows: list[dict]) -> list[list]:
+  """[tokens, final held-out loss] of the finished random runs, averaged over seeds per budget, by tokens."""
+  budgets: dict = {}
+  for r in rows:
+    if r["method"] == methods.BASELINE.name and r["finished"] and r["train_tokens"] and r["target_loss"] is not None:
+      budgets.setdefault(r["train_tokens"], []).append(r["target_loss"])
+  return [[tokens, float(np.mean(seed_losses))] for tokens, seed_losses in sorted(budgets.items())]
+
+
+def random_tokens_to_match(points: list, loss: float) -> tuple:
+  """(tokens, bound): where random's (tokens, loss) points, sorted by tokens, reach `loss`, with the loss linear in
+  log(tokens) between adjacent budgets (finished runs at a few budgets, so log spacing is the natural scale).
+
+  bound None: an interpolated match. "lower": `loss` is below every point, random needs more than its largest
+  budget (returned). "upper": the smallest budget (returned) already does better. (None, None) without points.
+  """
+  if not points:
+    return None, None
+  if points[0][1] <= loss:
+    return points[0][0], ("upper" if points[0][1] < loss else None)
+  for (t0, l0), (t1, l1) in zip(points, points[1:]):
+    if l1 <= loss:
+      frac = (l0 - loss) / (l0 - l1)
+      return math.exp(math.log(t0) + frac * (math.log(t1) - math.log(t0))), None
+  return points[-1][0], "lower"
+
+
+def mean_curve(rows: list[dict]) -> list[list]:
+  """The curve runs' learning curves averaged over seeds (eval points aligned by index)."""
+  curves = [r["curve"] for r in rows if r["role"] == "curve" and len(r["curve"]) > 1]
+  if not curves:
+    return []
+  length = min(len(c) for c in curves)
+  return [[curves[0][i][0], float(np.mean([c[i][1] for c in curves]))] for i in range(length)]
+
+
+def _ratio(tokens, color_tokens):
+  return tokens / color_tokens if tokens is not None and color_tokens else None
+
+
+def data_efficiency(rows: list[dict], summary: list[dict]) -> dict:
+  """Per τ: random tokens to reach CoLoR's final loss over CoLoR's tokens, from finished runs (primary) and from
+  the mid-schedule learning curve (secondary, understates); see EFFICIENCY_METHOD."""
+  points, curve = random_points(rows), mean_curve(rows)
+  if not points and not curve:
+    return {}
+  out = {}
+  for s in summary:
+    if s["method"] != methods.HEADLINE.name:
+      continue
+    tokens, loss = s["train_tokens"], s["target_loss_mean"]
+    match, bound = random_tokens_to_match(points, loss)
+    reach = tokens_to_reach(curve, loss) if curve else None
+    out[f"tau{s['tau']:g}"] = {
+        "color_tokens": tokens, "color_loss": loss, "random_points": points,
+        "random_tokens_to_match": match, "ratio": _ratio(match, tokens), "bound": bound,
+        "curve_tokens_to_match": reach,
+        "curve_ratio": _ratio(reach if reach is not None else curve[-1][0], tokens) if curve else None,
+        "curve_lower_bound": (reach is None) if curve else None,
+    }
+  return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Selections, examples
+
+
+def selection_diagnostics(root: pathlib.Path) -> dict:
+  out = {}
+  for folder in sorted((root / "selections").glob("*")):
+    if (folder / formats.MANIFEST).exists():
+      m = json.loads((folder / formats.MANIFEST).read_text())
+      out[folder.name] = {"method": m["method"], "tau": m["tau"], "k": m["k"], "threshold": m["threshold"],
+                          "sources": m["sources"], "score_stats": m.get("score_stats")}
+  return out
+
+
+class _Negated:
+  def __init__(self, stream):
+    self.stream = stream
+
+  def __iter__(self):
+    for start, values in self.stream:
+      yield start, -values
+
+
+def examples(pipeline_record: dict, root: pathlib.Path, k: int = 3, chars: int = 240) -> dict:
+  """Highest and lowest CoLoR-scored sequences of the pool, decoded ({} when the scores or the pool are gone)."""
+  scores_path = setup.at(root, pipeline_record.get("scores"))
+  pool_path = setup.at(root, (pipeline_record.get("stores") or {}).get("pool"))
+  if not all(p is not None and (p / formats.MANIFEST).is_file() for p in (scores_path, pool_path)):
+    return {}
+  scores = score_lib.Scores(scores_path)
+  store = stores.TokenStore(pool_path)
+  tokenizer = tokenizer_lib.load_tokenizer(str(store.tokenizer_path()))
+  stream = select_lib.ScoreStream(scores, methods.HEADLINE, "conditional_0", 1 << 20)
+  out = {}
+  for name, source in (("top", stream), ("bottom", _Negated(stream))):
+    ids, _ = select_lib.top_k(source, min(k, scores.num_sequences))
+    rows = scores.read_ids(ids)
+    values = losses.color_score(rows[:, scores.column("prior")], rows[:, scores.column("conditional_0")])
+    labels = store.labels() or ["all"]
+    texts = tokenizer.decode_batch([r.tolist() for r in store.read(ids)], skip_special_tokens=False)
+    out[name] = sorted([{"id": int(i), "score": float(value), "source": labels[lab],
+                         "text": " ".join(t.split())[:chars]}
+                        for i, value, lab, t in zip(ids, values, store.label_ids(ids), texts)],
+                       key=lambda e: -e["score"] if name == "top" else e["score"])
+  return out
+
+
+def write(root) -> pathlib.Path:
+  root = pathlib.Path(root).resolve()
+  record_path = root / "pipeline.json"
+  if not record_path.exists():
+    raise errors.DataError(f"{record_path} is missing: {root} is not a pipeline work directory (run the pipeline "
+                           "stage)")
+  pipeline_record = json.loads(record_path.read_text())
+  rows = collect_runs(pipeline_record, root)
+  costs = compute.account(rows, pipeline_record, lambda path: setup.at(root, path))
+  summary = summarize(rows)
+  selections = selection_diagnostics(root)
+  result = {"preset": pipeline_record.get("preset", "?"), "target": pipeline_record.get("target", "text"),
+            "setup": setup.setup(pipeline_record, root, rows, EFFICIENCY_METHOD), "runs": rows, "summary": summary,
+            "data_efficiency": data_efficiency(rows, summary), "compute": costs, "selections": selections,
+            "examples": examples(pipeline_record, root),
+            "plots": plots.draw(rows, selections, root / "plots") + compute.plot(rows, root / "plots")}
+  (root / "report.json").write_text(json.dumps(result, indent=1))
+  (root / "report.md").write_text(markdown.markdown(result))
+  markdown.print_summary(result)
+  return root / "report.md"
+
+
+def run(cfg):
+  if not cfg.workdir:
+    raise errors.ConfigError("set --config.workdir to a pipeline work directory")
+  path = write(cfg.workdir)
+  print(f"report: {path}")
+  return path
+
+
+def describe(cfg):
+  print(f"report (dry run): would read {pathlib.Path(cfg.workdir) / 'pipeline.json'} and write report.md/json")
