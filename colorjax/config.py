@@ -104,7 +104,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict()
   c.data.train_store = ""  # token store to train on
-  c.data.index = ""  # optional .npy of global sequence ids to train on (a selection); empty = whole store
+  c.data.index = ""  # ids to train on: a selection folder or its index.npy (any 1-D .npy of ids); "" = whole store
   c.data.eval_stores = ()  # held-out LM-loss sets as "name=path" token stores
   c.data.prefetch = 4  # batches the background loader keeps ready
 

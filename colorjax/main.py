@@ -6,6 +6,7 @@ to stderr and exits with status 2; anything else is a bug and keeps its tracebac
 preemption) prints how to resume and exits with status 143.
 """
 import difflib
+import errno
 import importlib
 import importlib.util
 import os
@@ -49,6 +50,7 @@ USAGE_EXIT = 2
 # Not 0: that would tell the scheduler, or a `train && score` script, that an unfinished stage succeeded.
 PREEMPTED_EXIT = 128 + 15
 INTERRUPTED_EXIT = 128 + 2
+DISK_FULL_EXIT = 1
 _CONFIG_ARG = re.compile(r"^--?(?:no)?(config(?:\.[^=]+)?)(?:=(.*))?$")
 
 
@@ -136,6 +138,27 @@ def parse_flags(argv):
     _fail("", message)
 
 
+# Errors of the machine, not of colorjax: a path that is a file where a folder must be, a folder one cannot write.
+PATH_ERRNOS = {errno.EEXIST, errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+def _os_error(where: str, e: OSError) -> None:
+  """A path error as one line naming the path and the fix; a full disk as one line saying what a re-run keeps;
+  anything else is a bug and keeps its traceback."""
+  path = object_storage.as_urls(str(e.filename)) if e.filename else "a file"
+  if e.errno in PATH_ERRNOS:
+    _fail(where, f"{path}: {e.strerror}; every output (--config.workdir and the paths a stage writes) must be a "
+                 "folder this user can create and write, and every input a file it can read: fix the path or its "
+                 "permissions")
+  if e.errno == errno.ENOSPC:
+    sys.stderr.write(f"colorjax{' ' + where if where else ''}: error: no space left on the device while writing "
+                     f"{path}. What the stage finished is kept (artifacts with a manifest, checkpoints, scored "
+                     "chunks, prepared parts); a half-written file is redone: free space and re-run the same "
+                     "command to resume\n")
+    sys.exit(DISK_FULL_EXIT)
+  raise e
+
+
 def main(argv):
   where = ""
   try:
@@ -155,18 +178,22 @@ def main(argv):
     sharding.add_xla_flags(cfg.mesh.xla_flags)  # before anything initializes a backend
     sharding.maybe_initialize_distributed(cfg.mesh.distributed)
     stage = importlib.import_module(STAGES[stage_name])
-    object_storage.mirror_config(cfg)
+    if object_storage.mirror_config(cfg):
+      sys.stdout, sys.stderr = object_storage.UrlStream(sys.stdout), object_storage.UrlStream(sys.stderr)
     if cfg.dry_run:
       stage.describe(cfg)
     else:
       stage.run(cfg)
       object_storage.sync()
+      object_storage.clean()
   except errors.ColorjaxError as e:  # every process of a multi-host run prints its own
     _fail(where, e)
   except errors.Preempted as e:
     object_storage.sync()
-    sys.stderr.write(f"colorjax{' ' + where if where else ''}: {e}\n")
+    sys.stderr.write(f"colorjax{' ' + where if where else ''}: {object_storage.as_urls(str(e))}\n")
     sys.exit(128 + e.signum)
+  except OSError as e:
+    _os_error(where, e)
   except KeyboardInterrupt:  # a Ctrl-C outside a stage's step loop (loading, a second Ctrl-C): nothing half-written
     sys.stderr.write(f"colorjax{' ' + where if where else ''}: interrupted; finished artifacts and checkpoints are "
                      "kept, re-run the same command to resume\n")

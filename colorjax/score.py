@@ -240,6 +240,18 @@ def step_schedule(per_host: list, n: int, chunk_rows: int, host_batch: int) -> l
   return schedule
 
 
+def pool_rows_per_step(schedule: list, per_host: list, n: int, chunk_rows: int, host_batch: int) -> np.ndarray:
+  """Pool sequences each step scores, all hosts together: a batch's padding rows (a short last chunk, a host with
+  no chunk left) are not counted, so progress and throughput count the pool."""
+  rows = np.zeros(len(schedule), np.int64)
+  for step, (slot, j, _) in enumerate(schedule):
+    for chunks in per_host:
+      if slot < len(chunks):
+        in_chunk = min(chunk_rows, n - int(chunks[slot]) * chunk_rows)
+        rows[step] += min(host_batch, max(0, in_chunk - j * host_batch))
+  return rows
+
+
 def build_score_step(spec, stacked_sh, batch_sh, out_sh, pad_id, chunk: int):
   """[batch, seq] tokens -> [batch, models] mean NLL, all models in one vmapped pass over the batch."""
 
@@ -357,7 +369,8 @@ def _score(cfg, workdir, store, request, profiler, shard_i, shard_n, peak_flops:
         rows[: ids.size] = store.read(ids)
     return sharding.put_host_rows(rows, batch_sh, (batch, store.seq_len), row_start)
 
-  bar = console.Progress(total=len(schedule) * batch, unit="seq", desc="score")
+  real_rows = pool_rows_per_step(schedule, per_host, n, chunk_rows, host_batch)
+  bar = console.Progress(total=int(real_rows.sum()), unit="seq", desc="score")
   buffer = np.empty((chunk_rows, len(models)), np.float32)
   start = time.time()
   prefetch = stores.Prefetcher(produce, range(len(schedule)), cfg.data.prefetch)
@@ -377,7 +390,7 @@ def _score(cfg, workdir, store, request, profiler, shard_i, shard_n, peak_flops:
     elapsed = max(time.time() - start, 1e-9)
     seq_per_s = bar.count / elapsed
     mfu = f" mfu {seq_per_s * store.seq_len * flops / (peak * jax.device_count()):.1%}" if peak else ""
-    bar.update(batch, extra=f"{console.human(seq_per_s * store.seq_len)} tok/s{mfu}")
+    bar.update(int(real_rows[step]), extra=f"{console.human(seq_per_s * store.seq_len)} tok/s{mfu}")
 
   stopped = None
   try:
@@ -402,7 +415,7 @@ def _score(cfg, workdir, store, request, profiler, shard_i, shard_n, peak_flops:
   console.on_main_then_sync(lambda: None, "score finished")  # every host's chunks are written
   done = out.done()
   if console.is_main():
-    scored = (stopped or len(schedule)) * batch
+    scored = int(real_rows[:stopped].sum()) if stopped is not None else int(real_rows.sum())
     record = {"event": "score", "shard": f"{shard_i}/{shard_n}", "chunks": int(done[todo].sum()), "seconds": seconds,
               "sequences_per_s": scored / max(seconds, 1e-9),
               "tokens_per_s_per_model": scored * store.seq_len / max(seconds, 1e-9),

@@ -172,6 +172,9 @@ def selection_size(cfg, n: int, seq_len: int) -> int:
 def keep_count(n: int, seq_len: int, tau: float, tokens: int, section: str) -> int:
   """floor(N / tau), or the token budget's whole sequences; refuses a count of 0 naming `section`'s field."""
   k = min(n, int(tokens) // seq_len) if tokens else int(n // tau)
+  if tokens and int(tokens) // seq_len > n and console.is_main():
+    print(f"{section}: warning: {section}.tokens={int(tokens):,} is more than the pool's {n:,} sequences "
+          f"({n * seq_len:,} tokens); the selection is the whole pool")
   if k <= 0:
     how = f"{section}.tokens={tokens}" if tokens else f"{section}.tau={tau:g}"
     raise errors.ConfigError(f"{how} keeps 0 of the pool's {n:,} sequences of {seq_len} tokens; lower tau (at most "

@@ -1,4 +1,4 @@
-"""Score a pool with the prior and one or more conditional models (one vmapped pass). Arg: size (tiny|150m|1.2b).
+"""Score a pool with the prior and one or more conditional models (one vmapped pass). Arg: size (demo|tiny|150m|1.2b).
 
   python -m colorjax.main --config configs/score.py:150m --config.score.store=stores/c4 \
       --config.score.prior=runs/prior/params --config.score.conditionals="('runs/cond-books/params',)" \

@@ -270,3 +270,19 @@ def test_load_index_checks_shape_range_and_store(tmp_path, real_store):
   with pytest.raises(errors.DataError, match="does not exist"):
     stores_lib.load_index(tmp_path / "none.npy", store)
   assert os.path.exists(tmp_path / "ok.npy")
+
+
+def test_a_tokenizer_folder_means_its_tokenizer_json(neox_tokenizer_path, tmp_path):
+  """Issue 21.7: a Hugging Face snapshot folder (config.json sorts first) loads tokenizer.json; a folder with two
+  candidate files is refused naming them."""
+  snapshot = tmp_path / "snapshot"
+  snapshot.mkdir()
+  (snapshot / "config.json").write_text(json.dumps({"model_type": "gpt_neox"}))
+  (snapshot / "tokenizer_config.json").write_text("{}")
+  (snapshot / "tokenizer.json").write_bytes(neox_tokenizer_path.read_bytes())
+  assert tokenizer_lib.load_tokenizer(str(snapshot)).get_vocab_size() > 50000
+  (snapshot / "tokenizer.json").rename(snapshot / "neox.json")
+  assert tokenizer_lib.load_tokenizer(str(snapshot)).get_vocab_size() > 50000  # the only candidate
+  (snapshot / "other.json").write_text("{}")
+  with pytest.raises(errors.DataError, match=r"holds neox.json, other.json; pass the tokenizer file's path"):
+    tokenizer_lib.load_tokenizer(str(snapshot))

@@ -70,3 +70,40 @@ def test_installed_package_runs_from_another_directory(tmp_path):
                         text=True, timeout=300)
   assert "ModuleNotFoundError" not in proc.stderr, proc.stderr[-3000:]
   assert_one_error_block(proc, f"colorjax select: error: {tmp_path / 'none'}")
+
+
+def test_malformed_pipeline_lists_are_one_block():
+  """Issue 21.1/21.2: a list setting of the wrong type, a fractional seed, and curve_tau are named as given."""
+  cases = {"--config.pipeline.taus=abc": "pipeline.taus=('abc',): give a tuple of numbers",
+           "--config.pipeline.taus=('a',)": "pipeline.taus=('a',): give a tuple of numbers",
+           "--config.pipeline.seeds=(0.5,)": "pipeline.seeds=(0.5,): give a tuple of integers",
+           "--config.pipeline.seeds=(0, 0.5)": "pipeline.seeds=(0, 0.5): give a tuple of integers",
+           "--config.pipeline.curve_tau=0.5": "pipeline.curve_tau=0.5: keep the top 1/tau of the pool"}
+  for flag, message in cases.items():
+    proc = run_cli(["--config", "configs/pipeline.py:demo", "--config.dry_run=True", flag], check=False)
+    assert_one_error_block(proc, message)
+
+
+def test_an_output_path_that_cannot_be_a_folder_is_one_block(tmp_path):
+  """Issue 21.1: --config.workdir naming a file (or a folder under a file) is one line naming the path."""
+  afile = tmp_path / "afile"
+  afile.write_text("x")
+  for workdir, reason in ((afile, "File exists"), (afile / "sub", "Not a directory")):
+    proc = run_cli(["--config", "configs/pipeline.py:demo", f"--config.workdir={workdir}"], check=False)
+    assert_one_error_block(proc, f"colorjax pipeline: error: {workdir}: {reason}; every output")
+  assert afile.read_text() == "x"
+
+
+def test_read_only_and_full_disks_say_what_to_do(capsys):
+  """Issue 21.1: a read-only folder is a user error (exit 2); a full disk says what is kept and that a re-run
+  resumes (exit 1); any other OSError stays a bug with its traceback."""
+  import errno  # pylint: disable=import-outside-toplevel
+  from colorjax import main  # pylint: disable=import-outside-toplevel
+  for code, exit_code, said in ((errno.EROFS, 2, "Read-only file system; every output"),
+                                (errno.ENOSPC, 1, "no space left on the device while writing /w/x.npy. What the "
+                                                  "stage finished is kept")):
+    with pytest.raises(SystemExit) as stop:
+      main._os_error("score", OSError(code, os.strerror(code), "/w/x.npy"))
+    assert stop.value.code == exit_code and said in capsys.readouterr().err
+  with pytest.raises(OSError):
+    main._os_error("score", OSError(errno.EIO, "Input/output error", "/w/x.npy"))

@@ -227,3 +227,62 @@ def test_gcs_params_go_to_the_bucket_and_patterns_mirror_each_match(gcs_env, in_
   pattern = object_storage.mirror(f"gs://{BUCKET}/texts/*.jsonl")
   assert sorted(p.name for p in pattern.parent.glob(pattern.name)) == ["a.jsonl", "b.jsonl"]
   assert not (pattern.parent / "c.txt").exists()
+
+
+def test_s3_requests_are_signed_for_aws_region(monkeypatch):
+  """Issue 21.6: AWS_REGION alone (the README's variable) decides the region requests are signed for."""
+  import http.server  # pylint: disable=import-outside-toplevel
+  import threading  # pylint: disable=import-outside-toplevel
+  seen = []
+
+  class Recorder(http.server.BaseHTTPRequestHandler):
+    def _answer(self):
+      seen.append(self.headers.get("Authorization", ""))
+      self.send_response(404)
+      self.send_header("Content-Length", "0")
+      self.end_headers()
+
+    do_HEAD = do_GET = _answer
+
+    def log_message(self, *args):
+      pass
+
+  server = http.server.HTTPServer(("127.0.0.1", 0), Recorder)
+  threading.Thread(target=server.serve_forever, daemon=True).start()
+  try:
+    for key in ("AWS_DEFAULT_REGION", "AWS_PROFILE", "AWS_CONFIG_FILE"):
+      monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("AWS_REGION", "eu-west-2")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{server.server_address[1]}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    fs, path = object_storage._fs("s3://region-bucket/some/key")  # pylint: disable=protected-access
+    assert not fs.exists(path)
+  finally:
+    server.shutdown()
+  assert seen and all("/eu-west-2/s3/aws4_request" in header for header in seen), seen
+
+
+def test_messages_name_the_url_and_a_finished_stage_cleans_its_mirrors(s3_env, in_process, tmp_path, capsys,
+                                                                        monkeypatch):
+  """Issue 21.6: what a stage prints names the s3:// path, not the cache; after the final sync the stage's mirrors
+  leave the cache (COLORJAX_KEEP_CACHE=1 keeps them)."""
+  import sys as system  # pylint: disable=import-outside-toplevel
+  in_process(s3_env)
+  url = f"s3://{BUCKET}/messages/run"
+  local = object_storage.mirror(url)
+  stream = object_storage.UrlStream(system.stdout)
+  stream.write(f"wrote {local / 'params'}\n")
+  assert capsys.readouterr().out == f"wrote {url}/params\n"
+  local.mkdir(parents=True, exist_ok=True)
+  (local / "a.bin").write_bytes(b"x" * 1000)
+  object_storage.sync()
+  monkeypatch.setenv("COLORJAX_KEEP_CACHE", "1")
+  assert object_storage.clean() == 0 and (local / "a.bin").exists()
+  monkeypatch.delenv("COLORJAX_KEEP_CACHE")
+  assert object_storage.clean() == 1000 and not local.exists()
+  assert not object_storage.active()
+  fs, path = object_storage._fs(url + "/a.bin")  # pylint: disable=protected-access
+  assert fs.cat_file(path) == b"x" * 1000

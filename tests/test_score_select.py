@@ -3,6 +3,7 @@ import gzip
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -334,3 +335,81 @@ def test_a_score_folder_whose_start_died_before_its_manifest(synthetic_store, tm
   (tmp_path / "s" / "manifest.json").unlink()
   with pytest.raises(errors.DataError, match="nll.zarr exists with another shape or dtype"):
     _fake_scores(tmp_path / "s", store, nll[:-1])
+
+
+def test_a_damaged_score_chunk_is_named_and_rescored_by_verify(synthetic_store, synthetic_prior, conditional,
+                                                               tmp_path, capsys):
+  """Issue 21.1: a chunk file overwritten after it was written: select names it and the fix; `score.verify`
+  re-scores exactly the damaged chunks, to the bytes of the undamaged run (the other chunks are not recomputed)."""
+  prior, _ = synthetic_prior
+  config = lambda **kw: make_config("score", "demo", score__store=str(synthetic_store), score__prior=str(prior),
+                                    score__conditionals=(str(conditional),), workdir=str(tmp_path / "scores"),
+                                    score__batch_size=16, score__chunk_rows=512, model__compute_dtype="float32", **kw)
+  score_lib.run(config())
+  want = read_bits(tmp_path / "scores")
+  chunk_file = tmp_path / "scores" / "nll.zarr" / "1.0"
+  untouched = (tmp_path / "scores" / "nll.zarr" / "0.0").stat().st_mtime_ns
+  chunk_file.write_bytes(np.random.default_rng(0).bytes(chunk_file.stat().st_size))
+  with pytest.raises(errors.DataError, match=r"nll.zarr: rows .* are unreadable .*--config.score.verify=True"):
+    select_lib.run(make_config("select", "color,4", workdir=str(tmp_path / "sel"),
+                               select__scores=str(tmp_path / "scores")))
+  assert not (tmp_path / "sel").exists()
+  capsys.readouterr()
+  score_lib.run(config())  # without verify: the done flags say complete
+  assert "nothing to do" in capsys.readouterr().out
+  score_lib.run(config(score__verify=True))
+  out = capsys.readouterr().out
+  assert "1 of 4 chunks" in out and "damaged (chunks [1])" in out and "3 of 4 chunks already done" in out
+  np.testing.assert_array_equal(read_bits(tmp_path / "scores"), want)
+  assert (tmp_path / "scores" / "nll.zarr" / "0.0").stat().st_mtime_ns == untouched
+  score_lib.run(config(score__verify=True))
+  assert "none damaged" in capsys.readouterr().out
+
+
+def test_scores_in_another_precision_are_another_artifact(synthetic_store, synthetic_prior, conditional, tmp_path):
+  """Issue 21.3: the compute dtype is in the scores' request, so fp32 scores never pass for bf16 ones (nor mix on a
+  resume); the default (bf16) request is the one scores had before the field existed."""
+  prior, _ = synthetic_prior
+  config = lambda dtype: make_config("score", "demo", score__store=str(synthetic_store), score__prior=str(prior),
+                                     score__conditionals=(str(conditional),), workdir=str(tmp_path / "scores"),
+                                     score__batch_size=16, score__chunk_rows=512, model__compute_dtype=dtype)
+  score_lib.run(config("bfloat16"))
+  manifest = json.loads((tmp_path / "scores" / "manifest.json").read_text())
+  assert "numerics" not in manifest["request"] and set(manifest["request"]) == {"store", "models"}
+  with pytest.raises(errors.DataError, match=r"holds scores of another job \(differs in numerics"):
+    score_lib.run(config("float32"))
+
+
+def test_a_token_id_outside_the_vocab_is_caught_when_the_store_is_read(synthetic_store, tmp_path):
+  """Issue 21.7: a store row holding an id >= its vocab would score NaN; reading it names the store and the fix."""
+  broken = tmp_path / "store"
+  shutil.copytree(synthetic_store, broken)
+  store = stores.TokenStore(broken)
+  array = np.load(broken / store.files[0]["array"], mmap_mode="r+")
+  array[3, 5] = store.vocab_size + 7
+  array.flush()
+  store = stores.TokenStore(broken)
+  assert store.read([0, 1, 2]).shape == (3, store.seq_len)
+  with pytest.raises(errors.DataError, match=rf"sequence 3 holds token id {store.vocab_size + 7}, outside its "
+                     r"tokenizer's .* prepare \(or adopt\) the store again"):
+    store.read([0, 3])
+
+
+def test_a_token_budget_larger_than_the_pool_warns(synthetic_store, tmp_path, capsys):
+  store = stores.TokenStore(synthetic_store)
+  _fake_scores(tmp_path / "scores", store, np.ones((store.num_sequences, 2), np.float32))
+  folder = select_lib.run(make_config("select", "color", workdir=str(tmp_path / "all"), select__scores=str(
+      tmp_path / "scores"), select__tokens=10 * store.num_sequences * store.seq_len))
+  assert np.load(folder / "index.npy").size == store.num_sequences
+  assert "warning: select.tokens=" in capsys.readouterr().out
+
+
+def test_progress_counts_pool_rows_not_padding():
+  """Issue 21.7: 282 sequences in chunks of 64, batch 16 per host: the steps add up to 282, not the 288 rows of their batches."""
+  per_host = [np.arange(5)]
+  schedule = score_lib.step_schedule(per_host, 282, 64, 16)
+  rows = score_lib.pool_rows_per_step(schedule, per_host, 282, 64, 16)
+  assert len(schedule) * 16 == 288 and rows.sum() == 282 and rows[-1] == 282 - 256 - 16
+  two_hosts = [np.array([0, 2, 4]), np.array([1, 3])]
+  schedule = score_lib.step_schedule(two_hosts, 282, 64, 16)
+  assert score_lib.pool_rows_per_step(schedule, two_hosts, 282, 64, 16).sum() == 282

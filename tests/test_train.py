@@ -398,3 +398,30 @@ def test_hosts_without_jax_preemption_service_agree_every_few_checks(monkeypatch
   with preemption.Watch(checkpoint_minutes=0) as watch:
     host1.update(sigterm=1)  # the other host got the signal
     assert any(watch.check()[0] for _ in range(every)) and not watch.requested
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_130(synthetic_store, tmp_path):
+  """Issue 21.4: SIGINT (Ctrl-C) is a SIGTERM: a checkpoint at the next step boundary, one line, exit 130."""
+  stopped = tmp_path / "stopped"
+  proc = _popen(cli_args(tiny_train_overrides(synthetic_store, stopped, train__max_steps=64,
+                                              train__checkpoint_every=0)))
+  _wait_for_step(stopped, 3, proc)
+  proc.send_signal(signal.SIGINT)
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == 130, err[-3000:]
+  found = re.search(r"interrupted \(Ctrl-C\) at step (\d+) of 64: checkpoint saved in (\S+);", err)
+  assert found and "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+  step = int(found.group(1))
+  assert _checkpoint_steps(stopped) == [step] and max(train_losses(stopped)) == step
+
+
+def test_a_params_export_missing_its_arrays_is_one_clear_error(synthetic_prior, tmp_path):
+  """Issue 21.1: a params export whose array files are gone is named, with the fix (no tensorstore traceback)."""
+  export, cfg = synthetic_prior
+  damaged = tmp_path / "params"
+  shutil.copytree(export, damaged)
+  for folder in [p for p in (damaged / "params").iterdir() if p.is_dir() and p.name.startswith(("d", "ocdbt"))]:
+    shutil.rmtree(folder)
+  spec = checkpoint.spec_from_manifest(checkpoint.read_params_manifest(damaged), cfg.model)
+  with pytest.raises(errors.DataError, match=r"params export .* is damaged: its arrays .* cannot be read"):
+    checkpoint.load_params(damaged, spec)

@@ -16,6 +16,7 @@ GOOGLE_APPLICATION_CREDENTIALS, STORAGE_EMULATOR_HOST).
 import logging
 import os
 import pathlib
+import shutil
 import time
 
 import numpy as np
@@ -42,8 +43,12 @@ def _fs(url: str):
   """The fsspec filesystem of a URL and the path in it (gcsfs / s3fs: installed with colorjax)."""
   import fsspec  # pylint: disable=import-outside-toplevel
   logging.getLogger("gcsfs").setLevel(logging.ERROR)  # warns on every call without default credentials
+  options = {}
+  region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+  if url.startswith("s3://") and region:  # botocore reads only AWS_DEFAULT_REGION; requests are signed for it
+    options["client_kwargs"] = {"region_name": region}
   try:
-    return fsspec.core.url_to_fs(url)
+    return fsspec.core.url_to_fs(url, **options)
   except ImportError as e:
     raise errors.ConfigError(f"{url}: reading {url.split(':')[0]}:// needs {e.name}; pip install -r "
                              "requirements.txt") from e
@@ -254,6 +259,38 @@ def flush(min_interval_s: float = 60.0) -> int:
 def forget() -> None:
   """Drop the mirrors of this process (tests run several stages in one process)."""
   _mirrors.clear()
+
+
+def clean() -> int:
+  """After a stage's final sync: delete this process's mirrors from the cache (everything in them is in the bucket),
+  unless COLORJAX_KEEP_CACHE=1. Returns the bytes freed. A failed or stopped stage keeps its mirrors (a re-run on this
+  machine resumes from them); `rm -rf $COLORJAX_CACHE` clears the cache by hand."""
+  if os.environ.get("COLORJAX_KEEP_CACHE", "0") == "1":
+    return 0
+  freed = 0
+  for local in list(_mirrors):
+    if local.is_dir():
+      freed += sum(f.stat().st_size for f in local.rglob("*") if f.is_file())
+      shutil.rmtree(local, ignore_errors=True)
+    elif local.is_file():
+      freed += local.stat().st_size
+      local.unlink()
+    del _mirrors[local]
+  return freed
+
+
+class UrlStream:
+  """A text stream that writes mirror paths as the URLs they stand for: every message of a stage that works on
+  object storage names the user's gs:// or s3:// path, never the local cache (which a preempted machine loses)."""
+
+  def __init__(self, stream):
+    self.stream = stream
+
+  def write(self, text: str) -> int:
+    return self.stream.write(as_urls(text))
+
+  def __getattr__(self, name):
+    return getattr(self.stream, name)
 
 
 class RemoteArray:

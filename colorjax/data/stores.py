@@ -123,6 +123,11 @@ class TokenStore:
       local = ids[rows] - self.offsets[i]
       order = np.argsort(local, kind="stable")  # sorted reads are kinder to disks and page cache
       out[rows[order]] = self._array(int(i))[local[order]]
+    if out.size and int(out.max()) >= self.vocab_size:  # a model would embed a clamped id and score NaN or garbage
+      bad = int(ids[np.argmax(out.max(axis=1))])
+      raise errors.DataError(f"token store {self.path}: sequence {bad} holds token id {int(out.max())}, outside its "
+                             f"tokenizer's {self.vocab_size:,} ids; the store's token files are corrupt or not its "
+                             "own: prepare (or adopt) the store again")
     return out
 
   def tokenizer_path(self) -> pathlib.Path:

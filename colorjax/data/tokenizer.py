@@ -11,6 +11,22 @@ from colorjax.artifacts import formats
 TOKENIZER = "tokenizer.json"  # every store and params export carries the tokenizer that made its tokens
 
 
+# The .json files of a Hugging Face model snapshot that are not a tokenizer.
+NOT_TOKENIZERS = ("config.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                  "added_tokens.json", "preprocessor_config.json")
+
+
+def _tokenizer_file(folder: pathlib.Path) -> pathlib.Path:
+  """The tokenizer of a folder: its tokenizer.json, else its only .json that is not a snapshot's other metadata."""
+  if (folder / TOKENIZER).is_file():
+    return folder / TOKENIZER
+  candidates = sorted(p for p in folder.glob("*.json") if p.name not in NOT_TOKENIZERS)
+  if len(candidates) != 1:
+    found = ", ".join(p.name for p in candidates) or "no tokenizer .json file"
+    raise errors.DataError(f"tokenizer folder {folder} holds {found}; pass the tokenizer file's path itself")
+  return candidates[0]
+
+
 def load_tokenizer(name_or_path: str):
   """A HF `tokenizers.Tokenizer` from a tokenizer.json path (or a folder holding one) or a hub name."""
   from tokenizers import Tokenizer  # pylint: disable=import-outside-toplevel
@@ -19,10 +35,7 @@ def load_tokenizer(name_or_path: str):
                            "name")
   path = pathlib.Path(name_or_path)
   if path.is_dir():
-    candidates = sorted(path.glob("*.json"))
-    if not candidates:
-      raise errors.DataError(f"tokenizer folder {path} holds no tokenizer .json file")
-    path = candidates[0]
+    path = _tokenizer_file(path)
   if path.suffix == ".json" or path.exists():
     if not path.exists():
       raise errors.DataError(f"tokenizer file {path} does not exist; pass the path of a tokenizer.json")
