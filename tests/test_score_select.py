@@ -405,7 +405,8 @@ def test_a_token_budget_larger_than_the_pool_warns(synthetic_store, tmp_path, ca
 
 
 def test_progress_counts_pool_rows_not_padding():
-  """Issue 21.7: 282 sequences in chunks of 64, batch 16 per host: the steps add up to 282, not the 288 rows of their batches."""
+  """Issue 21.7: 282 sequences in chunks of 64, batch 16 per host: the steps add up to 282, not the 288 rows of
+  their batches."""
   per_host = [np.arange(5)]
   schedule = score_lib.step_schedule(per_host, 282, 64, 16)
   rows = score_lib.pool_rows_per_step(schedule, per_host, 282, 64, 16)

@@ -109,5 +109,6 @@ def load_params(folder, spec: transformer.ModelSpec, shardings=None):
   except (ValueError, OSError) as e:  # tensorstore's NOT_FOUND / corrupt-data errors are ValueErrors
     detail = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
     raise errors.DataError(f"params export {folder} is damaged: its arrays in {folder / 'params'} cannot be read "
-                           f"({detail}); delete it and re-run the stage that made it, or copy the folder again") from None
+                           f"({detail}); delete it and re-run the stage that made it, or copy the folder "
+                           "again") from None
   return params, manifest
