@@ -87,7 +87,7 @@ def _last_wins(argv, config_args) -> list[str]:
 def _unknown_override(config_args) -> str | None:
   """The message for the first --config.<field> that names no field, or None when every field exists (the error
   being explained is then a bug). Reloads the config file: this only runs after absl failed on one."""
-  paths = [value for name, value, _ in config_args if name == "config"]
+  paths = [value for name, value, *_ in config_args if name == "config"]
   if not paths or paths[0] is None:
     return None
   path, *arg = paths[0].split(":", 1)
@@ -97,7 +97,7 @@ def _unknown_override(config_args) -> str | None:
   cfg = module.get_config(*arg)
   if not isinstance(cfg, ml_collections.ConfigDict):
     return None
-  for name, _, _ in config_args:
+  for name, *_ in config_args:
     parts, node = name.split(".")[1:], cfg
     for depth, part in enumerate(parts):
       if not isinstance(node, ml_collections.ConfigDict):

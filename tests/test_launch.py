@@ -255,7 +255,7 @@ def header_examples(path: pathlib.Path) -> list[list[str]]:
 
 def config_args(words):
   """(name, value) of the --config file and each --config.<field>=value, as colorjax.main reads them."""
-  return cli._config_args(["launcher", *words])
+  return [(name, value) for name, value, _ in cli._config_args(["launcher", *words])]
 
 
 @pytest.mark.parametrize("script,least", [("tpu_pod.sh", 2), ("slurm_gpu.sbatch", 2), ("xpk_gke.sh", 2),
