@@ -136,6 +136,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.score.tokens_per_s_per_device = 464_000.0  # dry-run time estimate: pool tok/s per device (150M x2, one H200)
   c.score.chunk_rows = 0  # rows per output chunk, the unit of writing and resuming (0 = about 65,536)
   c.score.shard = ""  # "i/n": score only the i-th of n row ranges (independent jobs, one shared output)
+  c.score.index = ""  # score only these pool sequences: a selection folder or .npy of ids ("" = the whole pool)
   c.score.verify = False  # re-read every chunk marked done and re-score the unreadable or NaN ones (a disk fault)
 
   c.select = ml_collections.ConfigDict()

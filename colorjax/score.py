@@ -4,7 +4,8 @@ One jitted step evaluates all K+1 models on the same batch with `jax.vmap` over 
 pool is read once (the original read it once per model). The head and log-softmax run in sequence chunks
 (`score.loss_chunk`) so the fp32 [models, batch, seq, vocab] logits never exist at once.
 
-Output: a tensorstore zarr array `nll.zarr` [num_sequences, models] float32 keyed by global sequence id, plus
+Output: a tensorstore zarr array `nll.zarr` [num_sequences, models] float32 keyed by global sequence id (with
+`score.index`, by position among the index's ids, ascending, which `ids.npy` lists), plus
 `done.zarr` (one flag per row chunk) and `manifest.json`. The pool is cut into row chunks of `chunk_rows`; each
 host scores whole chunks (its own rows, no gather to one host) and writes a chunk, then its done flag, when it is
 complete. A restarted job skips done chunks and, because a chunk's batches are always cut the same way, ends with
@@ -52,6 +53,7 @@ def _zarr(path: pathlib.Path, create: bool = False, **kw):
 
 
 VERIFY_FLAG = "--config.score.verify=True"
+IDS = "ids.npy"  # an index-restricted score folder: the pool ids of its rows, ascending
 
 
 def _first_line(error: Exception) -> str:
@@ -80,6 +82,25 @@ class Scores:
     self.columns = [m["name"] for m in self.manifest["models"]]
     self.chunk_rows = int(self.manifest["chunk_rows"])
     self._nll = None
+    # an index-restricted folder's row r holds sequence ids[r] of the pool; a whole-pool folder's row r is id r
+    self.ids = np.load(self.path / IDS) if self.manifest.get("index") else None
+
+  def global_ids(self, rows: np.ndarray) -> np.ndarray:
+    """The pool ids of rows of this folder."""
+    rows = np.asarray(rows, np.int64)
+    return rows if self.ids is None else self.ids[rows]
+
+  def rows_of(self, ids: np.ndarray) -> np.ndarray:
+    """The rows holding pool sequences `ids`; a DataError names an id this folder did not score."""
+    ids = np.asarray(ids, np.int64)
+    if self.ids is None:
+      return ids
+    rows = np.minimum(np.searchsorted(self.ids, ids), self.ids.size - 1)
+    missing = ids[self.ids[rows] != ids] if ids.size else ids
+    if missing.size:
+      raise errors.DataError(f"{self.path} scored {self.ids.size:,} sequences of its index, not sequence "
+                             f"{int(missing[0])}: the selection was not made from these scores")
+    return rows
 
   @property
   def nll(self):
@@ -121,9 +142,9 @@ class Scores:
     return self._checked(lambda: self.nll[start:stop].read().result(), f"rows {start:,}..{stop - 1:,}")
 
   def read_ids(self, ids: np.ndarray) -> np.ndarray:
-    """The NLL rows of `ids` (only those rows' chunks are read)."""
-    ids = np.asarray(ids)
-    return self._checked(lambda: self.nll.oindex[ids].read().result(), f"{ids.size:,} selected rows")
+    """The NLL rows of pool sequences `ids` (only those rows' chunks are read)."""
+    rows = self.rows_of(ids)
+    return self._checked(lambda: self.nll.oindex[rows].read().result(), f"{rows.size:,} selected rows")
 
   def _checked(self, read, what: str) -> np.ndarray:
     """A read whose failure (a chunk damaged on disk) names the folder and the fix."""
@@ -154,13 +175,16 @@ def describe_models(entries) -> list[dict]:
   return [{"name": name, "id": m.get("id")} for name, _, m in entries]
 
 
-def scores_request(store_id: str, models: list[dict], numerics: dict | None = None) -> dict:
+def scores_request(store_id: str, models: list[dict], numerics: dict | None = None,
+                   index_id: str | None = None) -> dict:
   """What decides a score array's content: the pool and the models, by content id, and the numerics they ran in
   (ModelSpec.numerics) when not the default, so that scores made before numerics were recorded keep their ids while
   scores in another precision are another artifact (never reused, never mixed on a resume)."""
   request = {"store": store_id, "models": [[m["name"], m.get("id")] for m in models]}
   if numerics and numerics != transformer.ModelSpec.DEFAULT_NUMERICS:
     request["numerics"] = numerics
+  if index_id:  # a subset of the pool (score.index), by the index's content id
+    request["index"] = index_id
   return request
 
 
@@ -262,7 +286,7 @@ def build_score_step(spec, stacked_sh, batch_sh, out_sh, pad_id, chunk: int):
   return jax.jit(score, in_shardings=(stacked_sh, batch_sh), out_shardings=out_sh)
 
 
-def _open_output(workdir: pathlib.Path, manifest: dict, num_chunks: int):
+def _open_output(workdir: pathlib.Path, manifest: dict, num_chunks: int, ids: np.ndarray | None = None):
   """Create the score folder, or check that an existing one was made by the same job (store, models, layout)."""
   path = workdir / formats.MANIFEST
   keys = ("request", "num_sequences", "chunk_rows", "batch_size", "columns")
@@ -282,6 +306,8 @@ def _open_output(workdir: pathlib.Path, manifest: dict, num_chunks: int):
           chunk_layout=ts.ChunkLayout(chunk_shape=[manifest["chunk_rows"], k]))
     _zarr(workdir / "done.zarr", create=True, dtype=ts.uint8, shape=[num_chunks], fill_value=0,
           chunk_layout=ts.ChunkLayout(chunk_shape=[1]))
+    if ids is not None:
+      np.save(workdir / IDS, ids)
     lineage.write_manifest(workdir, manifest)
 
 
@@ -295,7 +321,8 @@ def run(cfg) -> pathlib.Path:
   profiler = metrics.StepProfiler(cfg.profile_steps, workdir / "profile")
   store = stores.TokenStore(scfg.store)
   entries, spec = model_entries(cfg)
-  request = scores_request(store.id, describe_models(entries), spec.numerics())
+  index_id = stores.index_id(scfg.index) if scfg.index else None
+  request = scores_request(store.id, describe_models(entries), spec.numerics(), index_id)
   if scfg.verify:
     console.on_main_then_sync(lambda: reopen_damaged(workdir, request), "score verify")
   if is_complete(workdir, request):
@@ -330,7 +357,11 @@ def _score(cfg, workdir, store, request, profiler, shard_i, shard_n, peak_flops:
   chunk_rows = int(scfg.chunk_rows) or host_batch * max(1, 65536 // host_batch)
   if chunk_rows % host_batch:
     raise errors.ConfigError(f"score.chunk_rows={chunk_rows} must be a multiple of the per-host batch {host_batch}")
-  n = store.num_sequences
+  # score.index: rows are the index's ids, ascending, each once
+  index = np.unique(stores.load_index(scfg.index, store)) if scfg.index else None
+  n = store.num_sequences if index is None else index.size
+  if n == 0:
+    raise errors.DataError(f"score.index {scfg.index} selects no sequence; nothing to score")
   num_chunks = -(-n // chunk_rows)
   manifest = {
       "format": formats.SCORES.format, "num_sequences": n, "columns": [m["name"] for m in models], "models": models,
@@ -340,7 +371,10 @@ def _score(cfg, workdir, store, request, profiler, shard_i, shard_n, peak_flops:
       "batch_size": batch, "model": spec.architecture(), "tokenizer": tok_info,
       "config": json.loads(cfg.to_json()), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
   }
-  console.on_main_then_sync(lambda: _open_output(workdir, manifest, num_chunks), "score output")
+  if index is not None:
+    manifest["index"] = {"path": lineage.relative(scfg.index, workdir), "id": request["index"],
+                         "pool": store.num_sequences}
+  console.on_main_then_sync(lambda: _open_output(workdir, manifest, num_chunks, index), "score output")
   if not console.is_main():
     _open_output(workdir, manifest, num_chunks)  # every host checks the folder it will write into
   out = Scores(workdir)
@@ -366,7 +400,7 @@ def _score(cfg, workdir, store, request, profiler, shard_i, shard_n, peak_flops:
       first = int(my_chunks[slot]) * chunk_rows + j * host_batch
       ids = np.arange(first, min(first + host_batch, n))
       if ids.size:
-        rows[: ids.size] = store.read(ids)
+        rows[: ids.size] = store.read(ids if index is None else index[ids])
     return sharding.put_host_rows(rows, batch_sh, (batch, store.seq_len), row_start)
 
   real_rows = pool_rows_per_step(schedule, per_host, n, chunk_rows, host_batch)
@@ -464,4 +498,5 @@ def describe(cfg) -> None:
   cfg_model = cfg.model
   for key, value in spec.architecture().items():
     cfg_model[key] = value
-  describe_nominal(cfg, store.num_sequences, store.seq_len, len(entries))
+  n = np.unique(stores.load_index(cfg.score.index, store)).size if cfg.score.index else store.num_sequences
+  describe_nominal(cfg, n, store.seq_len, len(entries))

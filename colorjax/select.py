@@ -67,7 +67,7 @@ class ScoreStream:
       rows = self.scores.read(start, min(n, start + self.block_rows))
       values = losses.color_score(None if self.prior is None else rows[:, self.prior], rows[:, self.cond])
       if np.isnan(values).any():
-        bad = start + int(np.argmax(np.isnan(values)))
+        bad = int(self.scores.global_ids([start + int(np.argmax(np.isnan(values)))])[0])
         raise errors.DataError(f"{self.scores.path}: score of sequence {bad} is NaN (unscored or corrupt); re-run the "
                                f"score stage with {score_lib.VERIFY_FLAG} (it re-scores damaged chunks)")
       yield start, values.astype(np.float32)
@@ -213,11 +213,12 @@ def _select(cfg, workdir, scores, store, request, n: int, k: int) -> pathlib.Pat
   start = time.time()
   stats, threshold = None, None
   if not method.ranks_scores:
-    ids = random_sample(n, k, cfg.seed, scfg.block_rows)
+    rows = random_sample(n, k, cfg.seed, scfg.block_rows)
   else:
     stream = ScoreStream(scores, method, scfg.conditional, scfg.block_rows)
-    ids, threshold = top_k(stream, k)
+    rows, threshold = top_k(stream, k)
     stats = score_statistics(stream)
+  ids = scores.global_ids(rows)  # the pool's ids (a score folder of a score.index holds a subset, in id order)
   manifest = {
       "format": formats.SELECTION.format, "id": lineage.content_id(request), "method": scfg.method,
       "tau": float(n / k), "tau_requested": float(scfg.tau), "tokens_requested": int(scfg.tokens), "k": int(k),

@@ -414,3 +414,30 @@ def test_progress_counts_pool_rows_not_padding():
   two_hosts = [np.array([0, 2, 4]), np.array([1, 3])]
   schedule = score_lib.step_schedule(two_hosts, 282, 64, 16)
   assert score_lib.pool_rows_per_step(schedule, two_hosts, 282, 64, 16).sum() == 282
+
+
+def test_scoring_restricted_to_an_index(synthetic_store, synthetic_prior, conditional, tmp_path):
+  """score.index scores only the index's sequences (rows in ascending id order, as the whole pool's scoring gives
+  them); its request names the index, and select and export map its rows back to the pool's ids."""
+  prior, _ = synthetic_prior
+  store = stores.TokenStore(synthetic_store)
+  config = lambda folder, **kw: make_config("score", "demo", score__store=str(synthetic_store),
+                                            score__prior=str(prior), score__conditionals=(str(conditional),),
+                                            workdir=str(folder), score__batch_size=16, score__chunk_rows=64,
+                                            model__compute_dtype="float32", **kw)
+  score_lib.run(config(tmp_path / "full"))
+  ids = np.unique(np.random.default_rng(3).choice(store.num_sequences, 300, replace=False))
+  np.save(tmp_path / "subset.npy", ids[::-1])  # any order, as a hand-made index may be
+  score_lib.run(config(tmp_path / "part", score__index=str(tmp_path / "subset.npy")))
+  full, part = score_lib.Scores(tmp_path / "full"), score_lib.Scores(tmp_path / "part")
+  assert part.num_sequences == ids.size and part.manifest["request"]["index"] == stores.index_id(
+      tmp_path / "subset.npy") and "index" not in full.manifest["request"]
+  np.testing.assert_array_equal(part.read(0, ids.size).view(np.uint32), full.read_ids(ids).view(np.uint32))
+  selection = select_lib.run(make_config("select", "color,4", workdir=str(tmp_path / "sel"),
+                                         select__scores=str(tmp_path / "part")))
+  chosen = np.load(selection / "index.npy")
+  nll = full.read_ids(ids)
+  np.testing.assert_array_equal(chosen, np.sort(ids[reference_top_k(nll[:, 0] - nll[:, 1], ids.size // 4)]))
+  assert np.isin(chosen, ids).all()
+  with pytest.raises(errors.DataError, match=r"not sequence \d+: the selection was not made from these scores"):
+    part.read_ids(np.setdiff1d(np.arange(store.num_sequences), ids)[:3])

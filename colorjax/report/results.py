@@ -218,7 +218,8 @@ def examples(pipeline_record: dict, root: pathlib.Path, k: int = 3, chars: int =
   stream = select_lib.ScoreStream(scores, methods.HEADLINE, "conditional_0", 1 << 20)
   out = {}
   for name, source in (("top", stream), ("bottom", _Negated(stream))):
-    ids, _ = select_lib.top_k(source, min(k, scores.num_sequences))
+    positions, _ = select_lib.top_k(source, min(k, scores.num_sequences))
+    ids = scores.global_ids(positions)
     rows = scores.read_ids(ids)
     values = losses.color_score(rows[:, scores.column("prior")], rows[:, scores.column("conditional_0")])
     labels = store.labels() or ["all"]
