@@ -179,6 +179,23 @@ def get_config() -> ml_collections.ConfigDict:
   c.dolma.max_tokens_per_file = 1 << 30  # export_selection: tokens per token file at most (whole sequences)
   c.dolma.rows_per_file = 100_000  # export_selection: sequences per Parquet file at most
 
+  c.distill = ml_collections.ConfigDict()
+  c.distill.store = ""  # pool token store to select from
+  c.distill.prior = ""  # params export of the prior (labels the sample with the conditional)
+  c.distill.conditional = ""  # params export of the conditional
+  c.distill.scorer = ""  # a fitted scorer folder to reuse ("" = fit one: sample, score the sample, fit)
+  c.distill.parts = ""  # folder of the sample, its scores, the scorer and the predictions ("" = <workdir>-parts)
+  c.distill.sample_fraction = 0.1  # share of the pool the prior and conditional score to label the scorer
+  c.distill.holdout_fraction = 0.2  # share of the sample held out of the fit to measure it (Spearman rho)
+  c.distill.buckets = 1 << 18  # hashed n-gram feature buckets
+  c.distill.ngram = 2  # token n-gram orders 1..ngram
+  c.distill.steps = 3000  # Adam steps of the fit
+  c.distill.batch = 256  # sampled sequences per fit step
+  c.distill.lr = 0.01  # Adam learning rate
+  c.distill.l2 = 0.0  # weight decay of the linear model's weights (L2 penalty)
+  c.distill.tau = 8.0  # keep the top 1/tau of the pool by predicted score
+  c.distill.tokens = 0  # or a token budget (whole sequences; 0 = use tau)
+  c.distill.block_rows = 4096  # pool rows predicted (and written, with a done flag) at a time
   c.dsir = ml_collections.ConfigDict()
   c.dsir.store = ""  # pool token store to resample from
   c.dsir.target = ""  # target token store whose n-gram distribution the selection should match (same tokenizer)
@@ -202,7 +219,7 @@ def stage_config(cfg, stage: str, **sections) -> ml_collections.ConfigDict:
   out.seed = cfg.seed
   out.dry_run_devices = cfg.dry_run_devices
   out.profile_steps = cfg.profile_steps
-  for name in ("mesh", "data", "eval", "sft", "score", "select", "dsir", "prepare"):
+  for name in ("mesh", "data", "eval", "sft", "score", "select", "dsir", "distill", "prepare"):
     out[name] = ml_collections.ConfigDict(cfg[name].to_dict())
   for name, value in sections.items():
     out[name] = ml_collections.ConfigDict(value.to_dict()) if isinstance(value, ml_collections.ConfigDict) else value

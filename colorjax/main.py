@@ -40,6 +40,7 @@ STAGES = {
     "report": "colorjax.report.results",
     "dolma": "colorjax.interop.dolma",
     "dsir": "colorjax.dsir",
+    "distill": "colorjax.distill",
 }
 
 USAGE_EXIT = 2

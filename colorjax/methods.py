@@ -13,7 +13,8 @@ from colorjax import errors
 class Method:
   """How one selection method ranks the pool and what it needs before it can."""
   name: str  # as given in pipeline.methods and select.method, and recorded in a selection's manifest
-  stage: str  # what selects: "select" (ranks score columns, or draws), "dsir" (the dsir stage), "train" (online)
+  stage: str  # what selects: "select" (ranks score columns, or draws), "dsir", "distill" (their stages), "train"
+  # (online, inside target training)
   score_columns: tuple = ()  # select: ("prior", "conditional") ranks by NLL_prior − NLL_cond, ("conditional",) by
   # −NLL_cond; () draws a seeded uniform sample
   seeded: bool = False  # the selection depends on the seed: one selection per seed (else one per τ for all seeds)
@@ -37,6 +38,7 @@ REGISTRY = {m.name: m for m in (
            plot_color="tab:green"),
     Method("random", "select", seeded=True, plot_color="tab:blue", role="baseline"),
     Method("dsir", "dsir", seeded=True, text_target=True, plot_color="tab:purple"),
+    Method("color_distilled", "distill", shared_work=("prior", "conditional"), plot_color="tab:pink"),
     Method("rho_down", "train", text_target=True, shared_work=("reference",), reference="reference",
            plot_color="tab:orange"),
     Method("rho_down_prior", "train", shared_work=("prior", "conditional"), reference="conditional",

@@ -65,9 +65,9 @@ def test_top_level_is_small_and_families_are_folders():
 
 
 def test_method_names_live_in_the_registry_and_their_ranking_code():
-  """A method's name as a string literal appears in colorjax/ only in methods.py, its own ranking stage (dsir.py
-  writes "dsir" into its selections) and the config schema's defaults."""
-  allowed = {"methods.py", "dsir.py", "config.py"}
+  """A method's name as a string literal appears in colorjax/ only in methods.py, its own ranking stage (dsir.py and
+  distill.py write their names into their selections) and the config schema's defaults."""
+  allowed = {"methods.py", "dsir.py", "distill.py", "config.py"}
   pattern = re.compile(r"""["'](%s)["']""" % "|".join(methods.REGISTRY))
   found = []
   for path in PACKAGE.rglob("*.py"):
@@ -85,7 +85,7 @@ def test_method_names_live_in_the_registry_and_their_ranking_code():
 def test_registry_entries_are_consistent():
   assert methods.HEADLINE.ranks_scores and not methods.BASELINE.ranks_scores and methods.BASELINE.seeded
   for m in methods.REGISTRY.values():
-    assert m.stage in ("select", "dsir", "train")
+    assert m.stage in ("select", "dsir", "distill", "train")
     assert (m.stage == "train") == bool(m.reference)
     assert set(m.shared_work) <= {"prior", "conditional", "reference", "scoring", "scoring_one"}
     assert set(m.score_columns) <= {"prior", "conditional"}

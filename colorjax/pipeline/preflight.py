@@ -11,6 +11,7 @@ import pathlib
 import shutil
 import time
 
+from colorjax import distill
 from colorjax import dsir
 from colorjax import errors
 from colorjax import methods
@@ -137,9 +138,9 @@ def lineage(cfg, root: pathlib.Path, stages) -> list[Expected]:
     out.append(_expect("reference", root / "runs" / "reference", ref_req))
     references["reference"] = _id(out[-1])
   scores_req = None
+  numerics = transformer.ModelSpec.from_config(stages.score.model).numerics()
   if cond_req:
     models = [{"name": "prior", "id": prior_id}, {"name": "conditional_0", "id": cond_id}]
-    numerics = transformer.ModelSpec.from_config(stages.score.model).numerics()
     scores_req = score.scores_request(pool_id, models, numerics)
   out.append(_expect("scores", root / "scores", scores_req, root / "scores" / formats.MANIFEST))
   scores_id = _id(out[-1])
@@ -148,6 +149,15 @@ def lineage(cfg, root: pathlib.Path, stages) -> list[Expected]:
     if sel.stage == "dsir":
       target_id = ids.get("target_train")
       req = dsir.dsir_request(sel, pool_id, target_id) if pool_id and target_id else None
+    elif sel.stage == "distill":
+      requests = {}
+      if pool_id and prior_id and cond_id:
+        models = [{"name": "prior", "id": prior_id}, {"name": "conditional_0", "id": cond_id}]
+        requests = distill.expected_requests(sel, stores.TokenStore(stages.stores["pool"]), models, numerics)
+      for part, folder in distill.parts(sel).items():  # shared by every τ: listed once
+        if all(e.path != folder for e in out):
+          out.append(_expect(f"distill {part}", folder, requests.get(part), folder / formats.MANIFEST))
+      req = requests.get("selection")
     else:
       known = scores_id or (not methods.REGISTRY[sel.select.method].ranks_scores and pool_id)
       req = select.selection_request(sel, scores_id, pool_id) if known else None

@@ -31,6 +31,7 @@ import ml_collections
 
 from colorjax import config
 from colorjax import console
+from colorjax import distill
 from colorjax import dsir
 from colorjax import errors
 from colorjax import methods
@@ -233,12 +234,20 @@ def stage_configs(cfg, root: pathlib.Path) -> StageConfigs:
 
 
 def _selection_config(cfg, root: pathlib.Path, stores: dict, r: dict) -> ml_collections.ConfigDict:
-  """The select stage's config (scores-based methods), or the dsir stage's (n-gram importance resampling)."""
-  if methods.REGISTRY[r["method"]].stage == "dsir":
+  """The config of the stage that makes a method's selection (methods.Method.stage): select, dsir or distill."""
+  stage = methods.REGISTRY[r["method"]].stage
+  if stage == "dsir":
     sel = config.stage_config(cfg, "dsir")
     sel.dsir.store = str(stores["pool"])
     sel.dsir.target = str(stores["target_train"])
     sel.dsir.tau = r["tau"]
+  elif stage == "distill":  # the sample, its scores, the scorer and the predictions serve every τ
+    sel = config.stage_config(cfg, "distill", model=cfg.prior.model)
+    sel.distill.store = str(stores["pool"])
+    sel.distill.prior = str(root / "runs" / "prior" / "params")
+    sel.distill.conditional = str(root / "runs" / "conditional" / "params")
+    sel.distill.parts = str(root / "distill")
+    sel.distill.tau = r["tau"]
   else:
     sel = config.stage_config(cfg, "select")
     sel.select.scores = str(root / "scores")
@@ -296,7 +305,7 @@ def _run(cfg, root: pathlib.Path):
   scores = step("score pool", score.run, stages.score)
   selections = {}
   for name, sel in stages.selections.items():
-    stage = dsir.run if sel.stage == "dsir" else select.run
+    stage = {"dsir": dsir.run, "distill": distill.run}.get(sel.stage, select.run)
     selections[name] = console.on_main_then_sync(lambda c=sel, n=name, f=stage: step(f"select {n}", f, c),
                                                  "select") or pathlib.Path(sel.workdir)
 

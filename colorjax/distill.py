@@ -1,0 +1,411 @@
+"""The `distill` stage: CoLoR-Filter at a fraction of the scoring cost, by a fast scorer distilled from a sample.
+
+CoLoR scores every pool sequence with two LMs. Most of the pool is plainly far from the target, which cheap features
+of the text show, so (as FineWeb-Edu's and DCLM's classifiers are distilled from expensive labels):
+  1. sample    a uniform random `distill.sample_fraction` of the pool (a selection folder: `<parts>/sample`);
+  2. label it  with the prior and the conditional: the score stage restricted to that index
+               (`<parts>/sample_scores`);
+  3. fit       a linear model on hashed token n-gram features (dsir's featurizer) to the CoLoR score, with optax,
+               `distill.holdout_fraction` of the sample held out to measure it (Spearman ρ) (`<parts>/scorer`);
+  4. predict   every pool sequence, streaming `distill.block_rows` rows at a time (memory independent of the
+               pool), written chunk by chunk with done flags so a killed run resumes to the same bytes
+               (`<parts>/predictions`);
+  5. select    the top 1/τ of the predictions into --config.workdir (the select stage's format: `train` takes it
+               as --config.data.index).
+Steps 1-4 do not depend on τ: `distill.parts` (default `<workdir>-parts`) can be shared by the selections of
+several τ, which then cost one prediction pass.
+A fitted scorer is an artifact of its own (weights, features, the sample scores it was fitted on, the tokenizer):
+`distill.scorer` reuses one on another pool, which skips steps 1-3; a scorer whose tokenizer or features differ
+from the pool's is refused by name.
+"""
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import pathlib
+import shutil
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from colorjax import config as config_lib
+from colorjax import console
+from colorjax import dsir
+from colorjax import errors
+from colorjax import score as score_lib
+from colorjax import select as select_lib
+from colorjax.artifacts import formats
+from colorjax.artifacts import lineage
+from colorjax.data import stores
+from colorjax.data import tokenizer as tokenizer_lib
+from colorjax.model import losses
+
+METHOD = "color_distilled"
+SCORER = formats.Kind("colorjax.scorer", "a fitted scorer", "the distill stage (<workdir>/scorer)")
+PREDICTIONS = "predictions.npy"  # float32 [pool sequences], in a folder with done.npy (uint8 per chunk)
+
+
+@dataclasses.dataclass(frozen=True)
+class Features:
+  """Hashed token n-grams of orders 1..ngram into `buckets` (dsir's featurizer), EOS/PAD n-grams dropped."""
+  buckets: int
+  ngram: int
+  skip: tuple
+
+  def of(self, tokens_bt: np.ndarray) -> np.ndarray:
+    """[B, F] bucket ids; `buckets` marks a dropped n-gram (its weight is pinned to zero)."""
+    return dsir.feature_buckets(tokens_bt, self.buckets, self.ngram, self.skip).astype(np.int32)
+
+  def describe(self) -> dict:
+    return {"name": dsir.FEATURES, "buckets": self.buckets, "ngram": self.ngram, "skip_ids": list(self.skip)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The model: a linear function of the mean of a sequence's n-gram features (an embedding bag of width 1)
+
+
+def predict(weights: np.ndarray, bias: float, features_bf: np.ndarray) -> np.ndarray:
+  """[B] predicted scores: bias + the mean weight of each row's kept n-grams (numpy, for streaming the pool)."""
+  table = np.append(np.asarray(weights, np.float32), np.float32(0.0))
+  kept = np.maximum((features_bf < weights.size).sum(axis=1), 1)
+  return (bias + table[features_bf].sum(axis=1) / kept).astype(np.float32)
+
+
+def _predict_jax(params, features_bf, buckets: int):
+  table = jnp.append(params["w"], 0.0)
+  kept = jnp.maximum(jnp.sum(features_bf < buckets, axis=1), 1)
+  return params["b"] + jnp.sum(table[features_bf], axis=1) / kept
+
+
+def fit_linear(features_of, targets: np.ndarray, buckets: int, steps: int, batch: int, lr: float, l2: float,
+               seed: int) -> tuple[np.ndarray, float]:
+  """Weights [buckets] and bias fitted by Adam to the mean squared error against standardized targets (plus `l2`
+  times the squared weights), `batch` rows a step in a seeded order; `features_of(rows)` featurizes rows of the
+  sample on demand, so memory does not grow with the sample. Returns them in the targets' units."""
+  mean, std = float(targets.mean()), float(targets.std()) or 1.0
+  y = (targets - mean) / std
+  tx = optax.adam(lr)
+  params = {"w": jnp.zeros(buckets, jnp.float32), "b": jnp.zeros((), jnp.float32)}
+  state = tx.init(params)
+
+  @jax.jit
+  def step(params, state, features_bf, y_b):
+    def loss(p):
+      return jnp.mean(jnp.square(_predict_jax(p, features_bf, buckets) - y_b)) + l2 * jnp.sum(jnp.square(p["w"]))
+    grads = jax.grad(loss)(params)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  order = stores.Permutation(y.size, seed, stream=11)
+  for i in range(steps):
+    rows = order(np.arange(i * batch, (i + 1) * batch) % y.size)
+    params, state = step(params, state, jnp.asarray(features_of(rows)), jnp.asarray(y[rows], jnp.float32))
+  return np.asarray(params["w"]) * std, float(params["b"]) * std + mean
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+  """Spearman rank correlation (ties broken by position: scores are continuous)."""
+  ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+  return float(np.corrcoef(ra, rb)[0, 1]) if a.size > 1 else float("nan")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The stage
+
+
+def check_settings(cfg) -> None:
+  d = cfg.distill
+  if not cfg.workdir:
+    raise errors.ConfigError("set --config.workdir to the folder the distilled selection goes to")
+  if not d.store:
+    raise errors.ConfigError("set --config.distill.store to the pool's token store")
+  if not d.scorer and not (d.prior and d.conditional):
+    raise errors.ConfigError("set --config.distill.prior and --config.distill.conditional (params exports) to fit a "
+                             "scorer, or --config.distill.scorer to reuse a fitted one")
+  if not 0 < d.sample_fraction <= 1 or not 0 < d.holdout_fraction < 1:
+    raise errors.ConfigError(f"distill.sample_fraction={d.sample_fraction} must be in (0, 1] and "
+                             f"distill.holdout_fraction={d.holdout_fraction} in (0, 1)")
+  if min(d.buckets, d.ngram, d.steps, d.batch, d.block_rows) < 1 or not d.lr > 0 or d.l2 < 0:
+    raise errors.ConfigError("distill.buckets, ngram, steps, batch and block_rows must be >= 1, distill.lr > 0 and "
+                             "distill.l2 >= 0")
+  if d.tokens < 0 or (not d.tokens and not (math.isfinite(d.tau) and d.tau >= 1)):
+    raise errors.ConfigError(f"distill.tau={d.tau}, distill.tokens={d.tokens}: keep the top 1/tau of the pool "
+                             "(tau >= 1) or a positive token budget")
+  if cfg.seed < 0:
+    raise errors.ConfigError(f"seed={cfg.seed}: seeds are integers >= 0")
+
+
+def _folders(cfg, workdir: pathlib.Path) -> dict:
+  """Where each step's artifact goes: the τ-independent parts, then the selection (the workdir)."""
+  parts = pathlib.Path(cfg.distill.parts).resolve() if cfg.distill.parts else workdir.with_name(workdir.name + "-parts")
+  folders = {name: parts / name for name in ("sample", "sample_scores", "scorer", "predictions")}
+  return folders | {"selection": workdir}
+
+
+def _features(cfg, store: stores.TokenStore) -> Features:
+  return Features(int(cfg.distill.buckets), int(cfg.distill.ngram), tuple(sorted({store.eos_id, store.pad_id})))
+
+
+def sample_request(cfg, store_id: str) -> dict:
+  return {"method": "uniform_sample", "fraction": float(cfg.distill.sample_fraction), "seed": int(cfg.seed),
+          "store": store_id}
+
+
+def make_sample(cfg, folder: pathlib.Path, store: stores.TokenStore) -> str:
+  """The sampled ids as a selection folder (the score stage's index); returns its id."""
+  request = sample_request(cfg, store.id)
+  if lineage.up_to_date(folder, request, "another sample", "choose another --config.workdir"):
+    return lineage.content_id(request)
+  n = store.num_sequences
+  m = max(2, min(n, int(round(cfg.distill.sample_fraction * n))))
+  ids = select_lib.random_sample(n, m, cfg.seed, cfg.distill.block_rows)
+  manifest = {"format": formats.SELECTION.format, "id": lineage.content_id(request), "method": "uniform_sample",
+              "k": int(m), "num_sequences": n, "tau": n / m, "tokens": int(m) * store.seq_len,
+              "store_id": store.id, "store_path": lineage.relative(store.path, folder), "seed": int(cfg.seed),
+              "index_sha256": hashlib.sha256(select_lib.npy_bytes(ids)).hexdigest(), "request": request}
+  _publish(folder, {"index.npy": select_lib.npy_bytes(ids)}, manifest)
+  return manifest["id"]
+
+
+def _publish(folder: pathlib.Path, files: dict, manifest: dict) -> None:
+  """Write a small artifact through `<folder>.partial` (manifest last, one rename)."""
+  lineage.check_new(folder, f"a {folder.name} artifact", "choose another --config.workdir")
+  partial = folder.with_name(folder.name + ".partial")
+  if partial.exists():
+    shutil.rmtree(partial)
+  partial.mkdir(parents=True)
+  for name, data in files.items():
+    (partial / name).write_bytes(data)
+  lineage.write_manifest(partial, manifest)
+  lineage.publish(partial, folder)
+
+
+def score_sample(cfg, folders: dict) -> score_lib.Scores:
+  """The sample's CoLoR labels: the score stage, restricted to the sample's ids."""
+  scfg = config_lib.stage_config(cfg, "score", model=cfg.model)
+  scfg.workdir = str(folders["sample_scores"])
+  scfg.score.store, scfg.score.index = cfg.distill.store, str(folders["sample"])
+  scfg.score.prior, scfg.score.conditionals = cfg.distill.prior, (cfg.distill.conditional,)
+  score_lib.run(scfg)
+  scores = score_lib.Scores(folders["sample_scores"])
+  scores.check_complete()
+  return scores
+
+
+def scorer_request(cfg, scores_id: str, features: Features, tokenizer_sha: str) -> dict:
+  d = cfg.distill
+  return {"scores": scores_id, "features": features.describe(), "tokenizer": tokenizer_sha,
+          "fit": {"model": "linear-ngram-mean", "holdout_fraction": float(d.holdout_fraction), "steps": int(d.steps),
+                  "batch": int(d.batch), "lr": float(d.lr), "l2": float(d.l2), "seed": int(cfg.seed)}}
+
+
+def fit_scorer(cfg, folder: pathlib.Path, store: stores.TokenStore, scores: score_lib.Scores) -> pathlib.Path:
+  """Fit the scorer on the sample's CoLoR scores (a held-out part measures it) and publish it."""
+  d = cfg.distill
+  features = _features(cfg, store)
+  request = scorer_request(cfg, scores.id, features, store.manifest["tokenizer"]["sha256"])
+  if lineage.up_to_date(folder, request, "another scorer", "choose another --config.workdir"):
+    return folder
+  start = time.time()
+  ids = scores.global_ids(np.arange(scores.num_sequences))
+  nll = scores.read(0, scores.num_sequences)
+  target = losses.color_score(nll[:, scores.column("prior")], nll[:, scores.column("conditional_0")])
+  held = np.zeros(ids.size, bool)
+  held[select_lib.random_sample(ids.size, max(1, int(round(d.holdout_fraction * ids.size))), cfg.seed + 1,
+                                d.block_rows)] = True
+  train_ids, train_y = ids[~held], target[~held]
+  weights, bias = fit_linear(lambda rows: features.of(store.read(train_ids[rows])), train_y, features.buckets,
+                             int(d.steps), int(d.batch), float(d.lr), float(d.l2), int(cfg.seed))
+  predicted = predict(weights, bias, features.of(store.read(ids[held])))
+  quality = {"spearman_heldout": spearman(predicted, target[held]), "heldout": int(held.sum()),
+             "train": int((~held).sum()), "target_std": float(target.std())}
+  manifest = {"format": SCORER.format, "id": lineage.content_id(request), "features": features.describe(),
+              "bias": bias, "quality": quality, "tokenizer": store.manifest["tokenizer"],
+              "scores": {"id": scores.id, "path": lineage.relative(scores.path, folder)},
+              "seconds": time.time() - start, "request": request, "config": json.loads(cfg.to_json()),
+              "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+  buffer = io.BytesIO()
+  np.save(buffer, weights.astype(np.float32))
+  _publish(folder, {"weights.npy": buffer.getvalue()}, manifest)
+  print(f"distill: scorer fitted on {quality['train']:,} sampled sequences in {manifest['seconds']:.0f}s; Spearman "
+        f"rho on {quality['heldout']:,} held out: {quality['spearman_heldout']:.3f} -> {folder}")
+  return folder
+
+
+def open_scorer(path, store: stores.TokenStore, features_wanted: Features | None = None) -> dict:
+  """A fitted scorer, checked against the pool it will rank: same tokenizer (by content), same features."""
+  manifest = formats.open_manifest(path, SCORER)
+  tokenizer_lib.check_same_tokenizer(manifest["tokenizer"], f"scorer {path}", store.manifest["tokenizer"],
+                                     f"pool store {store.path}")
+  if manifest["features"]["name"] != dsir.FEATURES:
+    raise errors.DataError(f"scorer {path} uses features {manifest['features']['name']!r}, this colorjax computes "
+                           f"{dsir.FEATURES!r}; fit the scorer again")
+  if features_wanted is not None and manifest["features"]["skip_ids"] != list(features_wanted.skip):
+    raise errors.DataError(f"scorer {path} drops n-grams of token ids {manifest['features']['skip_ids']}, the pool's "
+                           f"EOS/PAD are {list(features_wanted.skip)}; fit a scorer on this pool")
+  weights = np.load(pathlib.Path(path) / "weights.npy")
+  if weights.shape != (manifest["features"]["buckets"],):
+    raise errors.DataError(f"scorer {path}: weights.npy holds {weights.shape}, its manifest says "
+                           f"{manifest['features']['buckets']} buckets; fit the scorer again")
+  return dict(manifest, weights=weights)
+
+
+def predict_pool(cfg, folder: pathlib.Path, store: stores.TokenStore, scorer: dict) -> np.ndarray:
+  """Predictions for every pool sequence, `block_rows` at a time; each chunk is written, then flagged done, so a
+  killed run resumes where it stopped and ends with the bytes of an uninterrupted one. Returns a read-only memmap."""
+  request = _predictions_request(cfg, scorer["id"], store.id)
+  n, rows = store.num_sequences, int(cfg.distill.block_rows)
+  chunks = -(-n // rows)
+  if (folder / formats.MANIFEST).exists():
+    saved = formats.read_json(folder / formats.MANIFEST)
+    if saved.get("request") != lineage.normalized(request):
+      raise errors.DataError(f"{folder} holds predictions of another scorer or pool (differs in "
+                             f"{', '.join(lineage.differences(saved.get('request') or {}, request))}); choose "
+                             "another --config.workdir (nothing was overwritten)")
+  else:
+    folder.mkdir(parents=True, exist_ok=True)
+    np.lib.format.open_memmap(folder / PREDICTIONS, mode="w+", dtype=np.float32, shape=(n,)).flush()
+    np.save(folder / "done.npy", np.zeros(chunks, np.uint8))
+    lineage.write_manifest(folder, {"format": "colorjax.predictions", "id": lineage.content_id(request),
+                                    "num_sequences": n, "chunk_rows": rows, "request": request,
+                                    "scorer": scorer["id"], "store_id": store.id})
+  values = np.lib.format.open_memmap(folder / PREDICTIONS, mode="r+")
+  done = np.lib.format.open_memmap(folder / "done.npy", mode="r+")
+  features = Features(int(scorer["features"]["buckets"]), int(scorer["features"]["ngram"]),
+                      tuple(scorer["features"]["skip_ids"]))
+  todo = np.nonzero(done == 0)[0]
+  bar = console.Progress(total=int(sum(min(rows, n - c * rows) for c in todo)), unit="seq", desc="predict")
+  for chunk in todo:
+    first, stop = int(chunk) * rows, min(n, (int(chunk) + 1) * rows)
+    values[first:stop] = predict(scorer["weights"], scorer["bias"], features.of(store.read(np.arange(first, stop))))
+    values.flush()
+    done[chunk] = 1
+    done.flush()
+    bar.update(stop - first)
+  bar.close()
+  del values, done
+  return np.load(folder / PREDICTIONS, mmap_mode="r")
+
+
+def selection_request(cfg, predictions_id: str, store_id: str) -> dict:
+  d = cfg.distill
+  return {"method": METHOD, "tau": float(d.tau), "tokens": int(d.tokens), "predictions": predictions_id,
+          "store": store_id}
+
+
+class _Stream:
+  """Streams a prediction array's float32 values, `block_rows` at a time (select.top_k's input)."""
+
+  def __init__(self, values, block_rows: int):
+    self.values, self.block_rows = values, int(block_rows)
+
+  def __iter__(self):
+    for start in range(0, self.values.shape[0], self.block_rows):
+      yield start, np.asarray(self.values[start:start + self.block_rows], np.float32)
+
+
+def run(cfg) -> pathlib.Path:
+  check_settings(cfg)
+  workdir = pathlib.Path(cfg.workdir).resolve()
+  store = stores.TokenStore(cfg.distill.store)
+  select_lib.keep_count(store.num_sequences, store.seq_len, cfg.distill.tau, cfg.distill.tokens, "distill")
+  folders = _folders(cfg, workdir)
+  if cfg.distill.scorer:
+    scorer_path = pathlib.Path(cfg.distill.scorer).resolve()
+    open_scorer(scorer_path, store, _features(cfg, store))
+  else:
+    _check_models(cfg, store)
+    scorer_path = folders["scorer"]
+    if not (scorer_path / formats.MANIFEST).exists() or not console.is_main():
+      console.on_main_then_sync(lambda: make_sample(cfg, folders["sample"], store), "distill sample")
+      scores = score_sample(cfg, folders)  # every host scores its rows of the sample
+    else:
+      scores = score_lib.Scores(folders["sample_scores"])
+    if console.is_main():
+      fit_scorer(cfg, scorer_path, store, scores)
+  if not console.is_main():  # prediction and selection are CPU work of process 0
+    return folders["selection"]
+  with lineage.Lock(workdir):
+    scorer = open_scorer(scorer_path, store, _features(cfg, store))
+    values = predict_pool(cfg, folders["predictions"], store, scorer)
+    predictions_id = formats.read_json(folders["predictions"] / formats.MANIFEST)["id"]
+    return _select(cfg, folders["selection"], store, values, selection_request(cfg, predictions_id, store.id),
+                   scorer)
+
+
+def expected_requests(cfg, store: stores.TokenStore, models: list[dict], numerics: dict) -> dict:
+  """Every artifact's request computed from the inputs' ids alone (the pipeline's preflight), as `run` will make
+  them: sample -> its scores -> the scorer -> the predictions -> the selection."""
+  out = {"sample": sample_request(cfg, store.id)}
+  out["sample_scores"] = score_lib.scores_request(store.id, models, numerics, lineage.content_id(out["sample"]))
+  out["scorer"] = scorer_request(cfg, lineage.content_id(out["sample_scores"]), _features(cfg, store),
+                                 store.manifest["tokenizer"]["sha256"])
+  out["predictions"] = _predictions_request(cfg, lineage.content_id(out["scorer"]), store.id)
+  out["selection"] = selection_request(cfg, lineage.content_id(out["predictions"]), store.id)
+  return out
+
+
+def parts(cfg) -> dict:
+  """Where `run` puts the τ-independent artifacts (sample, sample_scores, scorer, predictions)."""
+  folders = _folders(cfg, pathlib.Path(cfg.workdir).resolve())
+  return {name: path for name, path in folders.items() if name != "selection"}
+
+
+def _predictions_request(cfg, scorer_id: str, store_id: str) -> dict:
+  return {"scorer": scorer_id, "store": store_id, "block_rows": int(cfg.distill.block_rows)}
+
+
+def _check_models(cfg, store: stores.TokenStore) -> None:
+  """The prior and conditional exist and fit the pool before anything is sampled or scored."""
+  scfg = config_lib.stage_config(cfg, "score", model=cfg.model)
+  scfg.score.prior, scfg.score.conditionals = cfg.distill.prior, (cfg.distill.conditional,)
+  entries, spec = score_lib.model_entries(scfg)
+  stores.check_store_fits(store, spec)
+  tokenizer_lib.check_same_tokenizer(entries[0][2]["tokenizer"], f"prior {cfg.distill.prior}",
+                                     store.manifest["tokenizer"], f"pool store {store.path}")
+
+
+def _select(cfg, folder: pathlib.Path, store: stores.TokenStore, values, request: dict, scorer: dict) -> pathlib.Path:
+  if lineage.up_to_date(folder, request, "another selection", "choose another --config.workdir"):
+    print(f"distill: {folder} is up to date; nothing to do")
+    return folder
+  d, n = cfg.distill, store.num_sequences
+  k = select_lib.keep_count(n, store.seq_len, d.tau, d.tokens, "distill")
+  ids, threshold = select_lib.top_k(_Stream(values, d.block_rows), k)
+  manifest = {
+      "format": formats.SELECTION.format, "id": lineage.content_id(request), "method": METHOD,
+      "tau": float(n / k), "tau_requested": float(d.tau), "tokens_requested": int(d.tokens), "k": int(k),
+      "num_sequences": n, "tokens": int(k) * store.seq_len, "threshold": threshold, "seed": None,
+      "conditional": None, "scores": None, "scorer": {"id": scorer["id"], "quality": scorer["quality"]},
+      "store_id": store.id, "store_path": lineage.relative(store.path, folder),
+      "index_sha256": hashlib.sha256(select_lib.npy_bytes(ids)).hexdigest(),
+      "score_stats": select_lib.score_statistics(_Stream(values, d.block_rows)),
+      "sources": select_lib.label_rates(store, ids, d.block_rows), "request": request,
+      "config": json.loads(cfg.to_json()), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+  }
+  _publish(folder, {"index.npy": select_lib.npy_bytes(ids)}, manifest)
+  print(f"distill: {METHOD} k={k:,} of {n:,} (tau {manifest['tau']:.2f}), threshold {threshold:.4f} -> {folder}")
+  select_lib.print_sources(manifest["sources"])
+  return folder
+
+
+def describe(cfg) -> None:
+  check_settings(cfg)
+  store = stores.TokenStore(cfg.distill.store)
+  d, n = cfg.distill, store.num_sequences
+  k = select_lib.keep_count(n, store.seq_len, d.tau, d.tokens, "distill")
+  m = max(2, min(n, int(round(d.sample_fraction * n))))
+  print(f"distill (dry run): keeps {k:,} of {n:,} sequences; the prior and conditional score a sample of {m:,} "
+        f"({m / n:.1%} of the pool's scoring), a linear model on hashed token 1..{d.ngram}-grams "
+        f"({d.buckets:,} buckets) predicts the rest")
+  if not d.scorer:
+    scfg = config_lib.stage_config(cfg, "score", model=cfg.model)
+    scfg.score.prior, scfg.score.conditionals = d.prior, (d.conditional,)
+    _, spec = score_lib.model_entries(scfg)
+    for key, value in spec.architecture().items():
+      scfg.model[key] = value
+    score_lib.describe_nominal(scfg, m, store.seq_len, 2)
