@@ -20,7 +20,8 @@ class Method:
   seeded: bool = False  # the selection depends on the seed: one selection per seed (else one per τ for all seeds)
   text_target: bool = False  # models the target's text (a token store of it), so a tasks target cannot serve it
   shared_work: tuple = ()  # the pipeline's shared steps it needs, counted in its compute: prior, conditional,
-  # reference (a model trained on target text only), scoring (both models over the pool), scoring_one (one model)
+  # reference (a model trained on target text only), scoring (both models over the pool), scoring_one (one model),
+  # scoring_sample (both models over the distill stage's sample)
   reference: str = ""  # stage "train": the pipeline run whose params are the fixed reference model
   plot_color: str = "gray"  # its lines in the report's plots
   role: str = ""  # "headline": the method the report's data efficiency and examples are about; "baseline": the
@@ -38,7 +39,8 @@ REGISTRY = {m.name: m for m in (
            plot_color="tab:green"),
     Method("random", "select", seeded=True, plot_color="tab:blue", role="baseline"),
     Method("dsir", "dsir", seeded=True, text_target=True, plot_color="tab:purple"),
-    Method("color_distilled", "distill", shared_work=("prior", "conditional"), plot_color="tab:pink"),
+    Method("color_distilled", "distill", shared_work=("prior", "conditional", "scoring_sample"),
+           plot_color="tab:pink"),
     Method("rho_down", "train", text_target=True, shared_work=("reference",), reference="reference",
            plot_color="tab:orange"),
     Method("rho_down_prior", "train", shared_work=("prior", "conditional"), reference="conditional",

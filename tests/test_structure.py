@@ -87,7 +87,8 @@ def test_registry_entries_are_consistent():
   for m in methods.REGISTRY.values():
     assert m.stage in ("select", "dsir", "distill", "train")
     assert (m.stage == "train") == bool(m.reference)
-    assert set(m.shared_work) <= {"prior", "conditional", "reference", "scoring", "scoring_one"}
+    assert set(m.shared_work) <= {"prior", "conditional", "reference", "scoring", "scoring_one",
+                                     "scoring_sample"}
     assert set(m.score_columns) <= {"prior", "conditional"}
 
 

@@ -323,6 +323,7 @@ def _run(cfg, root: pathlib.Path):
             "stores": {k: rel(v) for k, v in stages.stores.items()}, "prior": rel(prior),
             "conditional": rel(conditional), "split": None if pcfg.pool_store else "data/split.json",
             "reference": rel(stages.reference.workdir) if stages.reference is not None else None,
+            "distill": rel(root / "distill") if (root / "distill").is_dir() else None,
             "config": json.loads(cfg.to_json())}
   if console.is_main():
     (root / "pipeline.json").write_text(json.dumps(record, indent=1))

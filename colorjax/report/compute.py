@@ -4,8 +4,10 @@ scored token).
 
 Per target run: its training, plus RHO-down's scoring forwards of every candidate; plus the work its method needs
 before training — CoLoR: prior, conditional and scoring the pool with both; conditional-only: prior, conditional and
-one scoring pass; RHO-down + prior: prior and conditional; RHO-down: its target-only reference; random and DSIR:
-nothing (DSIR's n-gram counting is not counted in FLOPs).
+one scoring pass; distilled CoLoR: prior, conditional and scoring its sample (the fit and the n-gram predictions
+are CPU work, not counted in FLOPs); RHO-down + prior: prior and conditional; RHO-down: its target-only reference;
+random and DSIR: nothing (DSIR's n-gram counting is not counted in FLOPs). Each method's shared steps are its
+registry entry's `shared_work`.
 """
 import json
 import pathlib
@@ -40,15 +42,25 @@ def shared_costs(pipeline_record: dict, at) -> dict:
   """FLOPs of the pipeline's shared steps (None when a step's artifact is missing)."""
   trained = lambda key: run_flops(_manifest(at(pipeline_record.get(key)), "params"))["train_flops"]
   costs = {"prior": trained("prior"), "conditional": trained("conditional"), "reference": trained("reference")}
-  scores, prior = _manifest(at(pipeline_record.get("scores"))), _manifest(at(pipeline_record.get("prior")), "params")
-  if scores and prior.get("model_spec"):
-    spec = transformer.ModelSpec(**prior["model_spec"])
-    seq = scores["store"]["seq_len"]
-    per_model = float(transformer.flops_per_token(spec, seq, training=False)) * scores["num_sequences"] * seq
-    costs["scoring"], costs["scoring_one"] = per_model * len(scores["models"]), per_model
-  else:
-    costs["scoring"] = costs["scoring_one"] = None
+  prior = _manifest(at(pipeline_record.get("prior")), "params")
+  per_model = _scoring_flops(_manifest(at(pipeline_record.get("scores"))), prior)
+  costs["scoring"] = None if per_model is None else per_model[0] * per_model[1]
+  costs["scoring_one"] = None if per_model is None else per_model[0]
+  distilled = at(pipeline_record.get("distill"))
+  if distilled is not None:  # the distill stage's sample, scored by prior and conditional
+    sample = _scoring_flops(_manifest(distilled / "sample_scores"), prior)
+    costs["scoring_sample"] = None if sample is None else sample[0] * sample[1]
   return costs
+
+
+def _scoring_flops(scores: dict, prior: dict) -> tuple[float, int] | None:
+  """(FLOPs of one model over a score folder's sequences, its models), or None when either manifest is missing."""
+  if not scores or not prior.get("model_spec"):
+    return None
+  spec = transformer.ModelSpec(**prior["model_spec"])
+  seq = scores["store"]["seq_len"]
+  return float(transformer.flops_per_token(spec, seq, training=False)) * scores["num_sequences"] * seq, len(
+      scores["models"])
 
 
 def account(rows: list[dict], pipeline_record: dict, at) -> dict:
@@ -73,9 +85,10 @@ def markdown(rows: list[dict], costs: dict) -> list[str]:
     return []
   e = lambda x: "-" if x is None else f"{x:.3e}"
   steps = ", ".join(f"{k} {e(v)}" for k, v in costs.items() if k != "scoring_one")
-  lines = ["## Compute", "", "FLOPs each method spent to reach its held-out loss (SPEC §5 counts). Shared: the prior, "
-           "conditional and scoring a method needs (CoLoR: all three; conditional-only: one scoring pass; RHO-down + "
-           f"prior: prior and conditional; RHO-down: its reference; random and DSIR: none). Shared steps: {steps}.",
+  needs = "; ".join(f"{m.name}: {', '.join(m.shared_work) or 'none'}" for m in methods.REGISTRY.values()
+                    if any(r["method"] == m.name for r in compared))
+  lines = ["## Compute", "", "FLOPs each method spent to reach its held-out loss (SPEC §5 counts). Shared: the steps "
+           f"a method needs before it selects ({needs}). Shared steps: {steps}.",
            "", "| run | method | τ | loss | training | selection forwards | shared | total |",
            "|---|---|---|---|---|---|---|---|"]
   for r in compared:
