@@ -180,6 +180,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.dolma.rows_per_file = 100_000  # export_selection: sequences per Parquet file at most
 
   c.distill = ml_collections.ConfigDict()
+  c.distill.method = "color_distilled"  # color_distilled (top 1/tau by prediction) | color_cascade (rescore, below)
+  c.distill.cascade_factor = 2.0  # color_cascade: rescore the top cascade_factor/tau by prediction with both models
   c.distill.store = ""  # pool token store to select from
   c.distill.prior = ""  # params export of the prior (labels the sample with the conditional)
   c.distill.conditional = ""  # params export of the conditional

@@ -14,6 +14,11 @@ of the text show, so (as FineWeb-Edu's and DCLM's classifiers are distilled from
                as --config.data.index).
 Steps 1-4 do not depend on τ: `distill.parts` (default `<workdir>-parts`) can be shared by the selections of
 several τ, which then cost one prediction pass.
+
+`distill.method=color_cascade` spends more scoring for more fidelity: the prior and the conditional rescore the
+top `distill.cascade_factor`/τ of the pool by prediction (`<parts>/candidates-m<m>`, `<parts>/rescored-m<m>`), and
+the top 1/τ of the pool is taken from those by the true CoLoR score. With cascade_factor = τ the candidates are the
+whole pool and the selection is exactly CoLoR's.
 A fitted scorer is an artifact of its own (weights, features, the sample scores it was fitted on, the tokenizer):
 `distill.scorer` reuses one on another pool, which skips steps 1-3; a scorer whose tokenizer or features differ
 from the pool's is refused by name.
@@ -36,6 +41,7 @@ from colorjax import config as config_lib
 from colorjax import console
 from colorjax import dsir
 from colorjax import errors
+from colorjax import methods
 from colorjax import score as score_lib
 from colorjax import select as select_lib
 from colorjax.artifacts import formats
@@ -43,8 +49,10 @@ from colorjax.artifacts import lineage
 from colorjax.data import stores
 from colorjax.data import tokenizer as tokenizer_lib
 from colorjax.model import losses
+from colorjax.model import transformer
 
 METHOD = "color_distilled"
+CASCADE = "color_cascade"
 SCORER = formats.Kind("colorjax.scorer", "a fitted scorer", "the distill stage (<workdir>/scorer)")
 PREDICTIONS = "predictions.npy"  # float32 [pool sequences], in a folder with done.npy (uint8 per chunk)
 
@@ -137,6 +145,11 @@ def check_settings(cfg) -> None:
                              "(tau >= 1) or a positive token budget")
   if cfg.seed < 0:
     raise errors.ConfigError(f"seed={cfg.seed}: seeds are integers >= 0")
+  if d.method not in (METHOD, CASCADE):
+    raise errors.ConfigError(f"distill.method={d.method!r}; choose {METHOD} or {CASCADE}")
+  if d.method == CASCADE and not (math.isfinite(d.cascade_factor) and d.cascade_factor >= 1):
+    raise errors.ConfigError(f"distill.cascade_factor={d.cascade_factor}: the rescored candidates are "
+                             "cascade_factor x the selection, so it is a number >= 1")
 
 
 def _folders(cfg, workdir: pathlib.Path) -> dict:
@@ -327,14 +340,73 @@ def run(cfg) -> pathlib.Path:
       scores = score_lib.Scores(folders["sample_scores"])
     if console.is_main():
       fit_scorer(cfg, scorer_path, store, scores)
-  if not console.is_main():  # prediction and selection are CPU work of process 0
+  scorer = open_scorer(scorer_path, store, _features(cfg, store))
+  console.on_main_then_sync(lambda: predict_pool(cfg, folders["predictions"], store, scorer), "distill predict")
+  predictions_id = formats.read_json(folders["predictions"] / formats.MANIFEST)["id"]
+  values = np.load(folders["predictions"] / PREDICTIONS, mmap_mode="r")
+  if cfg.distill.method == CASCADE:
+    rescored = rescore_candidates(cfg, folders, store, values, predictions_id)
+    request = cascade_request(cfg, rescored.id, store.id)
+  else:
+    rescored, request = None, selection_request(cfg, predictions_id, store.id)
+  if not console.is_main():  # selection is CPU work of process 0
     return folders["selection"]
   with lineage.Lock(workdir):
-    scorer = open_scorer(scorer_path, store, _features(cfg, store))
-    values = predict_pool(cfg, folders["predictions"], store, scorer)
-    predictions_id = formats.read_json(folders["predictions"] / formats.MANIFEST)["id"]
-    return _select(cfg, folders["selection"], store, values, selection_request(cfg, predictions_id, store.id),
-                   scorer)
+    return _select(cfg, folders["selection"], store, values, request, scorer, rescored)
+
+
+def candidate_count(cfg, n: int, k: int) -> int:
+  """The cascade's rescored candidates: cascade_factor / τ of the pool (τ = n / k for a token budget), at most all."""
+  d = cfg.distill
+  tau = float(d.tau) if not d.tokens else n / k
+  return min(n, max(k, int(math.ceil(d.cascade_factor * n / tau - 1e-9))))
+
+
+def candidates_request(m: int, predictions_id: str, store_id: str) -> dict:
+  return {"method": "cascade_candidates", "m": int(m), "predictions": predictions_id, "store": store_id}
+
+
+def cascade_request(cfg, rescored_id: str, store_id: str) -> dict:
+  d = cfg.distill
+  return {"method": CASCADE, "tau": float(d.tau), "tokens": int(d.tokens), "factor": float(d.cascade_factor),
+          "rescored": rescored_id, "store": store_id}
+
+
+def rescore_candidates(cfg, folders: dict, store: stores.TokenStore, values, predictions_id: str) -> score_lib.Scores:
+  """The top m of the pool by prediction (process 0 writes them), scored by the prior and the conditional (every
+  host: the score stage, restricted to them)."""
+  d, n = cfg.distill, store.num_sequences
+  m = candidate_count(cfg, n, select_lib.keep_count(n, store.seq_len, d.tau, d.tokens, "distill"))
+  parts = folders["predictions"].parent
+  candidates, rescored = parts / f"candidates-m{m}", parts / f"rescored-m{m}"
+  request = candidates_request(m, predictions_id, store.id)
+
+  def write_candidates():
+    if lineage.up_to_date(candidates, request, "other candidates", "choose another distill.parts"):
+      return
+    ids, _ = select_lib.top_k(_Stream(values, d.block_rows), m)
+    manifest = {"format": formats.SELECTION.format, "id": lineage.content_id(request), "method": "cascade_candidates",
+                "k": int(m), "num_sequences": n, "tau": n / m, "tokens": int(m) * store.seq_len, "store_id": store.id,
+                "store_path": lineage.relative(store.path, candidates), "request": request,
+                "index_sha256": hashlib.sha256(select_lib.npy_bytes(ids)).hexdigest()}
+    _publish(candidates, {"index.npy": select_lib.npy_bytes(ids)}, manifest)
+
+  console.on_main_then_sync(write_candidates, "cascade candidates")
+  scfg = config_lib.stage_config(cfg, "score", model=cfg.model)
+  scfg.workdir, scfg.score.store, scfg.score.index = str(rescored), d.store, str(candidates)
+  scfg.score.prior, scfg.score.conditionals = d.prior, (d.conditional,)
+  score_lib.run(scfg)
+  scores = score_lib.Scores(rescored)
+  scores.check_complete()
+  return scores
+
+
+def _scoring_flops(scores: score_lib.Scores) -> float:
+  """FLOPs the prior and the conditional spent on a score folder (SPEC §5: 2N + 4LdT per token per model)."""
+  spec = transformer.ModelSpec(**scores.manifest["model"])
+  seq = int(scores.manifest["store"]["seq_len"])
+  return float(transformer.flops_per_token(spec, seq, training=False)) * scores.num_sequences * seq * len(
+      scores.manifest["models"])
 
 
 def expected_requests(cfg, store: stores.TokenStore, models: list[dict], numerics: dict) -> dict:
@@ -345,14 +417,26 @@ def expected_requests(cfg, store: stores.TokenStore, models: list[dict], numeric
   out["scorer"] = scorer_request(cfg, lineage.content_id(out["sample_scores"]), _features(cfg, store),
                                  store.manifest["tokenizer"]["sha256"])
   out["predictions"] = _predictions_request(cfg, lineage.content_id(out["scorer"]), store.id)
-  out["selection"] = selection_request(cfg, lineage.content_id(out["predictions"]), store.id)
+  predictions_id = lineage.content_id(out["predictions"])
+  if cfg.distill.method == CASCADE:
+    n = store.num_sequences
+    m = candidate_count(cfg, n, select_lib.keep_count(n, store.seq_len, cfg.distill.tau, cfg.distill.tokens,
+                                                      "distill"))
+    out[f"candidates-m{m}"] = candidates_request(m, predictions_id, store.id)
+    out[f"rescored-m{m}"] = score_lib.scores_request(store.id, models, numerics,
+                                                     lineage.content_id(out[f"candidates-m{m}"]))
+    out["selection"] = cascade_request(cfg, lineage.content_id(out[f"rescored-m{m}"]), store.id)
+  else:
+    out["selection"] = selection_request(cfg, predictions_id, store.id)
   return out
 
 
-def parts(cfg) -> dict:
-  """Where `run` puts the τ-independent artifacts (sample, sample_scores, scorer, predictions)."""
+def parts(cfg, requests: dict) -> dict:
+  """Where `run` puts the artifacts before the selection (the τ-independent ones, and a cascade's candidates)."""
   folders = _folders(cfg, pathlib.Path(cfg.workdir).resolve())
-  return {name: path for name, path in folders.items() if name != "selection"}
+  root = folders["predictions"].parent
+  named = {name: path for name, path in folders.items() if name != "selection"}
+  return named | {name: root / name for name in requests if name.startswith(("candidates-", "rescored-"))}
 
 
 def _predictions_request(cfg, scorer_id: str, store_id: str) -> dict:
@@ -369,26 +453,39 @@ def _check_models(cfg, store: stores.TokenStore) -> None:
                                      store.manifest["tokenizer"], f"pool store {store.path}")
 
 
-def _select(cfg, folder: pathlib.Path, store: stores.TokenStore, values, request: dict, scorer: dict) -> pathlib.Path:
+def _select(cfg, folder: pathlib.Path, store: stores.TokenStore, values, request: dict, scorer: dict,
+            rescored: score_lib.Scores | None) -> pathlib.Path:
+  """The top k of the pool by prediction, or (cascade) by the true CoLoR score among the rescored candidates."""
   if lineage.up_to_date(folder, request, "another selection", "choose another --config.workdir"):
     print(f"distill: {folder} is up to date; nothing to do")
     return folder
   d, n = cfg.distill, store.num_sequences
   k = select_lib.keep_count(n, store.seq_len, d.tau, d.tokens, "distill")
-  ids, threshold = select_lib.top_k(_Stream(values, d.block_rows), k)
+  if rescored is None:
+    stream = _Stream(values, d.block_rows)
+    ids, threshold = select_lib.top_k(stream, k)
+  else:
+    stream = select_lib.ScoreStream(rescored, methods.HEADLINE, "conditional_0", d.block_rows)
+    rows, threshold = select_lib.top_k(stream, k)
+    ids = rescored.global_ids(rows)
   manifest = {
-      "format": formats.SELECTION.format, "id": lineage.content_id(request), "method": METHOD,
+      "format": formats.SELECTION.format, "id": lineage.content_id(request), "method": d.method,
       "tau": float(n / k), "tau_requested": float(d.tau), "tokens_requested": int(d.tokens), "k": int(k),
       "num_sequences": n, "tokens": int(k) * store.seq_len, "threshold": threshold, "seed": None,
-      "conditional": None, "scores": None, "scorer": {"id": scorer["id"], "quality": scorer["quality"]},
+      "conditional": None if rescored is None else "conditional_0",
+      "scores": None if rescored is None else {"path": lineage.relative(rescored.path, folder), "id": rescored.id,
+                                               "models": rescored.manifest["models"]},
+      "cascade": None if rescored is None else {"factor": float(d.cascade_factor), "rescored": rescored.num_sequences,
+                                                "scoring_flops": _scoring_flops(rescored)},
+      "scorer": {"id": scorer["id"], "quality": scorer["quality"]},
       "store_id": store.id, "store_path": lineage.relative(store.path, folder),
       "index_sha256": hashlib.sha256(select_lib.npy_bytes(ids)).hexdigest(),
-      "score_stats": select_lib.score_statistics(_Stream(values, d.block_rows)),
+      "score_stats": select_lib.score_statistics(stream),
       "sources": select_lib.label_rates(store, ids, d.block_rows), "request": request,
       "config": json.loads(cfg.to_json()), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
   }
   _publish(folder, {"index.npy": select_lib.npy_bytes(ids)}, manifest)
-  print(f"distill: {METHOD} k={k:,} of {n:,} (tau {manifest['tau']:.2f}), threshold {threshold:.4f} -> {folder}")
+  print(f"distill: {d.method} k={k:,} of {n:,} (tau {manifest['tau']:.2f}), threshold {threshold:.4f} -> {folder}")
   select_lib.print_sources(manifest["sources"])
   return folder
 

@@ -41,6 +41,8 @@ REGISTRY = {m.name: m for m in (
     Method("dsir", "dsir", seeded=True, text_target=True, plot_color="tab:purple"),
     Method("color_distilled", "distill", shared_work=("prior", "conditional", "scoring_sample"),
            plot_color="tab:pink"),
+    Method("color_cascade", "distill", shared_work=("prior", "conditional", "scoring_sample"),
+           plot_color="tab:cyan"),
     Method("rho_down", "train", text_target=True, shared_work=("reference",), reference="reference",
            plot_color="tab:orange"),
     Method("rho_down_prior", "train", shared_work=("prior", "conditional"), reference="conditional",

@@ -83,12 +83,13 @@ def test_a_scorer_that_does_not_fit_the_pool_is_refused(fitted, synthetic_store,
 
 
 def test_pipeline_color_distilled_keeps_most_of_colors_selection(demo_run, tmp_path):
-  """The method runs in the pipeline from its registry entry, is up to date on a re-run, and its selection keeps
-  most of CoLoR's top 1/τ from scoring a tenth of the pool."""
+  """The methods run in the pipeline from their registry entries and are up to date on a re-run; distilled CoLoR
+  keeps most of CoLoR's top 1/τ from scoring a tenth of the pool, the cascade at least as much, its rescoring
+  counted in its compute."""
   work = tmp_path / "work"
   shutil.copytree(demo_run[0], work, symlinks=True)
-  cfg = make_config("pipeline", "demo", workdir=str(work), pipeline__methods=("color", "random", "color_distilled"),
-                    **SMALL_DEMO)
+  cfg = make_config("pipeline", "demo", workdir=str(work),
+                    pipeline__methods=("color", "random", "color_distilled", "color_cascade"), **SMALL_DEMO)
   runner.run(cfg)
   report = json.loads((work / "report.json").read_text())
   (row,) = [r for r in report["runs"] if r["method"] == "color_distilled"]
@@ -96,8 +97,31 @@ def test_pipeline_color_distilled_keeps_most_of_colors_selection(demo_run, tmp_p
   color = np.load(work / "selections" / "color-tau8" / "index.npy")
   distilled = np.load(work / "selections" / "color_distilled-tau8" / "index.npy")
   assert distilled.size == color.size and np.isin(color, distilled).mean() > 0.7
+  cascade = np.load(work / "selections" / "color_cascade-tau8" / "index.npy")
+  assert np.isin(color, cascade).mean() >= np.isin(color, distilled).mean()
+  rows = {r["method"]: r for r in report["runs"] if r["role"] == "compare"}
+  assert 0 < rows["color_cascade"]["compute"]["selection_forward"] < rows["color"]["compute"]["shared"]
   scorer = json.loads((work / "distill" / "scorer" / "manifest.json").read_text())
   assert scorer["quality"]["spearman_heldout"] > 0.3  # a few dozen held-out sequences in this small demo
   stamp = (work / "selections" / "color_distilled-tau8" / "manifest.json").stat().st_mtime_ns
   runner.run(cfg)
   assert (work / "selections" / "color_distilled-tau8" / "manifest.json").stat().st_mtime_ns == stamp
+
+
+def test_a_cascade_with_factor_tau_is_exactly_color(demo_run, tmp_path):
+  """color_cascade rescores the top factor/τ by prediction with both models; at factor = τ that is the whole pool,
+  and the selection is CoLoR's, id for id (the README's claim, and what makes the cascade a dial)."""
+  root, _ = demo_run
+  common = dict(distill__store=str(root / "stores" / "pool"), distill__prior=str(root / "runs" / "prior" / "params"),
+                distill__conditional=str(root / "runs" / "conditional" / "params"), distill__sample_fraction=0.2,
+                distill__steps=300, distill__method="color_cascade", distill__parts=str(tmp_path / "parts"))
+  exact = distill.run(make_config("distill", "8", workdir=str(tmp_path / "exact"), distill__cascade_factor=8.0,
+                                  **common))
+  color = np.load(root / "selections" / "color-tau8" / "index.npy")
+  np.testing.assert_array_equal(np.load(exact / "index.npy"), color)
+  cheap = distill.run(make_config("distill", "8", workdir=str(tmp_path / "cheap"), distill__cascade_factor=2.0,
+                                  **common))
+  manifest = json.loads((cheap / "manifest.json").read_text())
+  n = stores.TokenStore(root / "stores" / "pool").num_sequences
+  assert manifest["cascade"]["rescored"] == -(-2 * n // 8) and manifest["method"] == "color_cascade"
+  assert np.isin(color, np.load(cheap / "index.npy")).mean() > 0.8

@@ -154,7 +154,7 @@ def lineage(cfg, root: pathlib.Path, stages) -> list[Expected]:
       if pool_id and prior_id and cond_id:
         models = [{"name": "prior", "id": prior_id}, {"name": "conditional_0", "id": cond_id}]
         requests = distill.expected_requests(sel, stores.TokenStore(stages.stores["pool"]), models, numerics)
-      for part, folder in distill.parts(sel).items():  # shared by every τ: listed once
+      for part, folder in distill.parts(sel, requests).items():  # the τ-independent ones are listed once
         if all(e.path != folder for e in out):
           out.append(_expect(f"distill {part}", folder, requests.get(part), folder / formats.MANIFEST))
       req = requests.get("selection")

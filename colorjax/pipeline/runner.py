@@ -247,6 +247,7 @@ def _selection_config(cfg, root: pathlib.Path, stores: dict, r: dict) -> ml_coll
     sel.distill.prior = str(root / "runs" / "prior" / "params")
     sel.distill.conditional = str(root / "runs" / "conditional" / "params")
     sel.distill.parts = str(root / "distill")
+    sel.distill.method = r["method"]
     sel.distill.tau = r["tau"]
   else:
     sel = config.stage_config(cfg, "select")

@@ -67,12 +67,16 @@ def account(rows: list[dict], pipeline_record: dict, at) -> dict:
   """Adds "compute" ({"train", "selection_forward", "shared", "total"}) to every run row; returns the shared costs."""
   costs = shared_costs(pipeline_record, at)
   workdirs = {r["name"]: r.get("workdir") for r in pipeline_record.get("runs", [])}
+  selections = {r["name"]: r.get("selection_dir") for r in pipeline_record.get("runs", [])}
   for r in rows:
     own = run_flops(_manifest(at(workdirs.get(r["name"])), "params"))
     method = methods.REGISTRY.get(r["method"])
     needed = [costs.get(step) for step in (method.shared_work if method is not None else ())]
     shared = None if any(c is None for c in needed) else float(sum(needed))
-    parts = (own["train_flops"], own.get("selection_forward_flops") or 0.0, shared)
+    # a selection's own scoring (the cascade's rescored candidates), recorded in its manifest
+    cascade = _manifest(at(selections.get(r["name"]))).get("cascade") or {}
+    forward = (own.get("selection_forward_flops") or 0.0) + (cascade.get("scoring_flops") or 0.0)
+    parts = (own["train_flops"], forward, shared)
     r["compute"] = {"train": parts[0], "selection_forward": parts[1], "shared": shared,
                     "total": None if None in parts else float(sum(parts))}
   return costs
