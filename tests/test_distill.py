@@ -125,3 +125,11 @@ def test_a_cascade_with_factor_tau_is_exactly_color(demo_run, tmp_path):
   n = stores.TokenStore(root / "stores" / "pool").num_sequences
   assert manifest["cascade"]["rescored"] == -(-2 * n // 8) and manifest["method"] == "color_cascade"
   assert np.isin(color, np.load(cheap / "index.npy")).mean() > 0.8
+
+
+def test_the_dry_run_prints_each_distilled_selections_scoring_cost():
+  from conftest import run_cli  # pylint: disable=import-outside-toplevel
+  out = run_cli(["--config", "configs/pipeline.py:demo", "--config.dry_run=True",
+                 "--config.pipeline.methods=('color', 'random', 'color_distilled', 'color_cascade')"]).stdout
+  assert "color_distilled-tau8: scores " in out and "(10.0% of scoring the pool)" in out
+  assert "color_cascade-tau8: scores " in out and "(35.0% of scoring the pool)" in out

@@ -345,6 +345,24 @@ def _default_task_dirs(cfg):
 # Dry run
 
 
+def _distill_cost(cfg, name: str, sel, n: int, seq: int, sampled: bool) -> float:
+  """Prints the scoring a distill-stage selection needs (the sample; a cascade's rescored candidates), in FLOPs and
+  device-hours at score.tokens_per_s_per_device, beside scoring the whole pool; returns what it adds to the plan's
+  total (the sample, shared by every τ and both methods, only once: `sampled` says it is counted already)."""
+  per_sequence = 2 * transformer.flops_per_token(transformer.ModelSpec.from_config(cfg.prior.model), seq,
+                                                 training=False) * seq
+  d = sel.distill
+  sample = max(2, min(n, int(round(d.sample_fraction * n))))
+  k = select.keep_count(n, seq, d.tau, d.tokens, "distill")
+  rescored = distill.candidate_count(sel, n, k) if d.method == distill.CASCADE else 0
+  flops = per_sequence * (sample + rescored)
+  hours = (sample + rescored) * seq / max(cfg.score.tokens_per_s_per_device, 1.0) / 3600
+  print(f"  {name}: scores {sample:,} sampled + {rescored:,} rescored sequences = {flops:.3e} FLOPs "
+        f"({(sample + rescored) / n:.1%} of scoring the pool), {hours:,.2f} device-hours at "
+        f"{cfg.score.tokens_per_s_per_device:,.0f} pool tok/s per device")
+  return per_sequence * rescored if sampled else flops
+
+
 def describe(cfg):
   """Dry run of every stage: sizes, steps, tokens, FLOPs and per-device memory; checks every step's settings."""
   check_settings(cfg)
@@ -373,6 +391,7 @@ def describe(cfg):
     total_flops += train.describe(stages.reference, sizes["target_train"], seq, how)["total_flops"]
     print()
   by_tau: dict = {}
+  sampled = False
   for r in stages.runs:
     by_tau.setdefault(r["tau"], []).append(r)
   for tau, runs in by_tau.items():
@@ -380,6 +399,10 @@ def describe(cfg):
     offline, online = [r for r in runs if r["selection"]], [r for r in runs if not r["selection"]]
     if offline:
       print(f"select tau={tau:g}: {k:,} sequences ({k * seq:,} tokens); {len(offline)} target runs")
+      for name, sel in stages.selections.items():
+        if sel.stage == "distill" and f"tau{tau:g}" in name:
+          total_flops += _distill_cost(cfg, name, sel, n, seq, sampled)
+          sampled = True
       total_flops += train.describe(offline[0]["config"], k, seq, f"1/{tau:g} of the pool, {how}")["total_flops"] * len(
           offline)
       print()
