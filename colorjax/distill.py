@@ -333,13 +333,9 @@ def run(cfg) -> pathlib.Path:
   else:
     _check_models(cfg, store)
     scorer_path = folders["scorer"]
-    if not (scorer_path / formats.MANIFEST).exists() or not console.is_main():
-      console.on_main_then_sync(lambda: make_sample(cfg, folders["sample"], store), "distill sample")
-      scores = score_sample(cfg, folders)  # every host scores its rows of the sample
-    else:
-      scores = score_lib.Scores(folders["sample_scores"])
-    if console.is_main():
-      fit_scorer(cfg, scorer_path, store, scores)
+    console.on_main_then_sync(lambda: make_sample(cfg, folders["sample"], store), "distill sample")
+    scores = score_sample(cfg, folders)  # every host scores its rows of the sample ("complete" when it is)
+    console.on_main_then_sync(lambda: fit_scorer(cfg, scorer_path, store, scores), "distill fit")
   scorer = open_scorer(scorer_path, store, _features(cfg, store))
   console.on_main_then_sync(lambda: predict_pool(cfg, folders["predictions"], store, scorer), "distill predict")
   predictions_id = formats.read_json(folders["predictions"] / formats.MANIFEST)["id"]
