@@ -146,6 +146,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.select.tau = 16.0  # keep the top floor(N / tau) sequences
   c.select.tokens = 0  # instead of tau: keep floor(tokens / seq_len) sequences (0 = use tau)
   c.select.block_rows = 1 << 20  # rows per streamed block (memory is O(block_rows), not O(N))
+  c.select.within = ""  # select among these pool sequences only: a selection folder or .npy (a fixed-n pool)
 
   c.export = ml_collections.ConfigDict()
   c.export.selection = ""  # selection folder (select stage output) whose sequences to write out as text
@@ -181,8 +182,9 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.distill = ml_collections.ConfigDict()
   c.distill.method = "color_distilled"  # color_distilled (top 1/tau by prediction) | color_cascade (rescore, below)
-  c.distill.cascade_factor = 2.0  # color_cascade: rescore the top cascade_factor/tau by prediction with both models
+  c.distill.cascade_factor = 1.5  # color_cascade: rescore the top cascade_factor/tau by prediction with both models
   c.distill.store = ""  # pool token store to select from
+  c.distill.within = ""  # select among these pool sequences only: a selection folder or .npy (a fixed-n pool)
   c.distill.prior = ""  # params export of the prior (labels the sample with the conditional)
   c.distill.conditional = ""  # params export of the conditional
   c.distill.scorer = ""  # a fitted scorer folder to reuse ("" = fit one: sample, score the sample, fit)
@@ -201,6 +203,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.dsir = ml_collections.ConfigDict()
   c.dsir.store = ""  # pool token store to resample from
   c.dsir.target = ""  # target token store whose n-gram distribution the selection should match (same tokenizer)
+  c.dsir.within = ""  # resample among these pool sequences only: a selection folder or .npy (a fixed-n pool)
   c.dsir.buckets = 10000  # hash buckets of the n-gram features (the paper's 10,000)
   c.dsir.ngram = 2  # hash token n-grams of orders 1..ngram (2 = unigrams + bigrams, as the paper)
   c.dsir.smoothing = 1e-8  # added to each bucket probability before the log (the data-selection package's)

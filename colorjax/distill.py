@@ -304,28 +304,38 @@ def predict_pool(cfg, folder: pathlib.Path, store: stores.TokenStore, scorer: di
   return np.load(folder / PREDICTIONS, mmap_mode="r")
 
 
-def selection_request(cfg, predictions_id: str, store_id: str) -> dict:
+def _within(request: dict, within_id: str | None) -> dict:
+  """A request of a selection among `distill.within`'s candidates names them by id (unset: unchanged)."""
+  return request | {"within": within_id} if within_id else request
+
+
+def selection_request(cfg, predictions_id: str, store_id: str, within_id: str | None = None) -> dict:
   d = cfg.distill
-  return {"method": METHOD, "tau": float(d.tau), "tokens": int(d.tokens), "predictions": predictions_id,
-          "store": store_id}
+  return _within({"method": METHOD, "tau": float(d.tau), "tokens": int(d.tokens), "predictions": predictions_id,
+                  "store": store_id}, within_id)
 
 
 class _Stream:
-  """Streams a prediction array's float32 values, `block_rows` at a time (select.top_k's input)."""
+  """Streams a prediction array's float32 values, `block_rows` at a time (select.top_k's input); with `ids`, only
+  those pool sequences', positions counting within `ids`."""
 
-  def __init__(self, values, block_rows: int):
-    self.values, self.block_rows = values, int(block_rows)
+  def __init__(self, values, block_rows: int, ids: np.ndarray | None = None):
+    self.values, self.block_rows, self.ids = values, int(block_rows), ids
 
   def __iter__(self):
-    for start in range(0, self.values.shape[0], self.block_rows):
-      yield start, np.asarray(self.values[start:start + self.block_rows], np.float32)
+    n = self.values.shape[0] if self.ids is None else self.ids.size
+    for start in range(0, n, self.block_rows):
+      rows = slice(start, start + self.block_rows) if self.ids is None else self.ids[start:start + self.block_rows]
+      yield start, np.asarray(self.values[rows], np.float32)
 
 
 def run(cfg) -> pathlib.Path:
   check_settings(cfg)
   workdir = pathlib.Path(cfg.workdir).resolve()
   store = stores.TokenStore(cfg.distill.store)
-  select_lib.keep_count(store.num_sequences, store.seq_len, cfg.distill.tau, cfg.distill.tokens, "distill")
+  within, within_id = select_lib.within_ids(cfg.distill.within, store, "distill.within")
+  candidates = store.num_sequences if within is None else within.size
+  select_lib.keep_count(candidates, store.seq_len, cfg.distill.tau, cfg.distill.tokens, "distill")
   folders = _folders(cfg, workdir)
   if cfg.distill.scorer:
     scorer_path = pathlib.Path(cfg.distill.scorer).resolve()
@@ -341,14 +351,14 @@ def run(cfg) -> pathlib.Path:
   predictions_id = formats.read_json(folders["predictions"] / formats.MANIFEST)["id"]
   values = np.load(folders["predictions"] / PREDICTIONS, mmap_mode="r")
   if cfg.distill.method == CASCADE:
-    rescored = rescore_candidates(cfg, folders, store, values, predictions_id)
-    request = cascade_request(cfg, rescored.id, store.id)
+    rescored = rescore_candidates(cfg, folders, store, values, predictions_id, within, within_id)
+    request = cascade_request(cfg, rescored.id, store.id, within_id)
   else:
-    rescored, request = None, selection_request(cfg, predictions_id, store.id)
+    rescored, request = None, selection_request(cfg, predictions_id, store.id, within_id)
   if not console.is_main():  # selection is CPU work of process 0
     return folders["selection"]
   with lineage.Lock(workdir):
-    return _select(cfg, folders["selection"], store, values, request, scorer, rescored)
+    return _select(cfg, folders["selection"], store, values, request, scorer, rescored, within)
 
 
 def candidate_count(cfg, n: int, k: int) -> int:
@@ -358,29 +368,38 @@ def candidate_count(cfg, n: int, k: int) -> int:
   return min(n, max(k, int(math.ceil(d.cascade_factor * n / tau - 1e-9))))
 
 
-def candidates_request(m: int, predictions_id: str, store_id: str) -> dict:
-  return {"method": "cascade_candidates", "m": int(m), "predictions": predictions_id, "store": store_id}
+def candidates_request(m: int, predictions_id: str, store_id: str, within_id: str | None = None) -> dict:
+  return _within({"method": "cascade_candidates", "m": int(m), "predictions": predictions_id, "store": store_id},
+                 within_id)
 
 
-def cascade_request(cfg, rescored_id: str, store_id: str) -> dict:
+def cascade_request(cfg, rescored_id: str, store_id: str, within_id: str | None = None) -> dict:
   d = cfg.distill
-  return {"method": CASCADE, "tau": float(d.tau), "tokens": int(d.tokens), "factor": float(d.cascade_factor),
-          "rescored": rescored_id, "store": store_id}
+  return _within({"method": CASCADE, "tau": float(d.tau), "tokens": int(d.tokens), "factor": float(d.cascade_factor),
+                  "rescored": rescored_id, "store": store_id}, within_id)
 
 
-def rescore_candidates(cfg, folders: dict, store: stores.TokenStore, values, predictions_id: str) -> score_lib.Scores:
-  """The top m of the pool by prediction (process 0 writes them), scored by the prior and the conditional (every
-  host: the score stage, restricted to them)."""
-  d, n = cfg.distill, store.num_sequences
+def _candidates_folder(m: int, within_id: str | None) -> str:
+  """candidates-m<m> (and rescored-m<m>) of the whole pool; of `distill.within`'s candidates, named by their id."""
+  return f"m{m}" + (f"-within-{within_id}" if within_id else "")
+
+
+def rescore_candidates(cfg, folders: dict, store: stores.TokenStore, values, predictions_id: str,
+                       within: np.ndarray | None = None, within_id: str | None = None) -> score_lib.Scores:
+  """The top m of the candidates (the pool, or `distill.within`) by prediction (process 0 writes them), scored by
+  the prior and the conditional (every host: the score stage, restricted to them)."""
+  d = cfg.distill
+  n = store.num_sequences if within is None else within.size
   m = candidate_count(cfg, n, select_lib.keep_count(n, store.seq_len, d.tau, d.tokens, "distill"))
-  parts = folders["predictions"].parent
-  candidates, rescored = parts / f"candidates-m{m}", parts / f"rescored-m{m}"
-  request = candidates_request(m, predictions_id, store.id)
+  parts, name = folders["predictions"].parent, _candidates_folder(m, within_id)
+  candidates, rescored = parts / f"candidates-{name}", parts / f"rescored-{name}"
+  request = candidates_request(m, predictions_id, store.id, within_id)
 
   def write_candidates():
     if lineage.up_to_date(candidates, request, "other candidates", "choose another distill.parts"):
       return
-    ids, _ = select_lib.top_k(_Stream(values, d.block_rows), m)
+    ids, _ = select_lib.top_k(_Stream(values, d.block_rows, within), m)
+    ids = ids if within is None else within[ids]
     manifest = {"format": formats.SELECTION.format, "id": lineage.content_id(request), "method": "cascade_candidates",
                 "k": int(m), "num_sequences": n, "tau": n / m, "tokens": int(m) * store.seq_len, "store_id": store.id,
                 "store_path": lineage.relative(store.path, candidates), "request": request,
@@ -405,9 +424,12 @@ def _scoring_flops(scores: score_lib.Scores) -> float:
       scores.manifest["models"])
 
 
-def expected_requests(cfg, store: stores.TokenStore, models: list[dict], numerics: dict) -> dict:
+def expected_requests(cfg, store: stores.TokenStore, models: list[dict], numerics: dict,
+                      within: tuple[str, int] | None = None) -> dict:
   """Every artifact's request computed from the inputs' ids alone (the pipeline's preflight), as `run` will make
-  them: sample -> its scores -> the scorer -> the predictions -> the selection."""
+  them: sample -> its scores -> the scorer -> the predictions -> the selection; `within`: (id, size) of the
+  candidates when `distill.within` is set."""
+  within_id, n = within if within else (None, store.num_sequences)
   out = {"sample": sample_request(cfg, store.id)}
   out["sample_scores"] = score_lib.scores_request(store.id, models, numerics, lineage.content_id(out["sample"]))
   out["scorer"] = scorer_request(cfg, lineage.content_id(out["sample_scores"]), _features(cfg, store),
@@ -415,15 +437,15 @@ def expected_requests(cfg, store: stores.TokenStore, models: list[dict], numeric
   out["predictions"] = _predictions_request(cfg, lineage.content_id(out["scorer"]), store.id)
   predictions_id = lineage.content_id(out["predictions"])
   if cfg.distill.method == CASCADE:
-    n = store.num_sequences
     m = candidate_count(cfg, n, select_lib.keep_count(n, store.seq_len, cfg.distill.tau, cfg.distill.tokens,
                                                       "distill"))
-    out[f"candidates-m{m}"] = candidates_request(m, predictions_id, store.id)
-    out[f"rescored-m{m}"] = score_lib.scores_request(store.id, models, numerics,
-                                                     lineage.content_id(out[f"candidates-m{m}"]))
-    out["selection"] = cascade_request(cfg, lineage.content_id(out[f"rescored-m{m}"]), store.id)
+    name = _candidates_folder(m, within_id)
+    out[f"candidates-{name}"] = candidates_request(m, predictions_id, store.id, within_id)
+    out[f"rescored-{name}"] = score_lib.scores_request(store.id, models, numerics,
+                                                       lineage.content_id(out[f"candidates-{name}"]))
+    out["selection"] = cascade_request(cfg, lineage.content_id(out[f"rescored-{name}"]), store.id, within_id)
   else:
-    out["selection"] = selection_request(cfg, predictions_id, store.id)
+    out["selection"] = selection_request(cfg, predictions_id, store.id, within_id)
   return out
 
 
@@ -450,16 +472,19 @@ def _check_models(cfg, store: stores.TokenStore) -> None:
 
 
 def _select(cfg, folder: pathlib.Path, store: stores.TokenStore, values, request: dict, scorer: dict,
-            rescored: score_lib.Scores | None) -> pathlib.Path:
-  """The top k of the pool by prediction, or (cascade) by the true CoLoR score among the rescored candidates."""
+            rescored: score_lib.Scores | None, within: np.ndarray | None) -> pathlib.Path:
+  """The top k of the candidates (the pool, or `distill.within`) by prediction, or (cascade) by the true CoLoR
+  score among the rescored ones."""
   if lineage.up_to_date(folder, request, "another selection", "choose another --config.workdir"):
     print(f"distill: {folder} is up to date; nothing to do")
     return folder
-  d, n = cfg.distill, store.num_sequences
+  d = cfg.distill
+  n = store.num_sequences if within is None else within.size
   k = select_lib.keep_count(n, store.seq_len, d.tau, d.tokens, "distill")
   if rescored is None:
-    stream = _Stream(values, d.block_rows)
+    stream = _Stream(values, d.block_rows, within)
     ids, threshold = select_lib.top_k(stream, k)
+    ids = ids if within is None else within[ids]
   else:
     stream = select_lib.ScoreStream(rescored, methods.HEADLINE, "conditional_0", d.block_rows)
     rows, threshold = select_lib.top_k(stream, k)
@@ -477,7 +502,9 @@ def _select(cfg, folder: pathlib.Path, store: stores.TokenStore, values, request
       "store_id": store.id, "store_path": lineage.relative(store.path, folder),
       "index_sha256": hashlib.sha256(select_lib.npy_bytes(ids)).hexdigest(),
       "score_stats": select_lib.score_statistics(stream),
-      "sources": select_lib.label_rates(store, ids, d.block_rows), "request": request,
+      "within": None if within is None else {"path": lineage.relative(d.within, folder), "id": request["within"],
+                                             "sequences": int(within.size)},
+      "sources": select_lib.label_rates(store, ids, d.block_rows, within), "request": request,
       "config": json.loads(cfg.to_json()), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
   }
   _publish(folder, {"index.npy": select_lib.npy_bytes(ids)}, manifest)

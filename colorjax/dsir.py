@@ -179,47 +179,56 @@ def open_stores(cfg) -> tuple[stores.TokenStore, stores.TokenStore]:
   return pool, target
 
 
-def dsir_request(cfg, pool_id: str, target_id: str) -> dict:
-  """What decides the selection: the stores by id, the features, the raw sample, the size and the seed."""
+def dsir_request(cfg, pool_id: str, target_id: str, within_id: str | None = None) -> dict:
+  """What decides the selection: the stores by id (and the candidates, `dsir.within`), the features, the raw
+  sample, the size and the seed."""
   d = cfg.dsir
-  return {"method": "dsir", "tau": float(d.tau), "tokens": int(d.tokens), "seed": seed_of(cfg),
-          "buckets": int(d.buckets), "ngram": int(d.ngram), "smoothing": float(d.smoothing),
-          "raw_tokens": int(d.raw_tokens), "features": FEATURES, "store": pool_id, "target": target_id}
+  request = {"method": "dsir", "tau": float(d.tau), "tokens": int(d.tokens), "seed": seed_of(cfg),
+             "buckets": int(d.buckets), "ngram": int(d.ngram), "smoothing": float(d.smoothing),
+             "raw_tokens": int(d.raw_tokens), "features": FEATURES, "store": pool_id, "target": target_id}
+  if within_id:
+    request["within"] = within_id
+  return request
 
 
-def raw_ids(cfg, pool: stores.TokenStore) -> np.ndarray | None:
-  """Sorted ids of the pool sample the raw model is fit on (None: the whole pool)."""
+def raw_ids(cfg, pool: stores.TokenStore, within: np.ndarray | None = None) -> np.ndarray | None:
+  """Sorted ids of the candidates' sample the raw model is fit on (None: every candidate)."""
   d = cfg.dsir
+  n = pool.num_sequences if within is None else within.size
   rows = max(1, int(d.raw_tokens) // pool.seq_len)
-  if not d.raw_tokens or rows >= pool.num_sequences:
-    return None
-  return select_lib.random_sample(pool.num_sequences, rows, seed_of(cfg), d.block_rows)
+  if not d.raw_tokens or rows >= n:
+    return within
+  sample = select_lib.random_sample(n, rows, seed_of(cfg), d.block_rows)
+  return sample if within is None else within[sample]
 
 
 def run(cfg) -> pathlib.Path:
   check_settings(cfg)
   workdir = pathlib.Path(cfg.workdir).resolve()
   pool, target = open_stores(cfg)
-  request = dsir_request(cfg, pool.id, target.id)
+  within, within_id = select_lib.within_ids(cfg.dsir.within, pool, "dsir.within")
+  request = dsir_request(cfg, pool.id, target.id, within_id)
   if lineage.up_to_date(workdir, request, "another selection", "choose another --config.workdir"):
     print(f"dsir: {workdir} is up to date; nothing to do")
     return workdir
   lineage.check_new(workdir, "a selection", "choose another --config.workdir")
-  k = selection_size(cfg, pool.num_sequences, pool.seq_len)
+  k = selection_size(cfg, pool.num_sequences if within is None else within.size, pool.seq_len)
   if not console.is_main():  # a CPU stage: process 0 of a multi-host job does it all
     return workdir
   with lineage.Lock(workdir):
-    return _dsir(cfg, workdir, pool, target, request, k)
+    return _dsir(cfg, workdir, pool, target, request, k, within)
 
 
-def _dsir(cfg, workdir, pool, target, request, k: int) -> pathlib.Path:
+def _dsir(cfg, workdir, pool, target, request, k: int, within: np.ndarray | None) -> pathlib.Path:
+  """Weights and Gumbel keys over the candidates (the pool, or `within` by position), mapped to pool ids."""
   d = cfg.dsir
-  start, seed, n = time.time(), seed_of(cfg), pool.num_sequences
+  start, seed = time.time(), seed_of(cfg)
+  n = pool.num_sequences if within is None else within.size
   skip = sorted({pool.eos_id, pool.pad_id})
   target_counts = total_counts(_blocks(target, None, d.block_rows), d.buckets, d.ngram, skip)
   if not target_counts.sum():
     raise errors.DataError(f"target store {target.path} has no n-grams outside EOS/PAD; nothing to match")
-  sample = raw_ids(cfg, pool)
+  sample = raw_ids(cfg, pool, within)
   raw_counts = total_counts(_blocks(pool, sample, d.block_rows), d.buckets, d.ngram, skip)
   log_ratio = fit(target_counts, raw_counts, d.smoothing)
   partial = workdir.with_name(workdir.name + ".partial")
@@ -227,10 +236,11 @@ def _dsir(cfg, workdir, pool, target, request, k: int) -> pathlib.Path:
     shutil.rmtree(partial)
   partial.mkdir(parents=True)
   weights = np.lib.format.open_memmap(partial / "log_weights.npy", mode="w+", dtype=np.float32, shape=(n,))
-  for first, tokens in zip(range(0, n, d.block_rows), _blocks(pool, None, d.block_rows)):
+  for first, tokens in zip(range(0, n, d.block_rows), _blocks(pool, within, d.block_rows)):
     weights[first:first + tokens.shape[0]] = log_weights(tokens, log_ratio, d.ngram, skip)
   weights.flush()
   ids, threshold = gumbel_top_k(weights, k, seed, d.block_rows)
+  ids = ids if within is None else within[ids]
   index_bytes = select_lib.npy_bytes(ids)
   manifest = {
       "format": formats.SELECTION.format, "id": lineage.content_id(request), "method": "dsir",
@@ -245,7 +255,9 @@ def _dsir(cfg, workdir, pool, target, request, k: int) -> pathlib.Path:
                    "smoothing": float(d.smoothing)},
       "index_sha256": hashlib.sha256(index_bytes).hexdigest(),
       "score_stats": select_lib.score_statistics(_Keys(weights, seed, d.block_rows, noise=False)),
-      "sources": select_lib.label_rates(pool, ids, d.block_rows), "seconds": time.time() - start,
+      "within": None if within is None else {"path": lineage.relative(d.within, workdir),
+                                             "id": request["within"], "sequences": int(within.size)},
+      "sources": select_lib.label_rates(pool, ids, d.block_rows, within), "seconds": time.time() - start,
       "request": request, "config": json.loads(cfg.to_json()), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
   }
   del weights
@@ -260,9 +272,11 @@ def _dsir(cfg, workdir, pool, target, request, k: int) -> pathlib.Path:
 def describe(cfg) -> None:
   check_settings(cfg)
   pool, target = open_stores(cfg)
-  k = selection_size(cfg, pool.num_sequences, pool.seq_len)
-  sample = raw_ids(cfg, pool)
-  print(f"dsir (dry run): keeps {k:,} of {pool.num_sequences:,} sequences ({k * pool.seq_len:,} tokens) by hashed "
+  within, _ = select_lib.within_ids(cfg.dsir.within, pool, "dsir.within")
+  n = pool.num_sequences if within is None else within.size
+  k = selection_size(cfg, n, pool.seq_len)
+  sample = raw_ids(cfg, pool, within)
+  print(f"dsir (dry run): keeps {k:,} of {n:,} sequences ({k * pool.seq_len:,} tokens) by hashed "
         f"token 1..{cfg.dsir.ngram}-gram importance ({cfg.dsir.buckets:,} buckets) toward "
-        f"{target.num_sequences:,} target sequences; raw model on "
-        f"{pool.num_sequences if sample is None else sample.size:,} pool sequences")
+        f"{target.num_sequences:,} target sequences; raw model on {n if sample is None else sample.size:,} pool "
+        "sequences")

@@ -54,20 +54,24 @@ def _kth_bucket(counts: np.ndarray, k: int) -> tuple[int, int]:
 
 
 class ScoreStream:
-  """Streams fp32 scores of one selection method over the score array, `block_rows` rows at a time."""
+  """Streams fp32 scores of one selection method over the score array, `block_rows` rows at a time; with `ids`
+  (sorted pool ids, e.g. a fixed-n pool) over those sequences only, positions counting within `ids`."""
 
-  def __init__(self, scores: score_lib.Scores, method: methods.Method, conditional: str, block_rows: int):
-    self.scores, self.block_rows = scores, int(block_rows)
+  def __init__(self, scores: score_lib.Scores, method: methods.Method, conditional: str, block_rows: int,
+               ids: np.ndarray | None = None):
+    self.scores, self.block_rows, self.ids = scores, int(block_rows), ids
     self.cond = scores.column(conditional)
     self.prior = scores.column("prior") if "prior" in method.score_columns else None
 
   def __iter__(self):
-    n = self.scores.num_sequences
+    n = self.scores.num_sequences if self.ids is None else self.ids.size
     for start in range(0, n, self.block_rows):
-      rows = self.scores.read(start, min(n, start + self.block_rows))
+      stop = min(n, start + self.block_rows)
+      rows = self.scores.read(start, stop) if self.ids is None else self.scores.read_ids(self.ids[start:stop])
       values = losses.color_score(None if self.prior is None else rows[:, self.prior], rows[:, self.cond])
       if np.isnan(values).any():
-        bad = int(self.scores.global_ids([start + int(np.argmax(np.isnan(values)))])[0])
+        at = start + int(np.argmax(np.isnan(values)))
+        bad = int(self.scores.global_ids([at])[0] if self.ids is None else self.ids[at])
         raise errors.DataError(f"{self.scores.path}: score of sequence {bad} is NaN (unscored or corrupt); re-run the "
                                f"score stage with {score_lib.VERIFY_FLAG} (it re-scores damaged chunks)")
       yield start, values.astype(np.float32)
@@ -132,26 +136,45 @@ def score_statistics(stream) -> dict:
           "min": lo, "max": hi, "hist_edges": edges.tolist(), "hist_counts": hist.tolist()}
 
 
-def label_rates(store: stores.TokenStore, ids: np.ndarray, block_rows: int) -> dict:
-  """Per-source pool counts, selected counts and selection rates (by each sequence's first document's source)."""
+def label_rates(store: stores.TokenStore, ids: np.ndarray, block_rows: int,
+                within: np.ndarray | None = None) -> dict:
+  """Per-source pool counts (of the candidates `within`, else the store), selected counts and selection rates (by
+  each sequence's first document's source)."""
   labels = store.labels() or ["all"]
   pool = np.zeros(len(labels), np.int64)
-  for start in range(0, store.num_sequences, block_rows):
-    stop = min(store.num_sequences, start + block_rows)
-    pool += np.bincount(store.label_ids(np.arange(start, stop)), minlength=len(labels))
+  n = store.num_sequences if within is None else within.size
+  for start in range(0, n, block_rows):
+    stop = min(n, start + block_rows)
+    candidates = np.arange(start, stop) if within is None else within[start:stop]
+    pool += np.bincount(store.label_ids(candidates), minlength=len(labels))
   chosen = np.bincount(store.label_ids(ids), minlength=len(labels)) if ids.size else np.zeros(len(labels), np.int64)
   return {name: {"pool": int(p), "selected": int(c), "rate": float(c / p) if p else 0.0}
           for name, p, c in zip(labels, pool, chosen)}
 
 
-def selection_request(cfg, scores_id: str, store_id: str) -> dict:
-  """What decides a selection's content: the method and its settings, the pool, and (except for a random draw,
-  which a retrained prior or conditional leaves unchanged) the scores by id."""
+def selection_request(cfg, scores_id: str, store_id: str, within_id: str | None = None) -> dict:
+  """What decides a selection's content: the method and its settings, the pool (and the candidates within it, by
+  id, when `select.within` is set), and (except for a random draw, which a retrained prior or conditional leaves
+  unchanged) the scores by id."""
   scfg = cfg.select
   random = not methods.get(scfg.method, "select.method", "select").ranks_scores
-  return {"method": scfg.method, "tau": float(scfg.tau), "tokens": int(scfg.tokens),
-          "conditional": None if random else scfg.conditional, "seed": int(cfg.seed) if random else None,
-          "scores": None if random else scores_id, "store": store_id}
+  request = {"method": scfg.method, "tau": float(scfg.tau), "tokens": int(scfg.tokens),
+             "conditional": None if random else scfg.conditional, "seed": int(cfg.seed) if random else None,
+             "scores": None if random else scores_id, "store": store_id}
+  if within_id:
+    request["within"] = within_id
+  return request
+
+
+def within_ids(path: str, store: stores.TokenStore, setting: str) -> tuple[np.ndarray | None, str | None]:
+  """The candidates a selection draws from when `setting` names a selection folder or .npy of ids (a fixed-n pool):
+  their sorted unique pool ids and content id; (None, None) when it is unset: the whole pool."""
+  if not path:
+    return None, None
+  ids = np.unique(stores.load_index(path, store))
+  if not ids.size:
+    raise errors.DataError(f"{setting}={path} holds no sequences; point it at a non-empty selection of the pool")
+  return ids, stores.index_id(path)
 
 
 def check_settings(cfg) -> None:
@@ -195,19 +218,22 @@ def run(cfg) -> pathlib.Path:
   if store.id != scores.manifest["store"]["id"]:
     raise errors.DataError(f"store {store.path} changed since it was scored (id {store.id}, scores say "
                            f"{scores.manifest['store']['id']}); re-run the score stage")
-  request = selection_request(cfg, scores.id, store.id)
+  within, within_id = within_ids(scfg.within, store, "select.within")
+  request = selection_request(cfg, scores.id, store.id, within_id)
   if lineage.up_to_date(workdir, request, "another selection", "choose another --config.workdir"):
     print(f"select: {workdir} is up to date; nothing to do")
     return workdir
   lineage.check_new(workdir, "a selection", "choose another --config.workdir")
-  n = scores.num_sequences
+  if within is not None and methods.get(scfg.method, "select.method", "select").ranks_scores:
+    scores.rows_of(within)  # every candidate was scored, or a DataError names one that was not
+  n = scores.num_sequences if within is None else within.size
   k = selection_size(cfg, n, store.seq_len)
   scores.check_complete()
   with lineage.Lock(workdir):
-    return _select(cfg, workdir, scores, store, request, n, k)
+    return _select(cfg, workdir, scores, store, request, n, k, within)
 
 
-def _select(cfg, workdir, scores, store, request, n: int, k: int) -> pathlib.Path:
+def _select(cfg, workdir, scores, store, request, n: int, k: int, within: np.ndarray | None) -> pathlib.Path:
   scfg = cfg.select
   method = methods.get(scfg.method, "select.method", "select")
   start = time.time()
@@ -215,10 +241,11 @@ def _select(cfg, workdir, scores, store, request, n: int, k: int) -> pathlib.Pat
   if not method.ranks_scores:
     rows = random_sample(n, k, cfg.seed, scfg.block_rows)
   else:
-    stream = ScoreStream(scores, method, scfg.conditional, scfg.block_rows)
+    stream = ScoreStream(scores, method, scfg.conditional, scfg.block_rows, within)
     rows, threshold = top_k(stream, k)
     stats = score_statistics(stream)
-  ids = scores.global_ids(rows)  # the pool's ids (a score folder of a score.index holds a subset, in id order)
+  # the pool's ids: positions in the candidates, or rows of the score folder (a score.index holds a subset)
+  ids = within[rows] if within is not None else scores.global_ids(rows)
   manifest = {
       "format": formats.SELECTION.format, "id": lineage.content_id(request), "method": scfg.method,
       "tau": float(n / k), "tau_requested": float(scfg.tau), "tokens_requested": int(scfg.tokens), "k": int(k),
@@ -229,7 +256,9 @@ def _select(cfg, workdir, scores, store, request, n: int, k: int) -> pathlib.Pat
                  "models": scores.manifest["models"]},
       "store_id": store.id, "store_path": lineage.relative(store.path, workdir),
       "index_sha256": hashlib.sha256(npy_bytes(ids)).hexdigest(), "score_stats": stats,
-      "sources": label_rates(store, ids, scfg.block_rows), "seconds": time.time() - start,
+      "within": None if within is None else {"path": lineage.relative(scfg.within, workdir),
+                                             "id": request["within"], "sequences": int(within.size)},
+      "sources": label_rates(store, ids, scfg.block_rows, within), "seconds": time.time() - start,
       "request": request, "config": json.loads(cfg.to_json()), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
   }
   if console.is_main():
@@ -266,7 +295,8 @@ def store_of(selection: pathlib.Path, manifest: dict) -> pathlib.Path:
 
 def describe(cfg) -> None:
   scores = score_lib.Scores(cfg.select.scores)
-  n = scores.num_sequences
+  within, _ = within_ids(cfg.select.within, stores.TokenStore(scores.store_path()), "select.within")
+  n = scores.num_sequences if within is None else within.size
   k = selection_size(cfg, n, scores.manifest["store"]["seq_len"])
   print(f"select (dry run): {cfg.select.method} keeps {k:,} of {n:,} sequences "
         f"({k * scores.manifest['store']['seq_len']:,} tokens)")

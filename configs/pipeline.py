@@ -6,6 +6,11 @@
   tasks       conditional finetuned on the downstream tasks' train splits; targets scored on the 8-task suite
   paper-150m  the paper's 150M setting (pool store given by path; accelerators); check it with a dry run
   paper-1.2b  the paper's 1.2B targets (192k-step schedule) on the same selections
+  books-fixed-n[,<size>]  the paper's fixed-n protocol (§5.1, Fig. 2) on books: n = the prior's tokens, every
+              method selects n from nested pools of τ·n, τ = 2..16, every target trains on n; one CPU seed ~75 min
+  tasks-fixed-n[,<size>]  the same with the downstream tasks as target (DSIR and RHO-down model their rendered
+              train examples); CPU hours
+              <size>: demo (default, CPU) | tiny | 150m | 1.2b (150m and 1.2b: the paper's prior, n = 3.1B tokens)
 
   python -m colorjax.main --config configs/pipeline.py:demo
   python -m colorjax.main --config configs/pipeline.py:paper-1.2b --config.dry_run=True --config.dry_run_devices=64
@@ -14,7 +19,8 @@ import ml_collections
 
 from colorjax import config
 
-PRESETS = ("demo", "books", "tasks", "paper-150m", "paper-1.2b")
+PRESETS = ("demo", "books", "tasks", "paper-150m", "paper-1.2b", "books-fixed-n", "tasks-fixed-n")
+FIXED_N_METHODS = ("color", "conditional_only", "random", "dsir", "rho_down", "rho_down_prior")  # the paper's Fig. 2
 TASKS_WITH_TRAIN = ("piqa", "hellaswag", "winogrande", "openbookqa", "boolq", "arc_easy", "arc_challenge")
 ALL_TASKS = ("piqa", "hellaswag", "winogrande", "openbookqa", "boolq", "sciq", "arc_easy", "arc_challenge")
 
@@ -31,9 +37,13 @@ def _small_train(steps: int, batch: int = 16, warmup: int = 10) -> ml_collection
   return t
 
 
-def get_config(preset: str = "demo"):
+def get_config(arg: str = "demo"):
+  preset, _, size = arg.partition(",")
   if preset not in PRESETS:
     raise ValueError(f"unknown pipeline preset {preset!r}; choose one of {', '.join(PRESETS)}")
+  if size and not (preset.endswith("fixed-n") and size in config.MODEL_SIZES):
+    raise ValueError(f"pipeline preset {arg!r}: only the fixed-n presets take a model size after the comma, one of "
+                     f"{', '.join(config.MODEL_SIZES)}")
   c = config.get_config()
   c.stage = "pipeline"
   c.workdir = f"runs/{preset}"
@@ -55,6 +65,7 @@ def get_config(preset: str = "demo"):
   p.seq_len = 256  # tokens per sequence of every store
   p.tasks = TASKS_WITH_TRAIN  # target=tasks: tasks whose train splits finetune the conditional
   p.taus = (4.0, 8.0)  # selection ratios: keep the top 1/tau of the pool
+  p.protocol = "fixed_pool"  # fixed_pool: keep 1/tau of one pool | fixed_n: keep n (the prior's tokens) of tau*n
   p.seeds = (0, 1)  # target-model seeds (init and data order; and the random selection's draw)
   p.methods = ("color", "random")  # compared at each tau: color random conditional_only dsir rho_down rho_down_prior
   p.curve_tau = 2.0  # one random run per seed over 1/curve_tau of the pool, its learning curve gives data efficiency
@@ -119,9 +130,47 @@ def get_config(preset: str = "demo"):
     c.conditional.train.warmup_steps = 100
     c.score.batch_size = 64
     c.score.loss_chunk = 8  # the fastest head chunk on CPU (README "Performance": CPU scoring)
+  elif preset.endswith("fixed-n"):
+    _fixed_n(c, preset, size or "demo")
   else:
     _paper(c, preset)
   return c
+
+
+def _fixed_n(c, preset: str, size: str):
+  """The paper's Figure 2 protocol: n = the prior's tokens; τ·n-sequence nested pools; every target trains on n."""
+  p = c.pipeline
+  p.protocol = "fixed_n"
+  p.taus = (2.0, 4.0, 8.0, 16.0)
+  p.seeds = (0,)
+  p.methods = FIXED_N_METHODS
+  p.curve_tau = 2.0  # the random curve run: half the τ=16 pool = 8n tokens (the paper's "random with 8x data")
+  c.score.batch_size = 64
+  c.score.loss_chunk = 8  # the fastest head chunk on CPU (README "Performance": CPU scoring)
+  if preset == "tasks-fixed-n":
+    p.target = "tasks"
+    c.sft.limit = 2000
+    c.eval.tasks = ALL_TASKS
+    c.eval.limit = 500
+    c.eval.tasks_dir = ""  # set to <data>/tasks; "" = ../shared/data/tasks or HuggingFace datasets
+    c.conditional.train.warmup_steps = 100
+  if size in ("150m", "1.2b"):  # the paper's prior (3.1B tokens of 512) and recipe; planned with a dry run
+    _paper(c, "paper-150m" if size == "150m" else "paper-1.2b")
+    p.target = "tasks" if preset == "tasks-fixed-n" else "text"
+    p.taus, p.curve_tau = (2.0, 4.0, 8.0, 16.0), 2.0
+    p.pool_sequences = 16 * 24_000 * 256 + 24_000 * 256  # dry runs: the τ=16 pool and the prior's own data
+    p.target_sequences = 114_170 if p.target == "tasks" else 200_000
+    c.target.train.max_steps = 24_000 if size == "150m" else 192_000
+    c.reference.train = config.train_config()
+    c.reference.train.micro_batch_size = 64
+    c.reference.train.max_steps = 0
+    c.reference.train.single_pass = True
+    return
+  c.prior.model = config.model_config(size)
+  c.target.model = config.model_config(size)
+  c.prior.model.vocab_size = c.target.model.vocab_size = 4096
+  p.max_chars_per_file = 6_000_000  # the τ=16 pool needs 51,200 sequences; this pool holds ~60k
+  c.prior.train.max_steps = 200  # n = 200 x 16 x 256 = 819,200 tokens; the τ=16 pool: 13.1M tokens
 
 
 def _paper(c, preset: str):

@@ -103,6 +103,16 @@ def test_pipeline_color_distilled_keeps_most_of_colors_selection(demo_run, tmp_p
   assert 0 < rows["color_cascade"]["compute"]["selection_forward"] < rows["color"]["compute"]["shared"]
   scorer = json.loads((work / "distill" / "scorer" / "manifest.json").read_text())
   assert scorer["quality"]["spearman_heldout"] > 0.3  # a few dozen held-out sequences in this small demo
+  quality = report["selections"]
+  assert quality["color_distilled-tau8"]["recall"] == pytest.approx(np.isin(color, distilled).mean())
+  assert quality["color_distilled-tau8"]["spearman"] == scorer["quality"]["spearman_heldout"]
+  assert quality["color-tau8"]["recall"] == 1.0 and quality["color-tau8"]["scoring_share"] == pytest.approx(1.0)
+  assert quality["random-tau8-s0"]["scoring_share"] == 0.0
+  sampled = quality["color_distilled-tau8"]["scoring_share"]
+  assert 0 < sampled < quality["color_cascade-tau8"]["scoring_share"] < 1
+  markdown = (work / "report.md").read_text()
+  assert "## Selections: scoring cost and agreement with CoLoR" in markdown
+  assert (work / "plots" / "loss_vs_selection_compute.png").stat().st_size > 0
   stamp = (work / "selections" / "color_distilled-tau8" / "manifest.json").stat().st_mtime_ns
   runner.run(cfg)
   assert (work / "selections" / "color_distilled-tau8" / "manifest.json").stat().st_mtime_ns == stamp

@@ -1,6 +1,7 @@
 """Downstream-task SFT rows as a padded token store: what decides its content (the request, so its id is known before
 it is built), and building it. Task finetuning renders the rows with the tokenizer of the params it finetunes.
 """
+import json
 import pathlib
 import shutil
 import socket
@@ -78,3 +79,19 @@ def build_sft_store(task_names, data_dir, split: str, tokenizer_path, tok_info: 
   lineage.publish(partial, output)
   print(f"sft rows: {output}: {offset:,} rows of {seq_len} ({', '.join(task_names)}; split {split})")
   return output
+
+
+def write_task_text(task_names, data_dir, split: str, path, limit: int = 0) -> pathlib.Path:
+  """The tasks' examples rendered as SFT renders them (prompt + gold answer), one JSONL document each: the target
+  text of methods that model it (DSIR, RHO-down's reference) when the target is the task suite. Rewritten only when
+  its content changes, so a store prepared from it keeps its id."""
+  lines = [json.dumps({"text": tasks.render_sft(task, doc), "source": task})
+           for task in task_names for doc in tasks.load_docs(task, split, data_dir or None, limit=limit or None)]
+  data = ("\n".join(lines) + "\n").encode("utf-8")
+  path = pathlib.Path(path)
+  if not (path.exists() and path.read_bytes() == data):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_bytes(data)
+    partial.replace(path)
+  return path

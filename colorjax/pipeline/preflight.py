@@ -27,6 +27,7 @@ from colorjax.data import synthetic
 from colorjax.data import tasks as tasks_lib
 from colorjax.data import tokenizer as tokenizer_lib
 from colorjax.model import transformer
+from colorjax.pipeline import pools
 from colorjax.training import run_folder
 from colorjax.training import step_plan
 
@@ -40,17 +41,22 @@ def check_stage_settings(cfg, stages, sizes: dict, data_parallel: int) -> list[t
     except errors.ConfigError as e:
       problems.append(f"{name}: {e}")
   seq = sizes["seq_len"]
+  if pools.fixed_n(cfg) is not None:
+    try:
+      pools.check_fits(cfg, sizes["pool"])
+    except errors.ConfigError as e:
+      problems.append(str(e))
   step("prior", stages.prior, sizes["pool"], seq)
   step("conditional", stages.conditional, sizes["target_train"], sizes.get("sft_seq_len", seq))
   if stages.reference is not None:
-    step("reference", stages.reference, sizes["target_train"], seq)
+    step("reference", stages.reference, sizes.get("target_text", sizes["target_train"]), seq)
   for r in stages.runs:
-    if not r["selection"]:  # RHO-down: a single pass over the whole pool, tau x batch candidates per step
-      step(r["name"], r["config"], sizes["pool"], seq)
+    candidates, k = pools.candidates_and_kept(cfg, r, sizes["pool"])
+    if not r["selection"]:  # RHO-down: a single pass over its candidates, tau x batch of them per step
+      step(r["name"], r["config"], candidates, seq)
       continue
-    k = int(sizes["pool"] // r["tau"])
     if k <= 0:
-      problems.append(f"select {r['selection']}: tau {r['tau']:g} keeps 0 of {sizes['pool']:,} pool sequences")
+      problems.append(f"select {r['selection']}: tau {r['tau']:g} keeps 0 of {candidates:,} pool sequences")
       continue
     step(r["name"], r["config"], k, seq)
   if problems:
@@ -92,9 +98,14 @@ def lineage(cfg, root: pathlib.Path, stages) -> list[Expected]:
   """Every artifact of the work directory with the request it must have been made for, in pipeline order."""
   pcfg = cfg.pipeline
   out: list[Expected] = []
+  tasks_text = pcfg.target == "tasks" and "target_train" in stages.stores and not pcfg.target_train_store
   if pcfg.pool_store:
-    ids = {name: stores.TokenStore(path).id for name, path in stages.stores.items()}
+    ids = {name: stores.TokenStore(path).id for name, path in stages.stores.items()
+           if not (tasks_text and name == "target_train")}
     tok_info = stores.TokenStore(stages.stores["pool"]).manifest["tokenizer"]
+    if tasks_text:
+      out.append(_tasks_text(cfg, root, stages, stores.TokenStore(stages.stores["pool"]).tokenizer_path()))
+      ids["target_train"] = _id(out[-1])
   else:
     folder = corpus.data_dir(cfg, root, create=False)
     split_req = corpus.split_request_for(cfg, root, folder) if pathlib.Path(folder).exists() else None
@@ -109,6 +120,10 @@ def lineage(cfg, root: pathlib.Path, stages) -> list[Expected]:
     parts = corpus.part_paths(root / "data", *corpus.input_files(cfg, folder)) if split_ok else None
     ids, tok_info = {}, None
     for name, path in stages.stores.items():
+      if tasks_text and name == "target_train":
+        out.append(_tasks_text(cfg, root, stages, tok_path if tok_ok else None))
+        ids[name] = _id(out[-1])
+        continue
       request = None
       if tok_ok:
         request = prepare.check_inputs(corpus.prepare_config(cfg, parts[name], tok_path, path))[-1]
@@ -117,6 +132,14 @@ def lineage(cfg, root: pathlib.Path, stages) -> list[Expected]:
       ids[name] = _id(out[-1])
   prior_spec = transformer.ModelSpec.from_config(stages.prior.model)
   pool_id = ids.get("pool")
+  pool_ids, pool_sizes = {}, {}  # nested pool folder -> id, sequences (fixed n)
+  if pools.fixed_n(cfg) is not None:
+    for tau, size in pools.sizes(cfg).items():
+      folder = pools.folder(root, tau)
+      req = pools.request(pool_id, size, pcfg.split_seed) if pool_id else None
+      out.append(_expect(f"nested pool tau{tau:g}", folder, req, folder / formats.MANIFEST))
+      pool_ids[str(folder)], pool_sizes[str(folder)] = _id(out[-1]), size
+  within = lambda path: pool_ids.get(str(path)) if path else None
   prior_req = run_folder.run_request(stages.prior, prior_spec, pool_id, False, None, None) if pool_id else None
   out.append(_expect("prior", root / "runs" / "prior", prior_req))
   cond = stages.conditional
@@ -141,26 +164,31 @@ def lineage(cfg, root: pathlib.Path, stages) -> list[Expected]:
   numerics = transformer.ModelSpec.from_config(stages.score.model).numerics()
   if cond_req:
     models = [{"name": "prior", "id": prior_id}, {"name": "conditional_0", "id": cond_id}]
-    scores_req = score.scores_request(pool_id, models, numerics)
+    index = stages.score.score.index
+    scores_req = score.scores_request(pool_id, models, numerics, within(index)) if not index or within(index) else None
   out.append(_expect("scores", root / "scores", scores_req, root / "scores" / formats.MANIFEST))
   scores_id = _id(out[-1])
   selection_ids = {}
   for name, sel in stages.selections.items():
     if sel.stage == "dsir":
       target_id = ids.get("target_train")
-      req = dsir.dsir_request(sel, pool_id, target_id) if pool_id and target_id else None
+      known = pool_id and target_id and (within(sel.dsir.within) or not sel.dsir.within)
+      req = dsir.dsir_request(sel, pool_id, target_id, within(sel.dsir.within)) if known else None
     elif sel.stage == "distill":
       requests = {}
-      if pool_id and prior_id and cond_id:
+      subset = within(sel.distill.within)
+      if pool_id and prior_id and cond_id and (subset or not sel.distill.within):
         models = [{"name": "prior", "id": prior_id}, {"name": "conditional_0", "id": cond_id}]
-        requests = distill.expected_requests(sel, stores.TokenStore(stages.stores["pool"]), models, numerics)
+        requests = distill.expected_requests(sel, stores.TokenStore(stages.stores["pool"]), models, numerics,
+                                             (subset, pool_sizes[sel.distill.within]) if subset else None)
       for part, folder in distill.parts(sel, requests).items():  # the τ-independent ones are listed once
         if all(e.path != folder for e in out):
           out.append(_expect(f"distill {part}", folder, requests.get(part), folder / formats.MANIFEST))
       req = requests.get("selection")
     else:
       known = scores_id or (not methods.REGISTRY[sel.select.method].ranks_scores and pool_id)
-      req = select.selection_request(sel, scores_id, pool_id) if known else None
+      known = known and (within(sel.select.within) or not sel.select.within)
+      req = select.selection_request(sel, scores_id, pool_id, within(sel.select.within)) if known else None
     folder = pathlib.Path(sel.workdir)
     out.append(_expect(f"selection {name}", folder, req, folder / formats.MANIFEST))
     selection_ids[name] = _id(out[-1])
@@ -172,9 +200,21 @@ def lineage(cfg, root: pathlib.Path, stages) -> list[Expected]:
       req = run_folder.run_request(tcfg, spec, pool_id, False, sel_id, None) if sel_id else None
     else:
       ref_id = references[pathlib.Path(tcfg.train.rho_reference).parent.name]
-      req = run_folder.run_request(tcfg, spec, pool_id, False, None, None, ref_id) if pool_id and ref_id else None
+      index_id = within(tcfg.data.index)
+      known = pool_id and ref_id and (index_id or not tcfg.data.index)
+      req = run_folder.run_request(tcfg, spec, pool_id, False, index_id, None, ref_id) if known else None
     out.append(_expect(f"target {r['name']}", pathlib.Path(tcfg.workdir), req))
   return out
+
+
+def _tasks_text(cfg, root: pathlib.Path, stages, tok_path) -> Expected:
+  """The expected store of the tasks' rendered train examples (target=tasks with DSIR or RHO-down), known once
+  its text file and the tokenizer are there."""
+  path, text = stages.stores["target_train"], root / "data" / "tasks_train.jsonl"
+  request = None
+  if tok_path is not None and text.exists():
+    request = prepare.check_inputs(corpus.prepare_config(cfg, [text], tok_path, path))[-1]
+  return _expect("store target_train (task text)", path, request, path / formats.MANIFEST)
 
 
 def stale(expected: list[Expected], root: pathlib.Path) -> list[tuple[Expected, str]]:
@@ -216,13 +256,17 @@ def handle_stale(cfg, root: pathlib.Path, found: list[tuple[Expected, str]]) -> 
 
 
 def store_sizes(stages, cfg) -> dict:
+  """Sequences of the pool, of the conditional's data (target_train: the text store, or the SFT rows of a tasks
+  target) and of the target text DSIR and RHO-down's reference read (target_text)."""
   pool = stores.TokenStore(stages.stores["pool"])
   sizes = {"pool": pool.num_sequences, "seq_len": pool.seq_len}
   if "target_train" in stages.stores:
-    sizes["target_train"] = stores.TokenStore(stages.stores["target_train"]).num_sequences
-  else:
+    sizes["target_text"] = stores.TokenStore(stages.stores["target_train"]).num_sequences
+  if cfg.pipeline.target == "tasks":
     sizes["target_train"] = sft_rows(cfg)
     sizes["sft_seq_len"] = transformer.ModelSpec.from_config(cfg.prior.model).max_seq_len
+  else:
+    sizes["target_train"] = sizes["target_text"]
   return sizes
 
 
@@ -270,6 +314,16 @@ def estimated_sizes(cfg, root: pathlib.Path, stages) -> tuple[dict, str]:
     sizes = {"pool": to_seqs(pool_total), "seq_len": seq, "target_train": to_seqs(target_chars * split.finetune)}
     how = f"estimated from the input text at {pcfg.chars_per_token:g} characters per token"
   if pcfg.target == "tasks":
+    sizes["target_text"] = max(1, task_text_chars(cfg) // int(pcfg.chars_per_token * seq))
     sizes["target_train"] = sft_rows(cfg) or sizes["target_train"]
     sizes["sft_seq_len"] = transformer.ModelSpec.from_config(cfg.prior.model).max_seq_len
   return sizes, how
+
+
+def task_text_chars(cfg) -> int:
+  """Characters of the tasks' rendered train examples (the target text of DSIR and RHO-down with target=tasks);
+  0 without local task files."""
+  if not cfg.sft.data_dir:
+    return 0
+  return sum(len(tasks_lib.render_sft(task, doc)) for task in cfg.pipeline.tasks
+             for doc in tasks_lib.load_docs(task, cfg.sft.train_split, cfg.sft.data_dir, limit=cfg.sft.limit or None))

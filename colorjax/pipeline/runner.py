@@ -42,8 +42,11 @@ from colorjax import sharding
 from colorjax import train
 from colorjax.artifacts import lineage
 from colorjax.data import corpus
+from colorjax.data import sft_rows
+from colorjax.data import stores as stores_lib
 from colorjax.data import tasks as tasks_lib
 from colorjax.model import transformer
+from colorjax.pipeline import pools
 from colorjax.pipeline import preflight
 from colorjax.report import results
 from colorjax.training import metrics
@@ -93,11 +96,12 @@ def check_settings(cfg) -> None:
     if len(set(values)) != len(values):
       raise errors.ConfigError(f"pipeline.{field}={tuple(values)} repeats a value; give each once")
   for name in pcfg.methods:
-    method = methods.get(name, "pipeline.methods")
-    if method.text_target and pcfg.target == "tasks":
-      usable = ", ".join(m for m in methods.names() if not methods.REGISTRY[m].text_target)
-      raise errors.ConfigError(f"pipeline method {name} needs target text (pipeline.target=text): it models the "
-                               f"target's text; with target=tasks choose from {usable}")
+    methods.get(name, "pipeline.methods")
+  if pcfg.protocol not in pools.PROTOCOLS:
+    raise errors.ConfigError(f"pipeline.protocol={pcfg.protocol!r}; choose {' or '.join(pools.PROTOCOLS)}")
+  if pcfg.protocol == "fixed_n" and not (cfg.prior.train.max_steps > 0 and cfg.prior.train.global_batch_size > 0):
+    raise errors.ConfigError("pipeline.protocol=fixed_n: n is the prior's prior.train.max_steps x global_batch_size "
+                             "sequences; set both > 0")
   if min(pcfg.seeds) < 0 or cfg.seed < 0:
     raise errors.ConfigError(f"seed={cfg.seed}, pipeline.seeds={tuple(pcfg.seeds)}: seeds are integers >= 0")
   named = [(f"pipeline.taus has {tau}", tau) for tau in pcfg.taus]
@@ -156,8 +160,12 @@ class StageConfigs:
 
 
 def target_runs(cfg) -> list[dict]:
-  """Every selection and target run: (method, τ, seed) -> names; the random-curve runs last."""
+  """Every selection and target run: (method, τ, seed) -> names; the random-curve runs last. Under the fixed-n
+  protocol each run also names the nested pool it draws from ("pool_tau"), the random baseline runs at τ=1 too, and
+  the curve run takes 1/curve_tau of the largest pool."""
   pcfg = cfg.pipeline
+  fixed_n = pools.fixed_n(cfg) is not None
+  baseline = methods.BASELINE.name
   runs = []
   for tau in pcfg.taus:
     for seed in pcfg.seeds:
@@ -165,13 +173,18 @@ def target_runs(cfg) -> list[dict]:
         method = methods.REGISTRY[name]
         selection = None if method.stage == "train" else f"{name}-tau{tau:g}" + (f"-s{seed}" if method.seeded else "")
         runs.append({"name": f"target-{name}-tau{tau:g}-s{seed}", "method": name, "tau": float(tau),
-                     "seed": int(seed), "selection": selection, "role": "compare"})
+                     "seed": int(seed), "selection": selection, "role": "compare",
+                     "pool_tau": float(tau) if fixed_n else None})
+  if fixed_n and 1.0 not in pcfg.taus:
+    for seed in pcfg.seeds:
+      runs.append({"name": f"target-{baseline}-tau1-s{seed}", "method": baseline, "tau": 1.0, "seed": int(seed),
+                   "selection": f"{baseline}-tau1-s{seed}", "role": "compare", "pool_tau": 1.0})
   if pcfg.curve_tau:
     for seed in pcfg.seeds:
-      baseline = methods.BASELINE.name
       runs.append({"name": f"target-{baseline}-tau{pcfg.curve_tau:g}-s{seed}", "method": baseline,
                    "tau": float(pcfg.curve_tau), "seed": int(seed),
-                   "selection": f"{baseline}-tau{pcfg.curve_tau:g}-s{seed}", "role": "curve"})
+                   "selection": f"{baseline}-tau{pcfg.curve_tau:g}-s{seed}", "role": "curve",
+                   "pool_tau": pools.largest(cfg) if fixed_n else None})
   return runs
 
 
@@ -192,13 +205,19 @@ def _train_config(cfg, section, stage: str, workdir: pathlib.Path, store, eval_s
 def stage_configs(cfg, root: pathlib.Path) -> StageConfigs:
   pcfg = cfg.pipeline
   tasks_target = pcfg.target == "tasks"
+  # DSIR and RHO-down model the target's text: with the tasks as target, their rendered train examples
+  tasks_text = tasks_target and any(methods.REGISTRY[m].text_target for m in pcfg.methods)
   if pcfg.pool_store:
     stores = {"pool": pathlib.Path(pcfg.pool_store).resolve()}
     if not tasks_target:
       stores["target_train"] = pathlib.Path(pcfg.target_train_store).resolve()
       stores["target_eval"] = pathlib.Path(pcfg.target_eval_store).resolve()
+    elif tasks_text:
+      stores["target_train"] = (pathlib.Path(pcfg.target_train_store).resolve() if pcfg.target_train_store
+                                else root / "stores" / "target_train")
   else:
-    stores = {name: root / "stores" / name for name in (("pool",) if tasks_target else STORE_NAMES)}
+    names = (("pool", "target_train") if tasks_text else ("pool",)) if tasks_target else STORE_NAMES
+    stores = {name: root / "stores" / name for name in names}
   evals = {} if tasks_target else {"target": stores["target_eval"]}
   prior = _train_config(cfg, cfg.prior, "pretrain", root / "runs" / "prior", stores["pool"], evals)
   cond = _train_config(cfg, cfg.conditional, "finetune", root / "runs" / "conditional",
@@ -212,6 +231,8 @@ def stage_configs(cfg, root: pathlib.Path) -> StageConfigs:
   score_cfg.score.store = str(stores["pool"])
   score_cfg.score.prior = str(root / "runs" / "prior" / "params")
   score_cfg.score.conditionals = (str(root / "runs" / "conditional" / "params"),)
+  if pools.fixed_n(cfg) is not None:  # one scoring pass of the largest nested pool serves every τ
+    score_cfg.score.index = str(pools.folder(root, pools.largest(cfg)))
   reference = None
   if "reference" in methods.shared_work(pcfg.methods):
     reference = _train_config(cfg, cfg.reference, "pretrain", root / "runs" / "reference", stores["target_train"],
@@ -223,6 +244,8 @@ def stage_configs(cfg, root: pathlib.Path) -> StageConfigs:
                            seed=r["seed"])
       tcfg.train.rho_tau = r["tau"]
       tcfg.train.rho_reference = str(root / "runs" / methods.REGISTRY[r["method"]].reference / "params")
+      if r["pool_tau"] is not None:  # fixed n: one pass over its nested pool of τ·n keeps n
+        tcfg.data.index = str(pools.folder(root, r["pool_tau"]))
     else:
       sel = selections.setdefault(r["selection"], _selection_config(cfg, root, stores, r))
       tcfg = _train_config(cfg, cfg.target, "pretrain", root / "runs" / r["name"], stores["pool"], evals,
@@ -254,9 +277,19 @@ def _selection_config(cfg, root: pathlib.Path, stores: dict, r: dict) -> ml_coll
     sel.select.scores = str(root / "scores")
     sel.select.method = r["method"]
     sel.select.tau = r["tau"]
+  if r["pool_tau"] is not None:  # fixed n: n sequences from its nested pool (the curve run: 1/curve_tau of it)
+    section = sel[stage] if stage in ("dsir", "distill") else sel.select
+    section.within = str(pools.folder(root, r["pool_tau"]))
+    if r["role"] != "curve":
+      section.tokens = pools.fixed_n(cfg) * seq_len(cfg)
   sel.workdir = str(root / "selections" / r["selection"])
   sel.seed = r["seed"]
   return sel
+
+
+def seq_len(cfg) -> int:
+  """Tokens per sequence of the pipeline's stores (an existing pool store's own)."""
+  return stores_lib.TokenStore(cfg.pipeline.pool_store).seq_len if cfg.pipeline.pool_store else cfg.pipeline.seq_len
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -292,8 +325,18 @@ def _run(cfg, root: pathlib.Path):
     tokenizer = console.on_main_then_sync(lambda: corpus.tokenizer_path(cfg, root, parts, split_req), "tokenizer")
     tokenizer = tokenizer or root / "data" / "tokenizer.json"
     for name, path in stages.stores.items():
-      pcfg_prepare = corpus.prepare_config(cfg, parts[name], tokenizer, path)
-      step(f"prepare {name}", console.on_main_then_sync, lambda c=pcfg_prepare: prepare.run(c), f"prepare {name}")
+      if not (name == "target_train" and pcfg.target == "tasks"):
+        pcfg_prepare = corpus.prepare_config(cfg, parts[name], tokenizer, path)
+        step(f"prepare {name}", console.on_main_then_sync, lambda c=pcfg_prepare: prepare.run(c), f"prepare {name}")
+  if pcfg.target == "tasks" and "target_train" in stages.stores and not pcfg.target_train_store:
+    step("prepare target_train (the tasks' rendered train examples)", console.on_main_then_sync,
+         lambda: _tasks_text_store(cfg, root, stages), "prepare target_train")
+  if pools.fixed_n(cfg) is not None:
+    pool_store = stores_lib.TokenStore(stages.stores["pool"])
+    pools.check_fits(cfg, pool_store.num_sequences)
+    for tau, size in pools.sizes(cfg).items():
+      console.on_main_then_sync(lambda t=tau, m=size: pools.make(pools.folder(root, t), pool_store, m,
+                                                                  pcfg.split_seed), "nested pools")
   data_parallel = sharding.data_parallel_size(sharding.make_mesh(cfg.mesh))
   # before anything trains
   preflight.check_stage_settings(cfg, stages, preflight.store_sizes(stages, cfg), data_parallel)
@@ -331,6 +374,16 @@ def _run(cfg, root: pathlib.Path):
     path = step("report", results.write, root)
     print(f"\npipeline: done in {time.time() - step.start:.0f}s. Report: {path}")
   return root
+
+
+def _tasks_text_store(cfg, root: pathlib.Path, stages: StageConfigs) -> None:
+  """The target text of DSIR and RHO-down's reference when the target is the task suite: the tasks' train examples
+  rendered as the conditional finetunes on them (prompt + gold answer), as a token store with the pool's tokenizer."""
+  cond = stages.conditional
+  text = sft_rows.write_task_text(cond.sft.tasks, cond.sft.data_dir, cond.sft.train_split,
+                                  root / "data" / "tasks_train.jsonl", cond.sft.limit)
+  pool = stores_lib.TokenStore(stages.stores["pool"])
+  prepare.run(corpus.prepare_config(cfg, [text], pool.tokenizer_path(), stages.stores["target_train"]))
 
 
 def _default_task_dirs(cfg):
@@ -385,30 +438,37 @@ def describe(cfg):
   total_flops += train.describe(stages.conditional, sizes["target_train"], sizes.get("sft_seq_len", seq),
                                 how)["total_flops"]
   print()
-  total_flops += score.describe_nominal(stages.score, n, seq, models=2)
+  fixed_n = pools.fixed_n(cfg)
+  if fixed_n is not None:
+    print(f"fixed n: n = {fixed_n:,} sequences ({fixed_n * seq:,} tokens, the prior's); nested pools of tau x n: "
+          + ", ".join(f"tau {t:g}: {m:,}" for t, m in pools.sizes(cfg).items()) + "\n")
+  scored = pools.sizes(cfg)[pools.largest(cfg)] if fixed_n is not None else n
+  total_flops += score.describe_nominal(stages.score, scored, seq, models=2)
   print()
   if stages.reference is not None:
-    total_flops += train.describe(stages.reference, sizes["target_train"], seq, how)["total_flops"]
+    total_flops += train.describe(stages.reference, sizes.get("target_text", sizes["target_train"]), seq,
+                                  how)["total_flops"]
     print()
-  by_tau: dict = {}
+  groups: dict = {}
   sampled = False
   for r in stages.runs:
-    by_tau.setdefault(r["tau"], []).append(r)
-  for tau, runs in by_tau.items():
-    k = int(n // tau)
+    groups.setdefault((r["tau"], r["role"], pools.candidates_and_kept(cfg, r, n)), []).append(r)
+  for (tau, role, (candidates, k)), runs in groups.items():
     offline, online = [r for r in runs if r["selection"]], [r for r in runs if not r["selection"]]
+    drawn = "the pool" if candidates == n else f"a pool of {candidates:,}"
     if offline:
-      print(f"select tau={tau:g}: {k:,} sequences ({k * seq:,} tokens); {len(offline)} target runs")
+      print(f"select tau={tau:g}{' (random curve)' if role == 'curve' else ''}: {k:,} of {drawn} sequences "
+            f"({k * seq:,} tokens); {len(offline)} target runs")
       for name, sel in stages.selections.items():
         if sel.stage == "distill" and f"tau{tau:g}" in name:
-          total_flops += _distill_cost(cfg, name, sel, n, seq, sampled)
+          total_flops += _distill_cost(cfg, name, sel, candidates, seq, sampled)
           sampled = True
-      total_flops += train.describe(offline[0]["config"], k, seq, f"1/{tau:g} of the pool, {how}")["total_flops"] * len(
+      total_flops += train.describe(offline[0]["config"], k, seq, f"{k:,} of {drawn}, {how}")["total_flops"] * len(
           offline)
       print()
     if online:
-      print(f"RHO-down tau={tau:g}: {len(online)} target runs selecting online from the whole pool")
-      planned = train.describe(online[0]["config"], n, seq, how)
+      print(f"RHO-down tau={tau:g}: {len(online)} target runs selecting online from {drawn}")
+      planned = train.describe(online[0]["config"], candidates, seq, how)
       reference = transformer.ModelSpec.from_config(cfg.prior.model)
       rho = rho_lib.Rho(transformer.ModelSpec.from_config(cfg.target.model), reference, 0, None, 0)
       extra = rho_lib.forward_flops_per_step(rho, int(round(tau * planned["global_batch"])), seq) * planned["steps"]

@@ -12,6 +12,8 @@ registry entry's `shared_work`.
 import json
 import pathlib
 
+import numpy as np
+
 from colorjax import methods
 from colorjax.artifacts import formats
 from colorjax.model import transformer
@@ -103,9 +105,23 @@ def markdown(rows: list[dict], costs: dict) -> list[str]:
   return lines + [""]
 
 
+def selection_scoring(selections: dict, costs: dict) -> None:
+  """Adds each selection's scoring by the prior and conditional ("scoring_flops": its method's shared scoring plus a
+  cascade's rescoring) and its share of scoring the whole pool with both ("scoring_share")."""
+  full = costs.get("scoring")
+  for s in selections.values():
+    method = methods.REGISTRY.get(s["method"])
+    steps = [costs.get(w) for w in (method.shared_work if method is not None else ()) if w.startswith("scoring")]
+    flops = None if None in steps else float(sum(steps)) + ((s.get("cascade") or {}).get("scoring_flops") or 0.0)
+    s["scoring_flops"] = flops
+    s["scoring_share"] = None if flops is None or not full else flops / full
+
+
 def plot(rows: list[dict], folder: pathlib.Path) -> list[str]:
-  """Held-out loss against total compute, one marker per comparison run (log compute axis)."""
-  points = [r for r in rows if r["role"] == "compare" and r.get("compute", {}).get("total") and r["target_loss"]]
+  """Held-out loss against the selection's compute (everything a method spends before its target trains: prior,
+  conditional, scoring, reference, selection forwards), mean and spread over seeds, one marker per method and τ."""
+  points = [r for r in rows if r["role"] == "compare" and r.get("compute", {}).get("shared") is not None
+            and r["target_loss"] is not None]
   if not points:
     return []
   import matplotlib  # pylint: disable=import-outside-toplevel
@@ -113,17 +129,21 @@ def plot(rows: list[dict], folder: pathlib.Path) -> list[str]:
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   folder.mkdir(parents=True, exist_ok=True)
   fig, ax = plt.subplots(figsize=(7, 5))
-  for method in sorted({r["method"] for r in points}):
-    mine = [r for r in points if r["method"] == method]
-    ax.scatter([r["compute"]["total"] for r in mine], [r["target_loss"] for r in mine], label=method)
-    for r in mine:
-      ax.annotate(f"τ={r['tau']:g}", (r["compute"]["total"], r["target_loss"]), fontsize=7)
-  ax.set_xscale("log")
-  ax.set_xlabel("total compute (FLOPs)")
+  for name in sorted({r["method"] for r in points}):
+    method = methods.REGISTRY.get(name)
+    for tau in sorted({r["tau"] for r in points if r["method"] == name}):
+      mine = [r for r in points if r["method"] == name and r["tau"] == tau]
+      spent = [r["compute"]["shared"] + (r["compute"]["selection_forward"] or 0.0) for r in mine]
+      loss = np.array([r["target_loss"] for r in mine])
+      ax.errorbar(np.mean(spent), loss.mean(), yerr=loss.std() if len(mine) > 1 else None, fmt="o", capsize=3,
+                  color=method.plot_color if method is not None else "gray",
+                  label=name if tau == min(r["tau"] for r in points if r["method"] == name) else None)
+      ax.annotate(f"τ={tau:g}", (np.mean(spent), loss.mean()), fontsize=7, xytext=(4, 2), textcoords="offset points")
+  ax.set_xlabel("selection compute: FLOPs spent before the target trains")
   ax.set_ylabel("held-out target loss")
-  ax.set_title("Target loss against the compute each method spent")
+  ax.set_title("Target loss against the compute each selection spent")
   ax.legend(fontsize=8)
   fig.tight_layout()
-  fig.savefig(folder / "loss_vs_compute.png", dpi=120)
+  fig.savefig(folder / "loss_vs_selection_compute.png", dpi=120)
   plt.close(fig)
-  return ["plots/loss_vs_compute.png"]
+  return ["plots/loss_vs_selection_compute.png"]

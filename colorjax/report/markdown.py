@@ -5,6 +5,7 @@ import pathlib
 import time
 
 from colorjax.report import compute
+from colorjax.report import sweep
 
 
 def _fmt(x, digits=4):
@@ -195,6 +196,24 @@ def _md_selections(selections: dict) -> list[str]:
   return lines + [""]
 
 
+def _md_selection_cost(selections: dict) -> list[str]:
+  """What each selection's scoring cost against scoring the pool, and how well it agrees with the headline's."""
+  shown = {name: s for name, s in selections.items() if s.get("scoring_share") is not None or s.get("recall")}
+  if not shown:
+    return []
+  lines = ["## Selections: scoring cost and agreement with CoLoR", "",
+           "Scoring: FLOPs the prior and conditional spent on the selection, as a share of scoring the whole pool "
+           "with both. ρ: the distilled scorer's Spearman correlation with the CoLoR score on its held-out sample. "
+           "Recall: the share of CoLoR's selection of the same size that this selection also keeps.", "",
+           "| selection | method | τ | scoring | ρ | recall |", "|---|---|---|---|---|---|"]
+  for name, s in shown.items():
+    share = "?" if s.get("scoring_share") is None else f"{s['scoring_share']:.1%}"
+    rho = "-" if s.get("spearman") is None else f"{s['spearman']:.3f}"
+    recall = "-" if s.get("recall") is None else f"{s['recall']:.1%}"
+    lines.append(f"| {name} | {s['method']} | {s['tau']:g} | {share} | {rho} | {recall} |")
+  return lines + [""]
+
+
 def _md_examples(ex: dict) -> list[str]:
   lines = []
   for which in ("top", "bottom"):
@@ -207,9 +226,10 @@ def _md_examples(ex: dict) -> list[str]:
 def markdown(result: dict) -> str:
   lines = [f"# colorjax report: {result['preset']}", "", f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')}.", ""]
   lines += _md_setup(result["setup"]) + _md_runs(result["runs"]) + _md_summary(result["summary"])
+  lines += sweep.markdown(result["summary"], result["target"])
   lines += _md_efficiency(result["data_efficiency"], result["setup"]["data_efficiency_method"])
   lines += compute.markdown(result["runs"], result.get("compute") or {})
-  lines += _md_selections(result["selections"]) + _md_examples(result["examples"])
+  lines += _md_selections(result["selections"]) + _md_selection_cost(result["selections"]) + _md_examples(result["examples"])
   if result["plots"]:
     lines += ["## Plots", ""] + [f"![{m}]({m})" for m in result["plots"]]
   return "\n".join(lines).rstrip("\n") + "\n"

@@ -35,6 +35,7 @@ from colorjax.report import compute
 from colorjax.report import markdown
 from colorjax.report import plots
 from colorjax.report import setup
+from colorjax.report import sweep
 from colorjax.training import metrics
 
 EFFICIENCY_METHOD = (
@@ -102,7 +103,8 @@ def summarize(rows: list[dict]) -> list[dict]:
                 "compute_mean": float(np.mean(totals)) if len(totals) == len(members) else None,
                 "target_loss_mean": float(target_losses.mean()),
                 "target_loss_std": float(target_losses.std(ddof=1)) if len(members) > 1 else None,
-                "tasks_mean": float(np.mean(means)) if means else None})
+                "tasks_mean": float(np.mean(means)) if means else None,
+                "tasks_std": float(np.std(means, ddof=1)) if len(means) > 1 else None})
   return out
 
 
@@ -188,13 +190,31 @@ def data_efficiency(rows: list[dict], summary: list[dict]) -> dict:
 
 
 def selection_diagnostics(root: pathlib.Path) -> dict:
-  out = {}
+  """Each selection's cut-off, per-source rates, fitted scorer quality (distilled methods), cascade rescoring and
+  recall: the share of the headline method's selection of the same size it also selects (None without one)."""
+  out, indexes = {}, {}
   for folder in sorted((root / "selections").glob("*")):
     if (folder / formats.MANIFEST).exists():
       m = json.loads((folder / formats.MANIFEST).read_text())
       out[folder.name] = {"method": m["method"], "tau": m["tau"], "k": m["k"], "threshold": m["threshold"],
-                          "sources": m["sources"], "score_stats": m.get("score_stats")}
+                          "sources": m["sources"], "score_stats": m.get("score_stats"),
+                          "spearman": ((m.get("scorer") or {}).get("quality") or {}).get("spearman_heldout"),
+                          "cascade": m.get("cascade")}
+      indexes[folder.name] = folder / "index.npy"
+  headline = {s["k"]: name for name, s in out.items() if s["method"] == methods.HEADLINE.name}
+  for name, s in out.items():
+    reference = headline.get(s["k"])
+    shared = None if reference is None else _overlap(indexes[name], indexes[reference])
+    s["recall"] = None if shared is None else shared / s["k"]
   return out
+
+
+def _overlap(a: pathlib.Path, b: pathlib.Path) -> int | None:
+  """How many sequence ids two selections share (None when either index is unreadable)."""
+  try:
+    return int(np.intersect1d(np.load(a), np.load(b)).size)
+  except (OSError, ValueError):
+    return None
 
 
 class _Negated:
@@ -242,11 +262,14 @@ def write(root) -> pathlib.Path:
   costs = compute.account(rows, pipeline_record, lambda path: setup.at(root, path))
   summary = summarize(rows)
   selections = selection_diagnostics(root)
+  compute.selection_scoring(selections, costs)
   result = {"preset": pipeline_record.get("preset", "?"), "target": pipeline_record.get("target", "text"),
             "setup": setup.setup(pipeline_record, root, rows, EFFICIENCY_METHOD), "runs": rows, "summary": summary,
             "data_efficiency": data_efficiency(rows, summary), "compute": costs, "selections": selections,
             "examples": examples(pipeline_record, root),
+            "protocol": pipeline_record.get("config", {}).get("pipeline", {}).get("protocol", "fixed_pool"),
             "plots": plots.draw(rows, selections, root / "plots") + compute.plot(rows, root / "plots")}
+  result["plots"] += sweep.plot(summary, root / "plots", result["target"], result["protocol"])
   (root / "report.json").write_text(json.dumps(result, indent=1))
   (root / "report.md").write_text(markdown.markdown(result))
   markdown.print_summary(result)

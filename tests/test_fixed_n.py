@@ -1,0 +1,108 @@
+"""The paper's fixed-n protocol (issue 23): nested pools of τ·n, every selection n sequences from its own pool, one
+scoring pass of the largest pool, RHO-down over its pool, random at τ=1, the Figure-2 report; and every method on a
+tasks target, whose rendered train examples are DSIR's and RHO-down's target text."""
+import json
+
+import numpy as np
+import pytest
+
+from colorjax import errors
+from colorjax import score
+from colorjax.data import stores
+from colorjax.model import losses
+from colorjax.pipeline import runner
+from conftest import SMALL_DEMO, make_config
+
+ALL_METHODS = ("color", "conditional_only", "random", "dsir", "rho_down", "rho_down_prior")
+FIXED_N = dict(SMALL_DEMO, pipeline__protocol="fixed_n", pipeline__taus=(2.0, 4.0), pipeline__methods=ALL_METHODS,
+               prior__train__max_steps=20, prior__train__global_batch_size=8, reference__train__max_steps=20,
+               target__train__global_batch_size=8, pipeline__curve_tau=2.0)
+N = 20 * 8  # the prior's sequences
+
+
+def _ids(path):
+  return np.load(path / "index.npy")
+
+
+@pytest.fixture(scope="module")
+def fixed_n_run(tmp_path_factory):
+  root = tmp_path_factory.mktemp("fixed_n") / "work"
+  runner.run(make_config("pipeline", "demo", workdir=str(root), **FIXED_N))
+  return root
+
+
+def test_pools_are_nested_and_every_selection_keeps_n_of_its_own(fixed_n_run):
+  root = fixed_n_run
+  pools = {tau: _ids(root / "pools" / f"tau{tau:g}") for tau in (1, 2, 4)}
+  assert [pools[t].size for t in (1, 2, 4)] == [N, 2 * N, 4 * N]
+  assert np.isin(pools[1], pools[2]).all() and np.isin(pools[2], pools[4]).all()
+  scores = score.Scores(root / "scores")  # one pass over the largest pool
+  np.testing.assert_array_equal(scores.ids, pools[4])
+  for tau in (2, 4):
+    rows = scores.read_ids(pools[tau])
+    color = losses.color_score(rows[:, 0], rows[:, 1])
+    expected = np.sort(pools[tau][np.argsort(-color, kind="stable")[:N]])
+    np.testing.assert_array_equal(_ids(root / "selections" / f"color-tau{tau:g}"), expected)
+    for name in ("conditional_only", "random", "dsir"):
+      folder = next((root / "selections").glob(f"{name}-tau{tau:g}*"))
+      ids = _ids(folder)
+      assert ids.size == N and np.isin(ids, pools[tau]).all(), folder
+      manifest = json.loads((folder / "manifest.json").read_text())
+      assert manifest["within"]["sequences"] == tau * N and manifest["request"]["within"]
+  assert _ids(next((root / "selections").glob("random-tau1-*"))).size == N
+  curve = _ids(next((root / "selections").glob("random-tau2-s0")))
+  assert curve.size == N and np.isin(curve, pools[2]).all()
+
+
+def test_every_target_trains_on_n_tokens_and_rho_down_draws_from_its_pool(fixed_n_run):
+  root = fixed_n_run
+  record = json.loads((root / "pipeline.json").read_text())
+  compare = [r for r in record["runs"] if r["role"] == "compare"]
+  assert {(r["method"], r["tau"]) for r in compare} >= {(m, t) for m in ALL_METHODS for t in (2.0, 4.0)}
+  assert {("random", 1.0)} <= {(r["method"], r["tau"]) for r in compare}
+  for r in compare:
+    manifest = json.loads((root / r["workdir"] / "params" / "manifest.json").read_text())
+    assert manifest["tokens"] == N * 64, r["name"]
+    if r["method"].startswith("rho_down"):
+      assert manifest["config"]["data"]["index"].endswith(f"pools/tau{r['tau']:g}")
+      assert manifest["config"]["train"]["rho_tau"] == r["tau"]
+
+
+def test_the_report_plots_each_method_against_tau(fixed_n_run):
+  root = fixed_n_run
+  report = (root / "report.md").read_text()
+  assert "## Methods against τ (the paper's Figure 2 in miniature)" in report
+  for method in ALL_METHODS:
+    assert f"\n| {method} | " in report
+  assert "- τ=4, by loss: " in report and "RHO-down + prior second" in report
+  assert (root / "plots" / "methods_vs_tau.png").stat().st_size > 0
+  summary = json.loads((root / "report.json").read_text())["summary"]
+  assert {(s["method"], s["tau"]) for s in summary} >= {("random", 1.0), ("color", 4.0), ("rho_down_prior", 2.0)}
+
+
+def test_a_pool_store_too_small_for_the_largest_pool_is_refused_before_training(tmp_path):
+  cfg = make_config("pipeline", "demo", workdir=str(tmp_path / "w"), **dict(FIXED_N, pipeline__taus=(2.0, 400.0)))
+  with pytest.raises(errors.ConfigError, match=r"τ=400 pool needs 64,000 sequences .* prior.train.max_steps"):
+    runner.run(cfg)
+  assert not (tmp_path / "w" / "runs").exists()
+
+
+def test_every_method_runs_on_the_tasks_target(tmp_path):
+  """target=tasks: DSIR and RHO-down's reference read the tasks' rendered train examples (prompt + gold answer)."""
+  root = tmp_path / "work"
+  settings = dict(FIXED_N, pipeline__protocol="fixed_pool", pipeline__curve_tau=0.0, pipeline__taus=(4.0,))
+  cfg = make_config("pipeline", "demo", workdir=str(root), pipeline__target="tasks", pipeline__tasks=("piqa",),
+                    sft__limit=60, eval__tasks=("piqa",), eval__limit=16, **settings)
+  runner.run(cfg)
+  text = stores.TokenStore(root / "stores" / "target_train")
+  assert text.manifest["num_documents"] == 60 and text.manifest["request"]["inputs"][0][0] == "tasks_train.jsonl"
+  lines = (root / "data" / "tasks_train.jsonl").read_text().splitlines()
+  assert len(lines) == 60 and json.loads(lines[0])["source"] == "piqa"
+  dsir = json.loads((next((root / "selections").glob("dsir-tau4-*")) / "manifest.json").read_text())
+  assert dsir["target"]["id"] == text.id
+  reference = json.loads((root / "runs" / "reference" / "params" / "manifest.json").read_text())
+  assert reference["request"]["store"] == text.id
+  report = json.loads((root / "report.json").read_text())
+  rows = {r["method"]: r for r in report["runs"] if r["role"] == "compare"}
+  assert set(rows) == set(ALL_METHODS)
+  assert all(r["finished"] and "piqa" in r["tasks"] for r in rows.values())
