@@ -2,7 +2,8 @@
 
 One jitted step evaluates all K+1 models on the same batch with `jax.vmap` over their stacked parameters, so the
 pool is read once (the original read it once per model). The head and log-softmax run in sequence chunks
-(`score.loss_chunk`) so the fp32 [models, batch, seq, vocab] logits never exist at once.
+(`score.loss_chunk`) so the fp32 [models, batch, seq, vocab] logits never exist at once, and optionally a vocabulary
+tile at a time with an online logsumexp (`score.vocab_tile`), so not even one chunk's logits do.
 
 Output: a tensorstore zarr array `nll.zarr` [num_sequences, models] float32 keyed by global sequence id (with
 `score.index`, by position among the index's ids, ascending, which `ids.npy` lists), plus
@@ -276,11 +277,11 @@ def pool_rows_per_step(schedule: list, per_host: list, n: int, chunk_rows: int, 
   return rows
 
 
-def build_score_step(spec, stacked_sh, batch_sh, out_sh, pad_id, chunk: int):
+def build_score_step(spec, stacked_sh, batch_sh, out_sh, pad_id, chunk: int, vocab_tile: int = 0):
   """[batch, seq] tokens -> [batch, models] mean NLL, all models in one vmapped pass over the batch."""
 
   def score(stacked, tokens_bt):
-    per_model = jax.vmap(lambda p: losses.sequence_nll(spec, p, tokens_bt, pad_id, chunk))(stacked)
+    per_model = jax.vmap(lambda p: losses.sequence_nll(spec, p, tokens_bt, pad_id, chunk, vocab_tile))(stacked)
     return per_model.T
 
   return jax.jit(score, in_shardings=(stacked_sh, batch_sh), out_shardings=out_sh)
@@ -354,6 +355,8 @@ def _score(cfg, workdir, store, request, profiler, shard_i, shard_n, peak_flops:
   hosts = jax.process_count()
   if batch % hosts:
     raise errors.ConfigError(f"score.batch_size={batch} must split evenly over {hosts} hosts")
+  if int(scfg.vocab_tile) < 0:
+    raise errors.ConfigError(f"score.vocab_tile={scfg.vocab_tile}: a number of vocabulary columns, or 0 for all")
   chunk_rows = int(scfg.chunk_rows) or host_batch * max(1, 65536 // host_batch)
   if chunk_rows % host_batch:
     raise errors.ConfigError(f"score.chunk_rows={chunk_rows} must be a multiple of the per-host batch {host_batch}")
@@ -384,7 +387,7 @@ def _score(cfg, workdir, store, request, profiler, shard_i, shard_n, peak_flops:
   my_chunks = per_host[jax.process_index()]
   schedule = step_schedule(per_host, n, chunk_rows, host_batch)
   pad_id = losses.pad_to_mask(store)  # scores are means over real tokens, whatever the training policy
-  step_fn = build_score_step(spec, stacked_sh, batch_sh, out_sh, pad_id, int(scfg.loss_chunk))
+  step_fn = build_score_step(spec, stacked_sh, batch_sh, out_sh, pad_id, int(scfg.loss_chunk), int(scfg.vocab_tile))
   flops = transformer.flops_per_token(spec, store.seq_len, training=False) * len(models)
   peak = metrics.peak_flops(peak_flops)
 

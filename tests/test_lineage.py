@@ -197,7 +197,8 @@ def test_baseline_methods_join_a_finished_pipeline_with_compute_accounting(demo_
   assert rows["rho_down"]["train_tokens"] == rows["color"]["train_tokens"]  # equal selected tokens
   assert rows["color"]["compute"]["shared"] > rows["conditional_only"]["compute"]["shared"] > 0
   assert rows["random"]["compute"]["shared"] == rows["dsir"]["compute"]["shared"] == 0
-  assert (root / "plots" / "loss_vs_selection_compute.png").exists() and "## Compute" in (root / "report.md").read_text()
+  assert (root / "plots" / "loss_vs_selection_compute.png").exists()
+  assert "## Compute" in (root / "report.md").read_text()
   assert preflight.stale(preflight.lineage(cfg, root, runner.stage_configs(cfg, root)), root) == []
 
 

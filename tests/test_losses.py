@@ -1,4 +1,5 @@
-"""The loss owner: fused head loss gradients, precision policies, the multiple-choice gather, memory of the 150M step."""
+"""The loss owner: fused head loss gradients, the vocabulary-tiled head, precision policies, the multiple-choice
+gather, memory of the 150M step."""
 import math
 
 import jax
@@ -170,3 +171,23 @@ def test_bad_precision_and_profile_ranges_fail_before_any_work(tmp_path):
   profiler = metrics.StepProfiler("1:2", tmp_path / "profile")
   profiler.before(0)
   assert not profiler.active and not (tmp_path / "profile").exists()
+
+
+@pytest.mark.parametrize("vocab,tile,want_tile", [(256, 64, 64), (250, 64, 50), (256, 0, 256), (256, 512, 256)])
+def test_vocab_tile_is_the_largest_divisor_of_the_vocabulary(vocab, tile, want_tile):
+  assert losses.vocab_tile_size(tile, vocab) == want_tile
+
+
+@pytest.mark.parametrize("compute_dtype,vocab,tile,tolerance", [("float32", 256, 64, 2e-5), ("float32", 250, 64, 2e-5),
+                                                                ("float32", 97, 8, 2e-5), ("bfloat16", 256, 32, 2e-3)])
+def test_vocab_tiled_head_equals_the_whole_vocabulary_head(compute_dtype, vocab, tile, tolerance):
+  spec = spec_for(vocab_size=vocab, compute_dtype=compute_dtype)
+  params = _params(spec, seed=4)
+  tokens = jnp.asarray(np.random.default_rng(5).integers(0, vocab, (3, 40)))
+  want_nll, want_lse = losses.next_token_nll(spec, params, tokens, chunk=16)
+  got_nll, got_lse = losses.next_token_nll(spec, params, tokens, chunk=16, vocab_tile=tile)
+  assert got_nll.shape == want_nll.shape == (3, 39) and got_nll.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(got_nll), np.asarray(want_nll), rtol=tolerance, atol=tolerance)
+  np.testing.assert_allclose(np.asarray(got_lse), np.asarray(want_lse), rtol=tolerance, atol=tolerance)
+  means = [losses.sequence_nll(spec, params, tokens, 0, 8, t) for t in (0, tile)]
+  np.testing.assert_allclose(np.asarray(means[1]), np.asarray(means[0]), rtol=tolerance, atol=tolerance)

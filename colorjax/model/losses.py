@@ -70,12 +70,53 @@ def _chunk_size(chunk: int, seq: int) -> int:
   return seq if not chunk or chunk >= seq else int(chunk)
 
 
-def head_nll(hidden_btd, head_dv, targets_bt, logits_dtype, chunk: int = 0):
+def vocab_tile_size(tile: int, vocab: int) -> int:
+  """The largest divisor of `vocab` that is at most `tile` (0 or >= vocab: the whole vocabulary, no tiling)."""
+  if not tile or tile >= vocab:
+    return vocab
+  return next(size for size in range(int(tile), 0, -1) if vocab % size == 0)
+
+
+def _vocab_tiled_nll(h_xd, head_dv, t_x, logits_dtype, tile: int):
+  """(NLL, logsumexp) [x] with the head's logits made one vocabulary tile at a time and folded into a running
+  (max, rescaled sum, target logit), so the [x, vocab] logits never exist and each tile is reduced while it is hot:
+  the forward head's memory traffic drops from the whole logits to one tile (CPU: 1.8x the chunked head at
+  d=128, vocab 50,304). Each tile's logits are rounded as `_logits` rounds them, so the NLL equals the plain path's
+  up to the order of the fp32 sum."""
+  d, vocab = head_dv.shape
+  tiles_ndv = jnp.moveaxis(head_dv.reshape(d, vocab // tile, tile), 1, 0)
+
+  def fold(carry, tile_and_first):
+    max_x, sum_x, target_x = carry
+    head_tile_dv, first = tile_and_first
+    logits_xv = _logits(h_xd, head_tile_dv, logits_dtype)
+    new_max_x = jnp.maximum(max_x, jnp.max(logits_xv, axis=-1))
+    sum_x = sum_x * jnp.exp(max_x - new_max_x) + jnp.sum(jnp.exp(logits_xv - new_max_x[:, None]), axis=-1)
+    local_x = t_x - first
+    inside_x = (local_x >= 0) & (local_x < tile)
+    picked_x = jnp.take_along_axis(logits_xv, jnp.clip(local_x, 0, tile - 1)[:, None], axis=-1)[:, 0]
+    return (new_max_x, sum_x, target_x + jnp.where(inside_x, picked_x, 0.0)), None
+
+  zeros_x = jnp.zeros(t_x.shape, jnp.float32)
+  firsts = jnp.arange(vocab // tile, dtype=t_x.dtype) * tile
+  (max_x, sum_x, target_x), _ = jax.lax.scan(fold, (zeros_x - jnp.inf, zeros_x, zeros_x), (tiles_ndv, firsts))
+  lse_x = max_x + jnp.log(sum_x)
+  return lse_x - target_x, lse_x
+
+
+def head_nll(hidden_btd, head_dv, targets_bt, logits_dtype, chunk: int = 0, vocab_tile: int = 0):
   """Next-token NLL and logsumexp [batch, seq] (fp32) of `targets_bt` from final hidden states, `chunk` positions
-  at a time so the [batch, seq, vocab] logits never exist at once. Differentiable by plain autodiff (tests)."""
+  at a time so the [batch, seq, vocab] logits never exist at once, and with `vocab_tile` each chunk's logits made
+  and reduced a vocabulary tile at a time (forward only: scoring and evaluation). Differentiable by plain autodiff
+  (tests)."""
   head_dv = head_dv.astype(hidden_btd.dtype)
+  tile = vocab_tile_size(vocab_tile, head_dv.shape[-1])
 
   def nll(h_btd, t_bt):
+    if tile < head_dv.shape[-1]:
+      nll_x, lse_x = _vocab_tiled_nll(h_btd.reshape(-1, h_btd.shape[-1]), head_dv, t_bt.reshape(-1), logits_dtype,
+                                      tile)
+      return nll_x.reshape(t_bt.shape), lse_x.reshape(t_bt.shape)
     logits_btv = _logits(h_btd, head_dv, logits_dtype)
     lse_bt = logsumexp(logits_btv)
     return lse_bt - jnp.take_along_axis(logits_btv, t_bt[..., None], axis=-1)[..., 0], lse_bt
@@ -135,14 +176,15 @@ def _head_loss_bwd(z_weight, logits_dtype, chunk, grads, cotangents):
 head_loss.defvjp(_head_loss_and_grads, _head_loss_bwd)
 
 
-def next_token_nll(spec: transformer.ModelSpec, params: dict, tokens_bt, chunk: int = 0):
+def next_token_nll(spec: transformer.ModelSpec, params: dict, tokens_bt, chunk: int = 0, vocab_tile: int = 0):
   """Per-position next-token NLL and logsumexp, both fp32 [batch, seq-1] (position t predicts token t+1).
 
   The model runs on all `seq` tokens (as OLMo does) and the last position's prediction is dropped.
   """
   module = transformer.bind(spec, params)
   hidden_btd = module.hidden(tokens_bt)[:, :-1]
-  return head_nll(hidden_btd, module.head[...], tokens_bt[:, 1:].astype(jnp.int32), spec.logits_dtype, chunk)
+  return head_nll(hidden_btd, module.head[...], tokens_bt[:, 1:].astype(jnp.int32), spec.logits_dtype, chunk,
+                  vocab_tile)
 
 
 def gathered_nll(spec: transformer.ModelSpec, params: dict, inputs_bt, positions_bk, targets_bk, chunk: int = 0):
@@ -154,10 +196,11 @@ def gathered_nll(spec: transformer.ModelSpec, params: dict, inputs_bt, positions
   return head_nll(hidden_bkd, module.head[...], targets_bk.astype(jnp.int32), spec.logits_dtype, chunk)[0]
 
 
-def sequence_nll(spec: transformer.ModelSpec, params: dict, tokens_bt, pad_id: int | None, chunk: int = 0):
+def sequence_nll(spec: transformer.ModelSpec, params: dict, tokens_bt, pad_id: int | None, chunk: int = 0,
+                 vocab_tile: int = 0):
   """Mean next-token NLL of each sequence [batch] (fp32), PAD targets excluded when pad_id is given: the
   quantity CoLoR scores and held-out losses are made of."""
-  nll_bt, _ = next_token_nll(spec, params, tokens_bt.astype(jnp.int32), chunk)
+  nll_bt, _ = next_token_nll(spec, params, tokens_bt.astype(jnp.int32), chunk, vocab_tile)
   mask_bt = loss_mask(tokens_bt, pad_id)
   return jnp.sum(nll_bt * mask_bt, axis=1) / jnp.maximum(jnp.sum(mask_bt, axis=1), 1.0)
 

@@ -229,7 +229,8 @@ def markdown(result: dict) -> str:
   lines += sweep.markdown(result["summary"], result["target"])
   lines += _md_efficiency(result["data_efficiency"], result["setup"]["data_efficiency_method"])
   lines += compute.markdown(result["runs"], result.get("compute") or {})
-  lines += _md_selections(result["selections"]) + _md_selection_cost(result["selections"]) + _md_examples(result["examples"])
+  lines += _md_selections(result["selections"]) + _md_selection_cost(result["selections"])
+  lines += _md_examples(result["examples"])
   if result["plots"]:
     lines += ["## Plots", ""] + [f"![{m}]({m})" for m in result["plots"]]
   return "\n".join(lines).rstrip("\n") + "\n"

@@ -79,6 +79,7 @@ def main():
   parser.add_argument("--score-batch", type=int, default=256)
   parser.add_argument("--loss-chunk", type=int, default=128, help="train head chunk (positions)")
   parser.add_argument("--score-chunk", type=int, default=64, help="score head chunk (positions)")
+  parser.add_argument("--score-vocab-tile", type=int, default=0, help="score head vocabulary tile (0 = whole vocab)")
   parser.add_argument("--score-models", type=int, default=2, help="models scored in one vmapped pass")
   parser.add_argument("--precision", default="original", choices=transformer.PRECISIONS)
   parser.add_argument("--attention", default="auto")
@@ -184,18 +185,21 @@ def bench_score(args, spec, mesh, params, tokens, common, mfu):
                     out_shardings=stacked_sh)(params)
   row_sh = NamedSharding(mesh, P(sharding.RULES["batch"], None))
   pool = jax.device_put(tokens[: args.score_batch], row_sh)
-  score_step = score.build_score_step(spec, stacked_sh, row_sh, row_sh, None, args.score_chunk)
+  score_step = score.build_score_step(spec, stacked_sh, row_sh, row_sh, None, args.score_chunk,
+                                      args.score_vocab_tile)
   score_step, compile_s = compiled(score_step, stacked, pool)
   save_hlo(args, score_step, f"score-{common['variant']}")
   seconds = timed(lambda: score_step(stacked, pool), args.steps)
   pool_tok_s = pool.shape[0] * args.seq / seconds
   flops = transformer.flops_per_token(spec, args.seq, training=False)
   emit({"measure": "score_pair" if k == 2 else f"score_{k}_models", **common, "batch": pool.shape[0],
-        "score_chunk": args.score_chunk, "ms_per_step": round(seconds * 1e3, 2), "pool_tokens_per_s": round(pool_tok_s),
+        "score_chunk": args.score_chunk, "score_vocab_tile": args.score_vocab_tile,
+        "ms_per_step": round(seconds * 1e3, 2), "pool_tokens_per_s": round(pool_tok_s),
         "model_tokens_per_s": round(k * pool_tok_s), "mfu": mfu(k * pool_tok_s, flops),
         "peak_memory_gib": peak_memory_gib(), "compile_s": round(compile_s, 1)})
   if args.profile:
-    trace_summary.profile(lambda: score_step(stacked, pool), pathlib.Path(args.profile) / f"score-{common['variant']}", steps=3)
+    trace_summary.profile(lambda: score_step(stacked, pool), pathlib.Path(args.profile) / f"score-{common['variant']}",
+                          steps=3)
 
 
 if __name__ == "__main__":
