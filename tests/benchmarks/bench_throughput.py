@@ -9,7 +9,10 @@ vmapped prior+conditional scoring step on random tokens, after a warm-up step. W
 train step fed by the real loader (BatchSource + Prefetcher) from that token store, so loader stalls show. With
 `--profile DIR` it traces a few steps with jax.profiler and prints the kernels that took the time.
 MFU uses SPEC §5's conventions: 6N+12·L·d·T FLOPs/token for training, 2N+4·L·d·T per model for scoring,
-N = non-embedding + head; "pool_tokens_per_s" counts each pool token once however many models score it.
+N = non-embedding + head; "pool_tokens_per_s" counts each pool token once however many models score it, and
+"per_flop_vs_train" is scoring's model FLOP/s over training's in the same run (1.0 = as fast per FLOP).
+  python tests/benchmarks/bench_throughput.py --size demo --vocab 4096 --batch 16 --seq 256 --steps 6 \
+      --score-batch 64 --loss-chunk 8 --score-chunk 32 --score-vocab-tile 2048    # the CPU books presets' pair
 """
 import argparse
 import json
@@ -65,6 +68,9 @@ def save_hlo(args, compiled_fn, name: str):
     (folder / f"{name}.hlo.txt").write_text(compiled_fn.as_text())
 
 
+TRAIN_FLOPS_PER_S = {}  # variant -> training's model FLOP/s, so a score line can say its rate per FLOP against it
+
+
 def emit(record: dict):
   print(json.dumps(record), flush=True)
 
@@ -75,6 +81,7 @@ def main():
   parser.add_argument("--batch", type=int, default=256)
   parser.add_argument("--micro", type=int, default=0, help="train micro-batch (0 = whole batch in one pass)")
   parser.add_argument("--seq", type=int, default=512)
+  parser.add_argument("--vocab", type=int, default=0, help="embedding rows (0 = the size's 50,304)")
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--score-batch", type=int, default=256)
   parser.add_argument("--loss-chunk", type=int, default=128, help="train head chunk (positions)")
@@ -98,6 +105,7 @@ def main():
   cfg.model = config.model_config(args.size)
   cfg.model.attention = args.attention
   cfg.model.remat = args.remat
+  cfg.model.vocab_size = args.vocab or cfg.model.vocab_size
   cfg.model.precision = args.precision
   cfg.train.global_batch_size = args.batch
   cfg.train.micro_batch_size = args.micro
@@ -110,7 +118,8 @@ def main():
             "attention": transformer.attention_impl(spec),
             "xla_flags": os.environ.get("XLA_FLAGS", ""), "tag": args.tag}
   mfu = lambda tok_s, flops: round(tok_s * flops / (peak * jax.device_count()), 4) if peak else None
-  tokens = np.random.default_rng(0).integers(0, 50000, (args.batch, args.seq), dtype=np.int32) % spec.vocab_size
+  rows = max(args.batch, args.score_batch)  # the train step takes the first --batch rows, scoring --score-batch
+  tokens = np.random.default_rng(0).integers(0, 50000, (rows, args.seq), dtype=np.int32) % spec.vocab_size
   if args.store:  # the dtype the real loader delivers, so one compiled step serves both measurements
     tokens = tokens.astype(stores.TokenStore(args.store).dtype)
 
@@ -136,7 +145,7 @@ def bench_train(args, cfg, spec, mesh, params, tokens, common, mfu):
               "opt_state": sharding.opt_state_shardings(tx, abstract["opt_state"], param_sh, mesh)}
   batch_sh = sharding.batch_sharding(mesh, ndim=3, batch_dim=1)
   holder = {"state": jax.jit(init_state, out_shardings=state_sh)(params)}
-  batch = jax.device_put(tokens.reshape(plan.n_micro, plan.micro_batch, args.seq), batch_sh)
+  batch = jax.device_put(tokens[:args.batch].reshape(plan.n_micro, plan.micro_batch, args.seq), batch_sh)
   step = train.build_train_step(spec, tx, schedule, plan, state_sh, batch_sh, param_sh, 1e-4, None, args.loss_chunk)
   step, compile_s = compiled(step, holder["state"], batch)
   save_hlo(args, step, f"train-{common['variant']}")
@@ -148,6 +157,7 @@ def bench_train(args, cfg, spec, mesh, params, tokens, common, mfu):
   seconds = timed(train_once, args.steps)
   tok_s = args.batch * args.seq / seconds
   flops = transformer.flops_per_token(spec, args.seq, training=True)
+  TRAIN_FLOPS_PER_S[common["variant"]] = tok_s * flops
   emit({"measure": "train", **common, "batch": args.batch, "micro": plan.micro_batch, "loss_chunk": args.loss_chunk,
         "remat": args.remat, "ms_per_step": round(seconds * 1e3, 2), "tokens_per_s": round(tok_s),
         "mfu": mfu(tok_s, flops), "peak_memory_gib": peak_memory_gib(), "compile_s": round(compile_s, 1)})
@@ -196,6 +206,8 @@ def bench_score(args, spec, mesh, params, tokens, common, mfu):
         "score_chunk": args.score_chunk, "score_vocab_tile": args.score_vocab_tile,
         "ms_per_step": round(seconds * 1e3, 2), "pool_tokens_per_s": round(pool_tok_s),
         "model_tokens_per_s": round(k * pool_tok_s), "mfu": mfu(k * pool_tok_s, flops),
+        "per_flop_vs_train": (round(k * pool_tok_s * flops / TRAIN_FLOPS_PER_S[common["variant"]], 3)
+                              if common["variant"] in TRAIN_FLOPS_PER_S else None),
         "peak_memory_gib": peak_memory_gib(), "compile_s": round(compile_s, 1)})
   if args.profile:
     trace_summary.profile(lambda: score_step(stacked, pool), pathlib.Path(args.profile) / f"score-{common['variant']}",
