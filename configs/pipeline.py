@@ -41,8 +41,10 @@ def get_config(arg: str = "demo"):
   preset, _, size = arg.partition(",")
   if preset not in PRESETS:
     raise ValueError(f"unknown pipeline preset {preset!r}; choose one of {', '.join(PRESETS)}")
-  if size and not (preset.endswith("fixed-n") and size in config.MODEL_SIZES):
-    raise ValueError(f"pipeline preset {arg!r}: only the fixed-n presets take a model size after the comma, one of "
+  if size and not preset.endswith("fixed-n"):
+    raise ValueError(f"pipeline preset {arg!r}: only the fixed-n presets take a model size after the comma")
+  if size and size not in config.MODEL_SIZES:
+    raise ValueError(f"pipeline preset {arg!r}: unknown model size {size!r}; choose one of "
                      f"{', '.join(config.MODEL_SIZES)}")
   c = config.get_config()
   c.stage = "pipeline"

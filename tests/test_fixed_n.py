@@ -106,3 +106,25 @@ def test_every_method_runs_on_the_tasks_target(tmp_path):
   rows = {r["method"]: r for r in report["runs"] if r["role"] == "compare"}
   assert set(rows) == set(ALL_METHODS)
   assert all(r["finished"] and "piqa" in r["tasks"] for r in rows.values())
+
+
+@pytest.mark.parametrize("preset", ["books-fixed-n", "tasks-fixed-n"])
+def test_the_150m_fixed_n_presets_plan_every_stage_on_32_devices(preset):
+  from conftest import run_cli  # pylint: disable=import-outside-toplevel
+  out = run_cli(["--config", f"configs/pipeline.py:{preset},150m", "--config.dry_run=True",
+                 "--config.dry_run_devices=32"]).stdout
+  assert "fixed n: n = 6,144,000 sequences (3,145,728,000 tokens, the prior's)" in out
+  assert "score (dry run): 2 models x 98,304,000 sequences x 512 tokens" in out
+  for tau, pool in ((2, "12,288,000"), (4, "24,576,000"), (8, "49,152,000"), (16, "98,304,000")):
+    assert f"select tau={tau}: 6,144,000 of a pool of {pool} sequences" in out
+    assert f"RHO-down tau={tau}: 2 target runs selecting online from a pool of {pool}" in out
+  assert "select tau=1: 6,144,000 of a pool of 6,144,000 sequences" in out
+  assert "mesh: data=1 fsdp=32 tensor=1 (32 devices)" in out and "pipeline total: " in out
+
+
+@pytest.mark.parametrize("arg,message", [("books-fixed-n,huge", "unknown model size 'huge'; choose one of demo"),
+                                         ("books,tiny", "only the fixed-n presets take a model size")])
+def test_a_bad_preset_size_is_named(arg, message):
+  from conftest import run_cli  # pylint: disable=import-outside-toplevel
+  proc = run_cli(["--config", f"configs/pipeline.py:{arg}", "--config.dry_run=True"], check=False)
+  assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr
