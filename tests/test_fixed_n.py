@@ -50,8 +50,11 @@ def test_pools_are_nested_and_every_selection_keeps_n_of_its_own(fixed_n_run):
       manifest = json.loads((folder / "manifest.json").read_text())
       assert manifest["within"]["sequences"] == tau * N and manifest["request"]["within"]
   assert _ids(next((root / "selections").glob("random-tau1-*"))).size == N
-  curve = _ids(next((root / "selections").glob("random-tau2-s0")))
-  assert curve.size == N and np.isin(curve, pools[2]).all()
+  assert _ids(root / "selections" / "random-tau2-s0").size == N
+  curve = _ids(root / "selections" / "random-curve-tau2-s0")  # 1/curve_tau of the largest pool, not the τ=2 run's
+  assert curve.size == 2 * N and np.isin(curve, pools[4]).all()
+  manifest = json.loads((root / "runs" / "target-random-curve-tau2-s0" / "params" / "manifest.json").read_text())
+  assert manifest["tokens"] == 2 * N * 64
 
 
 def test_every_target_trains_on_n_tokens_and_rho_down_draws_from_its_pool(fixed_n_run):

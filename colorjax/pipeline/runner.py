@@ -162,7 +162,7 @@ class StageConfigs:
 def target_runs(cfg) -> list[dict]:
   """Every selection and target run: (method, τ, seed) -> names; the random-curve runs last. Under the fixed-n
   protocol each run also names the nested pool it draws from ("pool_tau"), the random baseline runs at τ=1 too, and
-  the curve run takes 1/curve_tau of the largest pool."""
+  the curve run takes 1/curve_tau of the largest pool (named "curve": its τ may equal a compared τ)."""
   pcfg = cfg.pipeline
   fixed_n = pools.fixed_n(cfg) is not None
   baseline = methods.BASELINE.name
@@ -180,10 +180,11 @@ def target_runs(cfg) -> list[dict]:
       runs.append({"name": f"target-{baseline}-tau1-s{seed}", "method": baseline, "tau": 1.0, "seed": int(seed),
                    "selection": f"{baseline}-tau1-s{seed}", "role": "compare", "pool_tau": 1.0})
   if pcfg.curve_tau:
+    part = f"curve-tau{pcfg.curve_tau:g}" if fixed_n else f"tau{pcfg.curve_tau:g}"  # fixed n: never a compare run's
     for seed in pcfg.seeds:
-      runs.append({"name": f"target-{baseline}-tau{pcfg.curve_tau:g}-s{seed}", "method": baseline,
+      runs.append({"name": f"target-{baseline}-{part}-s{seed}", "method": baseline,
                    "tau": float(pcfg.curve_tau), "seed": int(seed),
-                   "selection": f"{baseline}-tau{pcfg.curve_tau:g}-s{seed}", "role": "curve",
+                   "selection": f"{baseline}-{part}-s{seed}", "role": "curve",
                    "pool_tau": pools.largest(cfg) if fixed_n else None})
   return runs
 
