@@ -134,6 +134,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.score.batch_size = 256  # sequences per scoring step (all hosts together)
   c.score.loss_chunk = 64  # head + log-softmax over this many positions at a time (bounds logits memory)
   c.score.vocab_tile = 0  # head + log-softmax over this many vocabulary columns at a time, online (0 = all at once)
+  c.score.fp8 = False  # opt-in: trunk matmuls in fp8 e4m3 (H100/H200 fp8 GEMMs); changes the scores (README, fp8)
   c.score.tokens_per_s_per_device = 464_000.0  # dry-run time estimate: pool tok/s per device (150M x2, one H200)
   c.score.chunk_rows = 0  # rows per output chunk, the unit of writing and resuming (0 = about 65,536)
   c.score.shard = ""  # "i/n": score only the i-th of n row ranges (independent jobs, one shared output)

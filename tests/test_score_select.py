@@ -382,6 +382,43 @@ def test_scores_in_another_precision_are_another_artifact(synthetic_store, synth
     score_lib.run(config("float32"))
 
 
+def test_fp8_scoring_is_an_opt_in_artifact_near_the_bf16_scores(synthetic_store, synthetic_prior, conditional, tmp_path,
+                                                                capsys):
+  """Issue 24.2: score.fp8 quantizes the trunk's matmuls (scores move, a little), says so, and its scores are
+  another artifact: its request records fp8, and a bf16 score folder refuses to be resumed in fp8."""
+  prior, _ = synthetic_prior
+  config = lambda folder, fp8: make_config("score", "demo", score__store=str(synthetic_store), score__prior=str(prior),
+                                           score__conditionals=(str(conditional),), workdir=str(tmp_path / folder),
+                                           score__batch_size=16, score__chunk_rows=512, score__fp8=fp8)
+  score_lib.run(config("bf16", False))
+  assert "score: fp8" not in capsys.readouterr().out
+  score_lib.run(config("fp8", True))
+  assert "score: fp8 (score.fp8, opt-in)" in capsys.readouterr().out
+  bf16, fp8 = score_lib.Scores(tmp_path / "bf16"), score_lib.Scores(tmp_path / "fp8")
+  assert fp8.manifest["request"]["numerics"] == {"precision": "original", "fp8": True}
+  assert fp8.id != bf16.id
+  nll_bf16, nll_fp8 = bf16.read(0, bf16.num_sequences), fp8.read(0, fp8.num_sequences)
+  gap = np.abs(nll_fp8 - nll_bf16)
+  assert 0 < gap.max() < 0.1 and gap.mean() < 0.03, (gap.max(), gap.mean())
+  with pytest.raises(errors.DataError, match=r"holds scores of another job \(differs in numerics"):
+    score_lib.run(config("bf16", True))
+
+
+def test_fp8_quantization_keeps_three_mantissa_bits_under_a_power_of_two_scale():
+  """fp8_qdq: e4m3 values under a power-of-two scale come back exactly; anything else within e4m3's relative
+  step (2^-4) once above the subnormal range; the largest magnitude lands in [224, 448] x scale."""
+  from colorjax.model import transformer
+  grid = np.asarray(jnp.arange(-448, 449, dtype=jnp.float32).astype(jnp.float8_e4m3fn).astype(jnp.float32))
+  exact = grid * 2.0 ** -9
+  np.testing.assert_array_equal(np.asarray(transformer.fp8_qdq(jnp.asarray(exact)), np.float32), exact)
+  x = np.random.default_rng(0).standard_normal(4096).astype(np.float32) * 3.0
+  q = np.asarray(transformer.fp8_qdq(jnp.asarray(x)), np.float32)
+  scale = 2.0 ** np.ceil(np.log2(np.abs(x).max() / 448.0))
+  normal = np.abs(x) >= 2.0 ** -6 * scale
+  assert np.all(np.abs(q - x)[normal] <= 2.0 ** -4 * np.abs(x)[normal])
+  assert 224 <= np.abs(x).max() / scale <= 448
+
+
 def test_a_token_id_outside_the_vocab_is_caught_when_the_store_is_read(synthetic_store, tmp_path):
   """Issue 21.7: a store row holding an id >= its vocab would score NaN; reading it names the store and the fix."""
   broken = tmp_path / "store"

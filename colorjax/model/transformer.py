@@ -37,6 +37,7 @@ class ModelSpec:
   `max_seq_len` is neither: RoPE has no learned positions, and each reader checks its data against it."""
   ARCHITECTURE = ("d_model", "n_layers", "n_heads", "mlp_hidden", "vocab_size", "rope_theta", "norm_eps")
   COMPUTE = ("compute_dtype", "attention", "remat", "precision")
+  SCORING = ("fp8",)  # set by the scoring stage alone (score.fp8), never read from a model config or an export
   DEFAULT_NUMERICS = {"precision": "original"}  # numerics() of the defaults: the original's policy, bf16 compute
   d_model: int
   n_layers: int
@@ -50,6 +51,7 @@ class ModelSpec:
   attention: str = "auto"
   remat: bool = False
   precision: str = "original"
+  fp8: bool = False
 
   def __post_init__(self):
     if self.precision not in PRECISIONS:
@@ -73,10 +75,11 @@ class ModelSpec:
   def from_config(cls, m) -> "ModelSpec":
     if m.d_model % m.n_heads:
       raise errors.ConfigError(f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}")
-    return cls(**{f.name: m[f.name] for f in dataclasses.fields(cls)})
+    return cls(**{f.name: m[f.name] for f in dataclasses.fields(cls) if f.name not in cls.SCORING})
 
   def to_dict(self) -> dict:
-    return dataclasses.asdict(self)
+    """What a params export records: scoring-only fields are not the model's."""
+    return {k: v for k, v in dataclasses.asdict(self).items() if k not in self.SCORING}
 
   def architecture(self) -> dict:
     """The fields that decide whether two parameter sets are interchangeable."""
@@ -93,6 +96,8 @@ class ModelSpec:
     request = {"precision": self.precision}
     if self.compute_dtype != "bfloat16":
       request["compute_dtype"] = self.compute_dtype
+    if self.fp8:
+      request["fp8"] = True
     return request
 
 
@@ -101,15 +106,37 @@ def _trunc_normal(std: float):
   return jax.nn.initializers.truncated_normal(stddev=std, lower=-3.0, upper=3.0)
 
 
-class Linear(nnx.Module):
-  """Bias-free projection; weight [in, out] in fp32, applied in the compute dtype."""
+E4M3_MAX = float(jnp.finfo(jnp.float8_e4m3fn).max)
 
-  def __init__(self, d_in: int, d_out: int, std: float, axes: tuple, dtype, *, rngs: nnx.Rngs):
+
+def fp8_qdq(x):
+  """Quantize to e4m3 with one power-of-two scale per tensor (max |x| maps into [224, 448]) and dequantize to bf16:
+  the Q -> DQ -> dot pattern XLA's GPU GEMM rewriter turns into a cuBLASLt fp8 GEMM with the scales as its alpha.
+  A power-of-two scale makes the dequantized values exact in bf16, so CPU (which runs this as written) computes the
+  products an fp8 GEMM computes, and the selection's change is measurable without one."""
+  x32 = x.astype(jnp.float32)
+  amax = jnp.max(jnp.abs(x32))
+  scale = jnp.where(amax > 0, jnp.exp2(jnp.ceil(jnp.log2(jnp.maximum(amax, 1e-30) / E4M3_MAX))), 1.0)
+  return (x32 / scale).astype(jnp.float8_e4m3fn).astype(jnp.bfloat16) * scale.astype(jnp.bfloat16)
+
+
+class Linear(nnx.Module):
+  """Bias-free projection; weight [in, out] in fp32, applied in the compute dtype, or with both operands in fp8
+  (`fp8`: scoring only, there is no fp8 gradient recipe here)."""
+
+  def __init__(self, d_in: int, d_out: int, std: float, axes: tuple, dtype, fp8: bool = False, *,
+               rngs: nnx.Rngs):
     self.kernel = nnx.Param(_trunc_normal(std)(rngs.params(), (d_in, d_out), jnp.float32), logical_axes=axes)
     self.dtype = dtype
+    self.fp8 = fp8
 
   def __call__(self, x):
+    if self.fp8:
+      return self.fp8_dot(x)
     return jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+
+  def fp8_dot(self, x):
+    return jnp.dot(fp8_qdq(x), fp8_qdq(self.kernel[...]), preferred_element_type=self.dtype)
 
 
 @functools.partial(jax.checkpoint, static_argnums=(2,))
@@ -165,10 +192,10 @@ class Attention(nnx.Module):
   def __init__(self, spec: ModelSpec, layer: int, *, rngs: nnx.Rngs):
     d, dtype = spec.d_model, jnp.dtype(spec.compute_dtype)
     std = 1.0 / math.sqrt(d)
-    self.qkv = Linear(d, 3 * d, std, ("embed", "qkv"), dtype, rngs=rngs)
+    self.qkv = Linear(d, 3 * d, std, ("embed", "qkv"), dtype, spec.fp8, rngs=rngs)
     self.q_norm = LayerNorm(d, spec.norm_eps, spec.residual_dtype)
     self.k_norm = LayerNorm(d, spec.norm_eps, spec.residual_dtype)
-    self.out = Linear(d, d, std / math.sqrt(2 * (layer + 1)), ("heads", "embed"), dtype, rngs=rngs)
+    self.out = Linear(d, d, std / math.sqrt(2 * (layer + 1)), ("heads", "embed"), dtype, spec.fp8, rngs=rngs)
     self.spec = spec
 
   def normed_qk(self, q_btd, k_btd):
@@ -207,8 +234,9 @@ class MLP(nnx.Module):
 
   def __init__(self, spec: ModelSpec, layer: int, *, rngs: nnx.Rngs):
     d, h, dtype = spec.d_model, spec.mlp_hidden, jnp.dtype(spec.compute_dtype)
-    self.up = Linear(d, h, 1.0 / math.sqrt(d), ("embed", "mlp"), dtype, rngs=rngs)
-    self.down = Linear(h, d, 1.0 / math.sqrt(h) / math.sqrt(2 * (layer + 1)), ("mlp", "embed"), dtype, rngs=rngs)
+    self.up = Linear(d, h, 1.0 / math.sqrt(d), ("embed", "mlp"), dtype, spec.fp8, rngs=rngs)
+    self.down = Linear(h, d, 1.0 / math.sqrt(h) / math.sqrt(2 * (layer + 1)), ("mlp", "embed"), dtype, spec.fp8,
+                       rngs=rngs)
 
   def __call__(self, x_btd):
     h_btf = sharding.constrain(self.up(x_btd), ("batch", "seq", "act_mlp"))

@@ -165,7 +165,10 @@ def lineage(cfg, root: pathlib.Path, stages) -> list[Expected]:
   if cond_req:
     models = [{"name": "prior", "id": prior_id}, {"name": "conditional_0", "id": cond_id}]
     index = stages.score.score.index
-    scores_req = score.scores_request(pool_id, models, numerics, within(index)) if not index or within(index) else None
+    score_numerics = score.scoring_spec(transformer.ModelSpec.from_config(stages.score.model),
+                                        stages.score.score).numerics()
+    scores_req = (score.scores_request(pool_id, models, score_numerics, within(index))
+                  if not index or within(index) else None)
   out.append(_expect("scores", root / "scores", scores_req, root / "scores" / formats.MANIFEST))
   scores_id = _id(out[-1])
   selection_ids = {}

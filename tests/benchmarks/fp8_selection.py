@@ -1,6 +1,7 @@
 """How much would fp8 matmuls change CoLoR-Filter's selection? Scores a pool with a trained prior and conditional
 under fp32, bf16 (the product) and the fp8 variants of tests/benchmarks/variants.py, and prints, per variant, how
-far its scores are from fp32's and how much of each top-1/tau selection stays the same. CPU is enough: the fp8
+far its scores are from fp32's and how much of each top-1/tau selection stays the same (against fp32's and, for
+the fp8 variants, against bf16's: what turning on score.fp8 changes). CPU is enough: the fp8
 variants use power-of-two scales, so CPU computes the products an fp8 GEMM would.
 
   python tests/benchmarks/fp8_selection.py --workdir runs/books      # a pipeline's work directory
@@ -76,13 +77,17 @@ def main():
   start = time.time()
   reference = scores("fp32")
   print(f"fp32 reference: {n:,} sequences, score std {reference.std():.4f} ({time.time() - start:.0f} s)", flush=True)
+  kept = lambda got, ref, tau: round(len(top(got, tau) & top(ref, tau)) / int(n / tau), 4)
+  bf16 = None
   for variant in args.variants.split(","):
     got = scores(variant)
+    bf16 = got if variant == "bf16" else bf16
     record = {"variant": variant, "sequences": n, "score_std_fp32": round(float(reference.std()), 4),
               "mean_abs_diff": round(float(np.mean(np.abs(got - reference))), 5),
               "max_abs_diff": round(float(np.max(np.abs(got - reference))), 5),
-              **{f"kept_tau{tau}": round(len(top(got, tau) & top(reference, tau)) / int(n / tau), 4)
-                 for tau in TAUS}}
+              **{f"kept_tau{tau}": kept(got, reference, tau) for tau in TAUS}}
+    if bf16 is not None and variant != "bf16":  # the product's default is bf16: what an fp8 run changes against it
+      record.update({f"kept_vs_bf16_tau{tau}": kept(got, bf16, tau) for tau in TAUS})
     print(json.dumps(record), flush=True)
 
 

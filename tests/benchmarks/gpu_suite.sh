@@ -39,6 +39,14 @@ probe)  # fp8 scoring (variants.py: trunk, trunk + head) against this code, the 
   for f in "$OUT"/hlo/score-*.txt; do python3 tests/benchmarks/hlo_summary.py "$f" | head -4 | tee -a "$OUT/log.txt"; done
   gzip -f "$OUT"/hlo/*.txt 2>/dev/null
   ;;
+issue24)  # issue 24's targets in one call: 150M scoring bf16 (whole and vocabulary-tiled head) and the fp8 opt-in
+  # (variant fp8 = the product's score.fp8 path), 150M training at micro 128 and 256, the 1.2B with its first profile
+  run 100 $BENCH --size 150m --what score --steps 8 --variants base,fp8 --tag issue24
+  run 70 $BENCH --size 150m --what score --steps 8 --score-vocab-tile 8192 --tag vocab_tile
+  run 80 $BENCH --size 150m --micro 128 --what train --steps 5 --tag issue24
+  run 80 $BENCH --size 150m --micro 256 --what train --steps 5 --tag issue24
+  run 150 $BENCH --size 1.2b --micro 32 --what train --steps 3 --profile /tmp/prof --tag issue24
+  ;;
 *)
 run "${T_NEW:-110}" $BENCH --size 150m --micro 128 --steps 5 $STORE --profile /tmp/prof --tag new
 [ -d .bench_base ] && (cd .bench_base && run "${T_BASE:-100}" python3 tests/benchmarks/bench_throughput.py \

@@ -48,23 +48,7 @@ def lse_online(logits_xv):
   return m + jnp.log(s)
 
 
-E4M3_MAX = float(jnp.finfo(jnp.float8_e4m3fn).max)
-
-
-def fp8_qdq(x):
-  """Quantize to e4m3 with one power-of-two scale per tensor (max |x| maps into [224, 448]) and dequantize to bf16:
-  the Q -> DQ -> dot pattern XLA's GPU GEMM rewriter turns into a cuBLASLt fp8 GEMM with the scales as its alpha.
-  A power-of-two scale makes the dequantized values exact in bf16, so CPU (which runs this as written) computes
-  the same products as the fp8 GEMM."""
-  x32 = x.astype(jnp.float32)
-  amax = jnp.max(jnp.abs(x32))
-  scale = jnp.where(amax > 0, jnp.exp2(jnp.ceil(jnp.log2(jnp.maximum(amax, 1e-30) / E4M3_MAX))), 1.0)
-  return (x32 / scale).astype(jnp.float8_e4m3fn).astype(jnp.bfloat16) * scale.astype(jnp.bfloat16)
-
-
-def linear_fp8(self, x):
-  """Trunk projections in fp8 (scoring only: no fp8 gradient recipe here), bf16 out."""
-  return jnp.dot(fp8_qdq(x), fp8_qdq(self.kernel[...]), preferred_element_type=self.dtype)
+fp8_qdq = transformer.fp8_qdq
 
 
 def logits_fp8(h_xd, head_dv, logits_dtype):
@@ -77,7 +61,7 @@ PATCHES = {
     "ln_onepass": (transformer, "layer_norm", ln_onepass),
     "qk_fp32": (transformer.Attention, "normed_qk", qk_fp32),
     "lse_online": (losses, "logsumexp", lse_online),
-    "fp8": (transformer.Linear, "__call__", linear_fp8),
+    "fp8": (transformer.Linear, "__call__", transformer.Linear.fp8_dot),  # the product's score.fp8
     "fp8_head": (losses, "_logits", logits_fp8),
 }
 ALIASES = {"legacy": "qk_fp32"}  # the code of main 1f6746b
