@@ -57,6 +57,17 @@ def test_a_retrained_prior_makes_everything_built_from_it_stale(demo_run, tmp_pa
   assert _stale_labels(cfg, root) == []  # what is left is consistent; the rest is rebuilt by the next run
 
 
+def test_turning_on_fp8_scoring_makes_the_bf16_scores_and_their_selections_stale(demo_run):
+  """Issue 24.2: a pipeline never reuses bf16 scores for an fp8 run (their request differs in numerics), and what
+  was selected from them goes with them; random selections stay."""
+  root, _ = demo_run
+  cfg = make_config("pipeline", "demo", workdir=str(root), **dict(SMALL_DEMO, score__fp8=True))
+  found = preflight.stale(preflight.lineage(cfg, root, runner.stage_configs(cfg, root)), root)
+  why = {e.label: reason for e, reason in found}
+  assert why["scores"].endswith("(numerics)")
+  assert "selection color-tau8" in why and not any("random" in label for label in why)
+
+
 def test_changed_input_text_makes_the_split_and_everything_after_it_stale(demo_run, tmp_path):
   """8.2: the pipeline compares its inputs' content (size and mtime, then the hash), not their paths."""
   root = _copy(demo_run, tmp_path)
