@@ -57,12 +57,35 @@ def logits_fp8(h_xd, head_dv, logits_dtype):
   return logits.astype(jnp.float32)
 
 
+def _tokamax():
+  """tokamax, which is not a colorjax requirement (carry its wheels in .whl/ for gpu_suite.sh). Its settings are
+  absl flags read from sys.argv unless parsed already, and the benchmark's own arguments are not theirs."""
+  import tokamax  # pylint: disable=import-outside-toplevel
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  return tokamax
+
+
+def tokamax_layer_norm(x, gain, eps: float):
+  """tokamax's LayerNorm (a Triton kernel on GPU, XLA elsewhere), fp32 out as the product's."""
+  return _tokamax().layer_norm(x, gain, None, epsilon=eps).astype(jnp.float32)
+
+
+def tokamax_attention(q, k, v, *, is_causal, scale, implementation=None):
+  """tokamax's attention (its best GPU kernel: Mosaic GPU on Hopper, else Triton) in place of cuDNN's."""
+  del implementation
+  return _tokamax().dot_product_attention(q, k, v, is_causal=is_causal, scale=scale)
+
+
 PATCHES = {
     "ln_onepass": (transformer, "layer_norm", ln_onepass),
     "qk_fp32": (transformer.Attention, "normed_qk", qk_fp32),
     "lse_online": (losses, "logsumexp", lse_online),
     "fp8": (transformer.Linear, "__call__", transformer.Linear.fp8_dot),  # the product's score.fp8
     "fp8_head": (losses, "_logits", logits_fp8),
+    "tokamax_ln": (transformer, "layer_norm", tokamax_layer_norm),
+    "tokamax_attn": (jax.nn, "dot_product_attention", tokamax_attention),
 }
 ALIASES = {"legacy": "qk_fp32"}  # the code of main 1f6746b
 
