@@ -41,7 +41,7 @@ probe)  # fp8 scoring (variants.py: trunk, trunk + head) against this code, the 
   ;;
 issue24)  # issue 24's targets in one call: 150M scoring bf16 (whole and vocabulary-tiled head) and the fp8 opt-in
   # (variant fp8 = the product's score.fp8 path), 150M training at micro 128 and 256, the 1.2B with its first profile,
-  # and tokamax's LayerNorm and attention kernels when its wheels are carried in .whl/ (`pip download --no-deps -d
+  # and tokamax's LayerNorm and attention kernels and qwix's fp8 when their wheels are carried in .whl/ (`pip download --no-deps -d
   # .whl tokamax==0.0.12 qwix==0.1.8 einshape jaxtyping wadler_lindig typeguard==2.13.3 immutabledict tensorboardx
   # tqdm`, plus pydantic if the image lacks it)
   run 100 $BENCH --size 150m --what score --steps 8 --variants base,fp8 --tag issue24
@@ -49,8 +49,8 @@ issue24)  # issue 24's targets in one call: 150M scoring bf16 (whole and vocabul
   run 80 $BENCH --size 150m --micro 128 --what train --steps 5 --tag issue24
   run 80 $BENCH --size 150m --micro 256 --what train --steps 5 --tag issue24
   run 140 $BENCH --size 1.2b --micro 32 --what train --steps 3 --profile /tmp/prof --tag issue24
-  python3 -c "import tokamax" 2>/dev/null && run 100 $BENCH --size 150m --what score --steps 8 \
-    --variants base,tokamax_ln,tokamax_attn,tokamax_ln+tokamax_attn --tag tokamax
+  python3 -c "import tokamax, qwix" 2>/dev/null && run 120 $BENCH --size 150m --what score --steps 8 \
+    --variants base,tokamax_ln,tokamax_attn,tokamax_ln+tokamax_attn,qwix_fp8 --tag tokamax
   ;;
 *)
 run "${T_NEW:-110}" $BENCH --size 150m --micro 128 --steps 5 $STORE --profile /tmp/prof --tag new

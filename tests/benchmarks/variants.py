@@ -78,12 +78,22 @@ def tokamax_attention(q, k, v, *, is_causal, scale, implementation=None):
   return _tokamax().dot_product_attention(q, k, v, is_causal=is_causal, scale=scale)
 
 
+def qwix_fp8(self, x):
+  """The trunk projections in fp8 through qwix (not a colorjax requirement): absmax scales, one per tensor for the
+  activations and one per output channel for the weights, against the product's power-of-two per-tensor scales."""
+  import qwix  # pylint: disable=import-outside-toplevel
+  x_q = qwix.quantize(x.astype(self.dtype), jnp.float8_e4m3fn)
+  w_q = qwix.quantize(self.kernel[...].astype(self.dtype), jnp.float8_e4m3fn, channelwise_axes=(1,))
+  return qwix.dot(x_q, w_q, preferred_element_type=self.dtype)
+
+
 PATCHES = {
     "ln_onepass": (transformer, "layer_norm", ln_onepass),
     "qk_fp32": (transformer.Attention, "normed_qk", qk_fp32),
     "lse_online": (losses, "logsumexp", lse_online),
     "fp8": (transformer.Linear, "__call__", transformer.Linear.fp8_dot),  # the product's score.fp8
     "fp8_head": (losses, "_logits", logits_fp8),
+    "qwix_fp8": (transformer.Linear, "__call__", qwix_fp8),
     "tokamax_ln": (transformer, "layer_norm", tokamax_layer_norm),
     "tokamax_attn": (jax.nn, "dot_product_attention", tokamax_attention),
 }
