@@ -48,12 +48,10 @@ def lse_online(logits_xv):
   return m + jnp.log(s)
 
 
-fp8_qdq = transformer.fp8_qdq
-
-
 def logits_fp8(h_xd, head_dv, logits_dtype):
   """The output head in fp8 as well."""
-  logits = jnp.einsum("...d,dv->...v", fp8_qdq(h_xd), fp8_qdq(head_dv), preferred_element_type=logits_dtype)
+  logits = jnp.einsum("...d,dv->...v", transformer.fp8_qdq(h_xd), transformer.fp8_qdq(head_dv),
+                      preferred_element_type=logits_dtype)
   return logits.astype(jnp.float32)
 
 
