@@ -192,6 +192,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.distill.scorer = ""  # a fitted scorer folder to reuse ("" = fit one: sample, score the sample, fit)
   c.distill.parts = ""  # folder of the sample, its scores, the scorer and the predictions ("" = <workdir>-parts)
   c.distill.sample_fraction = 0.1  # share of the pool the prior and conditional score to label the scorer
+  c.distill.sample_within = ""  # draw the sample from these pool sequences (a selection folder; "" = the candidates)
+  c.distill.seed = 0  # seed of the sample, its held-out part and the fit (not the target runs' seeds)
   c.distill.holdout_fraction = 0.2  # share of the sample held out of the fit to measure it (Spearman rho)
   c.distill.buckets = 1 << 18  # hashed n-gram feature buckets
   c.distill.ngram = 2  # token n-gram orders 1..ngram

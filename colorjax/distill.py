@@ -13,7 +13,13 @@ of the text show, so (as FineWeb-Edu's and DCLM's classifiers are distilled from
   5. select    the top 1/τ of the predictions into --config.workdir (the select stage's format: `train` takes it
                as --config.data.index).
 Steps 1-4 do not depend on τ: `distill.parts` (default `<workdir>-parts`) can be shared by the selections of
-several τ, which then cost one prediction pass.
+several τ, which then cost one prediction pass. The sample is drawn with `distill.seed` from a permutation stream of
+its own (never a prefix of a random baseline's or a nested pool's draw), from `distill.sample_within` when set (the
+largest fixed-n pool: one sample serves every τ), else from the selection's candidates. Process 0 holds a lock on
+the parts folder while it writes them, so a second job waits for nothing half-made.
+
+Damage is caught, never used: the scorer records its weights' sha256 and each predicted chunk its CRC-32; a
+truncated or altered file is named with the fix (a damaged prediction chunk is predicted again on the next run).
 
 `distill.method=color_cascade` spends more scoring for more fidelity: the prior and the conditional rescore the
 top `distill.cascade_factor`/τ of the pool by prediction (`<parts>/candidates-m<m>`, `<parts>/rescored-m<m>`), and
@@ -31,6 +37,7 @@ import math
 import pathlib
 import shutil
 import time
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -50,11 +57,15 @@ from colorjax.data import stores
 from colorjax.data import tokenizer as tokenizer_lib
 from colorjax.model import losses
 from colorjax.model import transformer
+from colorjax.training import preemption
 
 METHOD = "color_distilled"
 CASCADE = "color_cascade"
 SCORER = formats.Kind("colorjax.scorer", "a fitted scorer", "the distill stage (<workdir>/scorer)")
 PREDICTIONS = "predictions.npy"  # float32 [pool sequences], in a folder with done.npy (uint8 per chunk)
+CHECKSUMS = "crc32.npy"  # uint32 per chunk: the CRC-32 of that chunk's predictions, written before its done flag
+SAMPLE_STREAM = 13  # the sample's permutation stream (select.RANDOM_STREAM is the random baseline's)
+MIN_FIT = 8  # sampled sequences each part of the fit needs at least (train, held out): fewer cannot be measured
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,10 +101,11 @@ def _predict_jax(params, features_bf, buckets: int):
 
 
 def fit_linear(features_of, targets: np.ndarray, buckets: int, steps: int, batch: int, lr: float, l2: float,
-               seed: int) -> tuple[np.ndarray, float]:
+               seed: int, stop=lambda: False) -> tuple[np.ndarray, float]:
   """Weights [buckets] and bias fitted by Adam to the mean squared error against standardized targets (plus `l2`
   times the squared weights), `batch` rows a step in a seeded order; `features_of(rows)` featurizes rows of the
-  sample on demand, so memory does not grow with the sample. Returns them in the targets' units."""
+  sample on demand, so memory does not grow with the sample. Returns them in the targets' units. `stop()` is asked
+  after every step: True ends the fit with errors.Preempted (nothing is written; a re-run fits again)."""
   mean, std = float(targets.mean()), float(targets.std()) or 1.0
   y = (targets - mean) / std
   tx = optax.adam(lr)
@@ -112,13 +124,20 @@ def fit_linear(features_of, targets: np.ndarray, buckets: int, steps: int, batch
   for i in range(steps):
     rows = order(np.arange(i * batch, (i + 1) * batch) % y.size)
     params, state = step(params, state, jnp.asarray(features_of(rows)), jnp.asarray(y[rows], jnp.float32))
+    if stop():
+      raise errors.Preempted(f"stopped during the scorer's fit at step {i + 1} of {steps} (nothing of the fit is kept; "
+                             "the sample's scores are): re-run the same command to fit again", i + 1)
   return np.asarray(params["w"]) * std, float(params["b"]) * std + mean
 
 
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-  """Spearman rank correlation (ties broken by position: scores are continuous)."""
+def spearman(a: np.ndarray, b: np.ndarray) -> float | None:
+  """Spearman rank correlation (ties broken by position: scores are continuous); None when undefined (fewer than two
+  values, or a constant one)."""
+  if a.size < 2:
+    return None
   ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
-  return float(np.corrcoef(ra, rb)[0, 1]) if a.size > 1 else float("nan")
+  rho = float(np.corrcoef(ra, rb)[0, 1])
+  return rho if math.isfinite(rho) else None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -134,6 +153,16 @@ def check_settings(cfg) -> None:
   if not d.scorer and not (d.prior and d.conditional):
     raise errors.ConfigError("set --config.distill.prior and --config.distill.conditional (params exports) to fit a "
                              "scorer, or --config.distill.scorer to reuse a fitted one")
+  if d.method == CASCADE and not (d.prior and d.conditional):
+    raise errors.ConfigError("distill.method=color_cascade rescores its candidates with the prior and the "
+                             "conditional: set --config.distill.prior and --config.distill.conditional (params "
+                             "exports), also when --config.distill.scorer reuses a fitted scorer")
+  check_values(cfg)
+
+
+def check_values(cfg) -> None:
+  """The distill section's values alone (no paths): what the pipeline checks before any of its work."""
+  d = cfg.distill
   if not 0 < d.sample_fraction <= 1 or not 0 < d.holdout_fraction < 1:
     raise errors.ConfigError(f"distill.sample_fraction={d.sample_fraction} must be in (0, 1] and "
                              f"distill.holdout_fraction={d.holdout_fraction} in (0, 1)")
@@ -143,8 +172,8 @@ def check_settings(cfg) -> None:
   if d.tokens < 0 or (not d.tokens and not (math.isfinite(d.tau) and d.tau >= 1)):
     raise errors.ConfigError(f"distill.tau={d.tau}, distill.tokens={d.tokens}: keep the top 1/tau of the pool "
                              "(tau >= 1) or a positive token budget")
-  if cfg.seed < 0:
-    raise errors.ConfigError(f"seed={cfg.seed}: seeds are integers >= 0")
+  if cfg.seed < 0 or d.seed < 0:
+    raise errors.ConfigError(f"seed={cfg.seed}, distill.seed={d.seed}: seeds are integers >= 0")
   if d.method not in (METHOD, CASCADE):
     raise errors.ConfigError(f"distill.method={d.method!r}; choose {METHOD} or {CASCADE}")
   if d.method == CASCADE and not (math.isfinite(d.cascade_factor) and d.cascade_factor >= 1):
@@ -163,22 +192,60 @@ def _features(cfg, store: stores.TokenStore) -> Features:
   return Features(int(cfg.distill.buckets), int(cfg.distill.ngram), tuple(sorted({store.eos_id, store.pad_id})))
 
 
-def sample_request(cfg, store_id: str) -> dict:
-  return {"method": "uniform_sample", "fraction": float(cfg.distill.sample_fraction), "seed": int(cfg.seed),
-          "store": store_id}
+def sample_source(cfg) -> tuple[str, str]:
+  """(the selection the sample is drawn from, the setting that named it): distill.sample_within, else the
+  candidates (distill.within); ("", "") for the whole store."""
+  d = cfg.distill
+  return (d.sample_within, "distill.sample_within") if d.sample_within else (d.within, "distill.within")
+
+
+def sample_size(cfg, n: int) -> int:
+  """The sequences the prior and the conditional score to label the scorer, of `n` the sample is drawn from: the one
+  count the stage draws, the dry run plans and the report divides by."""
+  return max(2, min(n, int(round(cfg.distill.sample_fraction * n))))
+
+
+def holdout_count(cfg, m: int) -> int:
+  """Sampled sequences held out of the fit to measure it."""
+  return max(1, int(round(cfg.distill.holdout_fraction * m)))
+
+
+def check_sample(cfg, n: int) -> None:
+  """A sample too small to fit and measure a scorer is refused before anything is scored (its Spearman ρ would be
+  undefined)."""
+  m = sample_size(cfg, n)
+  held = holdout_count(cfg, m)
+  if min(held, m - held) < MIN_FIT:
+    raise errors.ConfigError(
+        f"distill.sample_fraction={cfg.distill.sample_fraction:g} samples {m:,} of {n:,} sequences ({held:,} held "
+        f"out): too few to fit and measure a scorer (each part needs >= {MIN_FIT}); raise distill.sample_fraction "
+        "or use a larger pool")
+
+
+def sample_request(cfg, store_id: str, within_id: str | None = None) -> dict:
+  """What decides the sample: its fraction, seed, draw and source (`within_id`: the selection it is drawn from)."""
+  request = {"method": "uniform_sample", "fraction": float(cfg.distill.sample_fraction),
+             "seed": int(cfg.distill.seed), "stream": SAMPLE_STREAM, "store": store_id}
+  return request | {"within": within_id} if within_id else request
 
 
 def make_sample(cfg, folder: pathlib.Path, store: stores.TokenStore) -> str:
   """The sampled ids as a selection folder (the score stage's index); returns its id."""
-  request = sample_request(cfg, store.id)
+  path, setting = sample_source(cfg)
+  source, source_id = select_lib.within_ids(path, store, setting)
+  request = sample_request(cfg, store.id, source_id)
   if lineage.up_to_date(folder, request, "another sample", "choose another --config.workdir"):
     return lineage.content_id(request)
-  n = store.num_sequences
-  m = max(2, min(n, int(round(cfg.distill.sample_fraction * n))))
-  ids = select_lib.random_sample(n, m, cfg.seed, cfg.distill.block_rows)
+  n = store.num_sequences if source is None else source.size
+  check_sample(cfg, n)
+  m = sample_size(cfg, n)
+  ids = select_lib.random_sample(n, m, cfg.distill.seed, cfg.distill.block_rows, SAMPLE_STREAM)
+  ids = ids if source is None else source[ids]
   manifest = {"format": formats.SELECTION.format, "id": lineage.content_id(request), "method": "uniform_sample",
               "k": int(m), "num_sequences": n, "tau": n / m, "tokens": int(m) * store.seq_len,
-              "store_id": store.id, "store_path": lineage.relative(store.path, folder), "seed": int(cfg.seed),
+              "store_id": store.id, "store_path": lineage.relative(store.path, folder), "seed": int(cfg.distill.seed),
+              "within": None if source is None else {"path": lineage.relative(path, folder), "id": source_id,
+                                                     "sequences": int(n)},
               "index_sha256": hashlib.sha256(select_lib.npy_bytes(ids)).hexdigest(), "request": request}
   _publish(folder, {"index.npy": select_lib.npy_bytes(ids)}, manifest)
   return manifest["id"]
@@ -197,13 +264,18 @@ def _publish(folder: pathlib.Path, files: dict, manifest: dict) -> None:
   lineage.publish(partial, folder)
 
 
+def score_config(cfg, workdir="", index=""):
+  """The score stage's config for the prior and the conditional over `index` (the sample, a cascade's candidates):
+  what this stage runs, and what its requests' numerics come from (score.numerics_of)."""
+  scfg = config_lib.stage_config(cfg, "score", model=cfg.model)
+  scfg.workdir, scfg.score.store, scfg.score.index = str(workdir), cfg.distill.store, str(index)
+  scfg.score.prior, scfg.score.conditionals = cfg.distill.prior, (cfg.distill.conditional,)
+  return scfg
+
+
 def score_sample(cfg, folders: dict) -> score_lib.Scores:
   """The sample's CoLoR labels: the score stage, restricted to the sample's ids."""
-  scfg = config_lib.stage_config(cfg, "score", model=cfg.model)
-  scfg.workdir = str(folders["sample_scores"])
-  scfg.score.store, scfg.score.index = cfg.distill.store, str(folders["sample"])
-  scfg.score.prior, scfg.score.conditionals = cfg.distill.prior, (cfg.distill.conditional,)
-  score_lib.run(scfg)
+  score_lib.run(score_config(cfg, folders["sample_scores"], folders["sample"]))
   scores = score_lib.Scores(folders["sample_scores"])
   scores.check_complete()
   return scores
@@ -213,7 +285,7 @@ def scorer_request(cfg, scores_id: str, features: Features, tokenizer_sha: str) 
   d = cfg.distill
   return {"scores": scores_id, "features": features.describe(), "tokenizer": tokenizer_sha,
           "fit": {"model": "linear-ngram-mean", "holdout_fraction": float(d.holdout_fraction), "steps": int(d.steps),
-                  "batch": int(d.batch), "lr": float(d.lr), "l2": float(d.l2), "seed": int(cfg.seed)}}
+                  "batch": int(d.batch), "lr": float(d.lr), "l2": float(d.l2), "seed": int(d.seed)}}
 
 
 def fit_scorer(cfg, folder: pathlib.Path, store: stores.TokenStore, scores: score_lib.Scores) -> pathlib.Path:
@@ -228,11 +300,15 @@ def fit_scorer(cfg, folder: pathlib.Path, store: stores.TokenStore, scores: scor
   nll = scores.read(0, scores.num_sequences)
   target = losses.color_score(nll[:, scores.column("prior")], nll[:, scores.column("conditional_0")])
   held = np.zeros(ids.size, bool)
-  held[select_lib.random_sample(ids.size, max(1, int(round(d.holdout_fraction * ids.size))), cfg.seed + 1,
-                                d.block_rows)] = True
+  held[select_lib.random_sample(ids.size, holdout_count(cfg, ids.size), d.seed + 1, d.block_rows)] = True
   train_ids, train_y = ids[~held], target[~held]
-  weights, bias = fit_linear(lambda rows: features.of(store.read(train_ids[rows])), train_y, features.buckets,
-                             int(d.steps), int(d.batch), float(d.lr), float(d.l2), int(cfg.seed))
+  with preemption.Watch(local=True) as watch:
+    weights, bias = fit_linear(lambda rows: features.of(store.read(train_ids[rows])), train_y, features.buckets,
+                               int(d.steps), int(d.batch), float(d.lr), float(d.l2), int(d.seed),
+                               stop=lambda: watch.check()[0])
+  if not (np.isfinite(weights).all() and math.isfinite(bias)):
+    raise errors.DataError(f"the scorer's fit diverged (non-finite weights) on {scores.path}; lower distill.lr "
+                           f"(now {d.lr:g}) and re-run (nothing was written)")
   predicted = predict(weights, bias, features.of(store.read(ids[held])))
   quality = {"spearman_heldout": spearman(predicted, target[held]), "heldout": int(held.sum()),
              "train": int((~held).sum()), "target_std": float(target.std())}
@@ -243,9 +319,11 @@ def fit_scorer(cfg, folder: pathlib.Path, store: stores.TokenStore, scores: scor
               "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
   buffer = io.BytesIO()
   np.save(buffer, weights.astype(np.float32))
+  manifest["weights_sha256"] = hashlib.sha256(buffer.getvalue()).hexdigest()
   _publish(folder, {"weights.npy": buffer.getvalue()}, manifest)
+  rho = quality["spearman_heldout"]
   print(f"distill: scorer fitted on {quality['train']:,} sampled sequences in {manifest['seconds']:.0f}s; Spearman "
-        f"rho on {quality['heldout']:,} held out: {quality['spearman_heldout']:.3f} -> {folder}")
+        f"rho on {quality['heldout']:,} held out: {'undefined' if rho is None else f'{rho:.3f}'} -> {folder}")
   return folder
 
 
@@ -260,16 +338,62 @@ def open_scorer(path, store: stores.TokenStore, features_wanted: Features | None
   if features_wanted is not None and manifest["features"]["skip_ids"] != list(features_wanted.skip):
     raise errors.DataError(f"scorer {path} drops n-grams of token ids {manifest['features']['skip_ids']}, the pool's "
                            f"EOS/PAD are {list(features_wanted.skip)}; fit a scorer on this pool")
-  weights = np.load(pathlib.Path(path) / "weights.npy")
-  if weights.shape != (manifest["features"]["buckets"],):
-    raise errors.DataError(f"scorer {path}: weights.npy holds {weights.shape}, its manifest says "
-                           f"{manifest['features']['buckets']} buckets; fit the scorer again")
+  weights_path = pathlib.Path(path) / "weights.npy"
+  refit = f"delete {path} and re-run to fit it again (or point distill.scorer at an intact scorer)"
+  if not weights_path.is_file():
+    raise errors.DataError(f"scorer {path}: weights.npy is missing; {refit}")
+  data = weights_path.read_bytes()
+  recorded = manifest.get("weights_sha256")
+  if recorded and hashlib.sha256(data).hexdigest() != recorded:
+    raise errors.DataError(f"scorer {weights_path} does not match the sha256 in its manifest (damaged or altered "
+                           f"since it was fitted); {refit}")
+  try:
+    weights = np.load(io.BytesIO(data))
+  except (ValueError, EOFError, OSError) as e:
+    raise errors.DataError(f"scorer {weights_path} is not a readable .npy file ({e}); {refit}") from e
+  if weights.shape != (manifest["features"]["buckets"],) or not np.isfinite(weights).all():
+    raise errors.DataError(f"scorer {path}: weights.npy holds {weights.dtype}{list(weights.shape)}"
+                           f"{'' if np.isfinite(weights).all() else ' with non-finite values'}, its manifest says "
+                           f"{manifest['features']['buckets']} finite weights; {refit}")
   return dict(manifest, weights=weights)
 
 
+def _open_npy(path: pathlib.Path, dtype, shape: tuple, fix: str, mode: str = "r"):
+  """A memmap of an .npy file that must hold `dtype[shape]`, checked before it is opened: numpy's r+ mode would
+  silently extend a truncated file with zeros."""
+  try:
+    with open(path, "rb") as f:
+      version = np.lib.format.read_magic(f)
+      read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+      header = read(f)
+      offset = f.tell()
+  except FileNotFoundError as e:
+    raise errors.DataError(f"{path} is missing; {fix}") from e
+  except (ValueError, EOFError, OSError) as e:
+    raise errors.DataError(f"{path} is not a readable .npy file ({e}); {fix}") from e
+  want = offset + int(np.prod(shape)) * np.dtype(dtype).itemsize
+  if tuple(header[0]) != tuple(shape) or np.dtype(header[2]) != np.dtype(dtype) or path.stat().st_size != want:
+    raise errors.DataError(f"{path} holds {np.dtype(header[2])}{list(header[0])} in {path.stat().st_size:,} bytes, "
+                           f"not {np.dtype(dtype)}{list(shape)} in {want:,} (truncated or replaced); {fix}")
+  return np.lib.format.open_memmap(path, mode=mode)
+
+
+def _chunk_crc(values, first: int, stop: int) -> int:
+  return zlib.crc32(np.ascontiguousarray(values[first:stop], np.float32).tobytes())
+
+
+def _prediction_arrays(folder: pathlib.Path, n: int, chunks: int, mode: str = "r"):
+  """(predictions, done flags, CRC-32 per chunk) of a predictions folder, each checked for its size."""
+  fix = f"delete {folder} and re-run (the pool is predicted again; nothing else is lost)"
+  return (_open_npy(folder / PREDICTIONS, np.float32, (n,), fix, mode),
+          _open_npy(folder / "done.npy", np.uint8, (chunks,), fix, mode),
+          _open_npy(folder / CHECKSUMS, np.uint32, (chunks,), fix, mode))
+
+
 def predict_pool(cfg, folder: pathlib.Path, store: stores.TokenStore, scorer: dict) -> np.ndarray:
-  """Predictions for every pool sequence, `block_rows` at a time; each chunk is written, then flagged done, so a
-  killed run resumes where it stopped and ends with the bytes of an uninterrupted one. Returns a read-only memmap."""
+  """Predictions for every pool sequence, `block_rows` at a time; each chunk is written, its CRC-32 recorded, then
+  flagged done, so a killed run resumes where it stopped and ends with the bytes of an uninterrupted one; a done
+  chunk whose bytes no longer match its CRC (a disk fault) is predicted again. Returns a read-only memmap."""
   request = _predictions_request(cfg, scorer["id"], store.id)
   n, rows = store.num_sequences, int(cfg.distill.block_rows)
   chunks = -(-n // rows)
@@ -283,25 +407,57 @@ def predict_pool(cfg, folder: pathlib.Path, store: stores.TokenStore, scorer: di
     folder.mkdir(parents=True, exist_ok=True)
     np.lib.format.open_memmap(folder / PREDICTIONS, mode="w+", dtype=np.float32, shape=(n,)).flush()
     np.save(folder / "done.npy", np.zeros(chunks, np.uint8))
+    np.save(folder / CHECKSUMS, np.zeros(chunks, np.uint32))
     lineage.write_manifest(folder, {"format": "colorjax.predictions", "id": lineage.content_id(request),
                                     "num_sequences": n, "chunk_rows": rows, "request": request,
                                     "scorer": scorer["id"], "store_id": store.id})
-  values = np.lib.format.open_memmap(folder / PREDICTIONS, mode="r+")
-  done = np.lib.format.open_memmap(folder / "done.npy", mode="r+")
+  values, done, crc = _prediction_arrays(folder, n, chunks, "r+")
+  damaged = [int(c) for c in np.nonzero(done)[0] if _chunk_crc(values, c * rows, min(n, (c + 1) * rows)) != crc[c]]
+  if damaged:
+    print(f"distill: {len(damaged)} predicted chunk(s) of {folder / PREDICTIONS} no longer match their CRC-32 "
+          f"(chunks {damaged[:8]}{' ...' if len(damaged) > 8 else ''}); predicting them again")
+    done[damaged] = 0
+    done.flush()
   features = Features(int(scorer["features"]["buckets"]), int(scorer["features"]["ngram"]),
                       tuple(scorer["features"]["skip_ids"]))
   todo = np.nonzero(done == 0)[0]
   bar = console.Progress(total=int(sum(min(rows, n - c * rows) for c in todo)), unit="seq", desc="predict")
-  for chunk in todo:
-    first, stop = int(chunk) * rows, min(n, (int(chunk) + 1) * rows)
-    values[first:stop] = predict(scorer["weights"], scorer["bias"], features.of(store.read(np.arange(first, stop))))
-    values.flush()
-    done[chunk] = 1
-    done.flush()
-    bar.update(stop - first)
+  with preemption.Watch(local=True) as watch:
+    for i, chunk in enumerate(todo):
+      first, stop = int(chunk) * rows, min(n, (int(chunk) + 1) * rows)
+      block = predict(scorer["weights"], scorer["bias"], features.of(store.read(np.arange(first, stop))))
+      values[first:stop] = block
+      values.flush()
+      crc[chunk] = _chunk_crc(block, 0, block.size)
+      crc.flush()
+      done[chunk] = 1
+      done.flush()
+      bar.update(stop - first)
+      if watch.check()[0] and i + 1 < todo.size:
+        bar.close()
+        raise errors.Preempted(f"{watch.reason()} during the pool's prediction: {int(done.sum())} of {chunks} chunks "
+                               f"are written in {folder} (done flags set); re-run the same command to predict the "
+                               "rest", int(done.sum()), watch.signum)
   bar.close()
-  del values, done
-  return np.load(folder / PREDICTIONS, mmap_mode="r")
+  del values, done, crc
+  return open_predictions(folder, n)
+
+
+def open_predictions(folder: pathlib.Path, n: int) -> np.ndarray:
+  """The pool's predictions (read-only), every chunk done and matching its CRC-32, or a DataError naming the fix."""
+  manifest = formats.read_manifest(folder)
+  rows = int(manifest["chunk_rows"])
+  chunks = -(-n // rows)
+  values, done, crc = _prediction_arrays(folder, n, chunks)
+  if not done.all():
+    raise errors.DataError(f"{folder}: {int((done == 0).sum())} of {chunks} chunks are not predicted yet; re-run the "
+                           "same command to finish them")
+  for c in range(chunks):
+    if _chunk_crc(values, c * rows, min(n, (c + 1) * rows)) != crc[c]:
+      raise errors.DataError(f"{folder / PREDICTIONS}: chunk {c} (rows {c * rows:,}..) does not match its CRC-32 "
+                             "(damaged since it was written); re-run the same command: it predicts damaged chunks "
+                             "again")
+  return values
 
 
 def _within(request: dict, within_id: str | None) -> dict:
@@ -331,30 +487,41 @@ class _Stream:
 
 def run(cfg) -> pathlib.Path:
   check_settings(cfg)
+  d = cfg.distill
   workdir = pathlib.Path(cfg.workdir).resolve()
-  store = stores.TokenStore(cfg.distill.store)
-  within, within_id = select_lib.within_ids(cfg.distill.within, store, "distill.within")
+  store = stores.TokenStore(d.store)
+  within, within_id = select_lib.within_ids(d.within, store, "distill.within")
   candidates = store.num_sequences if within is None else within.size
-  select_lib.keep_count(candidates, store.seq_len, cfg.distill.tau, cfg.distill.tokens, "distill")
+  select_lib.keep_count(candidates, store.seq_len, d.tau, d.tokens, "distill")
+  sample_path, setting = sample_source(cfg)
+  source, source_id = select_lib.within_ids(sample_path, store, setting)
   folders = _folders(cfg, workdir)
-  if cfg.distill.scorer:
-    scorer_path = pathlib.Path(cfg.distill.scorer).resolve()
-    open_scorer(scorer_path, store, _features(cfg, store))
+  models = _check_models(cfg, store) if (not d.scorer or d.method == CASCADE) else None
+  if d.scorer:
+    open_scorer(pathlib.Path(d.scorer).resolve(), store, _features(cfg, store))
   else:
-    _check_models(cfg, store)
-    scorer_path = folders["scorer"]
-    console.on_main_then_sync(lambda: make_sample(cfg, folders["sample"], store), "distill sample")
-    scores = score_sample(cfg, folders)  # every host scores its rows of the sample ("complete" when it is)
-    console.on_main_then_sync(lambda: fit_scorer(cfg, scorer_path, store, scores), "distill fit")
-  scorer = open_scorer(scorer_path, store, _features(cfg, store))
-  console.on_main_then_sync(lambda: predict_pool(cfg, folders["predictions"], store, scorer), "distill predict")
-  predictions_id = formats.read_json(folders["predictions"] / formats.MANIFEST)["id"]
-  values = np.load(folders["predictions"] / PREDICTIONS, mmap_mode="r")
-  if cfg.distill.method == CASCADE:
-    rescored = rescore_candidates(cfg, folders, store, values, predictions_id, within, within_id)
-    request = cascade_request(cfg, rescored.id, store.id, within_id)
-  else:
-    rescored, request = None, selection_request(cfg, predictions_id, store.id, within_id)
+    check_sample(cfg, store.num_sequences if source is None else source.size)
+  expected = expected_requests(cfg, store, models, (within_id, candidates) if within_id else None, source_id)
+  # the output folder, before any work: up to date (nothing to do), or free to be written
+  if lineage.up_to_date(workdir, expected["selection"], "another selection", "choose another --config.workdir"):
+    print(f"distill: {workdir} is up to date; nothing to do")
+    return workdir
+  lineage.check_new(workdir, "a distilled selection", "choose another --config.workdir")
+  with lineage.Lock(folders["predictions"].parent):  # the shared parts: one job writes them
+    scorer_path = pathlib.Path(d.scorer).resolve() if d.scorer else folders["scorer"]
+    if not d.scorer:
+      console.on_main_then_sync(lambda: make_sample(cfg, folders["sample"], store), "distill sample")
+      scores = score_sample(cfg, folders)  # every host scores its rows of the sample ("complete" when it is)
+      console.on_main_then_sync(lambda: fit_scorer(cfg, scorer_path, store, scores), "distill fit")
+    scorer = open_scorer(scorer_path, store, _features(cfg, store))
+    console.on_main_then_sync(lambda: predict_pool(cfg, folders["predictions"], store, scorer), "distill predict")
+    predictions_id = formats.read_json(folders["predictions"] / formats.MANIFEST)["id"]
+    values = open_predictions(folders["predictions"], store.num_sequences)
+    if d.method == CASCADE:
+      rescored = rescore_candidates(cfg, folders, store, values, predictions_id, within, within_id)
+      request = cascade_request(cfg, rescored.id, store.id, within_id)
+    else:
+      rescored, request = None, selection_request(cfg, predictions_id, store.id, within_id)
   if not console.is_main():  # selection is CPU work of process 0
     return folders["selection"]
   with lineage.Lock(workdir):
@@ -407,10 +574,7 @@ def rescore_candidates(cfg, folders: dict, store: stores.TokenStore, values, pre
     _publish(candidates, {"index.npy": select_lib.npy_bytes(ids)}, manifest)
 
   console.on_main_then_sync(write_candidates, "cascade candidates")
-  scfg = config_lib.stage_config(cfg, "score", model=cfg.model)
-  scfg.workdir, scfg.score.store, scfg.score.index = str(rescored), d.store, str(candidates)
-  scfg.score.prior, scfg.score.conditionals = d.prior, (d.conditional,)
-  score_lib.run(scfg)
+  score_lib.run(score_config(cfg, rescored, candidates))
   scores = score_lib.Scores(rescored)
   scores.check_complete()
   return scores
@@ -424,21 +588,42 @@ def _scoring_flops(scores: score_lib.Scores) -> float:
       scores.manifest["models"])
 
 
-def expected_requests(cfg, store: stores.TokenStore, models: list[dict], numerics: dict,
-                      within: tuple[str, int] | None = None) -> dict:
-  """Every artifact's request computed from the inputs' ids alone (the pipeline's preflight), as `run` will make
-  them: sample -> its scores -> the scorer -> the predictions -> the selection; `within`: (id, size) of the
-  candidates when `distill.within` is set."""
+def reused_scorer_id(cfg) -> str | None:
+  """The id of the fitted scorer `distill.scorer` names (None when it is not there yet)."""
+  path = pathlib.Path(cfg.distill.scorer) / formats.MANIFEST
+  return formats.read_json(path).get("id") if path.is_file() else None
+
+
+def expected_requests(cfg, store: stores.TokenStore, models: list[dict] | None,
+                      within: tuple[str, int] | None = None, sample_from: str | None = None) -> dict:
+  """Every artifact's request computed from the inputs' ids alone, as `run` will make them (run checks its output
+  with it before any work; the pipeline's preflight lists stale parts with it): sample -> its scores -> the scorer
+  -> the predictions -> (a cascade's candidates -> their scores) -> the selection. `within`: (id, size) of the
+  candidates when `distill.within` is set; `sample_from`: the id of the selection the sample is drawn from;
+  `models`: the prior's and conditional's names and ids (None: not known yet). The scores' numerics are the score
+  stage's own (score.numerics_of on the config this stage scores with), so score.fp8 is in them."""
+  d = cfg.distill
   within_id, n = within if within else (None, store.num_sequences)
-  out = {"sample": sample_request(cfg, store.id)}
-  out["sample_scores"] = score_lib.scores_request(store.id, models, numerics, lineage.content_id(out["sample"]))
-  out["scorer"] = scorer_request(cfg, lineage.content_id(out["sample_scores"]), _features(cfg, store),
-                                 store.manifest["tokenizer"]["sha256"])
-  out["predictions"] = _predictions_request(cfg, lineage.content_id(out["scorer"]), store.id)
+  numerics = score_lib.numerics_of(score_config(cfg))
+  out = {}
+  if d.scorer:
+    scorer_id = reused_scorer_id(cfg)
+  elif models is None:
+    return {}
+  else:
+    out["sample"] = sample_request(cfg, store.id, sample_from)
+    out["sample_scores"] = score_lib.scores_request(store.id, models, numerics, lineage.content_id(out["sample"]))
+    out["scorer"] = scorer_request(cfg, lineage.content_id(out["sample_scores"]), _features(cfg, store),
+                                   store.manifest["tokenizer"]["sha256"])
+    scorer_id = lineage.content_id(out["scorer"])
+  if scorer_id is None:
+    return out
+  out["predictions"] = _predictions_request(cfg, scorer_id, store.id)
   predictions_id = lineage.content_id(out["predictions"])
-  if cfg.distill.method == CASCADE:
-    m = candidate_count(cfg, n, select_lib.keep_count(n, store.seq_len, cfg.distill.tau, cfg.distill.tokens,
-                                                      "distill"))
+  if d.method == CASCADE:
+    if models is None:
+      return out
+    m = candidate_count(cfg, n, select_lib.keep_count(n, store.seq_len, d.tau, d.tokens, "distill"))
     name = _candidates_folder(m, within_id)
     out[f"candidates-{name}"] = candidates_request(m, predictions_id, store.id, within_id)
     out[f"rescored-{name}"] = score_lib.scores_request(store.id, models, numerics,
@@ -450,25 +635,27 @@ def expected_requests(cfg, store: stores.TokenStore, models: list[dict], numeric
 
 
 def parts(cfg, requests: dict) -> dict:
-  """Where `run` puts the artifacts before the selection (the τ-independent ones, and a cascade's candidates)."""
+  """Where `run` puts the artifacts before the selection: the τ-independent ones (no sample, sample scores or scorer
+  when `distill.scorer` reuses one) and a cascade's candidates and their scores."""
   folders = _folders(cfg, pathlib.Path(cfg.workdir).resolve())
   root = folders["predictions"].parent
-  named = {name: path for name, path in folders.items() if name != "selection"}
+  fitted = () if cfg.distill.scorer else ("sample", "sample_scores", "scorer")
+  named = {name: folders[name] for name in fitted + ("predictions",)}
   return named | {name: root / name for name in requests if name.startswith(("candidates-", "rescored-"))}
 
 
 def _predictions_request(cfg, scorer_id: str, store_id: str) -> dict:
-  return {"scorer": scorer_id, "store": store_id, "block_rows": int(cfg.distill.block_rows)}
+  return {"scorer": scorer_id, "store": store_id, "block_rows": int(cfg.distill.block_rows), "checksums": "crc32"}
 
 
-def _check_models(cfg, store: stores.TokenStore) -> None:
-  """The prior and conditional exist and fit the pool before anything is sampled or scored."""
-  scfg = config_lib.stage_config(cfg, "score", model=cfg.model)
-  scfg.score.prior, scfg.score.conditionals = cfg.distill.prior, (cfg.distill.conditional,)
-  entries, spec = score_lib.model_entries(scfg)
+def _check_models(cfg, store: stores.TokenStore) -> list[dict]:
+  """The prior and conditional exist and fit the pool before anything is sampled or scored; their column names and
+  content ids (what the score requests name)."""
+  entries, spec = score_lib.model_entries(score_config(cfg))
   stores.check_store_fits(store, spec)
   tokenizer_lib.check_same_tokenizer(entries[0][2]["tokenizer"], f"prior {cfg.distill.prior}",
                                      store.manifest["tokenizer"], f"pool store {store.path}")
+  return score_lib.describe_models(entries)
 
 
 def _select(cfg, folder: pathlib.Path, store: stores.TokenStore, values, request: dict, scorer: dict,
@@ -513,19 +700,41 @@ def _select(cfg, folder: pathlib.Path, store: stores.TokenStore, values, request
   return folder
 
 
+def scoring_plan(cfg, candidates: int, sampled_from: int, seq_len: int) -> dict:
+  """What one selection has the prior and the conditional score, in sequences: the sample (of `sampled_from`, drawn
+  once for every τ; none with a reused scorer) and a cascade's rescored candidates (of `candidates`), and the share
+  of scoring the candidates that comes to, the sample charged in proportion to the candidates it serves (the same
+  count as the report's)."""
+  d = cfg.distill
+  k = select_lib.keep_count(candidates, seq_len, d.tau, d.tokens, "distill")
+  sample = 0 if d.scorer else sample_size(cfg, sampled_from)
+  rescored = candidate_count(cfg, candidates, k) if d.method == CASCADE else 0
+  charged = sample * candidates / max(sampled_from, 1) + rescored
+  return {"k": k, "sample": sample, "rescored": rescored, "charged": charged, "share": charged / candidates}
+
+
 def describe(cfg) -> None:
   check_settings(cfg)
-  store = stores.TokenStore(cfg.distill.store)
-  d, n = cfg.distill, store.num_sequences
-  k = select_lib.keep_count(n, store.seq_len, d.tau, d.tokens, "distill")
-  m = max(2, min(n, int(round(d.sample_fraction * n))))
-  print(f"distill (dry run): keeps {k:,} of {n:,} sequences; the prior and conditional score a sample of {m:,} "
-        f"({m / n:.1%} of the pool's scoring), a linear model on hashed token 1..{d.ngram}-grams "
-        f"({d.buckets:,} buckets) predicts the rest")
+  d = cfg.distill
+  store = stores.TokenStore(d.store)
+  within, _ = select_lib.within_ids(d.within, store, "distill.within")
+  path, setting = sample_source(cfg)
+  source, _ = select_lib.within_ids(path, store, setting)
+  n = store.num_sequences if within is None else within.size
+  sampled_from = store.num_sequences if source is None else source.size
   if not d.scorer:
-    scfg = config_lib.stage_config(cfg, "score", model=cfg.model)
-    scfg.score.prior, scfg.score.conditionals = d.prior, (d.conditional,)
-    _, spec = score_lib.model_entries(scfg)
+    check_sample(cfg, sampled_from)
+  plan = scoring_plan(cfg, n, sampled_from, store.seq_len)
+  scorer = f"reuses the scorer {d.scorer}" if d.scorer else (
+      f"the prior and conditional score a sample of {plan['sample']:,} of {sampled_from:,}, a linear model on hashed "
+      f"token 1..{d.ngram}-grams ({d.buckets:,} buckets) predicts the rest")
+  cascade = (f"; the cascade rescores the top {plan['rescored']:,} by prediction ({d.cascade_factor:g}/tau)"
+             if d.method == CASCADE else "")
+  print(f"distill (dry run): {d.method} keeps {plan['k']:,} of {n:,} sequences; {scorer}{cascade}: "
+        f"{plan['share']:.1%} of scoring the {n:,} candidates")
+  if plan["sample"] or plan["rescored"]:
+    _, spec = score_lib.model_entries(score_config(cfg))
+    scfg = score_config(cfg)
     for key, value in spec.architecture().items():
       scfg.model[key] = value
-    score_lib.describe_nominal(scfg, m, store.seq_len, 2)
+    score_lib.describe_nominal(scfg, plan["sample"] + plan["rescored"], store.seq_len, 2)

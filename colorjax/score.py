@@ -178,6 +178,13 @@ def scoring_spec(spec: transformer.ModelSpec, scfg) -> transformer.ModelSpec:
   return dataclasses.replace(spec, fp8=bool(scfg.fp8))
 
 
+def numerics_of(cfg) -> dict:
+  """The numerics a score job with this config computes in, as its request records them: the model section's
+  compute settings and score.fp8. The score stage and everything that predicts its request (the pipeline's
+  preflight, the distill stage) call this one function."""
+  return scoring_spec(transformer.ModelSpec.from_config(cfg.model), cfg.score).numerics()
+
+
 FP8_NOTE = ("score: fp8 (score.fp8, opt-in): both operands of every trunk projection (qkv, attention out, MLP up and "
             "down) in e4m3 with one power-of-two scale per tensor; embeddings, norms, attention, the head and the "
             "log-softmax unchanged. The scores differ from bf16's (another artifact: its request records fp8); on the "
@@ -335,8 +342,8 @@ def run(cfg) -> pathlib.Path:
   profiler = metrics.StepProfiler(cfg.profile_steps, workdir / "profile")
   store = stores.TokenStore(scfg.store)
   entries, spec = model_entries(cfg)
-  index_id = stores.index_id(scfg.index) if scfg.index else None
-  request = scores_request(store.id, describe_models(entries), spec.numerics(), index_id)
+  index_id = stores.index_id(scfg.index, "score.index") if scfg.index else None
+  request = scores_request(store.id, describe_models(entries), numerics_of(cfg), index_id)
   if scfg.verify:
     console.on_main_then_sync(lambda: reopen_damaged(workdir, request), "score verify")
   if is_complete(workdir, request):
@@ -374,7 +381,7 @@ def _score(cfg, workdir, store, request, profiler, shard_i, shard_n, peak_flops:
   if chunk_rows % host_batch:
     raise errors.ConfigError(f"score.chunk_rows={chunk_rows} must be a multiple of the per-host batch {host_batch}")
   # score.index: rows are the index's ids, ascending, each once
-  index = np.unique(stores.load_index(scfg.index, store)) if scfg.index else None
+  index = np.unique(stores.load_index(scfg.index, store, "score.index")) if scfg.index else None
   n = store.num_sequences if index is None else index.size
   if n == 0:
     raise errors.DataError(f"score.index {scfg.index} selects no sequence; nothing to score")
@@ -517,5 +524,6 @@ def describe(cfg) -> None:
   cfg_model = cfg.model
   for key, value in spec.architecture().items():
     cfg_model[key] = value
-  n = np.unique(stores.load_index(cfg.score.index, store)).size if cfg.score.index else store.num_sequences
+  n = (np.unique(stores.load_index(cfg.score.index, store, "score.index")).size if cfg.score.index
+       else store.num_sequences)
   describe_nominal(cfg, n, store.seq_len, len(entries))

@@ -106,10 +106,14 @@ def top_k(stream, k: int):
   return ids, key_to_float(threshold)
 
 
-def random_sample(n: int, k: int, seed: int, block_rows: int) -> np.ndarray:
-  """k distinct ids of [0, n), uniform, sorted: the first k positions of a seeded permutation, built blockwise so
-  the temporaries stay O(block_rows) beside the output."""
-  perm = stores.Permutation(n, seed, stream=7) if n else None
+RANDOM_STREAM = 7  # the random baseline's (and the nested pools') permutation stream; other draws use their own
+
+
+def random_sample(n: int, k: int, seed: int, block_rows: int, stream: int = RANDOM_STREAM) -> np.ndarray:
+  """k distinct ids of [0, n), uniform, sorted: the first k positions of a seeded permutation (of `stream`: two
+  draws of one seed and stream are prefixes of each other), built blockwise so the temporaries stay O(block_rows)
+  beside the output."""
+  perm = stores.Permutation(n, seed, stream=stream) if n else None
   ids = np.empty(k, np.int64)
   for start in range(0, k, block_rows):
     stop = min(k, start + block_rows)
@@ -171,10 +175,10 @@ def within_ids(path: str, store: stores.TokenStore, setting: str) -> tuple[np.nd
   their sorted unique pool ids and content id; (None, None) when it is unset: the whole pool."""
   if not path:
     return None, None
-  ids = np.unique(stores.load_index(path, store))
+  ids = np.unique(stores.load_index(path, store, setting))
   if not ids.size:
     raise errors.DataError(f"{setting}={path} holds no sequences; point it at a non-empty selection of the pool")
-  return ids, stores.index_id(path)
+  return ids, stores.index_id(path, setting)
 
 
 def check_settings(cfg) -> None:

@@ -72,6 +72,7 @@ def get_config(arg: str = "demo"):
   p.methods = ("color", "random")  # compared at each tau: color random conditional_only dsir rho_down rho_down_prior
   p.curve_tau = 2.0  # one random run per seed over 1/curve_tau of the pool, its learning curve gives data efficiency
   p.curve_eval_every = 0  # eval interval of those curve runs (0 = the target's train.eval_every)
+  p.random_budgets = ()  # fixed n: more random runs on these multiples of n (from the largest pool), e.g. (2, 4)
   p.synthetic_docs = 0  # demo: documents per synthetic domain (0 = read real files instead)
   p.synthetic_seed = 0  # demo: seed of the synthetic text
   p.pool_store = ""  # paper presets: an existing pool token store (skips split and prepare)
@@ -147,6 +148,7 @@ def _fixed_n(c, preset: str, size: str):
   p.seeds = (0,)
   p.methods = FIXED_N_METHODS
   p.curve_tau = 2.0  # the random curve run: half the τ=16 pool = 8n tokens (the paper's "random with 8x data")
+  p.random_budgets = (2.0, 4.0)  # random at 2n and 4n too: data efficiency read between neighbouring budgets
   c.score.batch_size = 16  # CPU: a small step keeps each head tile in cache
   c.score.loss_chunk, c.score.vocab_tile = 32, 2048  # the fastest CPU head (README "Performance": CPU scoring)
   if preset == "tasks-fixed-n":

@@ -141,6 +141,209 @@ def test_the_dry_run_prints_each_distilled_selections_scoring_cost():
   from conftest import run_cli  # pylint: disable=import-outside-toplevel
   out = run_cli(["--config", "configs/pipeline.py:demo", "--config.dry_run=True",
                  "--config.pipeline.methods=('color', 'random', 'color_distilled', 'color_cascade')"]).stdout
-  assert "color_distilled-tau8: scores " in out and "(10.0% of scoring the pool)" in out
+  assert "color_distilled-tau8: scores " in out and "charged 10.0% of scoring its" in out
   # the default cascade_factor 1.5 rescores 1.5/8 of the pool on top of the 10% sample
-  assert "color_cascade-tau8: scores " in out and "(28.8% of scoring the pool)" in out
+  assert "color_cascade-tau8: scores " in out and "charged 28.8% of scoring its" in out
+
+
+def test_the_fixed_n_dry_run_counts_each_distilled_selection_once():
+  """Issue 29.8: the τ=1 random run's group no longer matches `tau16` selections by substring, so each distill
+  selection is priced once, in its own τ's group, and the sample once for all of them."""
+  from conftest import run_cli  # pylint: disable=import-outside-toplevel
+  out = run_cli(["--config", "configs/pipeline.py:books-fixed-n", "--config.dry_run=True",
+                 "--config.pipeline.methods=('color', 'random', 'color_distilled', 'color_cascade')"]).stdout
+  for tau in (2, 4, 8, 16):
+    assert out.count(f"color_distilled-tau{tau}: scores ") == 1 and out.count(f"color_cascade-tau{tau}: scores ") == 1
+  tau1 = out[out.index("select tau=1:"):].split("\n\n")[0]
+  assert "color_" not in tau1
+  # the sample (10% of the largest pool) is charged in proportion to each τ's pool: 10% of scoring it
+  assert out.count("charged 10.0% of scoring its") == 4
+
+
+def test_the_standalone_cascade_dry_run_counts_its_rescoring(demo_run):
+  from conftest import run_cli  # pylint: disable=import-outside-toplevel
+  root, _ = demo_run
+  out = run_cli(["--config", "configs/distill.py:8", "--config.dry_run=True", "--config.workdir=/tmp/unused",
+                 f"--config.distill.store={root / 'stores' / 'pool'}", "--config.distill.method=color_cascade",
+                 f"--config.distill.prior={root / 'runs' / 'prior' / 'params'}",
+                 f"--config.distill.conditional={root / 'runs' / 'conditional' / 'params'}"]).stdout
+  n = stores.TokenStore(root / "stores" / "pool").num_sequences
+  rescored = -(-3 * n // 16)
+  assert f"the cascade rescores the top {rescored:,} by prediction" in out
+  assert f"2 models x {round(0.1 * n) + rescored:,} sequences" in out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Issue 29: damaged files, lineage and late checks
+
+
+def _common(root, tmp_path, **extra):
+  base = dict(distill__store=str(root / "stores" / "pool"), distill__prior=str(root / "runs" / "prior" / "params"),
+              distill__conditional=str(root / "runs" / "conditional" / "params"), distill__sample_fraction=0.2,
+              distill__steps=200, distill__parts=str(tmp_path / "parts"))
+  return dict(base, **extra)
+
+
+def test_damaged_predictions_and_scorer_weights_are_never_used(fitted, tmp_path, capsys):
+  """Issue 29.11-12: a truncated predictions.npy is refused (never zero-filled), an altered block is predicted again
+  (the selection is unchanged), damaged or missing scorer weights and done flags are named with the fix."""
+  _, cfg = fitted
+  parts = tmp_path / "sel-parts"
+  want = np.load(tmp_path / "sel" / "index.npy")
+  shutil.rmtree(tmp_path / "sel")
+  predictions = parts / "predictions" / distill.PREDICTIONS
+  data = predictions.read_bytes()
+  predictions.write_bytes(data[:-4000])
+  with pytest.raises(errors.DataError, match=r"predictions.npy holds .*\(truncated or replaced\); delete .* re-run"):
+    distill.run(cfg)
+  assert predictions.stat().st_size == len(data) - 4000 and not (tmp_path / "sel").exists()
+  values = np.frombuffer(data, np.uint8).copy()
+  values[-400:] = 0xFF  # a block of NaNs where predictions were
+  predictions.write_bytes(values.tobytes())
+  distill.run(cfg)
+  assert "no longer match their CRC-32" in capsys.readouterr().out
+  np.testing.assert_array_equal(np.load(tmp_path / "sel" / "index.npy"), want)
+  assert predictions.read_bytes() == data
+
+  weights = parts / "scorer" / "weights.npy"
+  good = weights.read_bytes()
+  bad = bytearray(good)
+  bad[-8:] = bytes(b ^ 0x40 for b in bad[-8:])  # two weights changed
+  weights.write_bytes(bytes(bad))
+  store = stores.TokenStore(cfg.distill.store)
+  with pytest.raises(errors.DataError, match=r"weights.npy does not match the sha256 .* delete .* fit it again"):
+    distill.open_scorer(parts / "scorer", store)
+  weights.write_bytes(good[:100])
+  with pytest.raises(errors.DataError, match="weights.npy does not match the sha256"):
+    distill.open_scorer(parts / "scorer", store)
+  weights.unlink()
+  with pytest.raises(errors.DataError, match="weights.npy is missing; delete"):
+    distill.open_scorer(parts / "scorer", store)
+  weights.write_bytes(good)
+  done = parts / "predictions" / "done.npy"
+  done.write_bytes(done.read_bytes()[:70])
+  with pytest.raises(errors.DataError, match=r"done.npy (is not a readable|holds)"):
+    distill.open_predictions(parts / "predictions", store.num_sequences)
+  done.unlink()
+  with pytest.raises(errors.DataError, match=r"done.npy is missing; delete"):
+    distill.open_predictions(parts / "predictions", store.num_sequences)
+
+
+def test_the_output_folder_and_shared_parts_are_checked_before_any_work(demo_run, tmp_path):
+  """Issue 29.18: a folder in the way fails before sampling; a second job on the same parts waits for nothing
+  half-made; a cascade reusing a scorer names distill.prior; a sample too small to fit is refused up front."""
+  root, _ = demo_run
+  (tmp_path / "sel").mkdir()
+  (tmp_path / "sel" / "notes.txt").write_text("mine")
+  cfg = make_config("distill", "8", workdir=str(tmp_path / "sel"), **_common(root, tmp_path))
+  with pytest.raises(errors.DataError, match=r"sel exists but is not a distilled selection"):
+    distill.run(cfg)
+  assert not (tmp_path / "parts").exists()
+  from colorjax.artifacts import lineage  # pylint: disable=import-outside-toplevel
+  with lineage.Lock(tmp_path / "parts"):
+    with pytest.raises(errors.LockedError, match="is being written by"):
+      distill.run(make_config("distill", "8", workdir=str(tmp_path / "sel2"), **_common(root, tmp_path)))
+  with pytest.raises(errors.ConfigError, match=r"color_cascade rescores .* set --config.distill.prior"):
+    distill.run(make_config("distill", "8", workdir=str(tmp_path / "c"), distill__store=str(root / "stores" / "pool"),
+                            distill__scorer=str(tmp_path / "parts" / "scorer"), distill__method="color_cascade"))
+  with pytest.raises(errors.ConfigError, match=r"samples 2 of .* too few to fit and measure a scorer"):
+    distill.run(make_config("distill", "8", workdir=str(tmp_path / "s"),
+                            **_common(root, tmp_path, distill__sample_fraction=1e-4)))
+  assert not (tmp_path / "parts" / "sample").exists()
+
+
+def test_a_signal_during_the_fit_or_the_prediction_ends_with_the_preemption_line(demo_run, tmp_path, monkeypatch):
+  """Issue 29.18: SIGTERM in the fit or in the pool's prediction stops at a step boundary with errors.Preempted (main
+  prints the resume line and exits 143), and the re-run finishes to the same selection."""
+  import os  # pylint: disable=import-outside-toplevel
+  import signal  # pylint: disable=import-outside-toplevel
+  root, _ = demo_run
+  cfg = make_config("distill", "8", workdir=str(tmp_path / "sel"), **_common(root, tmp_path, distill__block_rows=256))
+  real_of, calls = distill.Features.of, []
+
+  def signalled(at):
+    def of(self, tokens):
+      calls.append(1)
+      if len(calls) == at:
+        os.kill(os.getpid(), signal.SIGTERM)
+      return real_of(self, tokens)
+    return of
+
+  monkeypatch.setattr(distill.Features, "of", signalled(5))  # the fit's 5th step
+  with pytest.raises(errors.Preempted, match="during the scorer's fit at step 5"):
+    distill.run(cfg)
+  assert not (tmp_path / "parts" / "scorer").exists()
+  calls.clear()
+  fit_calls = 200 + 1  # the fit's steps and the held-out prediction
+  monkeypatch.setattr(distill.Features, "of", signalled(fit_calls + 2))  # the pool's second block
+  with pytest.raises(errors.Preempted, match=r"during the pool's prediction: 2 of \d+ chunks"):
+    distill.run(cfg)
+  monkeypatch.setattr(distill.Features, "of", real_of)
+  selected = np.load(distill.run(cfg) / "index.npy")
+  fresh = make_config("distill", "8", workdir=str(tmp_path / "fresh"),
+                      **_common(root, tmp_path / "other", distill__block_rows=256))
+  np.testing.assert_array_equal(np.load(distill.run(fresh) / "index.npy"), selected)
+
+
+def test_json_never_holds_nan(tmp_path):
+  from colorjax.artifacts import formats, lineage  # pylint: disable=import-outside-toplevel
+  lineage.write_manifest(tmp_path, {"rho": float("nan"), "nested": [1.0, float("inf")]})
+  assert json.loads((tmp_path / "manifest.json").read_text()) == {"rho": None, "nested": [1.0, None]}
+  assert "NaN" not in formats.json_text({"x": float("nan")}) and distill.spearman(np.ones(1), np.ones(1)) is None
+
+
+def test_the_preflight_asks_the_distill_stage_for_its_requests(demo_run, tmp_path):
+  """Issue 29.13-15: with score.fp8 the distill parts' requests carry fp8 (bf16 parts are stale, the pipeline's own
+  fp8 parts are not); a reused scorer and the order of the seeds leave a pipeline's distill parts up to date."""
+  from colorjax.pipeline import preflight  # pylint: disable=import-outside-toplevel
+  work = tmp_path / "work"
+  shutil.copytree(demo_run[0], work, symlinks=True)
+  methods = ("color", "random", "color_distilled", "color_cascade")
+  settings = dict(SMALL_DEMO, pipeline__methods=methods, distill__sample_fraction=0.2, distill__steps=200)
+  cfg = make_config("pipeline", "demo", workdir=str(work), **settings)
+  runner.run(cfg)
+
+  def stale(**extra):
+    c = make_config("pipeline", "demo", workdir=str(work), **dict(settings, **extra))
+    return {e.label for e, _ in preflight.stale(preflight.lineage(c, work, runner.stage_configs(c, work)), work)}
+
+  assert stale() == set()
+  assert stale(pipeline__seeds=(1, 0)) == set()  # the sample's seed is distill.seed, not the first target seed
+  labels = stale(score__fp8=True)
+  assert {"distill sample_scores", "distill scorer", "distill predictions"} <= labels and "distill sample" not in labels
+  scorer = tmp_path / "scorer"
+  shutil.copytree(work / "distill" / "scorer", scorer)
+  reuse = dict(settings, distill__scorer=str(scorer), pipeline__methods=("color", "random", "color_distilled"))
+  c = make_config("pipeline", "demo", workdir=str(tmp_path / "reuse"), **reuse)
+  shutil.copytree(demo_run[0], tmp_path / "reuse", symlinks=True)
+  runner.run(c)
+  assert not (tmp_path / "reuse" / "distill" / "sample").exists()
+  assert {e.label for e, _ in preflight.stale(preflight.lineage(c, tmp_path / "reuse", runner.stage_configs(
+      c, tmp_path / "reuse")), tmp_path / "reuse")} == set()
+
+
+def test_a_bad_distill_value_fails_the_pipeline_before_any_work(tmp_path):
+  from conftest import run_cli  # pylint: disable=import-outside-toplevel
+  for flag in ("--config.dry_run=True", f"--config.workdir={tmp_path / 'w'}"):
+    proc = run_cli(["--config", "configs/pipeline.py:demo", flag, "--config.distill.lr=-1",
+                    "--config.pipeline.methods=('color', 'color_distilled')"], check=False)
+    assert proc.returncode == 2 and "distill.lr > 0" in proc.stderr and "Traceback" not in proc.stderr
+  assert not (tmp_path / "w").exists()
+
+
+def test_an_index_is_identified_by_its_own_bytes_and_named_by_its_setting(demo_run, tmp_path):
+  """Issue 29.17-18: two id files in one selection folder are two indexes (not the manifest's); an error names the
+  setting the index came from."""
+  from colorjax import score  # pylint: disable=import-outside-toplevel
+  root, _ = demo_run
+  folder = tmp_path / "two"
+  shutil.copytree(root / "selections" / "color-tau8", folder)
+  np.save(folder / "a.npy", np.arange(10))
+  np.save(folder / "b.npy", np.arange(10, 20))
+  ids = {name: stores.index_id(folder / name) for name in ("a.npy", "b.npy", "index.npy")}
+  assert len(set(ids.values())) == 3 and ids["index.npy"] == json.loads((folder / "manifest.json").read_text())["id"]
+  cfg = make_config("score", "tiny", workdir=str(tmp_path / "scores"), score__store=str(root / "stores" / "pool"),
+                    score__prior=str(root / "runs" / "prior" / "params"), score__index=str(folder / "missing.npy"),
+                    score__conditionals=(str(root / "runs" / "conditional" / "params"),))
+  with pytest.raises(errors.DataError, match=r"missing.npy does not exist; .* fix --config.score.index"):
+    score.run(cfg)

@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from colorjax import errors
 from colorjax.model import transformer
 from colorjax.report import markdown
 from colorjax.report import results
@@ -31,16 +32,44 @@ def test_tokens_to_reach_interpolates_and_handles_the_ends():
 
 def test_random_tokens_to_match_is_log_linear_with_bounds():
   points = [[100, 3.0], [400, 2.0]]
-  tokens, bound = results.random_tokens_to_match(points, 2.5)
+  tokens, bound, bracket = results.random_tokens_to_match(points, 2.5)
   assert tokens == pytest.approx(200.0) and bound is None  # halfway in log(tokens): sqrt(100 * 400)
-  assert results.random_tokens_to_match(points, 3.0) == (100, None)
+  assert bracket == [[100, 3.0], [400, 2.0]]
+  assert results.random_tokens_to_match(points, 3.0) == (100, None, [[100, 3.0]])
   assert results.random_tokens_to_match(points, 2.0)[0] == pytest.approx(400.0)
-  assert results.random_tokens_to_match(points, 1.5) == (400, "lower")
-  assert results.random_tokens_to_match(points, 3.5) == (100, "upper")
-  assert results.random_tokens_to_match([], 2.5) == (None, None)
-  # unsorted noise: the first budget that reaches the loss counts
-  tokens, bound = results.random_tokens_to_match([[100, 3.0], [200, 2.8], [400, 2.4], [800, 2.6]], 2.5)
-  assert bound is None and 200 < tokens < 400
+  assert results.random_tokens_to_match(points, 1.5) == (400, "lower", [[400, 2.0]])
+  assert results.random_tokens_to_match(points, 3.5) == (100, "upper", [[100, 3.0]])
+  assert results.random_tokens_to_match([], 2.5) == (None, None, None)
+  # unsorted noise: the first budget that reaches the loss counts, read between its two neighbours
+  tokens, bound, bracket = results.random_tokens_to_match([[100, 3.0], [200, 2.8], [400, 2.4], [800, 2.6]], 2.5)
+  assert bound is None and 200 < tokens < 400 and bracket == [[200, 2.8], [400, 2.4]]
+
+
+def test_every_ratio_is_read_between_neighbouring_budgets():
+  """Issue 29.3: with random at n, 2n, 4n and 8n, CoLoR's match is interpolated between the two budgets around it,
+  and the report names them."""
+  rows = [_row("color", 8.0, 0, 100, 2.55), _row("random", 8.0, 0, 100, 3.0), _row("random", 2.0, 0, 200, 2.7),
+          _row("random", 2.0, 0, 400, 2.5), _row("random", 2.0, 0, 800, 2.3)]
+  rows[2]["role"] = rows[3]["role"] = "budget"
+  eff = results.data_efficiency(rows, results.summarize(rows))["tau8"]
+  assert eff["bracket"] == [[200, 2.7], [400, 2.5]]
+  assert eff["random_tokens_to_match"] == pytest.approx(200 * 2 ** 0.75) and eff["ratio"] == pytest.approx(
+      2 * 2 ** 0.75)
+  text = "\n".join(markdown._md_efficiency({"tau8": eff}, "m"))  # pylint: disable=protected-access
+  assert "read between random at" in text and "| 200 (2.7000) and 400 (2.5000) |" in text
+
+
+def test_gain_is_the_share_of_colors_gain_over_random():
+  """Issue 29.9: report.json and report.md carry each method's share of CoLoR's loss gain over random."""
+  rows = [_row("color", 8.0, 0, 100, 2.5), _row("random", 8.0, 0, 100, 3.0), _row("dsir", 8.0, 0, 100, 2.6),
+          _row("color", 16.0, 0, 50, 3.0), _row("random", 16.0, 0, 50, 3.0), _row("dsir", 16.0, 0, 50, 2.9)]
+  gains = {(g["method"], g["tau"]): g["gain"] for g in results.gains(results.summarize(rows))}
+  assert gains[("color", 8.0)] == pytest.approx(1.0) and gains[("dsir", 8.0)] == pytest.approx(0.8)
+  assert gains[("dsir", 16.0)] is None  # CoLoR gains nothing over random there: no share to take
+  assert ("random", 8.0) not in gains
+  summary = results.summarize(rows)
+  md = "\n".join(markdown._md_summary(summary, results.gains(summary)))  # pylint: disable=protected-access
+  assert "| dsir | 8 | 1 | 100 | 2.6000 | 80.0% |" in md
 
 
 def test_data_efficiency_from_finished_random_runs():
@@ -76,9 +105,10 @@ def test_summarize_one_seed_has_no_spread():
   assert summary["color"]["seeds"] == 1 and summary["color"]["target_loss_std"] is None
   assert summary["random"]["target_loss_mean"] == pytest.approx(3.1)
   assert summary["random"]["target_loss_std"] == pytest.approx(0.1414, abs=1e-4)  # sample std over seeds
-  md = "\n".join(markdown._md_summary(results.summarize(rows)))  # pylint: disable=protected-access
-  assert "| color | 4 | 1 | 100 | 2.5000 | - |" in md and "3.1000 ± 0.1414" in md
-  one_seed = "\n".join(markdown._md_summary(results.summarize(rows[:2])))  # pylint: disable=protected-access
+  gains = results.gains(results.summarize(rows))
+  md = "\n".join(markdown._md_summary(results.summarize(rows), gains))  # pylint: disable=protected-access
+  assert "| color | 4 | 1 | 100 | 2.5000 | 100.0% | - |" in md and "3.1000 ± 0.1414" in md
+  one_seed = "\n".join(markdown._md_summary(results.summarize(rows[:2]), []))  # pylint: disable=protected-access
   assert "±" not in one_seed and "(1 seed)" in one_seed
 
 
@@ -177,7 +207,7 @@ def test_write_describes_the_setup_and_the_efficiency(work, tmp_path, monkeypatc
   assert eff["random_points"] == [[1600, 3.0], [6400, 2.0]]
   assert eff["random_tokens_to_match"] == pytest.approx(3200.0) and eff["ratio"] == pytest.approx(2.0)
   assert eff["bound"] is None and eff["curve_ratio"] is not None
-  assert "| 4 | 1,600 | 2.5000 | 3,200 | 2.0x |" in md
+  assert "| 4 | 1,600 | 2.5000 | 3,200 | 1,600 (3.0000) and 6,400 (2.0000) | 2.0x |" in md
   setup = result["setup"]
   assert setup["target"]["parts"]["target_eval"] == {"works": 2, "documents": 6, "sequences": 11, "tokens": 704}
   assert setup["target"]["parts"]["pool"]["documents"] == 9 and setup["target"]["parts"]["pool"]["works"] == 2
@@ -219,5 +249,18 @@ def test_target_summary_reads_older_and_larger_splits(tmp_path):
 
 
 def test_write_needs_pipeline_json(tmp_path):
-  with pytest.raises(Exception, match="pipeline.json is missing"):
+  with pytest.raises(errors.DataError, match="pipeline.json is missing and .* holds none of a pipeline's folders"):
     results.write(tmp_path)
+
+
+def test_report_on_an_unfinished_pipeline_says_what_is_missing(tmp_path):
+  """Issue 29.18: not "not a pipeline work directory" for a pipeline that has simply not finished."""
+  (tmp_path / "stores" / "pool").mkdir(parents=True)
+  (tmp_path / "runs" / "prior" / "params").mkdir(parents=True)
+  (tmp_path / "runs" / "prior" / "params" / "manifest.json").write_text("{}")
+  (tmp_path / "runs" / "conditional").mkdir()
+  with pytest.raises(errors.DataError) as e:
+    results.write(tmp_path)
+  message = str(e.value)
+  assert "has not finished" in message and "stores, runs/ so far" in message and "finished runs: prior." in message
+  assert "not a pipeline work directory" not in message and "Re-run the same pipeline command" in message

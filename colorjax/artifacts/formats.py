@@ -6,6 +6,7 @@ can both build on it.
 """
 import dataclasses
 import json
+import math
 import pathlib
 
 from colorjax import errors
@@ -60,3 +61,19 @@ def read_json(path: pathlib.Path) -> dict:
   except json.JSONDecodeError as e:
     raise errors.DataError(f"{path} is not valid JSON ({e}); it is corrupt: delete its folder and re-run the stage "
                            "that makes it") from e
+
+
+def finite(value):
+  """`value` with every NaN or infinite float replaced by None (JSON has no NaN: an artifact never holds one)."""
+  if isinstance(value, float) and not math.isfinite(value):
+    return None
+  if isinstance(value, dict):
+    return {k: finite(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [finite(v) for v in value]
+  return value
+
+
+def json_text(value, indent: int | None = 1) -> str:
+  """Strict JSON of an artifact's record: non-finite floats become null; other objects their str()."""
+  return json.dumps(finite(json.loads(json.dumps(value, default=str))), indent=indent, allow_nan=False)

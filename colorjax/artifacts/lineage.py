@@ -81,7 +81,7 @@ def write_manifest(folder: pathlib.Path, manifest: dict) -> None:
   """Write the manifest last, atomically: a folder with a manifest is a finished artifact."""
   path = pathlib.Path(folder) / formats.MANIFEST
   tmp = path.with_name(formats.MANIFEST + ".tmp")
-  tmp.write_text(json.dumps(manifest, indent=1, default=str))
+  tmp.write_text(formats.json_text(manifest))
   os.replace(tmp, path)
 
 

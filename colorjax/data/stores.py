@@ -182,46 +182,62 @@ def eval_stores(entries, tok_info: dict, against: str, spec) -> dict:
   return stores
 
 
-def index_id(path) -> str:
-  """Content id of a selection: its manifest's id (known before the selection is made, from what it is selected
-  from), else, for a bare .npy of ids, the hash of its bytes."""
-  path = pathlib.Path(path)
-  folder = path if path.is_dir() else path.parent
-  if (folder / formats.MANIFEST).exists():
-    manifest = formats.read_json(folder / formats.MANIFEST)
-    if manifest.get("id"):
-      return manifest["id"]
-  path = path / "index.npy" if path.is_dir() else path
-  if not path.exists():
-    raise errors.DataError(f"index file {path} does not exist; run the select stage or fix --config.data.index")
-  return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-
-
-def load_index(path, store: TokenStore | None = None) -> np.ndarray:
-  """A selection index: a 1-D .npy of global ids (checked against its manifest and the store when both exist)."""
+def _index_file(path) -> tuple[pathlib.Path, pathlib.Path | None]:
+  """(the .npy of ids, the manifest that describes it or None): a selection folder's manifest describes its own
+  index.npy only; a bare .npy (any other file, even one in a selection folder) has no manifest."""
   path = pathlib.Path(path)
   if path.is_dir():
     path = path / "index.npy"
+  manifest = path.parent / formats.MANIFEST
+  return path, (manifest if path.name == "index.npy" and manifest.exists() else None)
+
+
+def _fix(setting: str) -> str:
+  """How an error tells the user to fix an index: its config field, or the artifact it came from."""
+  return f"--config.{setting}" if " " not in setting else setting
+
+
+def index_id(path, setting: str = "data.index") -> str:
+  """Content id of a selection: its manifest's id (known before the selection is made, from what it is selected
+  from), else, for a bare .npy of ids, the hash of its bytes."""
+  path, manifest_path = _index_file(path)
+  if manifest_path is not None:
+    manifest = formats.read_json(manifest_path)
+    if manifest.get("id"):
+      return manifest["id"]
   if not path.exists():
-    raise errors.DataError(f"index file {path} does not exist; run the select stage or fix --config.data.index")
+    raise errors.DataError(f"index file {path} does not exist; run the select stage or fix {_fix(setting)}")
+  return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def load_index(path, store: TokenStore | None = None, setting: str = "data.index") -> np.ndarray:
+  """A selection index: a 1-D .npy of global ids (checked against its manifest and the store when both exist);
+  errors name `setting`, the config field (or the artifact) the index came from."""
+  path, manifest_path = _index_file(path)
+  if not path.exists():
+    raise errors.DataError(f"index file {path} does not exist; run the select stage or fix {_fix(setting)}")
   try:
     index = np.load(path)
-  except ValueError as e:
-    raise errors.DataError(f"{path} is not a readable .npy file ({e}); re-run the select stage") from e
+  except (ValueError, EOFError, OSError) as e:
+    raise errors.DataError(f"{path} ({setting}) is not a readable .npy file ({e}); re-run the stage that wrote it "
+                           f"or fix {_fix(setting)}") from e
   if index.ndim != 1 or not np.issubdtype(index.dtype, np.integer):
-    raise errors.DataError(f"{path} holds {index.dtype}{list(index.shape)}; an index is a 1-D integer array of ids")
-  manifest_path = path.parent / formats.MANIFEST
-  manifest = formats.read_json(manifest_path) if manifest_path.exists() else {}
+    raise errors.DataError(f"{path} ({setting}) holds {index.dtype}{list(index.shape)}; an index is a 1-D integer "
+                           "array of ids")
+  manifest = formats.read_json(manifest_path) if manifest_path is not None else {}
   if manifest.get("index_sha256") and hashlib.sha256(path.read_bytes()).hexdigest() != manifest["index_sha256"]:
-    raise errors.DataError(f"{path} does not match the hash in {manifest_path}: the selection was modified; "
-                           "re-run select")
+    raise errors.DataError(f"{path} ({setting}) does not match the hash in {manifest_path}: the selection was "
+                           "modified; re-run the stage that wrote it")
   if store is not None and manifest:
     recorded = manifest.get("store_id")
     if recorded and recorded != store.id:
-      raise errors.DataError(f"index {path} was selected from store {recorded}, but training reads store {store.id} "
-                             f"({store.path}); point --config.data.train_store at the store the selection came from")
+      fix = ("point --config.data.train_store at the store the selection came from" if setting == "data.index"
+             else f"point {setting} at a selection of that store")
+      raise errors.DataError(f"index {path} ({setting}) was selected from store {recorded}, but it is used with "
+                             f"store {store.id} ({store.path}); {fix}")
   if store is not None and index.size and (index.min() < 0 or index.max() >= store.num_sequences):
-    raise errors.DataError(f"index {path} has ids outside [0, {store.num_sequences}) of store {store.path}")
+    raise errors.DataError(f"index {path} ({setting}) has ids outside [0, {store.num_sequences}) of store "
+                           f"{store.path}; fix {_fix(setting)}")
   return index.astype(np.int64)
 
 

@@ -87,5 +87,5 @@ def print_model_and_training(stage, spec, mesh, steps, abstract_params, abstract
   if data_note:
     print(f"note: {data_note}")
   return {"flops_per_token": flops_token, "total_flops": total_flops, "tokens": steps.tokens,
-          "steps": steps.total_steps, "global_batch": steps.global_batch,
+          "steps": steps.total_steps, "global_batch": steps.global_batch, "schedule_steps": steps.schedule_steps,
           "memory_bytes": params_b + grads_b + opt_b + act_b}

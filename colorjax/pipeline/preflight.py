@@ -41,12 +41,21 @@ def check_stage_settings(cfg, stages, sizes: dict, data_parallel: int) -> list[t
     except errors.ConfigError as e:
       problems.append(f"{name}: {e}")
   seq = sizes["seq_len"]
+  prior_items = sizes["pool"]
   if pools.fixed_n(cfg) is not None:
     try:
       pools.check_fits(cfg, sizes["pool"])
     except errors.ConfigError as e:
       problems.append(str(e))
-  step("prior", stages.prior, sizes["pool"], seq)
+    prior_items = prior_sequences(cfg, sizes["pool"])
+  step("prior", stages.prior, prior_items, seq)
+  for name, sel in stages.selections.items():  # a distill sample too small to fit a scorer: before any scoring
+    if sel.stage == "distill" and not sel.distill.scorer:
+      sampled = pools.sizes(cfg)[pools.largest(cfg)] if sel.distill.sample_within else sizes["pool"]
+      try:
+        distill.check_sample(sel, sampled)
+      except errors.ConfigError as e:
+        problems.append(f"select {name}: {e}")
   step("conditional", stages.conditional, sizes["target_train"], sizes.get("sft_seq_len", seq))
   if stages.reference is not None:
     step("reference", stages.reference, sizes.get("target_text", sizes["target_train"]), seq)
@@ -64,6 +73,14 @@ def check_stage_settings(cfg, stages, sizes: dict, data_parallel: int) -> list[t
                              + "\n  ".join(problems))
   return plans
 
+
+
+def prior_sequences(cfg, pool_sequences: int) -> int:
+  """The sequences the prior draws from: under fixed n, the store outside the largest pool when it is large enough
+  (pools.prior_outside), else the whole store."""
+  if pools.fixed_n(cfg) is None or not pools.prior_outside(cfg, pool_sequences):
+    return pool_sequences
+  return pool_sequences - pools.sizes(cfg)[pools.largest(cfg)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,7 +157,16 @@ def lineage(cfg, root: pathlib.Path, stages) -> list[Expected]:
       out.append(_expect(f"nested pool tau{tau:g}", folder, req, folder / formats.MANIFEST))
       pool_ids[str(folder)], pool_sizes[str(folder)] = _id(out[-1]), size
   within = lambda path: pool_ids.get(str(path)) if path else None
-  prior_req = run_folder.run_request(stages.prior, prior_spec, pool_id, False, None, None) if pool_id else None
+  prior_index = None
+  if pools.fixed_n(cfg) is not None and pool_id:  # pools/prior: known once the pool store (its size) is up to date
+    folder, store_path = pools.folder(root, pools.PRIOR), pathlib.Path(stages.stores["pool"])
+    store = stores.TokenStore(store_path) if (store_path / formats.MANIFEST).exists() else None
+    req = pools.prior_request(cfg, pool_id, store.num_sequences) if store and store.id == pool_id else None
+    out.append(_expect("the prior's pool", folder, req, folder / formats.MANIFEST))
+    prior_index = _id(out[-1])
+  prior_known = pool_id and (prior_index or pools.fixed_n(cfg) is None)
+  prior_req = (run_folder.run_request(stages.prior, prior_spec, pool_id, False, prior_index, None) if prior_known
+               else None)
   out.append(_expect("prior", root / "runs" / "prior", prior_req))
   cond = stages.conditional
   if cond.sft.tasks:
@@ -161,13 +187,10 @@ def lineage(cfg, root: pathlib.Path, stages) -> list[Expected]:
     out.append(_expect("reference", root / "runs" / "reference", ref_req))
     references["reference"] = _id(out[-1])
   scores_req = None
-  numerics = transformer.ModelSpec.from_config(stages.score.model).numerics()
   if cond_req:
     models = [{"name": "prior", "id": prior_id}, {"name": "conditional_0", "id": cond_id}]
     index = stages.score.score.index
-    score_numerics = score.scoring_spec(transformer.ModelSpec.from_config(stages.score.model),
-                                        stages.score.score).numerics()
-    scores_req = (score.scores_request(pool_id, models, score_numerics, within(index))
+    scores_req = (score.scores_request(pool_id, models, score.numerics_of(stages.score), within(index))
                   if not index or within(index) else None)
   out.append(_expect("scores", root / "scores", scores_req, root / "scores" / formats.MANIFEST))
   scores_id = _id(out[-1])
@@ -177,13 +200,16 @@ def lineage(cfg, root: pathlib.Path, stages) -> list[Expected]:
       target_id = ids.get("target_train")
       known = pool_id and target_id and (within(sel.dsir.within) or not sel.dsir.within)
       req = dsir.dsir_request(sel, pool_id, target_id, within(sel.dsir.within)) if known else None
-    elif sel.stage == "distill":
+    elif sel.stage == "distill":  # the stage's own requests (distill.expected_requests: what its run checks)
       requests = {}
-      subset = within(sel.distill.within)
-      if pool_id and prior_id and cond_id and (subset or not sel.distill.within):
-        models = [{"name": "prior", "id": prior_id}, {"name": "conditional_0", "id": cond_id}]
-        requests = distill.expected_requests(sel, stores.TokenStore(stages.stores["pool"]), models, numerics,
-                                             (subset, pool_sizes[sel.distill.within]) if subset else None)
+      subset, sampled_from = within(sel.distill.within), within(sel.distill.sample_within)
+      known = all(pool_ids.get(str(p)) for p in (sel.distill.within, sel.distill.sample_within) if p)
+      if pool_id and known:
+        models = ([{"name": "prior", "id": prior_id}, {"name": "conditional_0", "id": cond_id}]
+                  if prior_id and cond_id else None)
+        requests = distill.expected_requests(sel, stores.TokenStore(stages.stores["pool"]), models,
+                                             (subset, pool_sizes[sel.distill.within]) if subset else None,
+                                             sampled_from)
       for part, folder in distill.parts(sel, requests).items():  # the τ-independent ones are listed once
         if all(e.path != folder for e in out):
           out.append(_expect(f"distill {part}", folder, requests.get(part), folder / formats.MANIFEST))

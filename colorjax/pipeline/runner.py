@@ -40,6 +40,7 @@ from colorjax import score
 from colorjax import select
 from colorjax import sharding
 from colorjax import train
+from colorjax.artifacts import formats
 from colorjax.artifacts import lineage
 from colorjax.data import corpus
 from colorjax.data import sft_rows
@@ -104,6 +105,10 @@ def check_settings(cfg) -> None:
                              "sequences; set both > 0")
   if min(pcfg.seeds) < 0 or cfg.seed < 0:
     raise errors.ConfigError(f"seed={cfg.seed}, pipeline.seeds={tuple(pcfg.seeds)}: seeds are integers >= 0")
+  check_names(pcfg)
+  pools.check_budgets(cfg)
+  if any(methods.REGISTRY[m].stage == "distill" for m in pcfg.methods):
+    distill.check_values(cfg)  # before any work, not after scoring
   named = [(f"pipeline.taus has {tau}", tau) for tau in pcfg.taus]
   named += [(f"pipeline.curve_tau={pcfg.curve_tau}", pcfg.curve_tau)] if pcfg.curve_tau else []
   for name, tau in named:
@@ -119,6 +124,20 @@ def check_settings(cfg) -> None:
   for section in ("prior", "conditional", "reference", "target"):  # a missing mirror package: before any stage runs
     metrics.check_mirrors(cfg[section].train, f"{section}.train")
   check_unused_sections(cfg)
+
+
+def check_names(pcfg) -> None:
+  """Runs and selections are named by τ as `tau{τ:g}`: τ values (and random budgets) whose names collide would
+  share, and overwrite, each other's runs."""
+  for field in ("taus", "random_budgets"):
+    by_name: dict = {}
+    for value in pcfg[field]:
+      by_name.setdefault(f"{value:g}", []).append(value)
+    for name, values in by_name.items():
+      if len(values) > 1:
+        raise errors.ConfigError(f"pipeline.{field}={tuple(pcfg[field])}: {' and '.join(map(repr, values))} are both "
+                                 f"named {name!r} in run and selection names; give values that differ in their first "
+                                 "6 significant digits")
 
 
 # Top-level fields a pipeline never reads (each stage has its own section), and where the setting goes instead.
@@ -161,8 +180,9 @@ class StageConfigs:
 
 def target_runs(cfg) -> list[dict]:
   """Every selection and target run: (method, τ, seed) -> names; the random-curve runs last. Under the fixed-n
-  protocol each run also names the nested pool it draws from ("pool_tau"), the random baseline runs at τ=1 too, and
-  the curve run takes 1/curve_tau of the largest pool (named "curve": its τ may equal a compared τ)."""
+  protocol each run also names the nested pool it draws from ("pool_tau"), the random baseline runs at τ=1 too, at
+  each of pipeline.random_budgets x n (role "budget") and the curve run takes 1/curve_tau of the largest pool (named
+  "curve": its τ may equal a compared τ)."""
   pcfg = cfg.pipeline
   fixed_n = pools.fixed_n(cfg) is not None
   baseline = methods.BASELINE.name
@@ -179,6 +199,11 @@ def target_runs(cfg) -> list[dict]:
     for seed in pcfg.seeds:
       runs.append({"name": f"target-{baseline}-tau1-s{seed}", "method": baseline, "tau": 1.0, "seed": int(seed),
                    "selection": f"{baseline}-tau1-s{seed}", "role": "compare", "pool_tau": 1.0})
+  for budget in pcfg.random_budgets if fixed_n else ():  # fixed n: random on b·n from the largest pool
+    for seed in pcfg.seeds:
+      runs.append({"name": f"target-{baseline}-{budget:g}n-s{seed}", "method": baseline,
+                   "tau": pools.largest(cfg) / float(budget), "seed": int(seed), "budget": float(budget),
+                   "selection": f"{baseline}-{budget:g}n-s{seed}", "role": "budget", "pool_tau": pools.largest(cfg)})
   if pcfg.curve_tau:
     part = f"curve-tau{pcfg.curve_tau:g}" if fixed_n else f"tau{pcfg.curve_tau:g}"  # fixed n: never a compare run's
     for seed in pcfg.seeds:
@@ -221,6 +246,8 @@ def stage_configs(cfg, root: pathlib.Path) -> StageConfigs:
     stores = {name: root / "stores" / name for name in names}
   evals = {} if tasks_target else {"target": stores["target_eval"]}
   prior = _train_config(cfg, cfg.prior, "pretrain", root / "runs" / "prior", stores["pool"], evals)
+  if pools.fixed_n(cfg) is not None:  # n sequences from outside the largest pool when the store holds them
+    prior.data.index = str(pools.folder(root, pools.PRIOR))
   cond = _train_config(cfg, cfg.conditional, "finetune", root / "runs" / "conditional",
                        None if tasks_target else stores["target_train"], evals)
   cond.train.init_from = str(root / "runs" / "prior" / "params")
@@ -253,6 +280,8 @@ def stage_configs(cfg, root: pathlib.Path) -> StageConfigs:
                            seed=r["seed"], index=sel.workdir)
     if r["role"] == "curve":
       tcfg.train.eval_every = pcfg.curve_eval_every or tcfg.train.eval_every
+    if r["pool_tau"] is not None:  # fixed n: steps and schedule follow this run's own tokens
+      pools.fit_schedule(tcfg.train, pools.candidates_and_kept(cfg, r, 0)[1])
     r["config"] = tcfg
   return StageConfigs(stores, prior, cond, score_cfg, selections, runs, reference)
 
@@ -273,6 +302,8 @@ def _selection_config(cfg, root: pathlib.Path, stores: dict, r: dict) -> ml_coll
     sel.distill.parts = str(root / "distill")
     sel.distill.method = r["method"]
     sel.distill.tau = r["tau"]
+    if r["pool_tau"] is not None:  # fixed n: one sample of the largest pool serves every τ
+      sel.distill.sample_within = str(pools.folder(root, pools.largest(cfg)))
   else:
     sel = config.stage_config(cfg, "select")
     sel.select.scores = str(root / "scores")
@@ -282,7 +313,7 @@ def _selection_config(cfg, root: pathlib.Path, stores: dict, r: dict) -> ml_coll
     section = sel[stage] if stage in ("dsir", "distill") else sel.select
     section.within = str(pools.folder(root, r["pool_tau"]))
     if r["role"] != "curve":
-      section.tokens = pools.fixed_n(cfg) * seq_len(cfg)
+      section.tokens = pools.candidates_and_kept(cfg, r, 0)[1] * seq_len(cfg)
   sel.workdir = str(root / "selections" / r["selection"])
   sel.seed = r["seed"]
   return sel
@@ -338,6 +369,7 @@ def _run(cfg, root: pathlib.Path):
     for tau, size in pools.sizes(cfg).items():
       console.on_main_then_sync(lambda t=tau, m=size: pools.make(pools.folder(root, t), pool_store, m,
                                                                   pcfg.split_seed), "nested pools")
+    console.on_main_then_sync(lambda: pools.make_prior(cfg, root, pool_store), "the prior's pool")
   data_parallel = sharding.data_parallel_size(sharding.make_mesh(cfg.mesh))
   # before anything trains
   preflight.check_stage_settings(cfg, stages, preflight.store_sizes(stages, cfg), data_parallel)
@@ -371,7 +403,7 @@ def _run(cfg, root: pathlib.Path):
             "distill": rel(root / "distill") if (root / "distill").is_dir() else None,
             "config": json.loads(cfg.to_json())}
   if console.is_main():
-    (root / "pipeline.json").write_text(json.dumps(record, indent=1))
+    (root / "pipeline.json").write_text(formats.json_text(record))
     path = step("report", results.write, root)
     print(f"\npipeline: done in {time.time() - step.start:.0f}s. Report: {path}")
   return root
@@ -399,22 +431,21 @@ def _default_task_dirs(cfg):
 # Dry run
 
 
-def _distill_cost(cfg, name: str, sel, n: int, seq: int, sampled: bool) -> float:
+def _distill_cost(cfg, name: str, sel, candidates: int, sampled_from: int, seq: int, sampled: bool) -> float:
   """Prints the scoring a distill-stage selection needs (the sample; a cascade's rescored candidates), in FLOPs and
-  device-hours at score.tokens_per_s_per_device, beside scoring the whole pool; returns what it adds to the plan's
-  total (the sample, shared by every τ and both methods, only once: `sampled` says it is counted already)."""
+  device-hours at score.tokens_per_s_per_device, and its share of scoring its candidates (distill.scoring_plan: the
+  report's count); returns what it adds to the plan's total (the sample, drawn once for every τ and both methods,
+  only once: `sampled` says it is counted already)."""
   per_sequence = 2 * transformer.flops_per_token(transformer.ModelSpec.from_config(cfg.prior.model), seq,
                                                  training=False) * seq
-  d = sel.distill
-  sample = max(2, min(n, int(round(d.sample_fraction * n))))
-  k = select.keep_count(n, seq, d.tau, d.tokens, "distill")
-  rescored = distill.candidate_count(sel, n, k) if d.method == distill.CASCADE else 0
-  flops = per_sequence * (sample + rescored)
-  hours = (sample + rescored) * seq / max(cfg.score.tokens_per_s_per_device, 1.0) / 3600
-  print(f"  {name}: scores {sample:,} sampled + {rescored:,} rescored sequences = {flops:.3e} FLOPs "
-        f"({(sample + rescored) / n:.1%} of scoring the pool), {hours:,.2f} device-hours at "
-        f"{cfg.score.tokens_per_s_per_device:,.0f} pool tok/s per device")
-  return per_sequence * rescored if sampled else flops
+  plan = distill.scoring_plan(sel, candidates, sampled_from, seq)
+  flops = per_sequence * (plan["sample"] + plan["rescored"])
+  hours = (plan["sample"] + plan["rescored"]) * seq / max(cfg.score.tokens_per_s_per_device, 1.0) / 3600
+  print(f"  {name}: scores {plan['sample']:,} sampled (of {sampled_from:,}, shared by every tau) + "
+        f"{plan['rescored']:,} rescored sequences = {flops:.3e} FLOPs, {hours:,.2f} device-hours at "
+        f"{cfg.score.tokens_per_s_per_device:,.0f} pool tok/s per device; charged {plan['share']:.1%} of scoring its "
+        f"{candidates:,} candidates")
+  return per_sequence * plan["rescored"] if sampled else flops
 
 
 def describe(cfg):
@@ -434,15 +465,19 @@ def describe(cfg):
   print(f"pipeline {pcfg.preset} (dry run): pool {n:,} sequences x {seq} tokens, conditional data "
         f"{sizes['target_train']:,} sequences ({how}); taus {list(pcfg.taus)}, seeds {list(pcfg.seeds)}, methods "
         f"{list(pcfg.methods)}; {devices} device(s)\n")
-  total_flops = train.describe(stages.prior, n, seq, how)["total_flops"]
+  prior_items = preflight.prior_sequences(cfg, n)
+  prior_note = how if prior_items == n else f"the {prior_items:,} outside the largest pool, {how}"
+  total_flops = train.describe(stages.prior, prior_items, seq, prior_note)["total_flops"]
   print()
   total_flops += train.describe(stages.conditional, sizes["target_train"], sizes.get("sft_seq_len", seq),
                                 how)["total_flops"]
   print()
   fixed_n = pools.fixed_n(cfg)
   if fixed_n is not None:
+    outside = ("the prior's n come from outside the largest pool" if pools.prior_outside(cfg, n) else
+               "the store is too small to keep the prior's n outside the largest pool: the prior draws from all of it")
     print(f"fixed n: n = {fixed_n:,} sequences ({fixed_n * seq:,} tokens, the prior's); nested pools of tau x n: "
-          + ", ".join(f"tau {t:g}: {m:,}" for t, m in pools.sizes(cfg).items()) + "\n")
+          + ", ".join(f"tau {t:g}: {m:,}" for t, m in pools.sizes(cfg).items()) + f"; {outside}\n")
   scored = pools.sizes(cfg)[pools.largest(cfg)] if fixed_n is not None else n
   total_flops += score.describe_nominal(stages.score, scored, seq, models=2)
   print()
@@ -458,14 +493,19 @@ def describe(cfg):
     offline, online = [r for r in runs if r["selection"]], [r for r in runs if not r["selection"]]
     drawn = "the pool" if candidates == n else f"a pool of {candidates:,}"
     if offline:
-      print(f"select tau={tau:g}{' (random curve)' if role == 'curve' else ''}: {k:,} of {drawn} sequences "
-            f"({k * seq:,} tokens); {len(offline)} target runs")
-      for name, sel in stages.selections.items():
-        if sel.stage == "distill" and f"tau{tau:g}" in name:
-          total_flops += _distill_cost(cfg, name, sel, candidates, seq, sampled)
+      head = (f"select random at {offline[0]['budget']:g}n" if role == "budget" else
+              f"select tau={tau:g}{' (random curve)' if role == 'curve' else ''}")
+      print(f"{head}: {k:,} of {drawn} sequences ({k * seq:,} tokens); {len(offline)} target runs")
+      for name in dict.fromkeys(r["selection"] for r in offline):  # each selection of this group once
+        sel = stages.selections[name]
+        if sel.stage == "distill":
+          sampled_from = pools.sizes(cfg)[pools.largest(cfg)] if sel.distill.sample_within else n
+          total_flops += _distill_cost(cfg, name, sel, candidates, sampled_from, seq, sampled)
           sampled = True
-      total_flops += train.describe(offline[0]["config"], k, seq, f"{k:,} of {drawn}, {how}")["total_flops"] * len(
-          offline)
+      planned = train.describe(offline[0]["config"], k, seq, f"{k:,} of {drawn}, {how}")
+      print(f"each target: {planned['tokens']:,} tokens ({planned['steps']:,} steps x {planned['global_batch']} x "
+            f"{seq}), schedule {planned['schedule_steps']:,} steps, warmup {offline[0]['config'].train.warmup_steps:,}")
+      total_flops += planned["total_flops"] * len(offline)
       print()
     if online:
       print(f"RHO-down tau={tau:g}: {len(online)} target runs selecting online from {drawn}")

@@ -8,7 +8,12 @@ one scoring pass; distilled CoLoR: prior, conditional and scoring its sample (th
 are CPU work, not counted in FLOPs); RHO-down + prior: prior and conditional; RHO-down: its target-only reference;
 random and DSIR: nothing (DSIR's n-gram counting is not counted in FLOPs). Each method's shared steps are its
 registry entry's `shared_work`.
+
+Under the fixed-n protocol one scoring pass of the largest nested pool (and one distill sample of it) serves every
+τ; a selection among a τ·n pool is charged the scoring of its own pool: the shared scoring steps times its
+candidates / the sequences scored (what scoring that pool alone would have cost; the sample in the same proportion).
 """
+import dataclasses
 import json
 import pathlib
 
@@ -65,18 +70,40 @@ def _scoring_flops(scores: dict, prior: dict) -> tuple[float, int] | None:
       scores["models"])
 
 
+def scored_sequences(pipeline_record: dict, at) -> int | None:
+  """Sequences the pipeline's scoring pass scored (the pool, or under fixed n the largest nested pool)."""
+  return _manifest(at(pipeline_record.get("scores"))).get("num_sequences")
+
+
+def pool_fraction(selection: dict, scored: int | None) -> float:
+  """The share of the scored sequences a selection's candidates are: its fixed-n pool's size / the sequences scored
+  (1 for a selection from the whole pool)."""
+  within = selection.get("within") or {}
+  if not within.get("sequences") or not scored:
+    return 1.0
+  return min(1.0, within["sequences"] / scored)
+
+
+def _charged(method, costs: dict, fraction: float) -> float | None:
+  """A method's shared work, its scoring steps scaled by its pool's `fraction` of what was scored."""
+  needed = [(costs.get(step), step.startswith("scoring")) for step in (method.shared_work if method else ())]
+  if any(c is None for c, _ in needed):
+    return None
+  return float(sum(c * (fraction if scoring else 1.0) for c, scoring in needed))
+
+
 def account(rows: list[dict], pipeline_record: dict, at) -> dict:
   """Adds "compute" ({"train", "selection_forward", "shared", "total"}) to every run row; returns the shared costs."""
   costs = shared_costs(pipeline_record, at)
+  scored = scored_sequences(pipeline_record, at)
   workdirs = {r["name"]: r.get("workdir") for r in pipeline_record.get("runs", [])}
   selections = {r["name"]: r.get("selection_dir") for r in pipeline_record.get("runs", [])}
   for r in rows:
     own = run_flops(_manifest(at(workdirs.get(r["name"])), "params"))
-    method = methods.REGISTRY.get(r["method"])
-    needed = [costs.get(step) for step in (method.shared_work if method is not None else ())]
-    shared = None if any(c is None for c in needed) else float(sum(needed))
+    selection = _manifest(at(selections.get(r["name"])))
+    shared = _charged(methods.REGISTRY.get(r["method"]), costs, pool_fraction(selection, scored))
     # a selection's own scoring (the cascade's rescored candidates), recorded in its manifest
-    cascade = _manifest(at(selections.get(r["name"]))).get("cascade") or {}
+    cascade = selection.get("cascade") or {}
     forward = (own.get("selection_forward_flops") or 0.0) + (cascade.get("scoring_flops") or 0.0)
     parts = (own["train_flops"], forward, shared)
     r["compute"] = {"train": parts[0], "selection_forward": parts[1], "shared": shared,
@@ -105,16 +132,20 @@ def markdown(rows: list[dict], costs: dict) -> list[str]:
   return lines + [""]
 
 
-def selection_scoring(selections: dict, costs: dict) -> None:
-  """Adds each selection's scoring by the prior and conditional ("scoring_flops": its method's shared scoring plus a
-  cascade's rescoring) and its share of scoring the whole pool with both ("scoring_share")."""
+def selection_scoring(selections: dict, costs: dict, scored: int | None) -> None:
+  """Adds each selection's scoring by the prior and conditional ("scoring_flops": its method's shared scoring,
+  charged for its own candidates, plus a cascade's rescoring) and its share of scoring its candidates with both
+  ("scoring_share": of the whole pool, or of its fixed-n pool)."""
   full = costs.get("scoring")
   for s in selections.values():
     method = methods.REGISTRY.get(s["method"])
-    steps = [costs.get(w) for w in (method.shared_work if method is not None else ()) if w.startswith("scoring")]
-    flops = None if None in steps else float(sum(steps)) + ((s.get("cascade") or {}).get("scoring_flops") or 0.0)
+    fraction = pool_fraction({"within": {"sequences": s.get("candidates")} if s.get("within") else None}, scored)
+    scoring = dataclasses.replace(method, shared_work=tuple(w for w in method.shared_work if w.startswith("scoring")))\
+        if method is not None else None
+    shared = _charged(scoring, costs, fraction)
+    flops = None if shared is None else shared + ((s.get("cascade") or {}).get("scoring_flops") or 0.0)
     s["scoring_flops"] = flops
-    s["scoring_share"] = None if flops is None or not full else flops / full
+    s["scoring_share"] = None if flops is None or not full else flops / (full * fraction)
 
 
 def plot(rows: list[dict], folder: pathlib.Path) -> list[str]:

@@ -123,8 +123,22 @@ def _md_models(models: dict) -> list[str]:
   return lines + [""]
 
 
+def _md_prior_data(prior: dict | None) -> list[str]:
+  """Under fixed n: where the prior's n sequences came from."""
+  if not prior:
+    return []
+  if prior.get("outside_largest_pool"):
+    return [f"**Prior data** (fixed n): the prior drew its sequences from the {count(prior.get('k'))} pool-store "
+            f"sequences outside the largest nested pool ({count(prior.get('largest_pool_sequences'))}), so no "
+            "candidate of any τ was prior training data.", ""]
+  return [f"**Prior data** (fixed n): the pool store is too small to keep the prior's sequences outside the largest "
+          f"nested pool ({count(prior.get('largest_pool_sequences'))} of its {count(prior.get('k'))} sequences), so "
+          "the prior drew from the whole store and some candidates were prior training data.", ""]
+
+
 def _md_setup(s: dict) -> list[str]:
   lines = ["## Setup", ""] + _md_target(s["target"], s["stores"]) + _md_pool(s["pool"], s["stores"].get("pool", {}))
+  lines += _md_prior_data(s.get("prior_data"))
   return lines + _md_models(s["models"]) + [f"**target_loss**: {s['target_loss']}", ""]
 
 
@@ -141,14 +155,22 @@ def _md_runs(rows: list[dict]) -> list[str]:
   return lines + [""]
 
 
-def _md_summary(summary: list[dict]) -> list[str]:
+def _gain_cell(gain: dict | None) -> str:
+  return "-" if gain is None or gain["gain"] is None else f"{gain['gain']:.1%}"
+
+
+def _md_summary(summary: list[dict], gains: list[dict]) -> list[str]:
   one_seed = all(s["seeds"] == 1 for s in summary)
   title = "1 seed" if one_seed else "mean ± sample std over seeds; the mean alone for a group of 1 seed"
+  by = {(g["method"], g["tau"]): g for g in gains}
   lines = [f"## CoLoR vs random ({title})", "",
-           "| method | τ | seeds | tokens | held-out loss | tasks mean |", "|---|---|---|---|---|---|"]
+           "Gain: the share of CoLoR's held-out loss gain over random at the same τ that a method keeps, (random − "
+           "method) / (random − CoLoR), from the means.", "",
+           "| method | τ | seeds | tokens | held-out loss | gain | tasks mean |", "|---|---|---|---|---|---|---|"]
   for s in summary:
     lines.append(f"| {s['method']} | {s['tau']:g} | {s['seeds']} | {s['train_tokens'] or 0:,} | "
                  f"{_loss_cell(s['target_loss_mean'], s['target_loss_std'], s['seeds'])} | "
+                 f"{_gain_cell(by.get((s['method'], s['tau'])))} | "
                  f"{_fmt(100 * s['tasks_mean'], 1) if s['tasks_mean'] is not None else '-'} |")
   return lines + [""]
 
@@ -168,13 +190,14 @@ def _md_efficiency(efficiency: dict, method: str) -> list[str]:
   if points:
     lines += ["Random points (tokens → mean final held-out loss): "
               + "; ".join(f"{t:,.0f} → {l:.4f}" for t, l in points) + ".", ""]
-  lines += ["| τ | CoLoR tokens | CoLoR loss | random tokens to match | ratio | from the curve (mid-schedule, "
-            "understates) |", "|---|---|---|---|---|---|"]
+  lines += ["| τ | CoLoR tokens | CoLoR loss | random tokens to match | read between random at | ratio | from the "
+            "curve (mid-schedule, understates) |", "|---|---|---|---|---|---|---|"]
   for tau, e in efficiency.items():
     curve = _bounded(e["curve_ratio"], "lower" if e["curve_lower_bound"] else None, "x")
+    bracket = " and ".join(f"{t:,.0f} ({l:.4f})" for t, l in e.get("bracket") or []) or "-"
     lines.append(f"| {tau[3:]} | {count(e['color_tokens'])} | {e['color_loss']:.4f} | "
-                 f"{_bounded(e['random_tokens_to_match'], e['bound'])} | {_bounded(e['ratio'], e['bound'], 'x')} | "
-                 f"{curve} |")
+                 f"{_bounded(e['random_tokens_to_match'], e['bound'])} | {bracket} | "
+                 f"{_bounded(e['ratio'], e['bound'], 'x')} | {curve} |")
   notes = {"lower": "\">\": CoLoR's loss is below every random point (a lower bound).",
            "upper": "\"<\": every random budget already does better than CoLoR (an upper bound)."}
   used = [notes[b] for b in ("lower", "upper") if any(e["bound"] == b for e in efficiency.values())]
@@ -196,21 +219,26 @@ def _md_selections(selections: dict) -> list[str]:
   return lines + [""]
 
 
-def _md_selection_cost(selections: dict) -> list[str]:
-  """What each selection's scoring cost against scoring the pool, and how well it agrees with the headline's."""
+def _md_selection_cost(selections: dict, gains: list[dict]) -> list[str]:
+  """What each selection's scoring cost against scoring its candidates, how well it agrees with the headline's,
+  and how much of the headline's gain its targets keep."""
   shown = {name: s for name, s in selections.items() if s.get("scoring_share") is not None or s.get("recall")}
   if not shown:
     return []
+  by = {(g["method"], g["tau"]): g for g in gains}
   lines = ["## Selections: scoring cost and agreement with CoLoR", "",
-           "Scoring: FLOPs the prior and conditional spent on the selection, as a share of scoring the whole pool "
-           "with both. ρ: the distilled scorer's Spearman correlation with the CoLoR score on its held-out sample. "
-           "Recall: the share of CoLoR's selection of the same size that this selection also keeps.", "",
-           "| selection | method | τ | scoring | ρ | recall |", "|---|---|---|---|---|---|"]
+           "Scoring: FLOPs the prior and conditional spent on the selection, as a share of scoring its candidates "
+           "(the pool, or its fixed-n pool) with both. ρ: the distilled scorer's Spearman correlation with the CoLoR "
+           "score on its held-out sample. Recall: the share of CoLoR's selection from the same candidates and of the "
+           "same size that this selection also keeps. Gain: the share of CoLoR's held-out loss gain over random its "
+           "targets keep (mean over seeds).", "",
+           "| selection | method | τ | scoring | ρ | recall | gain |", "|---|---|---|---|---|---|---|"]
   for name, s in shown.items():
     share = "?" if s.get("scoring_share") is None else f"{s['scoring_share']:.1%}"
     rho = "-" if s.get("spearman") is None else f"{s['spearman']:.3f}"
     recall = "-" if s.get("recall") is None else f"{s['recall']:.1%}"
-    lines.append(f"| {name} | {s['method']} | {s['tau']:g} | {share} | {rho} | {recall} |")
+    gain = _gain_cell(by.get((s["method"], s.get("tau_requested") or s["tau"])))
+    lines.append(f"| {name} | {s['method']} | {s['tau']:g} | {share} | {rho} | {recall} | {gain} |")
   return lines + [""]
 
 
@@ -225,11 +253,12 @@ def _md_examples(ex: dict) -> list[str]:
 
 def markdown(result: dict) -> str:
   lines = [f"# colorjax report: {result['preset']}", "", f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')}.", ""]
-  lines += _md_setup(result["setup"]) + _md_runs(result["runs"]) + _md_summary(result["summary"])
+  lines += _md_setup(result["setup"]) + _md_runs(result["runs"])
+  lines += _md_summary(result["summary"], result.get("gain") or [])
   lines += sweep.markdown(result["summary"], result["target"])
   lines += _md_efficiency(result["data_efficiency"], result["setup"]["data_efficiency_method"])
   lines += compute.markdown(result["runs"], result.get("compute") or {})
-  lines += _md_selections(result["selections"]) + _md_selection_cost(result["selections"])
+  lines += _md_selections(result["selections"]) + _md_selection_cost(result["selections"], result.get("gain") or [])
   lines += _md_examples(result["examples"])
   if result["plots"]:
     lines += ["## Plots", ""] + [f"![{m}]({m})" for m in result["plots"]]

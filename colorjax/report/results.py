@@ -14,7 +14,8 @@ leaves that part out. report.json:
                 "tasks_mean"}],
    "compute": {shared step: FLOPs} (each run also gets "compute": {"train", "selection_forward", "shared", "total"}),
    "data_efficiency": {"tau<τ>": {"color_tokens", "color_loss", "random_points", "random_tokens_to_match", "ratio",
-                                  "bound", "curve_tokens_to_match", "curve_ratio", "curve_lower_bound"}},
+                                  "bound", "bracket", "curve_tokens_to_match", "curve_ratio", "curve_lower_bound"}},
+   "gain": [{"method", "tau", "loss", "color_loss", "random_loss", "gain"}],
    "selections": {...}, "examples": {...}, "plots": [...]}
 """
 import json
@@ -39,14 +40,15 @@ from colorjax.report import sweep
 from colorjax.training import metrics
 
 EFFICIENCY_METHOD = (
-    "Every finished random run (the random comparison run at each τ, and the curve run over 1/curve_tau of the "
-    "pool) gives one point (training tokens, final held-out loss), averaged over seeds per budget. The tokens at "
-    "which random reaches CoLoR's mean final loss are interpolated between adjacent budgets with the loss linear in "
-    "log(tokens); ratio = those tokens / CoLoR's tokens. When CoLoR's loss is below every random point the ratio is "
-    "a lower bound (\">\": largest random budget / CoLoR's tokens); when even the smallest random budget does "
-    "better, an upper bound (\"<\": smallest budget / CoLoR's tokens). The secondary figure reads the same off the "
-    "curve runs' learning curve (linear between eval points) while they are still mid-schedule (learning rate not "
-    "annealed), so it understates the ratio.")
+    "Every finished random run (the random comparison run at each τ; under fixed n the runs at n, at each "
+    "pipeline.random_budgets multiple of n and the curve run over 1/curve_tau of the largest pool) gives one point "
+    "(training tokens, final held-out loss), averaged over seeds per budget. The tokens at which random reaches "
+    "CoLoR's mean final loss are interpolated between the two neighbouring budgets that bracket it (named in the "
+    "table) with the loss linear in log(tokens); ratio = those tokens / CoLoR's tokens. When CoLoR's loss is below "
+    "every random point the ratio is a lower bound (\">\": largest random budget / CoLoR's tokens); when even the "
+    "smallest random budget does better, an upper bound (\"<\": smallest budget / CoLoR's tokens). The secondary "
+    "figure reads the same off the curve runs' learning curve (linear between eval points) while they are still "
+    "mid-schedule (learning rate not annealed), so it understates the ratio.")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -132,21 +134,23 @@ def random_points(rows: list[dict]) -> list[list]:
 
 
 def random_tokens_to_match(points: list, loss: float) -> tuple:
-  """(tokens, bound): where random's (tokens, loss) points, sorted by tokens, reach `loss`, with the loss linear in
-  log(tokens) between adjacent budgets (finished runs at a few budgets, so log spacing is the natural scale).
+  """(tokens, bound, bracket): where random's (tokens, loss) points, sorted by tokens, reach `loss`, with the loss
+  linear in log(tokens) between the two neighbouring budgets that bracket it (`bracket`: those two points; finished
+  runs at a few budgets, so log spacing is the natural scale).
 
   bound None: an interpolated match. "lower": `loss` is below every point, random needs more than its largest
-  budget (returned). "upper": the smallest budget (returned) already does better. (None, None) without points.
+  budget (returned). "upper": the smallest budget (returned) already does better. The bracket is then the one point
+  it is bounded by. (None, None, None) without points.
   """
   if not points:
-    return None, None
+    return None, None, None
   if points[0][1] <= loss:
-    return points[0][0], ("upper" if points[0][1] < loss else None)
+    return points[0][0], ("upper" if points[0][1] < loss else None), [points[0]]
   for (t0, l0), (t1, l1) in zip(points, points[1:]):
     if l1 <= loss:
       frac = (l0 - loss) / (l0 - l1)
-      return math.exp(math.log(t0) + frac * (math.log(t1) - math.log(t0))), None
-  return points[-1][0], "lower"
+      return math.exp(math.log(t0) + frac * (math.log(t1) - math.log(t0))), None, [[t0, l0], [t1, l1]]
+  return points[-1][0], "lower", [points[-1]]
 
 
 def mean_curve(rows: list[dict]) -> list[list]:
@@ -173,15 +177,31 @@ def data_efficiency(rows: list[dict], summary: list[dict]) -> dict:
     if s["method"] != methods.HEADLINE.name:
       continue
     tokens, loss = s["train_tokens"], s["target_loss_mean"]
-    match, bound = random_tokens_to_match(points, loss)
+    match, bound, bracket = random_tokens_to_match(points, loss)
     reach = tokens_to_reach(curve, loss) if curve else None
     out[f"tau{s['tau']:g}"] = {
         "color_tokens": tokens, "color_loss": loss, "random_points": points,
-        "random_tokens_to_match": match, "ratio": _ratio(match, tokens), "bound": bound,
+        "random_tokens_to_match": match, "ratio": _ratio(match, tokens), "bound": bound, "bracket": bracket,
         "curve_tokens_to_match": reach,
         "curve_ratio": _ratio(reach if reach is not None else curve[-1][0], tokens) if curve else None,
         "curve_lower_bound": (reach is None) if curve else None,
     }
+  return out
+
+
+def gains(summary: list[dict]) -> list[dict]:
+  """Per method and τ: the share of CoLoR's held-out loss gain over random (at the same τ, mean over seeds) that the
+  method keeps: (random − method) / (random − CoLoR). None where a side is missing or CoLoR gains nothing."""
+  by = {(s["method"], s["tau"]): s["target_loss_mean"] for s in summary}
+  out = []
+  for s in summary:
+    color, random = by.get((methods.HEADLINE.name, s["tau"])), by.get((methods.BASELINE.name, s["tau"]))
+    if s["method"] == methods.BASELINE.name or color is None or random is None:
+      continue
+    gap = random - color
+    share = (random - s["target_loss_mean"]) / gap if gap > 0 else None
+    out.append({"method": s["method"], "tau": s["tau"], "loss": s["target_loss_mean"], "color_loss": color,
+                "random_loss": random, "gain": share})
   return out
 
 
@@ -191,19 +211,22 @@ def data_efficiency(rows: list[dict], summary: list[dict]) -> dict:
 
 def selection_diagnostics(root: pathlib.Path) -> dict:
   """Each selection's cut-off, per-source rates, fitted scorer quality (distilled methods), cascade rescoring and
-  recall: the share of the headline method's selection of the same size it also selects (None without one)."""
+  recall: the share of the headline method's selection from the same candidates (the pool, or a fixed-n nested
+  pool: `within`) and of the same size that it also selects (None without one)."""
   out, indexes = {}, {}
   for folder in sorted((root / "selections").glob("*")):
     if (folder / formats.MANIFEST).exists():
       m = json.loads((folder / formats.MANIFEST).read_text())
       out[folder.name] = {"method": m["method"], "tau": m["tau"], "k": m["k"], "threshold": m["threshold"],
+                          "tau_requested": m.get("tau_requested"), "within": (m.get("within") or {}).get("id"),
+                          "candidates": m.get("num_sequences"),
                           "sources": m["sources"], "score_stats": m.get("score_stats"),
                           "spearman": ((m.get("scorer") or {}).get("quality") or {}).get("spearman_heldout"),
                           "cascade": m.get("cascade")}
       indexes[folder.name] = folder / "index.npy"
-  headline = {s["k"]: name for name, s in out.items() if s["method"] == methods.HEADLINE.name}
+  headline = {(s["within"], s["k"]): name for name, s in out.items() if s["method"] == methods.HEADLINE.name}
   for name, s in out.items():
-    reference = headline.get(s["k"])
+    reference = headline.get((s["within"], s["k"]))
     shared = None if reference is None else _overlap(indexes[name], indexes[reference])
     s["recall"] = None if shared is None else shared / s["k"]
   return out
@@ -251,26 +274,43 @@ def examples(pipeline_record: dict, root: pathlib.Path, k: int = 3, chars: int =
   return out
 
 
+PIPELINE_PARTS = ("data", "stores", "pools", "runs", "scores", "distill", "selections")
+
+
+def missing_record(root: pathlib.Path) -> str:
+  """Why `root` has no report: a pipeline that has not finished (what it holds so far), or no pipeline at all."""
+  if not root.is_dir():
+    return f"{root} does not exist; give --config.workdir the pipeline's work directory"
+  found = [name for name in PIPELINE_PARTS if (root / name).is_dir()]
+  if not found:
+    return (f"{root / 'pipeline.json'} is missing and {root} holds none of a pipeline's folders "
+            f"({', '.join(PIPELINE_PARTS)}): it is not a pipeline work directory; give --config.workdir one")
+  runs = sorted(p.name for p in (root / "runs").glob("*") if (p / "params" / formats.MANIFEST).exists())
+  return (f"{root / 'pipeline.json'} is missing: the pipeline in {root} has not finished (it writes pipeline.json "
+          f"after its last target run). It holds {', '.join(found)}/ so far; finished runs: {', '.join(runs) or 'none'}."
+          " Re-run the same pipeline command to finish it (finished steps are skipped); it writes the report")
+
+
 def write(root) -> pathlib.Path:
   root = pathlib.Path(root).resolve()
   record_path = root / "pipeline.json"
   if not record_path.exists():
-    raise errors.DataError(f"{record_path} is missing: {root} is not a pipeline work directory (run the pipeline "
-                           "stage)")
+    raise errors.DataError(missing_record(root))
   pipeline_record = json.loads(record_path.read_text())
   rows = collect_runs(pipeline_record, root)
   costs = compute.account(rows, pipeline_record, lambda path: setup.at(root, path))
   summary = summarize(rows)
   selections = selection_diagnostics(root)
-  compute.selection_scoring(selections, costs)
+  compute.selection_scoring(selections, costs, compute.scored_sequences(pipeline_record, lambda p: setup.at(root, p)))
   result = {"preset": pipeline_record.get("preset", "?"), "target": pipeline_record.get("target", "text"),
             "setup": setup.setup(pipeline_record, root, rows, EFFICIENCY_METHOD), "runs": rows, "summary": summary,
-            "data_efficiency": data_efficiency(rows, summary), "compute": costs, "selections": selections,
+            "data_efficiency": data_efficiency(rows, summary), "gain": gains(summary), "compute": costs,
+            "selections": selections,
             "examples": examples(pipeline_record, root),
             "protocol": pipeline_record.get("config", {}).get("pipeline", {}).get("protocol", "fixed_pool"),
             "plots": plots.draw(rows, selections, root / "plots") + compute.plot(rows, root / "plots")}
   result["plots"] += sweep.plot(summary, root / "plots", result["target"], result["protocol"])
-  (root / "report.json").write_text(json.dumps(result, indent=1))
+  (root / "report.json").write_text(formats.json_text(result))
   (root / "report.md").write_text(markdown.markdown(result))
   markdown.print_summary(result)
   return root / "report.md"

@@ -217,4 +217,5 @@ def setup(pipeline_record: dict, root: pathlib.Path, rows: list[dict], efficienc
           "pool": pool_summary(root, config, split),
           "stores": stores, "models": models_summary(pipeline_record, root, config, target_manifest),
           "target_loss": target_loss_text(loss_name, stores, run_config),
+          "prior_data": load(root / "pools" / "prior" / "manifest.json") or None,  # fixed n: where the prior drew
           "data_efficiency_method": efficiency_method}

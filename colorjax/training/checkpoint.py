@@ -72,7 +72,7 @@ def export_params(folder, params, manifest: dict, tokenizer_path) -> pathlib.Pat
   manifest = dict(manifest, format=formats.PARAMS.format, time=time.strftime("%Y-%m-%dT%H:%M:%S"))
   if console.is_main():
     shutil.copyfile(tokenizer_path, folder / tokenizer_lib.TOKENIZER)
-    (folder / formats.MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
+    (folder / formats.MANIFEST).write_text(formats.json_text(manifest))
   multihost_utils.sync_global_devices(f"export {folder}")
   return folder
 

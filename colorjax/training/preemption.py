@@ -16,6 +16,8 @@ Every host must stop after the same step, or those still stepping wait forever i
   all-gather their flags every AGREE_EVERY checks.
 The timer (`train.checkpoint_minutes`) runs on process 0's clock; with several hosts its verdict travels in that
 same all-gather, so every host saves at the same step.
+Work that one process does alone (the distill stage's fit and prediction, on process 0) uses `Watch(local=True)`:
+the Python handler only, no collective (the other hosts are not checking).
 """
 import itertools
 import signal
@@ -34,8 +36,9 @@ _counter = itertools.count(1)  # this process's checks; equal on every host beca
 class Watch:
   """One loop's view of preemption and of the checkpoint timer; use as a context manager around the loop."""
 
-  def __init__(self, checkpoint_minutes: float = 0.0):
+  def __init__(self, checkpoint_minutes: float = 0.0, local: bool = False):
     self.seconds = float(checkpoint_minutes) * 60.0
+    self.local = local  # this process alone: its own signal handler, never a collective
     self.requested = False  # a SIGTERM or SIGINT reached this process's own handler
     self.signum = signal.SIGTERM  # the signal that asked to stop (a preemption notice through JAX is a SIGTERM)
     self.stopping = False  # every host agreed to stop
@@ -45,7 +48,7 @@ class Watch:
 
   def __enter__(self):
     self._last_save = monotonic()
-    if jax.distributed.is_initialized():
+    if jax.distributed.is_initialized() and not self.local:
       try:  # also a first check: a notice may have come before this loop
         self.stopping = multihost_utils.reached_preemption_sync_point(next(_counter))
         self._jax_service = True
@@ -82,7 +85,7 @@ class Watch:
     due = bool(self.seconds) and monotonic() - self._last_save >= self.seconds
     if self._jax_service and not self.stopping:
       self.stopping = multihost_utils.reached_preemption_sync_point(count)
-    if jax.process_count() == 1:
+    if jax.process_count() == 1 or self.local:
       self.stopping = self.stopping or self.requested
       return self.stopping, due
     if (self.seconds or not self._jax_service) and count % AGREE_EVERY == 0:
