@@ -139,10 +139,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.score.chunk_rows = 0  # rows per output chunk, the unit of writing and resuming (0 = about 65,536)
   c.score.shard = ""  # "i/n": score only the i-th of n row ranges (independent jobs, one shared output)
   c.score.index = ""  # score only these pool sequences: a selection folder or .npy of ids ("" = the whole pool)
+  c.score.prefix_fractions = (0.25, 0.5)  # also record the mean NLL of these leading shares of each sequence
   c.score.verify = False  # re-read every chunk marked done and re-score the unreadable or NaN ones (a disk fault)
 
   c.select = ml_collections.ConfigDict()
   c.select.scores = ""  # score folder written by the score stage
+  c.select.store = ""  # method random without scores: the pool store to draw from ("" = the scores' store)
   c.select.method = "color"  # color (NLL_prior - NLL_cond) | conditional_only (-NLL_cond) | random
   c.select.conditional = "conditional_0"  # which conditional column of the scores to use
   c.select.tau = 16.0  # keep the top floor(N / tau) sequences
@@ -184,20 +186,24 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.distill = ml_collections.ConfigDict()
   c.distill.method = "color_distilled"  # color_distilled (top 1/tau by prediction) | color_cascade (rescore, below)
-  c.distill.cascade_factor = 1.5  # color_cascade: rescore the top cascade_factor/tau by prediction with both models
+  c.distill.cascade_factor = 1.5  # color_cascade: rescore the unsampled top cascade_factor/tau by prediction
   c.distill.store = ""  # pool token store to select from
   c.distill.within = ""  # select among these pool sequences only: a selection folder or .npy (a fixed-n pool)
   c.distill.prior = ""  # params export of the prior (labels the sample with the conditional)
   c.distill.conditional = ""  # params export of the conditional
   c.distill.scorer = ""  # a fitted scorer folder to reuse ("" = fit one: sample, score the sample, fit)
   c.distill.parts = ""  # folder of the sample, its scores, the scorer and the predictions ("" = <workdir>-parts)
-  c.distill.sample_fraction = 0.1  # share of the pool the prior and conditional score to label the scorer
+  c.distill.sample_size = 200_000  # sequences the prior and conditional score to label the scorer (0 = no cap)
+  c.distill.sample_fraction = 0.1  # ...at most this share of what the sample is drawn from (small pools)
   c.distill.sample_within = ""  # draw the sample from these pool sequences (a selection folder; "" = the candidates)
-  c.distill.seed = 0  # seed of the sample, its held-out part and the fit (not the target runs' seeds)
-  c.distill.holdout_fraction = 0.2  # share of the sample held out of the fit to measure it (Spearman rho)
+  c.distill.seed = 0  # seed of the sample, its folds and the fit (not the target runs' seeds)
+  c.distill.holdout_fraction = 0.2  # cross-fitting: 1/holdout_fraction folds, each holds out this share
+  c.distill.objective = "mse"  # the fit's loss: mse (scores) | ordinal (logistic on "in the top q", q = 1/2..1/64)
+  c.distill.eval_every = 100  # fit steps between held-out evaluations (early stopping at the best)
+  c.distill.target_recall = 0.0  # color_cascade: rescore the fewest reaching this estimated recall (0 = cascade_factor)
   c.distill.buckets = 1 << 18  # hashed n-gram feature buckets
   c.distill.ngram = 2  # token n-gram orders 1..ngram
-  c.distill.steps = 3000  # Adam steps of the fit
+  c.distill.steps = 3000  # Adam steps of each fold's fit, at most (early stopping)
   c.distill.batch = 256  # sampled sequences per fit step
   c.distill.lr = 0.01  # Adam learning rate
   c.distill.l2 = 0.0  # weight decay of the linear model's weights (L2 penalty)

@@ -64,6 +64,12 @@ def names(stage: str | None = None) -> tuple[str, ...]:
   return tuple(m.name for m in REGISTRY.values() if stage is None or m.stage == stage)
 
 
+def needs_pool_scores(method_names) -> bool:
+  """Whether some of these methods rank the whole pool's scores (else the pipeline never scores the pool: the cheap
+  methods score only their sample and candidates)."""
+  return bool({"scoring", "scoring_one"} & shared_work(method_names))
+
+
 def shared_work(method_names) -> set[str]:
   """The shared steps some of these methods need."""
   return {work for name in method_names for work in REGISTRY[name].shared_work}

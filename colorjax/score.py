@@ -56,6 +56,7 @@ def _zarr(path: pathlib.Path, create: bool = False, **kw):
 
 VERIFY_FLAG = "--config.score.verify=True"
 IDS = "ids.npy"  # an index-restricted score folder: the pool ids of its rows, ascending
+PREFIXES = "prefix_nll.zarr"  # [rows, models, prefixes]: mean NLL of each sequence's first k tokens (diagnostics)
 
 
 def _first_line(error: Exception) -> str:
@@ -86,6 +87,15 @@ class Scores:
     self._nll = None
     # an index-restricted folder's row r holds sequence ids[r] of the pool; a whole-pool folder's row r is id r
     self.ids = np.load(self.path / IDS) if self.manifest.get("index") else None
+
+  @property
+  def prefixes(self) -> tuple:
+    """Token counts of the prefix NLLs recorded beside the scores (() for a folder without them)."""
+    return tuple(self.manifest.get("prefixes") or ())
+
+  def read_prefixes(self, start: int, stop: int) -> np.ndarray:
+    """[rows, models, prefixes] prefix mean NLLs of rows [start, stop)."""
+    return np.asarray(_zarr(self.path / PREFIXES)[start:stop].read().result(), np.float32)
 
   def global_ids(self, rows: np.ndarray) -> np.ndarray:
     """The pool ids of rows of this folder."""
@@ -297,14 +307,31 @@ def pool_rows_per_step(schedule: list, per_host: list, n: int, chunk_rows: int, 
   return rows
 
 
-def build_score_step(spec, stacked_sh, batch_sh, out_sh, pad_id, chunk: int, vocab_tile: int = 0):
-  """[batch, seq] tokens -> [batch, models] mean NLL, all models in one vmapped pass over the batch."""
+def build_score_step(spec, stacked_sh, batch_sh, out_sh, pad_id, chunk: int, vocab_tile: int = 0,
+                     prefixes: tuple = (), prefix_sh=None):
+  """[batch, seq] tokens -> [batch, models] mean NLL, all models in one vmapped pass over the batch; with `prefixes`
+  (token counts) also [batch, models, P] mean NLL of each sequence's first k tokens (losses.sequence_nll_and_prefixes).
+  """
 
   def score(stacked, tokens_bt):
     per_model = jax.vmap(lambda p: losses.sequence_nll(spec, p, tokens_bt, pad_id, chunk, vocab_tile))(stacked)
     return per_model.T
 
+  def score_with_prefixes(stacked, tokens_bt):
+    full_mb, prefix_mbp = jax.vmap(lambda p: losses.sequence_nll_and_prefixes(spec, p, tokens_bt, pad_id, prefixes,
+                                                                              chunk, vocab_tile))(stacked)
+    return full_mb.T, jnp.transpose(prefix_mbp, (1, 0, 2))
+
+  if prefixes:
+    return jax.jit(score_with_prefixes, in_shardings=(stacked_sh, batch_sh), out_shardings=(out_sh, prefix_sh))
   return jax.jit(score, in_shardings=(stacked_sh, batch_sh), out_shardings=out_sh)
+
+
+def prefix_lengths(scfg, seq_len: int) -> tuple:
+  """Token counts of the prefixes whose NLL a score job records beside the scores (score.prefix_fractions of the
+  sequence; each >= 2 and < seq_len, once)."""
+  lengths = sorted({int(round(f * seq_len)) for f in scfg.prefix_fractions})
+  return tuple(k for k in lengths if 2 <= k < seq_len)
 
 
 def _open_output(workdir: pathlib.Path, manifest: dict, num_chunks: int, ids: np.ndarray | None = None):
@@ -327,6 +354,10 @@ def _open_output(workdir: pathlib.Path, manifest: dict, num_chunks: int, ids: np
           chunk_layout=ts.ChunkLayout(chunk_shape=[manifest["chunk_rows"], k]))
     _zarr(workdir / "done.zarr", create=True, dtype=ts.uint8, shape=[num_chunks], fill_value=0,
           chunk_layout=ts.ChunkLayout(chunk_shape=[1]))
+    if manifest.get("prefixes"):
+      p = len(manifest["prefixes"])
+      _zarr(workdir / PREFIXES, create=True, dtype=ts.float32, shape=[n, k, p], fill_value=np.nan,
+            chunk_layout=ts.ChunkLayout(chunk_shape=[manifest["chunk_rows"], k, p]))
     if ids is not None:
       np.save(workdir / IDS, ids)
     lineage.write_manifest(workdir, manifest)
@@ -397,6 +428,12 @@ def _score(cfg, workdir, store, request, profiler, shard_i, shard_n, peak_flops:
   if index is not None:
     manifest["index"] = {"path": lineage.relative(scfg.index, workdir), "id": request["index"],
                          "pool": store.num_sequences}
+  # prefix NLLs: diagnostics beside the scores (not in the request: the scores are the same with or without them);
+  # a folder started without them is resumed without them
+  saved = formats.read_json(workdir / formats.MANIFEST) if (workdir / formats.MANIFEST).exists() else None
+  prefixes = tuple((saved or {}).get("prefixes") or ()) if saved else prefix_lengths(scfg, store.seq_len)
+  if prefixes:
+    manifest["prefixes"] = list(prefixes)
   console.on_main_then_sync(lambda: _open_output(workdir, manifest, num_chunks, index), "score output")
   if not console.is_main():
     _open_output(workdir, manifest, num_chunks)  # every host checks the folder it will write into
@@ -409,7 +446,9 @@ def _score(cfg, workdir, store, request, profiler, shard_i, shard_n, peak_flops:
   pad_id = losses.pad_to_mask(store)  # scores are means over real tokens, whatever the training policy
   if spec.fp8 and console.is_main():
     print(FP8_NOTE, flush=True)
-  step_fn = build_score_step(spec, stacked_sh, batch_sh, out_sh, pad_id, int(scfg.loss_chunk), int(scfg.vocab_tile))
+  step_fn = build_score_step(spec, stacked_sh, batch_sh, out_sh, pad_id, int(scfg.loss_chunk), int(scfg.vocab_tile),
+                             prefixes, sharding.batch_sharding(mesh, ndim=3))
+  prefix_buffer = np.empty((chunk_rows, len(models), len(prefixes)), np.float32) if prefixes else None
   flops = transformer.flops_per_token(spec, store.seq_len, training=False) * len(models)
   peak = metrics.peak_flops(peak_flops)
 
@@ -435,14 +474,21 @@ def _score(cfg, workdir, store, request, profiler, shard_i, shard_n, peak_flops:
   prefetch = stores.Prefetcher(produce, range(len(schedule)), cfg.data.prefetch)
   pending = None
 
+  def local_rows(array):
+    shards = {s.index[0].start or 0: s for s in array.addressable_shards}  # replicas (tensor axis) once
+    return np.concatenate([np.asarray(shards[k].data) for k in sorted(shards)])[:host_batch]
+
   def finish(step, result):
     slot, j, last = schedule[step]
-    shards = {s.index[0].start or 0: s for s in result.addressable_shards}  # replicas (tensor axis) once
-    local = np.concatenate([np.asarray(shards[k].data) for k in sorted(shards)])
-    buffer[j * host_batch:(j + 1) * host_batch] = local[:host_batch]
+    full, prefix = result if prefixes else (result, None)
+    buffer[j * host_batch:(j + 1) * host_batch] = local_rows(full)
+    if prefixes:
+      prefix_buffer[j * host_batch:(j + 1) * host_batch] = local_rows(prefix)
     if last and slot < len(my_chunks):
       chunk = int(my_chunks[slot])
       first, stop = chunk * chunk_rows, min(n, (chunk + 1) * chunk_rows)
+      if prefixes:  # before the scores: a chunk whose scores are written has its prefixes too
+        _zarr(workdir / PREFIXES)[first:stop].write(prefix_buffer[: stop - first]).result()
       out.nll[first:stop].write(buffer[: stop - first]).result()
       _zarr(workdir / "done.zarr")[chunk].write(np.uint8(1)).result()
       object_storage.flush()
@@ -476,6 +522,7 @@ def _score(cfg, workdir, store, request, profiler, shard_i, shard_n, peak_flops:
   if console.is_main():
     scored = int(real_rows[:stopped].sum()) if stopped is not None else int(real_rows.sum())
     record = {"event": "score", "shard": f"{shard_i}/{shard_n}", "chunks": int(done[todo].sum()), "seconds": seconds,
+              "sequences": scored, "models": len(models),
               "sequences_per_s": scored / max(seconds, 1e-9),
               "tokens_per_s_per_model": scored * store.seq_len / max(seconds, 1e-9),
               "complete": bool(done.all()), "preempted": stopped is not None}

@@ -214,8 +214,12 @@ def run(cfg) -> pathlib.Path:
   check_settings(cfg)
   if not cfg.workdir:
     raise errors.ConfigError("set --config.workdir to the folder the selection goes to")
+  method = methods.get(scfg.method, "select.method", "select")
+  if not method.ranks_scores and scfg.store and not scfg.scores:  # a random draw needs the pool, not its scores
+    return _draw(cfg, pathlib.Path(cfg.workdir).resolve(), stores.TokenStore(scfg.store))
   if not scfg.scores:
-    raise errors.ConfigError("set --config.select.scores to a score folder (the score stage's workdir)")
+    raise errors.ConfigError("set --config.select.scores to a score folder (the score stage's workdir)"
+                             + ("" if method.ranks_scores else ", or --config.select.store to draw from the pool"))
   workdir = pathlib.Path(cfg.workdir).resolve()
   scores = score_lib.Scores(scfg.scores)
   store = stores.TokenStore(scores.store_path())
@@ -237,6 +241,19 @@ def run(cfg) -> pathlib.Path:
     return _select(cfg, workdir, scores, store, request, n, k, within)
 
 
+def _draw(cfg, workdir: pathlib.Path, store: stores.TokenStore) -> pathlib.Path:
+  """A random selection from the pool store itself (no scores needed: a pipeline of cheap methods scores none)."""
+  within, within_id = within_ids(cfg.select.within, store, "select.within")
+  request = selection_request(cfg, None, store.id, within_id)
+  if lineage.up_to_date(workdir, request, "another selection", "choose another --config.workdir"):
+    print(f"select: {workdir} is up to date; nothing to do")
+    return workdir
+  lineage.check_new(workdir, "a selection", "choose another --config.workdir")
+  n = store.num_sequences if within is None else within.size
+  with lineage.Lock(workdir):
+    return _select(cfg, workdir, None, store, request, n, selection_size(cfg, n, store.seq_len), within)
+
+
 def _select(cfg, workdir, scores, store, request, n: int, k: int, within: np.ndarray | None) -> pathlib.Path:
   scfg = cfg.select
   method = methods.get(scfg.method, "select.method", "select")
@@ -249,15 +266,15 @@ def _select(cfg, workdir, scores, store, request, n: int, k: int, within: np.nda
     rows, threshold = top_k(stream, k)
     stats = score_statistics(stream)
   # the pool's ids: positions in the candidates, or rows of the score folder (a score.index holds a subset)
-  ids = within[rows] if within is not None else scores.global_ids(rows)
+  ids = within[rows] if within is not None else (rows if scores is None else scores.global_ids(rows))
   manifest = {
       "format": formats.SELECTION.format, "id": lineage.content_id(request), "method": scfg.method,
       "tau": float(n / k), "tau_requested": float(scfg.tau), "tokens_requested": int(scfg.tokens), "k": int(k),
       "num_sequences": n, "tokens": int(k) * store.seq_len, "threshold": threshold,
       "seed": None if method.ranks_scores else cfg.seed,
       "conditional": scfg.conditional if method.ranks_scores else None,
-      "scores": {"path": lineage.relative(scores.path, workdir), "id": scores.id,
-                 "models": scores.manifest["models"]},
+      "scores": None if scores is None else {"path": lineage.relative(scores.path, workdir), "id": scores.id,
+                                             "models": scores.manifest["models"]},
       "store_id": store.id, "store_path": lineage.relative(store.path, workdir),
       "index_sha256": hashlib.sha256(npy_bytes(ids)).hexdigest(), "score_stats": stats,
       "within": None if within is None else {"path": lineage.relative(scfg.within, workdir),
@@ -298,9 +315,13 @@ def store_of(selection: pathlib.Path, manifest: dict) -> pathlib.Path:
 
 
 def describe(cfg) -> None:
-  scores = score_lib.Scores(cfg.select.scores)
-  within, _ = within_ids(cfg.select.within, stores.TokenStore(scores.store_path()), "select.within")
-  n = scores.num_sequences if within is None else within.size
-  k = selection_size(cfg, n, scores.manifest["store"]["seq_len"])
-  print(f"select (dry run): {cfg.select.method} keeps {k:,} of {n:,} sequences "
-        f"({k * scores.manifest['store']['seq_len']:,} tokens)")
+  if cfg.select.store and not cfg.select.scores:
+    store = stores.TokenStore(cfg.select.store)
+    total = store.num_sequences
+  else:
+    scores = score_lib.Scores(cfg.select.scores)
+    store, total = stores.TokenStore(scores.store_path()), scores.num_sequences
+  within, _ = within_ids(cfg.select.within, store, "select.within")
+  n = total if within is None else within.size
+  k = selection_size(cfg, n, store.seq_len)
+  print(f"select (dry run): {cfg.select.method} keeps {k:,} of {n:,} sequences ({k * store.seq_len:,} tokens)")

@@ -11,24 +11,45 @@ from colorjax import distill
 from colorjax import errors
 from colorjax.data import stores
 from colorjax.pipeline import runner
+from colorjax.training import ngram_scorer as scorer_lib
 from conftest import SMALL_DEMO, make_config
 
 
-def test_the_fit_recovers_a_known_linear_score():
+@pytest.mark.parametrize("objective", ["mse", "ordinal"])
+def test_the_fit_recovers_a_known_linear_score(objective):
   """Rows of hashed features whose score is the mean of known per-bucket weights: the fitted model ranks held-out
-  rows as the true score does."""
+  rows as the true score does (either objective), and the cross-fit's out-of-fold predictions measure it."""
   rng = np.random.default_rng(0)
   buckets, rows, width = 512, 3000, 40
   truth = rng.normal(size=buckets).astype(np.float32)
   features = rng.integers(0, buckets, size=(rows, width)).astype(np.int32)
   features[:, -5:] = buckets  # dropped n-grams count nowhere
-  score = distill.predict(truth, 3.0, features)
+  score = scorer_lib.predict(truth, 3.0, features)
   train, held = np.arange(2500), np.arange(2500, rows)
-  weights, bias = distill.fit_linear(lambda r: features[train[r]], score[train], buckets, steps=1500, batch=128,
-                                     lr=0.05, l2=0.0, seed=0)
-  predicted = distill.predict(weights, bias, features[held])
-  assert distill.spearman(predicted, score[held]) > 0.97
-  assert abs(float(np.mean(predicted - score[held]))) < 0.05
+  fit = scorer_lib.fit_linear(lambda r: features[train[r]], score[train], buckets, steps=1500, batch=128, lr=0.05,
+                              l2=0.0, seed=0, objective=objective)
+  predicted = scorer_lib.predict(fit.weights, fit.bias, features[held])
+  # ordinal spends the model on the top of the distribution: less rank agreement over the bulk, the top kept
+  assert scorer_lib.spearman(predicted, score[held]) > (0.97 if objective == "mse" else 0.93)
+  assert scorer_lib.top_recall(score[held], predicted, 62, 125) > 0.9  # the top 1/8, within the predicted top 1/4
+  if objective == "mse":  # in score units (ordinal: a least-squares line maps its score to them)
+    assert abs(float(np.mean(predicted - score[held]))) < 0.05
+  fit, oof, steps = scorer_lib.cross_fit(lambda r: features[train[r]], score[train], buckets, 5, 0, steps=600,
+                                         batch=128, lr=0.05, l2=0.0, objective=objective, eval_every=50)
+  assert len(steps) == 5 and 0 < min(steps) and scorer_lib.spearman(oof, score[train]) > 0.9
+  curve = scorer_lib.recall_curve(score[train], oof)
+  assert curve["8"]["1"] < curve["8"]["2"] <= curve["8"]["4"] <= 1.0 and curve["8"]["8"] == 1.0
+
+
+def test_early_stopping_keeps_the_best_held_out_model():
+  """On noise the held-out loss only rises: the fit stops early and keeps an early model."""
+  rng = np.random.default_rng(1)
+  features = rng.integers(0, 256, size=(400, 20)).astype(np.int32)
+  y = rng.normal(size=400).astype(np.float32)
+  fit = scorer_lib.fit_linear(lambda r: features[r], y[:300], 256, steps=3000,
+                              batch=64, lr=0.05, l2=0.0, seed=0, held=(lambda r: features[300 + r], y[300:]),
+                              eval_every=20)
+  assert fit.best_step <= 200
 
 
 @pytest.fixture()
@@ -133,7 +154,9 @@ def test_a_cascade_with_factor_tau_is_exactly_color(demo_run, tmp_path):
                                   **common))
   manifest = json.loads((cheap / "manifest.json").read_text())
   n = stores.TokenStore(root / "stores" / "pool").num_sequences
-  assert manifest["cascade"]["rescored"] == -(-2 * n // 8) and manifest["method"] == "color_cascade"
+  sampled = round(0.2 * n)  # the sample keeps its true scores and is never rescored
+  assert manifest["cascade"]["reused_sample"] == sampled and manifest["method"] == "color_cascade"
+  assert manifest["cascade"]["rescored"] == distill.rescore_count(2.0, n - sampled, n / (n // 8))
   assert np.isin(color, np.load(cheap / "index.npy")).mean() > 0.8
 
 
@@ -142,8 +165,8 @@ def test_the_dry_run_prints_each_distilled_selections_scoring_cost():
   out = run_cli(["--config", "configs/pipeline.py:demo", "--config.dry_run=True",
                  "--config.pipeline.methods=('color', 'random', 'color_distilled', 'color_cascade')"]).stdout
   assert "color_distilled-tau8: scores " in out and "charged 10.0% of scoring its" in out
-  # the default cascade_factor 1.5 rescores 1.5/8 of the pool on top of the 10% sample
-  assert "color_cascade-tau8: scores " in out and "charged 28.8% of scoring its" in out
+  # the default cascade_factor 1.5 rescores 1.5/8 of the unsampled 90% on top of the 10% sample: 26.9%
+  assert "color_cascade-tau8: scores " in out and "charged 26.9% of scoring its" in out
 
 
 def test_the_fixed_n_dry_run_counts_each_distilled_selection_once():
@@ -168,8 +191,9 @@ def test_the_standalone_cascade_dry_run_counts_its_rescoring(demo_run):
                  f"--config.distill.prior={root / 'runs' / 'prior' / 'params'}",
                  f"--config.distill.conditional={root / 'runs' / 'conditional' / 'params'}"]).stdout
   n = stores.TokenStore(root / "stores" / "pool").num_sequences
-  rescored = -(-3 * n // 16)
-  assert f"the cascade rescores the top {rescored:,} by prediction" in out
+  sampled = round(0.1 * n)
+  rescored = distill.rescore_count(1.5, n - sampled, n / (n // 8))
+  assert f"the cascade rescores the top {rescored:,} unsampled by prediction" in out
   assert f"2 models x {round(0.1 * n) + rescored:,} sequences" in out
 
 
@@ -259,26 +283,27 @@ def test_a_signal_during_the_fit_or_the_prediction_ends_with_the_preemption_line
   import signal  # pylint: disable=import-outside-toplevel
   root, _ = demo_run
   cfg = make_config("distill", "8", workdir=str(tmp_path / "sel"), **_common(root, tmp_path, distill__block_rows=256))
-  real_of, calls = distill.Features.of, []
+  calls = []
 
-  def signalled(at):
-    def of(self, tokens):
+  def signalled(real, at):
+    def call(*args, **kwargs):
       calls.append(1)
       if len(calls) == at:
         os.kill(os.getpid(), signal.SIGTERM)
-      return real_of(self, tokens)
-    return of
+      return real(*args, **kwargs)
+    return call
 
-  monkeypatch.setattr(distill.Features, "of", signalled(5))  # the fit's 5th step
+  real_batches, real_predict = scorer_lib.SampleFeatures.__call__, distill.predict
+  monkeypatch.setattr(scorer_lib.SampleFeatures, "__call__", signalled(real_batches, 5))  # the fit's 5th batch
   with pytest.raises(errors.Preempted, match="during the scorer's fit at step 5"):
     distill.run(cfg)
   assert not (tmp_path / "parts" / "scorer").exists()
   calls.clear()
-  fit_calls = 200 + 1  # the fit's steps and the held-out prediction
-  monkeypatch.setattr(distill.Features, "of", signalled(fit_calls + 2))  # the pool's second block
+  monkeypatch.setattr(scorer_lib.SampleFeatures, "__call__", real_batches)
+  monkeypatch.setattr(distill, "predict", signalled(real_predict, 2))  # the pool's second block
   with pytest.raises(errors.Preempted, match=r"during the pool's prediction: 2 of \d+ chunks"):
     distill.run(cfg)
-  monkeypatch.setattr(distill.Features, "of", real_of)
+  monkeypatch.setattr(distill, "predict", real_predict)
   selected = np.load(distill.run(cfg) / "index.npy")
   fresh = make_config("distill", "8", workdir=str(tmp_path / "fresh"),
                       **_common(root, tmp_path / "other", distill__block_rows=256))

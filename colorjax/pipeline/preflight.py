@@ -192,8 +192,10 @@ def lineage(cfg, root: pathlib.Path, stages) -> list[Expected]:
     index = stages.score.score.index
     scores_req = (score.scores_request(pool_id, models, score.numerics_of(stages.score), within(index))
                   if not index or within(index) else None)
-  out.append(_expect("scores", root / "scores", scores_req, root / "scores" / formats.MANIFEST))
-  scores_id = _id(out[-1])
+  scores_id = None
+  if methods.needs_pool_scores(pcfg.methods):
+    out.append(_expect("scores", root / "scores", scores_req, root / "scores" / formats.MANIFEST))
+    scores_id = _id(out[-1])
   selection_ids = {}
   for name, sel in stages.selections.items():
     if sel.stage == "dsir":
@@ -207,9 +209,10 @@ def lineage(cfg, root: pathlib.Path, stages) -> list[Expected]:
       if pool_id and known:
         models = ([{"name": "prior", "id": prior_id}, {"name": "conditional_0", "id": cond_id}]
                   if prior_id and cond_id else None)
-        requests = distill.expected_requests(sel, stores.TokenStore(stages.stores["pool"]), models,
-                                             (subset, pool_sizes[sel.distill.within]) if subset else None,
-                                             sampled_from)
+        requests = distill.expected_requests(
+            sel, stores.TokenStore(stages.stores["pool"]), models,
+            (subset, pool_sizes[sel.distill.within]) if subset else None,
+            (sampled_from, pool_sizes[sel.distill.sample_within]) if sampled_from else None)
       for part, folder in distill.parts(sel, requests).items():  # the τ-independent ones are listed once
         if all(e.path != folder for e in out):
           out.append(_expect(f"distill {part}", folder, requests.get(part), folder / formats.MANIFEST))

@@ -306,7 +306,10 @@ def _selection_config(cfg, root: pathlib.Path, stores: dict, r: dict) -> ml_coll
       sel.distill.sample_within = str(pools.folder(root, pools.largest(cfg)))
   else:
     sel = config.stage_config(cfg, "select")
-    sel.select.scores = str(root / "scores")
+    if methods.REGISTRY[r["method"]].ranks_scores or methods.needs_pool_scores(cfg.pipeline.methods):
+      sel.select.scores = str(root / "scores")
+    else:  # a random draw in a pipeline that scores no whole pool
+      sel.select.store = str(stores["pool"])
     sel.select.method = r["method"]
     sel.select.tau = r["tau"]
   if r["pool_tau"] is not None:  # fixed n: n sequences from its nested pool (the curve run: 1/curve_tau of it)
@@ -379,7 +382,9 @@ def _run(cfg, root: pathlib.Path):
   conditional = step("finetune conditional", train.run, stages.conditional)
   if stages.reference is not None:
     step("train the RHO-down reference", train.run, stages.reference)
-  scores = step("score pool", score.run, stages.score)
+  scores = None
+  if methods.needs_pool_scores(pcfg.methods):  # cascade, distilled, DSIR and random score no whole pool
+    scores = step("score pool", score.run, stages.score)
   selections = {}
   for name, sel in stages.selections.items():
     stage = {"dsir": dsir.run, "distill": distill.run}.get(sel.stage, select.run)
@@ -396,11 +401,15 @@ def _run(cfg, root: pathlib.Path):
 
   # 5. report
   rel = lambda p: lineage.relative(p, root)
-  record = {"preset": pcfg.preset, "target": pcfg.target, "runs": runs, "scores": rel(scores),
+  record = {"preset": pcfg.preset, "target": pcfg.target, "runs": runs,
+            "scores": rel(scores) if scores is not None else None,
             "stores": {k: rel(v) for k, v in stages.stores.items()}, "prior": rel(prior),
             "conditional": rel(conditional), "split": None if pcfg.pool_store else "data/split.json",
             "reference": rel(stages.reference.workdir) if stages.reference is not None else None,
             "distill": rel(root / "distill") if (root / "distill").is_dir() else None,
+            "pool_scoring": {"sequences": int(pools.sizes(cfg)[pools.largest(cfg)] if pools.fixed_n(cfg) is not None
+                                              else stores_lib.TokenStore(stages.stores["pool"]).num_sequences),
+                             "seq_len": stores_lib.TokenStore(stages.stores["pool"]).seq_len},
             "config": json.loads(cfg.to_json())}
   if console.is_main():
     (root / "pipeline.json").write_text(formats.json_text(record))
@@ -479,7 +488,11 @@ def describe(cfg):
     print(f"fixed n: n = {fixed_n:,} sequences ({fixed_n * seq:,} tokens, the prior's); nested pools of tau x n: "
           + ", ".join(f"tau {t:g}: {m:,}" for t, m in pools.sizes(cfg).items()) + f"; {outside}\n")
   scored = pools.sizes(cfg)[pools.largest(cfg)] if fixed_n is not None else n
-  total_flops += score.describe_nominal(stages.score, scored, seq, models=2)
+  if methods.needs_pool_scores(pcfg.methods):
+    total_flops += score.describe_nominal(stages.score, scored, seq, models=2)
+  else:
+    print(f"score: none of {', '.join(pcfg.methods)} ranks the whole pool's scores: the {scored:,} candidates are "
+          "not scored (the distilled methods score their sample and candidates, below)")
   print()
   if stages.reference is not None:
     total_flops += train.describe(stages.reference, sizes.get("target_text", sizes["target_train"]), seq,

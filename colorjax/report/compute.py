@@ -71,8 +71,46 @@ def _scoring_flops(scores: dict, prior: dict) -> tuple[float, int] | None:
 
 
 def scored_sequences(pipeline_record: dict, at) -> int | None:
-  """Sequences the pipeline's scoring pass scored (the pool, or under fixed n the largest nested pool)."""
-  return _manifest(at(pipeline_record.get("scores"))).get("num_sequences")
+  """Sequences the pipeline's whole-pool scoring covers (the pool, or under fixed n the largest nested pool), done
+  or not (a pipeline of cheap methods scores no whole pool)."""
+  recorded = (pipeline_record.get("pool_scoring") or {}).get("sequences")
+  return recorded or _manifest(at(pipeline_record.get("scores"))).get("num_sequences")
+
+
+def pool_scoring_flops(pipeline_record: dict, at) -> float | None:
+  """FLOPs of scoring the pool (the candidates) with the prior and the conditional: what the cheap methods' scoring
+  is a share of."""
+  prior = _manifest(at(pipeline_record.get("prior")), "params")
+  scored, seq = scored_sequences(pipeline_record, at), (pipeline_record.get("pool_scoring") or {}).get("seq_len")
+  seq = seq or (_manifest(at(pipeline_record.get("scores"))).get("store") or {}).get("seq_len")
+  if not prior.get("model_spec") or not scored or not seq:
+    return None
+  spec = transformer.ModelSpec(**prior["model_spec"])
+  return 2 * float(transformer.flops_per_token(spec, seq, training=False)) * scored * seq
+
+
+SCORE_FOLDERS = ("scores", "distill/sample_scores", "distill/rescored-*")
+
+
+def scoring_done(root: pathlib.Path, pool_sequences: int | None) -> dict:
+  """What the pipeline's own counters say it scored: per score folder, the sequences its score jobs recorded
+  (metrics.jsonl, x its models), and their sum as a share of scoring the pool once with both models."""
+  folders = {}
+  for pattern in SCORE_FOLDERS:
+    for folder in sorted(root.glob(pattern)):
+      records = [r for r in _read_jsonl(folder / "metrics.jsonl") if r.get("event") == "score"]
+      if records:
+        folders[str(folder.relative_to(root))] = sum(int(r.get("sequences", 0)) * int(r.get("models", 2))
+                                                     for r in records)
+  total = sum(folders.values())
+  share = total / (2 * pool_sequences) if pool_sequences else None
+  return {"folders": folders, "model_sequences": total, "share_of_pool": share}
+
+
+def _read_jsonl(path: pathlib.Path) -> list[dict]:
+  if not path.is_file():
+    return []
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def pool_fraction(selection: dict, scored: int | None) -> float:
@@ -111,11 +149,22 @@ def account(rows: list[dict], pipeline_record: dict, at) -> dict:
   return costs
 
 
-def markdown(rows: list[dict], costs: dict) -> list[str]:
+def markdown_scoring(done: dict | None) -> list[str]:
+  """What the pipeline scored, from its score jobs' counters."""
+  if not done or not done.get("folders"):
+    return []
+  parts = "; ".join(f"`{name}` {count:,}" for name, count in done["folders"].items())
+  share = "" if done.get("share_of_pool") is None else f" = {done['share_of_pool']:.1%} of scoring the candidates once"
+  return ["## Scoring done", "", f"Sequences the prior and the conditional scored, from the score jobs' own counters "
+          f"(metrics.jsonl; one count per model): {parts}; in all {done['model_sequences']:,} model-sequences{share}.",
+          ""]
+
+
+def markdown(rows: list[dict], costs: dict, done: dict | None = None) -> list[str]:
   """The report's compute table: every comparison run's held-out loss against what its method spent."""
   compared = [r for r in rows if r["role"] == "compare" and r.get("compute")]
   if not compared:
-    return []
+    return markdown_scoring(done)
   e = lambda x: "-" if x is None else f"{x:.3e}"
   steps = ", ".join(f"{k} {e(v)}" for k, v in costs.items() if k != "scoring_one")
   needs = "; ".join(f"{m.name}: {', '.join(m.shared_work) or 'none'}" for m in methods.REGISTRY.values()
@@ -129,14 +178,13 @@ def markdown(rows: list[dict], costs: dict) -> list[str]:
     loss = "-" if r["target_loss"] is None else f"{r['target_loss']:.4f}"
     lines.append(f"| {r['name']} | {r['method']} | {r['tau']:g} | {loss} | {e(c['train'])} | "
                  f"{e(c['selection_forward'])} | {e(c['shared'])} | {e(c['total'])} |")
-  return lines + [""]
+  return lines + [""] + markdown_scoring(done)
 
 
-def selection_scoring(selections: dict, costs: dict, scored: int | None) -> None:
+def selection_scoring(selections: dict, costs: dict, scored: int | None, full: float | None) -> None:
   """Adds each selection's scoring by the prior and conditional ("scoring_flops": its method's shared scoring,
   charged for its own candidates, plus a cascade's rescoring) and its share of scoring its candidates with both
-  ("scoring_share": of the whole pool, or of its fixed-n pool)."""
-  full = costs.get("scoring")
+  ("scoring_share": of the whole pool, or of its fixed-n pool; `full`: FLOPs of scoring all `scored`)."""
   for s in selections.values():
     method = methods.REGISTRY.get(s["method"])
     fraction = pool_fraction({"within": {"sequences": s.get("candidates")} if s.get("within") else None}, scored)

@@ -4,6 +4,7 @@ import os
 import pathlib
 import time
 
+from colorjax.report import cheap
 from colorjax.report import compute
 from colorjax.report import sweep
 
@@ -257,8 +258,9 @@ def markdown(result: dict) -> str:
   lines += _md_summary(result["summary"], result.get("gain") or [])
   lines += sweep.markdown(result["summary"], result["target"])
   lines += _md_efficiency(result["data_efficiency"], result["setup"]["data_efficiency_method"])
-  lines += compute.markdown(result["runs"], result.get("compute") or {})
+  lines += compute.markdown(result["runs"], result.get("compute") or {}, result.get("scoring_done"))
   lines += _md_selections(result["selections"]) + _md_selection_cost(result["selections"], result.get("gain") or [])
+  lines += cheap.markdown(result.get("cheap") or {})
   lines += _md_examples(result["examples"])
   if result["plots"]:
     lines += ["## Plots", ""] + [f"![{m}]({m})" for m in result["plots"]]

@@ -32,6 +32,7 @@ from colorjax.artifacts import formats
 from colorjax.data import stores
 from colorjax.data import tokenizer as tokenizer_lib
 from colorjax.model import losses
+from colorjax.report import cheap
 from colorjax.report import compute
 from colorjax.report import markdown
 from colorjax.report import plots
@@ -301,15 +302,20 @@ def write(root) -> pathlib.Path:
   costs = compute.account(rows, pipeline_record, lambda path: setup.at(root, path))
   summary = summarize(rows)
   selections = selection_diagnostics(root)
-  compute.selection_scoring(selections, costs, compute.scored_sequences(pipeline_record, lambda p: setup.at(root, p)))
+  at = lambda p: setup.at(root, p)
+  compute.selection_scoring(selections, costs, compute.scored_sequences(pipeline_record, at),
+                            compute.pool_scoring_flops(pipeline_record, at))
   result = {"preset": pipeline_record.get("preset", "?"), "target": pipeline_record.get("target", "text"),
             "setup": setup.setup(pipeline_record, root, rows, EFFICIENCY_METHOD), "runs": rows, "summary": summary,
             "data_efficiency": data_efficiency(rows, summary), "gain": gains(summary), "compute": costs,
+            "scoring_done": compute.scoring_done(root, compute.scored_sequences(pipeline_record, at)),
+            "cheap": cheap.analyse(root, pipeline_record, at),
             "selections": selections,
             "examples": examples(pipeline_record, root),
             "protocol": pipeline_record.get("config", {}).get("pipeline", {}).get("protocol", "fixed_pool"),
             "plots": plots.draw(rows, selections, root / "plots") + compute.plot(rows, root / "plots")}
   result["plots"] += sweep.plot(summary, root / "plots", result["target"], result["protocol"])
+  result["plots"] += cheap.plot(result["cheap"], root / "plots")
   (root / "report.json").write_text(formats.json_text(result))
   (root / "report.md").write_text(markdown.markdown(result))
   markdown.print_summary(result)
