@@ -200,7 +200,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.distill.holdout_fraction = 0.2  # cross-fitting: 1/holdout_fraction folds, each holds out this share
   c.distill.objective = "mse"  # the fit's loss: mse (scores) | ordinal (logistic on "in the top q", q = 1/2..1/64)
   c.distill.eval_every = 100  # fit steps between held-out evaluations (early stopping at the best)
-  c.distill.target_recall = 0.0  # color_cascade: rescore the fewest reaching this estimated recall (0 = cascade_factor)
+  c.distill.target_recall = 0.97  # color_cascade: rescore the fewest reaching this estimated recall (0: cascade_factor)
   c.distill.buckets = 1 << 18  # hashed n-gram feature buckets
   c.distill.ngram = 2  # token n-gram orders 1..ngram
   c.distill.steps = 3000  # Adam steps of each fold's fit, at most (early stopping)

@@ -72,7 +72,7 @@ def log_weights(tokens_bt: np.ndarray, log_ratio: np.ndarray, order: int = 2, sk
 def gumbel_noise(ids: np.ndarray, seed: int) -> np.ndarray:
   """Standard Gumbel noise per id, a pure function of (seed, id): -log(-log(u)), u uniform in (0, 1)."""
   key = np.random.SeedSequence([int(seed), 0xD51]).generate_state(2, dtype=np.uint64)
-  bits = _mix(_mix(np.asarray(ids, np.uint64), key[0]), key[1])
+  bits = ngrams.mix(ngrams.mix(np.asarray(ids, np.uint64), key[0]), key[1])
   u = ((bits >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0 ** -53
   return -np.log(-np.log(u))
 

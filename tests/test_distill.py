@@ -9,6 +9,7 @@ import pytest
 
 from colorjax import distill
 from colorjax import errors
+from colorjax import score
 from colorjax.data import stores
 from colorjax.pipeline import runner
 from colorjax.training import ngram_scorer as scorer_lib
@@ -145,7 +146,8 @@ def test_a_cascade_with_factor_tau_is_exactly_color(demo_run, tmp_path):
   root, _ = demo_run
   common = dict(distill__store=str(root / "stores" / "pool"), distill__prior=str(root / "runs" / "prior" / "params"),
                 distill__conditional=str(root / "runs" / "conditional" / "params"), distill__sample_fraction=0.2,
-                distill__steps=300, distill__method="color_cascade", distill__parts=str(tmp_path / "parts"))
+                distill__steps=300, distill__method="color_cascade", distill__parts=str(tmp_path / "parts"),
+                distill__target_recall=0.0)  # a fixed factor
   exact = distill.run(make_config("distill", "8", workdir=str(tmp_path / "exact"), distill__cascade_factor=8.0,
                                   **common))
   color = np.load(root / "selections" / "color-tau8" / "index.npy")
@@ -336,6 +338,13 @@ def test_the_preflight_asks_the_distill_stage_for_its_requests(demo_run, tmp_pat
   assert stale(pipeline__seeds=(1, 0)) == set()  # the sample's seed is distill.seed, not the first target seed
   labels = stale(score__fp8=True)
   assert {"distill sample_scores", "distill scorer", "distill predictions"} <= labels and "distill sample" not in labels
+  fp8 = make_config("pipeline", "demo", workdir=str(work), **dict(settings, score__fp8=True))
+  sel = runner.stage_configs(fp8, work).selections["color_distilled-tau8"]
+  models = [{"name": "prior", "id": "p"}, {"name": "conditional_0", "id": "c"}]
+  requests = distill.expected_requests(sel, stores.TokenStore(work / "stores" / "pool"), models)
+  # what the score stage itself records for an fp8 job: a fresh fp8 pipeline's parts are up to date on its re-run
+  assert requests["sample_scores"]["numerics"] == {"precision": "original", "fp8": True}
+  assert requests["sample_scores"]["numerics"] == score.numerics_of(distill.score_config(sel))
   scorer = tmp_path / "scorer"
   shutil.copytree(work / "distill" / "scorer", scorer)
   reuse = dict(settings, distill__scorer=str(scorer), pipeline__methods=("color", "random", "color_distilled"))

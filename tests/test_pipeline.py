@@ -60,7 +60,7 @@ def test_report_stage_regenerates_from_the_work_directory(demo_run):
   out = run_cli(["--config", "configs/report.py", f"--config.workdir={root}"]).stdout
   assert "report:" in out and (root / "report.md").exists()
   fail = run_cli(["--config", "configs/report.py", f"--config.workdir={root / 'nope'}"], check=False)
-  assert fail.returncode != 0 and "pipeline.json is missing" in fail.stderr
+  assert fail.returncode == 2 and "nope does not exist; give --config.workdir the pipeline's work" in fail.stderr
 
 
 def test_books_split_keeps_plays_whole_and_parts_disjoint(data_dir, tmp_path):

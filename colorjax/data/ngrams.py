@@ -8,8 +8,8 @@ FEATURES = "token-ngrams-splitmix-v1"  # names the hashing below: change it when
 _ORDER_KEY = 0x9E3779B97F4A7C15  # times the order: the start key of each order's hash
 
 
-def _mix(x: np.ndarray, key) -> np.ndarray:
-  """splitmix64 finalizer of (x xor key). Pinned here (not shared) because it defines the features."""
+def mix(x: np.ndarray, key) -> np.ndarray:
+  """splitmix64 finalizer of (x xor key). Pinned here because it defines the features (and DSIR's Gumbel noise)."""
   with np.errstate(over="ignore"):
     z = x ^ key
     z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
@@ -30,7 +30,7 @@ def feature_buckets(tokens_bt: np.ndarray, buckets: int, order: int = 2, skip=()
     h = np.uint64((_ORDER_KEY * m) % (1 << 64))
     dropped = np.zeros((tokens.shape[0], width), bool)
     for j in range(m):
-      h = _mix(tokens[:, j:j + width], h)
+      h = mix(tokens[:, j:j + width], h)
       dropped |= special[:, j:j + width]
     out.append(np.where(dropped, buckets, (h % np.uint64(buckets)).astype(np.int64)))
   return np.concatenate(out, axis=1) if out else np.zeros((tokens.shape[0], 0), np.int64)

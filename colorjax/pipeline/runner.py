@@ -453,7 +453,10 @@ def _distill_cost(cfg, name: str, sel, candidates: int, sampled_from: int, seq: 
   print(f"  {name}: scores {plan['sample']:,} sampled (of {sampled_from:,}, shared by every tau) + "
         f"{plan['rescored']:,} rescored sequences = {flops:.3e} FLOPs, {hours:,.2f} device-hours at "
         f"{cfg.score.tokens_per_s_per_device:,.0f} pool tok/s per device; charged {plan['share']:.1%} of scoring its "
-        f"{candidates:,} candidates")
+        f"{candidates:,} candidates"
+        + (f" (planned at cascade_factor {sel.distill.cascade_factor:g}: with distill.target_recall "
+           f"{sel.distill.target_recall:g} the factor is chosen after the fit, printed with its cost)"
+           if sel.distill.method == distill.CASCADE and sel.distill.target_recall else ""))
   return per_sequence * plan["rescored"] if sampled else flops
 
 

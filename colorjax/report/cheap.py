@@ -194,8 +194,8 @@ def markdown(cheap: dict) -> list[str]:
               "the share of CoLoR's top 1/τ selected; share: the prior's and conditional's scoring as a share of "
               "scoring every candidate. The cascade rescores factor x the unsampled top 1/τ by prediction; a target "
               "recall picks its factor from the out-of-fold estimate (est.) — compare it with the recall reached.",
-              "", "| τ | sample | ρ (pool) | distilled recall | cascade ×1.5: recall (share) | ×2 | ×3 | target 0.97: "
-              "factor, est. → recall (share) |", "|---|---|---|---|---|---|---|---|"]
+              "", "| τ | sample | ρ (pool) | distilled recall | cascade ×1.5: recall (share) | ×2 | ×3 | "
+              "target 0.97: factor, est. → recall (share) |", "|---|---|---|---|---|---|---|---|"]
     for share, entry in curves["shares"].items():
       for tau, point in entry["taus"].items():
         by_factor = {c["factor"]: c for c in point["cascade"]}

@@ -288,7 +288,8 @@ def missing_record(root: pathlib.Path) -> str:
             f"({', '.join(PIPELINE_PARTS)}): it is not a pipeline work directory; give --config.workdir one")
   runs = sorted(p.name for p in (root / "runs").glob("*") if (p / "params" / formats.MANIFEST).exists())
   return (f"{root / 'pipeline.json'} is missing: the pipeline in {root} has not finished (it writes pipeline.json "
-          f"after its last target run). It holds {', '.join(found)}/ so far; finished runs: {', '.join(runs) or 'none'}."
+          f"after its last target run). It holds {', '.join(found)}/ so far; finished runs: "
+          f"{', '.join(runs) or 'none'}."
           " Re-run the same pipeline command to finish it (finished steps are skipped); it writes the report")
 
 
