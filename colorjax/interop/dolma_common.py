@@ -2,11 +2,13 @@
 headerless files and config.yaml are read. A module of its own so that the action modules (dolma_scores.py,
 dolma_export.py) need not import the stage, dolma.py, which imports them.
 """
+import os
 import pathlib
 import shutil
 
 from colorjax import console
 from colorjax import errors
+from colorjax.artifacts import hub_paths
 from colorjax.artifacts import lineage
 
 
@@ -21,6 +23,19 @@ def workdir(cfg) -> pathlib.Path:
   if not cfg.workdir:
     raise errors.ConfigError(f"set --config.workdir to the folder the dolma {cfg.dolma.action} output goes to")
   return pathlib.Path(cfg.workdir).resolve()
+
+
+def absolute(path) -> pathlib.Path:
+  """An input file's absolute path with its symlinks kept: in the hub cache each file is a link to a blob named by
+  its hash, and the link's name (part-000.npy) and place (.../snapshots/<commit>/) are what an artifact records."""
+  return pathlib.Path(os.path.abspath(path))
+
+
+def hub_request(request: dict, paths) -> dict:
+  """`request` plus the hub commits its inputs were downloaded from (artifacts/hub_paths.py), when any were: another
+  revision of them is another artifact. Unchanged for local inputs, so their ids stay what they were."""
+  hub = hub_paths.origins(paths)
+  return {**request, "hub": hub} if hub else request
 
 
 def as_list(value) -> list[str]:

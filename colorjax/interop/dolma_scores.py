@@ -224,7 +224,9 @@ def _import_scores_inputs(cfg):
     columns.append(align(shards[name], store.num_sequences, name))
   names = [name for name, _, _ in specs]
   models = [{"name": n, "id": i} for n, i in zip(names, model_ids(d.models, names, columns))]
-  return store, shards, columns, models, score_lib.scores_request(store.id, models)
+  request = common.hub_request(score_lib.scores_request(store.id, models),
+                               [s["path"] for group in shards.values() for s in group])
+  return store, shards, columns, models, request
 
 
 def _same_order(shards: dict) -> dict:
@@ -327,9 +329,10 @@ def _selection_inputs(cfg):
                              "original's selected_indices.npy)")
   store = stores.TokenStore(d.store)
   path = pathlib.Path(d.selection)
-  path = (path / "selected_indices.npy" if path.is_dir() else path).resolve()
+  path = common.absolute(path / "selected_indices.npy" if path.is_dir() else path)
   ranked = read_selected(path, store.num_sequences)
-  request = {"kind": "olmo_selection", "file": [path.name, lineage.fingerprint(path)["sha256"]], "store": store.id}
+  request = common.hub_request({"kind": "olmo_selection", "file": [path.name, lineage.fingerprint(path)["sha256"]],
+                                "store": store.id}, [path])
   return store, path, ranked, request
 
 
