@@ -10,6 +10,7 @@ import re
 
 import jax
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -173,6 +174,7 @@ def test_one_command_imports_the_released_selection_after_checking_the_ids(relea
   root, selection = released_selection
   ref = json.loads((FIXTURE / "reference.json").read_text())
   report = json.loads((root / "id_check.json").read_text())
+  print(f"id check on the fixture: {hub_ids.summary(report)}")
   assert report["matches"] and report["max_abs_diff"] < 1e-5 and report["rows_checked"] == 12
   assert [f["first_id"] for f in report["files"]] == [0, 100, 176] and report["released_ids"] == 256
   assert selection == root / "c4-all-tau=4"
@@ -320,3 +322,48 @@ def test_push_model_is_one_commit_readable_by_transformers_and_by_colorjax(relea
   pushed, _ = checkpoint.load_params(back, spec)
   original, _ = checkpoint.load_params(params, spec)
   assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(pushed), jax.tree.leaves(original)))
+
+
+def test_adopt_and_import_selection_take_hf_paths_and_agree_with_the_hub_stage(released_selection, tokenizer_path,
+                                                                               tmp_path):
+  root, selection = released_selection
+  adopt = make_config("dolma", "adopt", workdir=str(tmp_path / "store"), dolma__tokenizer=str(tokenizer_path),
+                      dolma__paths=(f"hf://{RELEASE}/full_data/c4/*.npy",), dolma__dtype="uint16", dolma__seq_len=64,
+                      dolma__eos_id=0, dolma__pad_id=1)
+  object_storage.mirror_config(adopt)
+  dolma.run(adopt)
+  assert stores.TokenStore(tmp_path / "store").id == stores.TokenStore(root / "store").id  # same files, same commit
+  imported = make_config("dolma", "import_selection", workdir=str(tmp_path / "sel"), dolma__store=str(tmp_path / "store"),
+                         dolma__selection=f"hf://{RELEASE}/indices/c4-down-tau=4/selected_indices.npy")
+  object_storage.mirror_config(imported)
+  dolma.run(imported)
+  assert formats.read_manifest(tmp_path / "sel")["id"] == formats.read_manifest(selection)["id"]
+
+
+def test_the_dry_run_lists_what_it_would_download_and_downloads_nothing(fake_hub, tmp_path, capsys):
+  before = len(fake_hub.requests)
+  hub.describe(hub_config("selection", tmp_path, hub__repo=SHUFFLED, hub__tau=4))
+  out = capsys.readouterr().out
+  assert f"hf://{SHUFFLED}@main/full_data/c4: 3 files" in out and "scores/pretrain-*-seq: 6 files" in out
+  assert "models/prior: 2 files" in out  # config.yaml and model.pt: optim.pt is not counted
+  assert not [p for _, p, _ in fake_hub.requests[before:] if "/resolve/" in p] and not (tmp_path / "store").exists()
+
+
+def test_the_filtered_text_dataset_prepares_from_an_hf_path(fake_hub, tokenizer_path, tmp_path):
+  """A dataset repo (the released filtered text is one: datasets/davidbrandfonbrener/color-filtered-c4) as prepare's
+  input: hf://datasets/... globs download the Parquet files and prepare tokenizes them."""
+  texts = ["t5 t6 t7 t8 t9", "t10 t11 t12 t13 t14 t15 t16", "t20 t21 t22"]
+  buffer = tmp_path / "part.parquet"
+  pq.write_table(pa.table({"text": texts}), buffer)
+  fake_hub.add_repo("colorjax-test/filtered-c4", {"data/train-00000.parquet": buffer.read_bytes()}, "dataset")
+  cfg = make_config("prepare", prepare__inputs=("hf://datasets/colorjax-test/filtered-c4/data/*.parquet",),
+                    prepare__tokenizer=str(tokenizer_path), prepare__output=str(tmp_path / "store"), prepare__seq_len=4,
+                    prepare__workers=1)
+  object_storage.mirror_config(cfg)
+  from colorjax import prepare  # pylint: disable=import-outside-toplevel
+  store = stores.TokenStore(prepare.run(cfg))
+  stream = [5, 6, 7, 8, 9, 0, 10, 11, 12, 13, 14, 15, 16, 0, 20, 21, 22, 0]
+  np.testing.assert_array_equal(store.read(np.arange(store.num_sequences)).reshape(-1), stream[:16])
+  assert [pathlib.Path(f["path"]).name for f in store.files] == ["train-00000.parquet"]
+  commit = fake_hub.repos[("dataset", "colorjax-test/filtered-c4")].refs["main"]
+  assert store.manifest["request"]["hub"] == [{"repo": "colorjax-test/filtered-c4", "type": "dataset", "commit": commit}]
