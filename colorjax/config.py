@@ -203,6 +203,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.hub.lm_eval_tasks = ()  # lm_eval: lm-evaluation-harness task names (needs pip install -e .[lm_eval])
   c.hub.lm_eval_limit = 0  # lm_eval: documents per task (0 = all)
   c.hub.lm_eval_fewshot = 0  # lm_eval: few-shot examples per prompt
+  c.hub.lm_eval_include = ""  # lm_eval: a folder of more task YAMLs (your own or offline tasks; "" = the harness's)
 
   c.distill = ml_collections.ConfigDict()
   c.distill.method = "color_distilled"  # color_distilled (top 1/tau by prediction) | color_cascade (rescore, below)

@@ -179,10 +179,8 @@ def check_inputs(cfg):
   tokenizer = tokenizer_lib.load_tokenizer(pcfg.tokenizer)
   tok_info = tokenizer_lib.tokenizer_info(tokenizer, pcfg.tokenizer, pcfg.eos_id, pcfg.pad_id)
   prints = input_fingerprints(files, _existing_entries(output))
-  request = store_request(prints, tok_info, pcfg.seq_len, pcfg.text_field, pcfg.source_field)
-  hub = hub_paths.origins(files)
-  if hub:  # hf:// inputs: the hub commit they were downloaded at is part of the request (local inputs: unchanged)
-    request["hub"] = hub
+  request = hub_paths.with_origins(store_request(prints, tok_info, pcfg.seq_len, pcfg.text_field,
+                                                 pcfg.source_field), files)
   return output, files, tokenizer, tok_info, prints, request
 
 

@@ -21,6 +21,7 @@ from colorjax.model import losses
 from colorjax.model import transformer
 from colorjax.training import checkpoint
 from conftest import make_config
+from conftest import run_cli
 from test_olmo import FIXTURE, FP32, PRIOR, import_config, pool_rows, tokenizer_path  # pylint: disable=unused-import
 
 pytestmark = pytest.mark.skipif(not FIXTURE.is_dir(), reason="../shared/fixtures/olmo-original not found")
@@ -41,7 +42,8 @@ def exported(prior, tmp_path_factory):
 
 @functools.lru_cache(maxsize=None)
 def fp32_params(prior):
-  spec = checkpoint.spec_from_manifest(checkpoint.read_params_manifest(prior), make_config("score", "demo", **FP32).model)
+  compute = make_config("score", "demo", **FP32).model
+  spec = checkpoint.spec_from_manifest(checkpoint.read_params_manifest(prior), compute)
   return spec, checkpoint.load_params(prior, spec)[0]
 
 
@@ -87,7 +89,8 @@ def test_transformers_loads_the_export_and_its_logits_are_colorjaxs(prior, expor
   with torch.no_grad():
     theirs = model(torch.as_tensor(tokens, dtype=torch.long)).logits.numpy()
     masked = model(torch.as_tensor(tokens, dtype=torch.long), attention_mask=torch.ones(tokens.shape)).logits.numpy()
-    loss = float(model(torch.as_tensor(tokens, dtype=torch.long), labels=torch.as_tensor(tokens, dtype=torch.long)).loss)
+    ids = torch.as_tensor(tokens, dtype=torch.long)
+    loss = float(model(ids, labels=ids).loss)
   ours = colorjax_logits(prior, tokens)
   diff = float(np.abs(theirs - ours).max())
   print(f"transformers vs colorjax fp32 logits: max |diff| = {diff:.2e}")
@@ -151,3 +154,47 @@ def test_lm_eval_scores_as_colorjaxs_multiple_choice(prior, tmp_path):
   assert long < short < 0
   with pytest.raises(NotImplementedError, match="transformers"):
     lm.generate_until([])
+
+
+TASK_YAML = """task: fixture_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{context}}}}"
+doc_to_target: "{{{{label}}}}"
+doc_to_choice: "{{{{choices}}}}"
+target_delimiter: " "
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+def test_the_lm_eval_action_runs_a_harness_task_on_colorjax(prior, tmp_path):
+  """configs/hub.py:lm_eval on a task of the harness's own format (a local JSON dataset, offline): its accuracy is
+  the argmax of colorjax's summed log-probs."""
+  pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed (pip install -e .[lm_eval])")
+  rng = np.random.default_rng(1)
+  words = lambda n: " ".join(f"t{int(t)}" for t in rng.integers(2, 1000, n))
+  docs = [{"context": words(12), "choices": [words(2) for _ in range(4)], "label": int(rng.integers(4))}
+          for _ in range(8)]
+  (tmp_path / "tasks").mkdir()
+  (tmp_path / "tasks" / "fixture.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+  (tmp_path / "tasks" / "fixture_mc.yaml").write_text(TASK_YAML.format(data=tmp_path / "tasks" / "fixture.jsonl"))
+  env = {"HF_HOME": str(tmp_path / "hf"), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+  run_cli(["--config", "configs/hub.py:lm_eval", f"--config.hub.params={prior}",
+           "--config.hub.lm_eval_tasks=('fixture_mc',)", f"--config.hub.lm_eval_include={tmp_path / 'tasks'}",
+           f"--config.workdir={tmp_path / 'out'}", "--config.model.compute_dtype=float32",
+           "--config.model.precision=fp32_residual"], env_extra=env, timeout=600)
+  result = json.loads((tmp_path / "out" / "lm_eval.json").read_text())
+  from lm_eval.api.instance import Instance  # pylint: disable=import-outside-toplevel
+  from colorjax.interop import harness  # pylint: disable=import-outside-toplevel
+  lm = harness.ColorjaxLM(prior, make_config("score", "demo", **FP32).model)
+  sums = lm.loglikelihood([Instance("loglikelihood", {}, (d["context"], " " + c), 0)
+                           for d in docs for c in d["choices"]])
+  expected = np.mean([np.argmax([s for s, _ in sums[4 * i:4 * i + 4]]) == d["label"] for i, d in enumerate(docs)])
+  assert result["results"]["fixture_mc"]["acc,none"] == pytest.approx(expected) and result["params_id"]

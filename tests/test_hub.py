@@ -42,7 +42,8 @@ def release_files(token_names=None) -> dict:
   """{path: bytes} of a repo laid out as the release, from the fixture (score shards flat in their folders)."""
   read = lambda rel: (FIXTURE / rel).read_bytes()
   files = {
-      "models/prior/config.yaml": read("models/prior/config.yaml"), "models/prior/model.pt": read("models/prior/model.pt"),
+      "models/prior/config.yaml": read("models/prior/config.yaml"),
+      "models/prior/model.pt": read("models/prior/model.pt"),
       "models/prior/optim.pt": b"AdamW moments: never downloaded unless asked" * 100,
       "models/conditional_all/config.yaml": read("models/conditional/config.yaml"),
       "models/conditional_all/model.safetensors": read("models/conditional/model.safetensors"),
@@ -61,7 +62,7 @@ def release_files(token_names=None) -> dict:
 
 @pytest.fixture(scope="module")
 def fake_hub(tmp_path_factory, tokenizer_path):  # pylint: disable=redefined-outer-name
-  """The fake hub serving the release, a shuffled copy and a tokenizer repo; HF_* pointing at it and at a fresh cache."""
+  """The fake hub serving the release, a shuffled copy and a tokenizer repo; HF_* point at it and a fresh cache."""
   home = tmp_path_factory.mktemp("hf")
   with FakeHub() as server, pytest.MonkeyPatch.context() as mp:
     server.add_repo(RELEASE, release_files())
@@ -96,7 +97,8 @@ def test_hf_urls_parse_and_the_release_names_map():
                                                           "refs/pr/1", "data/train")
   assert hub_paths.parse("hf://org/name/x").revision == "main"
   for given, mapped in (("indices/c4-down-tau=64/selected_indices.npy", "indices/c4-all-tau=64/selected_indices.npy"),
-                        ("models/conditional_down", "models/conditional_all"), ("scores/down-3-seq", "scores/all-3-seq"),
+                        ("models/conditional_down", "models/conditional_all"),
+                        ("scores/down-3-seq", "scores/all-3-seq"),
                         ("models/down_tau=64_1b", "models/all_tau=64_1b"), ("downstream_data/books", None)):
     out, note = hub_paths.release_names(hub_paths.parse(f"hf://{RELEASE}/{given}"))
     assert out.path == (mapped or given) and (note is None) == (mapped is None)
@@ -136,7 +138,8 @@ def test_the_imported_prior_scores_the_pool_as_the_original(released_models):
   from colorjax.model import losses  # pylint: disable=import-outside-toplevel
   ref = json.loads((FIXTURE / "reference.json").read_text())
   export = released_models[0] / "prior" / "params"
-  spec = checkpoint.spec_from_manifest(checkpoint.read_params_manifest(export), make_config("score", "demo", **FP32).model)
+  compute = make_config("score", "demo", **FP32).model
+  spec = checkpoint.spec_from_manifest(checkpoint.read_params_manifest(export), compute)
   params, _ = checkpoint.load_params(export, spec)
   nll = np.asarray(jax.jit(lambda p, t: losses.sequence_nll(spec, p, t, None))(params, pool_rows()[:32]))
   assert np.abs(nll - np.asarray(ref["prior_nll"][:32], np.float32)).max() < 1e-5
@@ -155,7 +158,8 @@ def test_a_new_revision_is_another_artifact(released_models, fake_hub, tokenizer
     manifest = checkpoint.read_params_manifest(out["prior"])
     before = checkpoint.read_params_manifest(root / "prior" / "params")
     assert manifest["request"]["hub"][0]["commit"] == new != old == before["request"]["hub"][0]["commit"]
-    assert manifest["id"] != before["id"] and manifest["request"]["weights_sha256"] == before["request"]["weights_sha256"]
+    assert manifest["id"] != before["id"]
+    assert manifest["request"]["weights_sha256"] == before["request"]["weights_sha256"]
     pinned = hub.run(hub_config("models", tmp_path / "pinned", hub__models=("prior",), hub__revision=old,
                                 hub__tokenizer=str(tokenizer_path)))  # a commit pins the revision: the first import
     assert checkpoint.read_params_manifest(pinned["prior"])["id"] == before["id"]
@@ -194,9 +198,14 @@ def test_token_files_out_of_id_order_are_refused_with_the_order_that_matches(fak
     hub.run(hub_config("selection", tmp_path / "a", **cfg))
   message = str(refused.value)
   assert "ids do NOT follow the files' given order" in message
-  assert "--config.hub.token_files=\"('c4-b.npy', 'c4-c.npy', 'c4-a.npy')\"" in message and "nothing was adopted" in message
+  assert "--config.hub.token_files=\"('c4-b.npy', 'c4-c.npy', 'c4-a.npy')\"" in message
+  assert "the pool was not adopted" in message
   assert not (tmp_path / "a" / "store").exists() and json.loads((tmp_path / "a" / "id_check.json").read_text())[
       "matching_order"] == ["c4-b.npy", "c4-c.npy", "c4-a.npy"]
+  defaults = make_config("hub", "selection,4", workdir=str(tmp_path / "d"), hub__repo=SHUFFLED,
+                         hub__tokenizer=str(tokenizer_path))  # bf16 rescoring, tolerance 0.05: the same verdict
+  with pytest.raises(errors.DataError, match=re.escape("('c4-b.npy', 'c4-c.npy', 'c4-a.npy')")):
+    hub.run(defaults)
   selection = hub.run(hub_config("selection", tmp_path / "b", hub__token_files=("c4-b.npy", "c4-c.npy", "c4-a.npy"),
                                  **cfg))
   store = stores.TokenStore(tmp_path / "b" / "store")
@@ -290,7 +299,8 @@ def test_push_selection_is_one_commit_of_text_ids_scores_and_manifest(released_s
   (commit,) = fake_hub.commits[commits:]
   assert (commit["repo"], commit["type"]) == ("me/color-fixture-tau4", "dataset")
   assert sorted(commit["files"]) == ["README.md", "data/part-h000-00000.parquet", "manifest.json", "tokenizer.json"]
-  assert record["commit"] == commit["sha"] and fake_hub.repos[("dataset", "me/color-fixture-tau4")].visibility == "private"
+  assert record["commit"] == commit["sha"]
+  assert fake_hub.repos[("dataset", "me/color-fixture-tau4")].visibility == "private"
   parquet = tmp_path / "pushed.parquet"
   parquet.write_bytes(commit["files"]["data/part-h000-00000.parquet"])
   table = pq.read_table(parquet).to_pydict()
@@ -333,7 +343,8 @@ def test_adopt_and_import_selection_take_hf_paths_and_agree_with_the_hub_stage(r
   object_storage.mirror_config(adopt)
   dolma.run(adopt)
   assert stores.TokenStore(tmp_path / "store").id == stores.TokenStore(root / "store").id  # same files, same commit
-  imported = make_config("dolma", "import_selection", workdir=str(tmp_path / "sel"), dolma__store=str(tmp_path / "store"),
+  imported = make_config("dolma", "import_selection", workdir=str(tmp_path / "sel"),
+                         dolma__store=str(tmp_path / "store"),
                          dolma__selection=f"hf://{RELEASE}/indices/c4-down-tau=4/selected_indices.npy")
   object_storage.mirror_config(imported)
   dolma.run(imported)
@@ -347,6 +358,12 @@ def test_the_dry_run_lists_what_it_would_download_and_downloads_nothing(fake_hub
   assert f"hf://{SHUFFLED}@main/full_data/c4: 3 files" in out and "scores/pretrain-*-seq: 6 files" in out
   assert "models/prior: 2 files" in out  # config.yaml and model.pt: optim.pt is not counted
   assert not [p for _, p, _ in fake_hub.requests[before:] if "/resolve/" in p] and not (tmp_path / "store").exists()
+  env = {k: os.environ[k] for k in ("HF_ENDPOINT", "HF_HOME", "HF_HUB_CACHE")}
+  proc = run_cli(["--config", "configs/hub.py:models", "--config.dry_run=True", f"--config.workdir={tmp_path}"],
+                 env_extra=env, timeout=300)  # the stage as main dispatches it
+  assert f"hf://{RELEASE}@main/models/conditional_all: 2 files" in proc.stdout
+  with pytest.raises(ValueError, match="choose one of models, selection"):
+    make_config("hub", "select")
 
 
 def test_the_filtered_text_dataset_prepares_from_an_hf_path(fake_hub, tokenizer_path, tmp_path):
@@ -366,4 +383,5 @@ def test_the_filtered_text_dataset_prepares_from_an_hf_path(fake_hub, tokenizer_
   np.testing.assert_array_equal(store.read(np.arange(store.num_sequences)).reshape(-1), stream[:16])
   assert [pathlib.Path(f["path"]).name for f in store.files] == ["train-00000.parquet"]
   commit = fake_hub.repos[("dataset", "colorjax-test/filtered-c4")].refs["main"]
-  assert store.manifest["request"]["hub"] == [{"repo": "colorjax-test/filtered-c4", "type": "dataset", "commit": commit}]
+  assert store.manifest["request"]["hub"] == [{"repo": "colorjax-test/filtered-c4", "type": "dataset",
+                                               "commit": commit}]

@@ -203,6 +203,13 @@ def origins(paths) -> list[dict]:
   return [seen[k] for k in sorted(seen)]
 
 
+def with_origins(request: dict, paths) -> dict:
+  """An artifact's request plus `hub`: the commits its inputs were downloaded at, when any came from the hub (another
+  revision of them is another artifact). Unchanged for local inputs, so their ids stay what they were."""
+  hub = origins(paths)
+  return {**request, "hub": hub} if hub else request
+
+
 def push_folder(folder, repo_id: str, repo_type: str, message: str, private: bool) -> dict:
   """Every file under `folder` committed to `repo_id` as ONE commit (created first if missing, private as asked);
   returns {repo, type, commit, url, files}. The hub's upload limits count commits, not files."""

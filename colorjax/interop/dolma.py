@@ -23,6 +23,7 @@ import numpy as np
 from colorjax import console
 from colorjax import errors
 from colorjax.artifacts import formats
+from colorjax.artifacts import hub_paths
 from colorjax.artifacts import lineage
 from colorjax.data import tokenizer as tokenizer_lib
 from colorjax.interop import dolma_common as common
@@ -134,7 +135,7 @@ def adopt_request(entries: list[dict], dtype: str, seq_len: int, tok_info: dict)
   request = {"kind": "dolma", "version": formats.STORE.version,
              "files": [[e["name"], e["sha256"]] for e in entries], "dtype": dtype, "seq_len": int(seq_len),
              "tokenizer_sha256": tok_info["sha256"], "eos_id": tok_info["eos_id"], "pad_id": tok_info["pad_id"]}
-  return common.hub_request(request, [e["path"] for e in entries])
+  return hub_paths.with_origins(request, [e["path"] for e in entries])
 
 
 def label_table(labels: list[str]) -> tuple[list[str], list[int]]:

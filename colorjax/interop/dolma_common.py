@@ -8,7 +8,6 @@ import shutil
 
 from colorjax import console
 from colorjax import errors
-from colorjax.artifacts import hub_paths
 from colorjax.artifacts import lineage
 
 
@@ -29,13 +28,6 @@ def absolute(path) -> pathlib.Path:
   """An input file's absolute path with its symlinks kept: in the hub cache each file is a link to a blob named by
   its hash, and the link's name (part-000.npy) and place (.../snapshots/<commit>/) are what an artifact records."""
   return pathlib.Path(os.path.abspath(path))
-
-
-def hub_request(request: dict, paths) -> dict:
-  """`request` plus the hub commits its inputs were downloaded from (artifacts/hub_paths.py), when any were: another
-  revision of them is another artifact. Unchanged for local inputs, so their ids stay what they were."""
-  hub = hub_paths.origins(paths)
-  return {**request, "hub": hub} if hub else request
 
 
 def as_list(value) -> list[str]:

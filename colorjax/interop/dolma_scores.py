@@ -32,6 +32,7 @@ from colorjax import errors
 from colorjax import score as score_lib
 from colorjax import select as select_lib
 from colorjax.artifacts import formats
+from colorjax.artifacts import hub_paths
 from colorjax.artifacts import lineage
 from colorjax.data import stores
 from colorjax.interop import dolma_common as common
@@ -224,8 +225,8 @@ def _import_scores_inputs(cfg):
     columns.append(align(shards[name], store.num_sequences, name))
   names = [name for name, _, _ in specs]
   models = [{"name": n, "id": i} for n, i in zip(names, model_ids(d.models, names, columns))]
-  request = common.hub_request(score_lib.scores_request(store.id, models),
-                               [s["path"] for group in shards.values() for s in group])
+  request = hub_paths.with_origins(score_lib.scores_request(store.id, models),
+                                   [s["path"] for group in shards.values() for s in group])
   return store, shards, columns, models, request
 
 
@@ -331,8 +332,8 @@ def _selection_inputs(cfg):
   path = pathlib.Path(d.selection)
   path = common.absolute(path / "selected_indices.npy" if path.is_dir() else path)
   ranked = read_selected(path, store.num_sequences)
-  request = common.hub_request({"kind": "olmo_selection", "file": [path.name, lineage.fingerprint(path)["sha256"]],
-                                "store": store.id}, [path])
+  request = hub_paths.with_origins({"kind": "olmo_selection", "store": store.id,
+                                    "file": [path.name, lineage.fingerprint(path)["sha256"]]}, [path])
   return store, path, ranked, request
 
 

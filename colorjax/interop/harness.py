@@ -19,6 +19,7 @@ import numpy as np
 from lm_eval import evaluator
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import LM
+from lm_eval.tasks import TaskManager
 
 from colorjax import errors
 from colorjax import evaluate
@@ -113,7 +114,8 @@ def run(cfg) -> dict:
     raise errors.DataError(f"{out} already exists; choose another --config.workdir (nothing was overwritten)")
   lm = ColorjaxLM(cfg.hub.params, cfg.model, cfg.eval.batch_tokens)
   start = time.time()
-  results = evaluator.simple_evaluate(model=lm, tasks=list(cfg.hub.lm_eval_tasks),
+  task_manager = TaskManager(include_path=cfg.hub.lm_eval_include) if cfg.hub.lm_eval_include else None
+  results = evaluator.simple_evaluate(model=lm, tasks=list(cfg.hub.lm_eval_tasks), task_manager=task_manager,
                                       num_fewshot=int(cfg.hub.lm_eval_fewshot),
                                       limit=int(cfg.hub.lm_eval_limit) or None, log_samples=False)
   out.parent.mkdir(parents=True, exist_ok=True)

@@ -135,7 +135,8 @@ def refusal(report: dict, files) -> str:
   fix = (f"--config.hub.token_files=\"{tuple(report['matching_order'])}\" (the order that matches)"
          if report["matching_order"] else "the token files of the run that made these scores")
   return (f"{hub_ids.summary(report)}. Selecting by the released ids would take the wrong rows of "
-          f"{files[0].parent}, so nothing was adopted or imported (the check is in id_check.json): re-run with {fix}, "
+          f"{files[0].parent}, so the pool was not adopted nor the selection imported (the check is in "
+          f"id_check.json): re-run with {fix}, "
           "or --config.hub.check_ids=warn to adopt this order anyway")
 
 

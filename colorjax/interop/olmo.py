@@ -107,11 +107,9 @@ def import_inputs(cfg) -> ImportInputs:
   spec = olmo_config.spec_from_olmo(section, cfg.model, config_path)
   tokenizer_path = resolve_tokenizer(cfg.olmo.tokenizer, raw, config_path)
   tokenizer, tok_info = checked_tokenizer(tokenizer_path, spec, section, config_path)
-  request = {"kind": "olmo_import", "weights_sha256": lineage.fingerprint(weights)["sha256"],
-             "architecture": spec.architecture(), "tokenizer": tok_info["sha256"]}
-  hub = hub_paths.origins([weights, config_path, tokenizer_path])
-  if hub:  # downloaded from the hub: the commit is part of what was imported (another revision, another import)
-    request["hub"] = hub
+  request = hub_paths.with_origins({"kind": "olmo_import", "weights_sha256": lineage.fingerprint(weights)["sha256"],
+                                    "architecture": spec.architecture(), "tokenizer": tok_info["sha256"]},
+                                   [weights, config_path, tokenizer_path])
   return ImportInputs(weights, config_path, raw, section, spec, tokenizer_path, tokenizer, tok_info, request)
 
 
