@@ -184,6 +184,29 @@ def get_config() -> ml_collections.ConfigDict:
   c.dolma.max_tokens_per_file = 1 << 30  # export_selection: tokens per token file at most (whole sequences)
   c.dolma.rows_per_file = 100_000  # export_selection: sequences per Parquet file at most
 
+  c.hub = ml_collections.ConfigDict()  # the `hub` stage (interop/hub.py); any path elsewhere may be hf:// too
+  c.hub.action = "models"  # models | selection | push_selection | push_model | transformers | lm_eval
+  c.hub.repo = "hlzhang109/CoLoR-filter"  # models / selection: the original's release, or a repo laid out as it
+  c.hub.revision = "main"  # branch, tag or commit of hub.repo; the commit it resolves to is in every artifact made
+  c.hub.models = ("prior", "conditional_all")  # models: folders of models/ to import (registry names are mapped)
+  c.hub.tokenizer = ""  # models / selection: the models' tokenizer.json, a path or hf:// ("" = the shared NeoX one)
+  c.hub.target = "all"  # selection: which released selection, indices/c4-<target>-tau=<tau> (all | books)
+  c.hub.tau = 64  # selection: its tau (7, 16, 32 or 64 in the release)
+  c.hub.token_files = ()  # selection: full_data/c4 file names in global-id order (empty = name order, checked)
+  c.hub.check_ids = "refuse"  # selection: rescore rows of each file to check the id order: refuse | warn | off
+  c.hub.check_rows = 4  # selection: rows of each token file the check rescores with the released prior
+  c.hub.check_tolerance = 0.05  # selection: largest |rescored - released prior NLL| of the same row (bf16 runs)
+  c.hub.params = ""  # push_model / transformers / lm_eval: a params export (<run>/params; hf:// works too)
+  c.hub.selection = ""  # push_selection: a selection folder (select, dsir, distill or dolma import_selection)
+  c.hub.push_to = ""  # push_selection / push_model: the repo to commit to, <org>/<name> (created when missing)
+  c.hub.private = True  # push_*: a repo created by the push is private
+  c.hub.message = ""  # push_*: the commit message ("" = names the artifact and its id)
+  c.hub.push_params = True  # push_model: also push the colorjax params export (params/, readable as hf://...)
+  c.hub.lm_eval_tasks = ()  # lm_eval: lm-evaluation-harness task names (needs pip install -e .[lm_eval])
+  c.hub.lm_eval_limit = 0  # lm_eval: documents per task (0 = all)
+  c.hub.lm_eval_fewshot = 0  # lm_eval: few-shot examples per prompt
+  c.hub.lm_eval_include = ""  # lm_eval: a folder of more task YAMLs (your own or offline tasks; "" = the harness's)
+
   c.distill = ml_collections.ConfigDict()
   c.distill.method = "color_distilled"  # color_distilled (top 1/tau by prediction) | color_cascade (rescore, below)
   c.distill.cascade_factor = 1.5  # color_cascade: rescore the unsampled top cascade_factor/tau by prediction

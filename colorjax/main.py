@@ -41,6 +41,7 @@ STAGES = {
     "dolma": "colorjax.interop.dolma",
     "dsir": "colorjax.dsir",
     "distill": "colorjax.distill",
+    "hub": "colorjax.interop.hub",
 }
 
 USAGE_EXIT = 2

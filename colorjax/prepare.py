@@ -19,6 +19,7 @@ import numpy as np
 from colorjax import console
 from colorjax import errors
 from colorjax.artifacts import formats
+from colorjax.artifacts import hub_paths
 from colorjax.artifacts import lineage
 from colorjax.data import stores
 from colorjax.data import text_files
@@ -178,7 +179,8 @@ def check_inputs(cfg):
   tokenizer = tokenizer_lib.load_tokenizer(pcfg.tokenizer)
   tok_info = tokenizer_lib.tokenizer_info(tokenizer, pcfg.tokenizer, pcfg.eos_id, pcfg.pad_id)
   prints = input_fingerprints(files, _existing_entries(output))
-  request = store_request(prints, tok_info, pcfg.seq_len, pcfg.text_field, pcfg.source_field)
+  request = hub_paths.with_origins(store_request(prints, tok_info, pcfg.seq_len, pcfg.text_field,
+                                                 pcfg.source_field), files)
   return output, files, tokenizer, tok_info, prints, request
 
 

@@ -23,6 +23,7 @@ import numpy as np
 
 from colorjax import errors
 from colorjax.artifacts import formats
+from colorjax.artifacts import hub_paths
 
 SCHEMES = ("gs://", "s3://")
 _SKIPPED_SUFFIXES = (".lock", ".tmp")  # locks are per machine; .tmp files are renamed when complete
@@ -210,7 +211,9 @@ def _map(value, fn):
 
 def mirror_config(cfg) -> list[str]:
   """Replace every gs:// / s3:// path in the config by its pulled local mirror; returns the URLs mirrored. Outer
-  folders are pulled first, so a store inside a mirrored work directory is not pulled twice."""
+  folders are pulled first, so a store inside a mirrored work directory is not pulled twice. hf:// paths (read
+  only) are downloaded into the hub's own cache instead (artifacts/hub_paths.py)."""
+  hub_paths.localize_config(cfg)
   fields = []
 
   def visit(node):

@@ -24,9 +24,9 @@ def expand_inputs(patterns) -> list[pathlib.Path]:
     if not matches:
       raise errors.DataError(f"input {pattern!r} matches no file; fix --config.prepare.inputs")
     for match in matches:
-      path = pathlib.Path(match).resolve()
-      if path not in seen:
-        seen.add(path)
+      path = pathlib.Path(os.path.abspath(match))  # a link's own name (hub cache files link to hash-named blobs)
+      if path.resolve() not in seen:
+        seen.add(path.resolve())
         files.append(path)
   return files
 

@@ -23,6 +23,7 @@ import numpy as np
 from colorjax import console
 from colorjax import errors
 from colorjax.artifacts import formats
+from colorjax.artifacts import hub_paths
 from colorjax.artifacts import lineage
 from colorjax.data import tokenizer as tokenizer_lib
 from colorjax.interop import dolma_common as common
@@ -66,7 +67,7 @@ def expand_paths(entries, root: str = "") -> tuple[list[pathlib.Path], list[str]
                              "--config.dolma.paths_from")
     if was_expanded:
       expanded.append(entry)
-    files += [f.resolve() for f in found]
+    files += [common.absolute(f) for f in found]
   return files, expanded
 
 
@@ -129,10 +130,12 @@ def check_vocab(path: pathlib.Path, dtype: str, vocab_size: int) -> None:
 
 
 def adopt_request(entries: list[dict], dtype: str, seq_len: int, tok_info: dict) -> dict:
-  """What decides an adopted store's content: the files (by hash, in order), dtype, seq_len and tokenizer."""
-  return {"kind": "dolma", "version": formats.STORE.version, "files": [[e["name"], e["sha256"]] for e in entries],
-          "dtype": dtype, "seq_len": int(seq_len), "tokenizer_sha256": tok_info["sha256"],
-          "eos_id": tok_info["eos_id"], "pad_id": tok_info["pad_id"]}
+  """What decides an adopted store's content: the files (by hash, in order), dtype, seq_len and tokenizer (and the
+  hub commit they came from)."""
+  request = {"kind": "dolma", "version": formats.STORE.version,
+             "files": [[e["name"], e["sha256"]] for e in entries], "dtype": dtype, "seq_len": int(seq_len),
+             "tokenizer_sha256": tok_info["sha256"], "eos_id": tok_info["eos_id"], "pad_id": tok_info["pad_id"]}
+  return hub_paths.with_origins(request, [e["path"] for e in entries])
 
 
 def label_table(labels: list[str]) -> tuple[list[str], list[int]]:

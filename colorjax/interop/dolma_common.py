@@ -2,6 +2,7 @@
 headerless files and config.yaml are read. A module of its own so that the action modules (dolma_scores.py,
 dolma_export.py) need not import the stage, dolma.py, which imports them.
 """
+import os
 import pathlib
 import shutil
 
@@ -21,6 +22,12 @@ def workdir(cfg) -> pathlib.Path:
   if not cfg.workdir:
     raise errors.ConfigError(f"set --config.workdir to the folder the dolma {cfg.dolma.action} output goes to")
   return pathlib.Path(cfg.workdir).resolve()
+
+
+def absolute(path) -> pathlib.Path:
+  """An input file's absolute path with its symlinks kept: in the hub cache each file is a link to a blob named by
+  its hash, and the link's name (part-000.npy) and place (.../snapshots/<commit>/) are what an artifact records."""
+  return pathlib.Path(os.path.abspath(path))
 
 
 def as_list(value) -> list[str]:

@@ -99,14 +99,15 @@ def token_sidecar(entries: list[dict], store: stores.TokenStore, ids: np.ndarray
   }
 
 
-def parquet_schema():
+def parquet_schema(text: bool = False):
+  """{id, input_ids, score, source}, and the detokenized `text` when asked (a dataset for people, hub push)."""
   import pyarrow as pa  # pylint: disable=import-outside-toplevel
   return pa.schema([("id", pa.int64()), ("input_ids", pa.list_(pa.int32())), ("score", pa.float32()),
-                    ("source", pa.string())])
+                    ("source", pa.string())] + ([("text", pa.string())] if text else []))
 
 
-def parquet_block(store: stores.TokenStore, ids: np.ndarray, scores, labels: list[str]):
-  """One record batch of rows {id, input_ids, score (null without scores), source}."""
+def parquet_block(store: stores.TokenStore, ids: np.ndarray, scores, labels: list[str], tokenizer=None):
+  """One record batch of rows {id, input_ids, score (null without scores), source} (+ text with a tokenizer)."""
   import pyarrow as pa  # pylint: disable=import-outside-toplevel
   rows = store.read(ids)
   offsets = np.arange(0, (ids.size + 1) * store.seq_len, store.seq_len, dtype=np.int32)
@@ -114,12 +115,16 @@ def parquet_block(store: stores.TokenStore, ids: np.ndarray, scores, labels: lis
   values = scores(ids)
   score = pa.nulls(ids.size, pa.float32()) if values is None else pa.array(np.asarray(values, np.float32))
   source = pa.array([labels[i] for i in store.label_ids(ids)], pa.string())
-  return pa.RecordBatch.from_arrays([pa.array(ids, pa.int64()), tokens, score, source], schema=parquet_schema())
+  columns = [pa.array(ids, pa.int64()), tokens, score, source]
+  if tokenizer is not None:
+    columns.append(pa.array(tokenizer.decode_batch([r.tolist() for r in rows], skip_special_tokens=False)))
+  return pa.RecordBatch.from_arrays(columns, schema=parquet_schema(tokenizer is not None))
 
 
 def write_parquet_part(folder: pathlib.Path, store, ids, scores, labels, rows_per_file: int, host: int,
-                       hosts: int) -> list[str]:
-  """This host's contiguous part of `ids` as Parquet files of at most `rows_per_file` rows (names carry the host)."""
+                       hosts: int, tokenizer=None) -> list[str]:
+  """This host's contiguous part of `ids` as Parquet files of at most `rows_per_file` rows (names carry the host);
+  with a tokenizer, each row's text too."""
   import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
   folder.mkdir(parents=True, exist_ok=True)
   start, stop = host_range(ids.size, host, hosts)
@@ -127,9 +132,9 @@ def write_parquet_part(folder: pathlib.Path, store, ids, scores, labels, rows_pe
   for name, first, last in parquet_names(ids.size, hosts, rows_per_file):
     if not start <= first < stop:
       continue
-    with pq.ParquetWriter(folder / (name + ".tmp"), parquet_schema()) as writer:
+    with pq.ParquetWriter(folder / (name + ".tmp"), parquet_schema(tokenizer is not None)) as writer:
       for b in range(first, last, BLOCK_ROWS):
-        writer.write_batch(parquet_block(store, ids[b:min(last, b + BLOCK_ROWS)], scores, labels))
+        writer.write_batch(parquet_block(store, ids[b:min(last, b + BLOCK_ROWS)], scores, labels, tokenizer))
     os.replace(folder / (name + ".tmp"), folder / name)
     written.append(name)
   return written

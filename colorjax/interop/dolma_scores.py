@@ -32,6 +32,7 @@ from colorjax import errors
 from colorjax import score as score_lib
 from colorjax import select as select_lib
 from colorjax.artifacts import formats
+from colorjax.artifacts import hub_paths
 from colorjax.artifacts import lineage
 from colorjax.data import stores
 from colorjax.interop import dolma_common as common
@@ -224,7 +225,9 @@ def _import_scores_inputs(cfg):
     columns.append(align(shards[name], store.num_sequences, name))
   names = [name for name, _, _ in specs]
   models = [{"name": n, "id": i} for n, i in zip(names, model_ids(d.models, names, columns))]
-  return store, shards, columns, models, score_lib.scores_request(store.id, models)
+  request = hub_paths.with_origins(score_lib.scores_request(store.id, models),
+                                   [s["path"] for group in shards.values() for s in group])
+  return store, shards, columns, models, request
 
 
 def _same_order(shards: dict) -> dict:
@@ -327,9 +330,10 @@ def _selection_inputs(cfg):
                              "original's selected_indices.npy)")
   store = stores.TokenStore(d.store)
   path = pathlib.Path(d.selection)
-  path = (path / "selected_indices.npy" if path.is_dir() else path).resolve()
+  path = common.absolute(path / "selected_indices.npy" if path.is_dir() else path)
   ranked = read_selected(path, store.num_sequences)
-  request = {"kind": "olmo_selection", "file": [path.name, lineage.fingerprint(path)["sha256"]], "store": store.id}
+  request = hub_paths.with_origins({"kind": "olmo_selection", "store": store.id,
+                                    "file": [path.name, lineage.fingerprint(path)["sha256"]]}, [path])
   return store, path, ranked, request
 
 

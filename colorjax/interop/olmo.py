@@ -12,6 +12,7 @@ torch is never imported and a checkpoint cannot run code: every pickle goes thro
 name); OLMo's weight files and their keys <-> colorjax params are olmo_weights.py. This module is the stage.
 """
 import dataclasses
+import os
 import pathlib
 import tempfile
 
@@ -19,6 +20,7 @@ import numpy as np
 import yaml
 
 from colorjax import errors
+from colorjax.artifacts import hub_paths
 from colorjax.artifacts import lineage
 from colorjax.data import stores
 from colorjax.data import tokenizer as tokenizer_lib
@@ -51,7 +53,9 @@ def locate(weights: str, config: str) -> tuple[pathlib.Path, pathlib.Path]:
   config_path = pathlib.Path(config) if config else path.parent / CONFIG
   if not config_path.is_file():
     raise errors.DataError(f"{config_path} does not exist; set --config.olmo.config to the checkpoint's config.yaml")
-  return path.resolve(), config_path.resolve()
+  # absolute, symlinks kept: in the hub cache each file is a link to a blob named by its hash, and train.pt is
+  # found beside the link
+  return pathlib.Path(os.path.abspath(path)), pathlib.Path(os.path.abspath(config_path))
 
 
 def resolve_tokenizer(given: str, raw: dict, config_path) -> str:
@@ -103,8 +107,9 @@ def import_inputs(cfg) -> ImportInputs:
   spec = olmo_config.spec_from_olmo(section, cfg.model, config_path)
   tokenizer_path = resolve_tokenizer(cfg.olmo.tokenizer, raw, config_path)
   tokenizer, tok_info = checked_tokenizer(tokenizer_path, spec, section, config_path)
-  request = {"kind": "olmo_import", "weights_sha256": lineage.fingerprint(weights)["sha256"],
-             "architecture": spec.architecture(), "tokenizer": tok_info["sha256"]}
+  request = hub_paths.with_origins({"kind": "olmo_import", "weights_sha256": lineage.fingerprint(weights)["sha256"],
+                                    "architecture": spec.architecture(), "tokenizer": tok_info["sha256"]},
+                                   [weights, config_path, tokenizer_path])
   return ImportInputs(weights, config_path, raw, section, spec, tokenizer_path, tokenizer, tok_info, request)
 
 

@@ -286,10 +286,10 @@ def read_safetensors(path) -> dict:
   return tensors
 
 
-def write_safetensors(path, tensors: dict) -> None:
-  """Write {name: array} as safetensors; the header is space-padded so the data starts 8-byte aligned, as the
-  reference writer does."""
-  header, offset, arrays = {}, 0, []
+def write_safetensors(path, tensors: dict, metadata: dict | None = None) -> None:
+  """Write {name: array} as safetensors (with a `__metadata__` of strings when given: transformers expects
+  {"format": "pt"}); the header is space-padded so the data starts 8-byte aligned, as the reference writer does."""
+  header, offset, arrays = ({"__metadata__": dict(metadata)} if metadata else {}), 0, []
   for name, array in tensors.items():
     array = np.ascontiguousarray(array)
     array = array.astype(array.dtype.newbyteorder("<")) if array.dtype.byteorder == ">" else array
