@@ -265,7 +265,9 @@ def fit_scorer(cfg, folder: pathlib.Path, store: stores.TokenStore, scores: scor
                            f"(now {d.lr:g}) and re-run (nothing was written)")
   quality = {"spearman_heldout": scorer_lib.spearman(oof, target), "heldout": int(target.size),
              "train": int(target.size - target.size // folds(cfg)), "folds": folds(cfg), "best_steps": steps,
-             "target_std": float(target.std()), "recall_estimate": scorer_lib.recall_curve(target, oof)}
+             "target_std": float(target.std()), "recall_oof": scorer_lib.recall_curve(target, oof),
+             "recall_estimate": scorer_lib.recall_curve(target, oof, resamples=scorer_lib.RESAMPLES,
+                                                        quantile=scorer_lib.CAUTION, seed=int(d.seed))}
   buffer = io.BytesIO()
   np.save(buffer, fit.weights.astype(np.float32))
   manifest = {"format": SCORER.format, "id": lineage.content_id(request), "features": features.describe(),
@@ -275,7 +277,7 @@ def fit_scorer(cfg, folder: pathlib.Path, store: stores.TokenStore, scores: scor
               "request": request, "config": json.loads(cfg.to_json()), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
   _publish(folder, {"weights.npy": buffer.getvalue()}, manifest)
   rho = quality["spearman_heldout"]
-  at8 = (quality["recall_estimate"].get("8") or {}).get("2")
+  at8 = (quality["recall_oof"].get("8") or {}).get("2")
   print(f"distill: scorer ({d.objective}) cross-fitted on {target.size:,} sampled sequences ({folds(cfg)} folds, best "
         f"steps {steps}) in {manifest['seconds']:.0f}s; out-of-fold Spearman rho "
         f"{'undefined' if rho is None else f'{rho:.3f}'}"

@@ -104,7 +104,8 @@ def exact_curves(cfg, scores: score_lib.Scores, store: stores.TokenStore, taus, 
                                        eval_every=int(d.eval_every))
     predicted = np.concatenate([scorer_lib.predict(fit.weights, fit.bias, table(np.arange(i, min(i + 4096, true.size))))
                                 for i in range(0, true.size, 4096)])
-    estimate = scorer_lib.recall_curve(true[sampled], oof)
+    estimate = scorer_lib.recall_curve(true[sampled], oof, resamples=scorer_lib.RESAMPLES,
+                                       quantile=scorer_lib.CAUTION, seed=int(d.seed))
     per_tau = {}
     for tau in taus:
       k = int(true.size // tau)
