@@ -239,7 +239,8 @@ def scorer_request(cfg, scores_id: str, features: Features, tokenizer_sha: str) 
   return {"scores": scores_id, "features": features.describe(), "tokenizer": tokenizer_sha,
           "fit": {"model": "linear-ngram-mean", "objective": d.objective, "folds": folds(cfg), "steps": int(d.steps),
                   "eval_every": int(d.eval_every), "batch": int(d.batch), "lr": float(d.lr), "l2": float(d.l2),
-                  "seed": int(d.seed)}}
+                  "seed": int(d.seed)},
+          "recall_estimate": {"resamples": scorer_lib.RESAMPLES, "quantile": scorer_lib.CAUTION}}
 
 
 def fit_scorer(cfg, folder: pathlib.Path, store: stores.TokenStore, scores: score_lib.Scores) -> pathlib.Path:
