@@ -36,7 +36,6 @@ import io
 import json
 import math
 import pathlib
-import shutil
 import time
 
 import numpy as np
@@ -47,6 +46,7 @@ from colorjax import errors
 from colorjax import methods
 from colorjax import score as score_lib
 from colorjax import select as select_lib
+from colorjax.selection import stage as selection_stage
 from colorjax.artifacts import chunked
 from colorjax.artifacts import formats
 from colorjax.artifacts import lineage
@@ -57,12 +57,13 @@ from colorjax.model import losses
 from colorjax.model import transformer
 from colorjax.training import ngram_scorer as scorer_lib
 from colorjax.training import preemption
+from colorjax.selection import artifact as selection_lib
 
 METHOD = "color_distilled"
 CASCADE = "color_cascade"
 SCORER = formats.Kind("colorjax.scorer", "a fitted scorer", "the distill stage (<workdir>/scorer)")
 PREDICTIONS = "predictions.npy"  # float32 [pool sequences], with done.npy and crc32.npy (artifacts.chunked)
-SAMPLE_STREAM = 13  # the sample's permutation stream (select.RANDOM_STREAM is the random baseline's)
+SAMPLE_STREAM = 13  # the sample's permutation stream (selection_lib.RANDOM_STREAM is the random baseline's)
 MIN_FIT = 8  # sampled sequences each fold needs at least (to train on, held out): fewer cannot be measured
 Features = scorer_lib.Features
 predict = scorer_lib.predict
@@ -165,41 +166,19 @@ def sample_request(cfg, store_id: str, within_id: str | None = None) -> dict:
 def make_sample(cfg, folder: pathlib.Path, store: stores.TokenStore) -> str:
   """The sampled ids as a selection folder (the score stage's index); returns its id."""
   path, setting = sample_source(cfg)
-  source, source_id = select_lib.within_ids(path, store, setting)
+  source, source_id = selection_lib.within_ids(path, store, setting)
   request = sample_request(cfg, store.id, source_id)
   if lineage.up_to_date(folder, request, "another sample", "choose another --config.workdir"):
     return lineage.content_id(request)
   n = store.num_sequences if source is None else source.size
   check_sample(cfg, n)
   m = sample_size(cfg, n)
-  ids = select_lib.random_sample(n, m, cfg.distill.seed, cfg.distill.block_rows, SAMPLE_STREAM)
+  ids = selection_lib.random_sample(n, m, cfg.distill.seed, cfg.distill.block_rows, SAMPLE_STREAM)
   ids = ids if source is None else source[ids]
   within = None if source is None else {"path": lineage.relative(path, folder), "id": source_id, "sequences": int(n)}
-  _publish(folder, {"index.npy": select_lib.npy_bytes(ids)}, selection_manifest(
-      request, "uniform_sample", ids, n, store, folder, seed=int(cfg.distill.seed), within=within))
+  selection_lib.publish(folder, ids, selection_lib.manifest(request, "uniform_sample", ids, n, store, folder,
+                                                            seed=int(cfg.distill.seed), within=within))
   return lineage.content_id(request)
-
-
-def selection_manifest(request: dict, method: str, ids: np.ndarray, n: int, store: stores.TokenStore,
-                       folder: pathlib.Path, **extra) -> dict:
-  """The manifest of an id list this stage writes (the sample, a cascade's candidates)."""
-  return {"format": formats.SELECTION.format, "id": lineage.content_id(request), "method": method, "k": int(ids.size),
-          "num_sequences": int(n), "tau": n / max(ids.size, 1), "tokens": int(ids.size) * store.seq_len,
-          "store_id": store.id, "store_path": lineage.relative(store.path, folder), **extra,
-          "index_sha256": hashlib.sha256(select_lib.npy_bytes(ids)).hexdigest(), "request": request}
-
-
-def _publish(folder: pathlib.Path, files: dict, manifest: dict) -> None:
-  """Write a small artifact through `<folder>.partial` (manifest last, one rename)."""
-  lineage.check_new(folder, f"a {folder.name} artifact", "choose another --config.workdir")
-  partial = folder.with_name(folder.name + ".partial")
-  if partial.exists():
-    shutil.rmtree(partial)
-  partial.mkdir(parents=True)
-  for name, data in files.items():
-    (partial / name).write_bytes(data)
-  lineage.write_manifest(partial, manifest)
-  lineage.publish(partial, folder)
 
 
 def score_config(cfg, workdir="", index=""):
@@ -276,7 +255,7 @@ def fit_scorer(cfg, folder: pathlib.Path, store: stores.TokenStore, scores: scor
               "scores": {"id": scores.id, "path": lineage.relative(scores.path, folder)},
               "weights_sha256": hashlib.sha256(buffer.getvalue()).hexdigest(), "seconds": time.time() - start,
               "request": request, "config": json.loads(cfg.to_json()), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
-  _publish(folder, {"weights.npy": buffer.getvalue()}, manifest)
+  lineage.publish_folder(folder, manifest, {"weights.npy": buffer.getvalue()}, "a fitted scorer")
   rho = quality["spearman_heldout"]
   at8 = (quality["recall_oof"].get("8") or {}).get("2")
   print(f"distill: scorer ({d.objective}) cross-fitted on {target.size:,} sampled sequences ({folds(cfg)} folds, best "
@@ -369,7 +348,7 @@ def open_predictions(folder: pathlib.Path, n: int) -> np.ndarray:
 
 
 class _Stream:
-  """Streams a prediction array's float32 values, `block_rows` at a time (select.top_k's input); with `ids`, only
+  """Streams a prediction array's float32 values, `block_rows` at a time (selection_lib.top_k's input); with `ids`, only
   those pool sequences', positions counting within `ids`."""
 
   def __init__(self, values, block_rows: int, ids: np.ndarray | None = None):
@@ -460,7 +439,7 @@ def rescore_candidates(cfg, folders: dict, store: stores.TokenStore, values, pre
   scored by the prior and the conditional (every host: the score stage, restricted to them)."""
   d = cfg.distill
   n = store.num_sequences if within is None else within.size
-  tau = n / select_lib.keep_count(n, store.seq_len, d.tau, d.tokens, "distill")
+  tau = n / selection_lib.keep_count(n, store.seq_len, d.tau, d.tokens, "distill")
   parts, name = folders["predictions"].parent, _candidates_folder(factor, within_id) + f"-tau{d.tau:g}"
   candidates, rescored = parts / f"candidates-{name}", parts / f"rescored-{name}"
   request = candidates_request(cfg, factor, predictions_id, sample_id, store.id, within_id)
@@ -471,10 +450,10 @@ def rescore_candidates(cfg, folders: dict, store: stores.TokenStore, values, pre
     pool = np.arange(store.num_sequences) if within is None else within
     unsampled = pool[~np.isin(pool, sampled)]
     m = rescore_count(factor, unsampled.size, tau)
-    ids, _ = select_lib.top_k(_Stream(values, d.block_rows, unsampled), m)
+    ids, _ = selection_lib.top_k(_Stream(values, d.block_rows, unsampled), m)
     ids = unsampled[ids]
-    _publish(candidates, {"index.npy": select_lib.npy_bytes(ids)}, selection_manifest(
-        request, "cascade_candidates", ids, unsampled.size, store, candidates))
+    selection_lib.publish(candidates, ids, selection_lib.manifest(request, "cascade_candidates", ids, unsampled.size,
+                                                                   store, candidates))
 
   console.on_main_then_sync(write_candidates, "cascade candidates")
   return _scored(cfg, rescored, candidates)
@@ -497,10 +476,10 @@ def _select(cfg, folder: pathlib.Path, store: stores.TokenStore, values, request
     return folder
   d = cfg.distill
   n = store.num_sequences if within is None else within.size
-  k = select_lib.keep_count(n, store.seq_len, d.tau, d.tokens, "distill")
+  k = selection_lib.keep_count(n, store.seq_len, d.tau, d.tokens, "distill")
   if cascade is None:
     stream = _Stream(values, d.block_rows, within)
-    ids, threshold = select_lib.top_k(stream, k)
+    ids, threshold = selection_lib.top_k(stream, k)
     ids = ids if within is None else within[ids]
     summary = None
   else:
@@ -511,32 +490,23 @@ def _select(cfg, folder: pathlib.Path, store: stores.TokenStore, values, request
       parts.append((select_lib.ScoreStream(sample_scores, methods.HEADLINE, "conditional_0", d.block_rows, sampled),
                     sampled.size))
     stream = _Concat(parts)
-    rows, threshold = select_lib.top_k(stream, k)
+    rows, threshold = selection_lib.top_k(stream, k)
     first = rows < rescored.num_sequences
     ids = np.sort(np.concatenate([rescored.global_ids(rows[first]), sampled[rows[~first] - rescored.num_sequences]]))
     summary = {"factor": cascade["factor"], "target_recall": float(d.target_recall) or None,
                "estimated_recall": cascade["estimate"], "rescored": rescored.num_sequences,
                "reused_sample": int(sampled.size), "scoring_flops": _scoring_flops(rescored)}
-  manifest = {
-      "format": formats.SELECTION.format, "id": lineage.content_id(request), "method": d.method,
-      "tau": float(n / k), "tau_requested": float(d.tau), "tokens_requested": int(d.tokens), "k": int(k),
-      "num_sequences": n, "tokens": int(k) * store.seq_len, "threshold": threshold, "seed": None,
-      "conditional": None if cascade is None else "conditional_0",
-      "scores": None if cascade is None else {"path": lineage.relative(cascade["rescored"].path, folder),
-                                              "id": cascade["rescored"].id,
-                                              "models": cascade["rescored"].manifest["models"]},
-      "cascade": summary, "scorer": {"id": scorer["id"], "quality": scorer["quality"]},
-      "store_id": store.id, "store_path": lineage.relative(store.path, folder),
-      "index_sha256": hashlib.sha256(select_lib.npy_bytes(ids)).hexdigest(),
-      "score_stats": select_lib.score_statistics(stream),
-      "within": None if within is None else {"path": lineage.relative(d.within, folder), "id": request["within"],
-                                             "sequences": int(within.size)},
-      "sources": select_lib.label_rates(store, ids, d.block_rows, within), "request": request,
-      "config": json.loads(cfg.to_json()), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-  }
-  _publish(folder, {"index.npy": select_lib.npy_bytes(ids)}, manifest)
+  rescored = None if cascade is None else cascade["rescored"]
+  manifest = selection_lib.stage_manifest(
+      cfg, "distill", request, d.method, ids, n, store, folder, within, threshold=threshold, seed=None,
+      conditional=None if cascade is None else "conditional_0",
+      scores=None if rescored is None else {"path": lineage.relative(rescored.path, folder), "id": rescored.id,
+                                            "models": rescored.manifest["models"]},
+      cascade=summary, scorer={"id": scorer["id"], "quality": scorer["quality"]},
+      score_stats=selection_lib.score_statistics(stream))
+  selection_lib.publish(folder, ids, manifest, lock=False)  # run holds the selection's lock
   print(f"distill: {d.method} k={k:,} of {n:,} (tau {manifest['tau']:.2f}), threshold {threshold:.4f} -> {folder}")
-  select_lib.print_sources(manifest["sources"])
+  selection_lib.print_sources(manifest["sources"])
   return folder
 
 
@@ -627,11 +597,11 @@ def run(cfg) -> pathlib.Path:
   d = cfg.distill
   workdir = pathlib.Path(cfg.workdir).resolve()
   store = stores.TokenStore(d.store)
-  within, within_id = select_lib.within_ids(d.within, store, "distill.within")
+  within, within_id = selection_lib.within_ids(d.within, store, "distill.within")
   candidates = store.num_sequences if within is None else within.size
-  select_lib.keep_count(candidates, store.seq_len, d.tau, d.tokens, "distill")
+  selection_lib.keep_count(candidates, store.seq_len, d.tau, d.tokens, "distill")
   path, setting = sample_source(cfg)
-  source, source_id = select_lib.within_ids(path, store, setting)
+  source, source_id = selection_lib.within_ids(path, store, setting)
   sampled_from = store.num_sequences if source is None else source.size
   folders = _folders(cfg, workdir)
   models = _check_models(cfg, store) if (not d.scorer or d.method == CASCADE) else None
@@ -702,7 +672,7 @@ def scoring_plan(cfg, candidates: int, sampled_from: int, seq_len: int) -> dict:
   recall, planned at distill.cascade_factor: the factor is chosen after the fit), and the share of scoring the
   candidates that comes to, the sample charged in proportion to the candidates it serves (the report's count)."""
   d = cfg.distill
-  k = select_lib.keep_count(candidates, seq_len, d.tau, d.tokens, "distill")
+  k = selection_lib.keep_count(candidates, seq_len, d.tau, d.tokens, "distill")
   sample = 0 if d.scorer else sample_size(cfg, sampled_from)
   charged_sample = sample * candidates / max(sampled_from, 1)
   rescored = 0
@@ -716,9 +686,9 @@ def describe(cfg) -> None:
   check_settings(cfg)
   d = cfg.distill
   store = stores.TokenStore(d.store)
-  within, _ = select_lib.within_ids(d.within, store, "distill.within")
+  within, _ = selection_lib.within_ids(d.within, store, "distill.within")
   path, setting = sample_source(cfg)
-  source, _ = select_lib.within_ids(path, store, setting)
+  source, _ = selection_lib.within_ids(path, store, setting)
   n = store.num_sequences if within is None else within.size
   sampled_from = store.num_sequences if source is None else source.size
   if not d.scorer:
@@ -740,3 +710,67 @@ def describe(cfg) -> None:
     for key, value in spec.architecture().items():
       scfg.model[key] = value
     score_lib.describe_nominal(scfg, plan["sample"] + plan["rescored"], store.seq_len, 2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The pipeline's view of this stage (colorjax.selection_stage)
+
+
+def pipeline_config(cfg, inputs: selection_stage.Inputs, selection: selection_stage.Selection):
+  """The distill stage's config for one of a pipeline's selections: the sample, its scores, the scorer and the
+  predictions in the pipeline's parts folder serve every τ (under fixed n drawn from the largest pool)."""
+  dcfg = config_lib.stage_config(cfg, "distill", model=cfg.prior.model)
+  d = dcfg.distill
+  d.store, d.prior, d.conditional = str(inputs.pool), str(inputs.prior), str(inputs.conditional)
+  d.parts, d.method, d.tau = str(inputs.parts), selection.method, selection.tau
+  if selection.shared_within is not None:
+    d.sample_within = str(selection.shared_within)
+  selection_stage.keep_within(d, selection, inputs.seq_len)
+  dcfg.workdir = str(selection.workdir)
+  dcfg.seed = selection.seed
+  return dcfg
+
+
+def expected(dcfg, known: selection_stage.Known) -> list:
+  """Every part and the selection, with the requests `run` will make (expected_requests) from the known ids."""
+  d = dcfg.distill
+  store_path = pathlib.Path(d.store)
+  within, sample_from = known.within(d.within), known.within(d.sample_within)
+  ready = (known.pool and (store_path / formats.MANIFEST).is_file()
+           and all(known.within(p) and known.within(p)[0] for p in (d.within, d.sample_within) if p))
+  requests = {}
+  if ready:
+    requests = expected_requests(dcfg, stores.TokenStore(store_path), known.models(), within, sample_from)
+  out = [(f"distill {part}", folder, requests.get(part)) for part, folder in parts(dcfg, requests).items()]
+  return out + [("selection", pathlib.Path(dcfg.workdir), requests.get("selection"))]
+
+
+def plan(dcfg, sizes: selection_stage.Sizes, counted: set) -> float:
+  """Prints what one selection has the prior and the conditional score (scoring_plan: the report's count), in FLOPs
+  and device-hours; returns what it adds to a plan that already counted the parts in `counted` (the sample, shared by
+  every τ and both methods, once)."""
+  d = dcfg.distill
+  per_sequence = 2 * transformer.flops_per_token(transformer.ModelSpec.from_config(dcfg.model), sizes.seq_len,
+                                                 training=False) * sizes.seq_len
+  p = scoring_plan(dcfg, sizes.candidates, sizes.shared_from, sizes.seq_len)
+  flops = per_sequence * (p["sample"] + p["rescored"])
+  hours = (p["sample"] + p["rescored"]) * sizes.seq_len / max(sizes.tokens_per_s, 1.0) / 3600
+  planned = (f" (planned at cascade_factor {d.cascade_factor:g}: with distill.target_recall {d.target_recall:g} the "
+             "factor is chosen after the fit, printed with its cost)" if d.method == CASCADE and d.target_recall else "")
+  print(f"  {pathlib.Path(dcfg.workdir).name}: scores {p['sample']:,} sampled (of {sizes.shared_from:,}, shared by "
+        f"every tau) + {p['rescored']:,} rescored sequences = {flops:.3e} FLOPs, {hours:,.2f} device-hours at "
+        f"{sizes.tokens_per_s:,.0f} pool tok/s per device; charged {p['share']:.1%} of scoring its "
+        f"{sizes.candidates:,} candidates{planned}")
+  sampled = "distill sample" in counted
+  counted.add("distill sample")
+  return per_sequence * p["rescored"] if sampled else flops
+
+
+def fits(dcfg, sizes: selection_stage.Sizes) -> None:
+  """A sample too small to fit a scorer is refused before the pipeline scores anything."""
+  if not dcfg.distill.scorer:
+    check_sample(dcfg, sizes.shared_from if dcfg.distill.sample_within else sizes.candidates)
+
+
+STAGE = selection_stage.register(selection_stage.SelectionStage("distill", pipeline_config, expected, plan, run,
+                                                                 check_values, fits))

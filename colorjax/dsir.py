@@ -10,30 +10,28 @@ from the pool (or a uniform sample of it), give each sequence the log importance
 
 eps = dsir.smoothing (1e-8, as the `data-selection` package). k sequences are then drawn without replacement with
 probability proportional to w by Gumbel top-k: the k largest keys log w(x) + G(x), G(x) Gumbel noise that is a pure
-function of (seed, id), so the draw does not depend on the block size. The top-k is `select.top_k`'s exact radix
+function of (seed, id), so the draw does not depend on the block size. The top-k is `selection_lib.top_k`'s exact radix
 select over the float32 keys (ties to the lower id), streamed from the weights written to `log_weights.npy`:
 memory is a block of rows plus the buckets, beside the output (index and weights).
 
 Output: the select stage's format (`index.npy`, `manifest.json` with method "dsir"), so `train` takes the folder
 as --config.data.index.
 """
-import hashlib
-import json
 import math
 import pathlib
-import shutil
 import time
 
 import numpy as np
 
+from colorjax import config as config_lib
 from colorjax import console
 from colorjax import errors
-from colorjax import select as select_lib
-from colorjax.artifacts import formats
+from colorjax.selection import stage as selection_stage
 from colorjax.artifacts import lineage
 from colorjax.data import ngrams
 from colorjax.data import stores
 from colorjax.data import tokenizer as tokenizer_lib
+from colorjax.selection import artifact as selection_lib
 
 FEATURES = ngrams.FEATURES
 feature_buckets = ngrams.feature_buckets  # the featurizer DSIR and the distilled scorer share
@@ -95,7 +93,7 @@ class _Keys:
 def gumbel_top_k(weights, k: int, seed: int, block_rows: int = 1 << 20):
   """(sorted ids of k distinct sequences drawn without replacement with probability proportional to exp(weights);
   the k-th largest key): Gumbel top-k, exact and streaming over `weights` (an array or memmap of log weights)."""
-  return select_lib.top_k(_Keys(weights, seed, block_rows), k)
+  return selection_lib.top_k(_Keys(weights, seed, block_rows), k)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -138,7 +136,7 @@ def check_settings(cfg) -> None:
 
 def selection_size(cfg, n: int, seq_len: int) -> int:
   """k, as `select.selection_size`: floor(N / tau), or the token budget's whole sequences."""
-  return select_lib.keep_count(n, seq_len, cfg.dsir.tau, cfg.dsir.tokens, "dsir")
+  return selection_lib.keep_count(n, seq_len, cfg.dsir.tau, cfg.dsir.tokens, "dsir")
 
 
 def open_stores(cfg) -> tuple[stores.TokenStore, stores.TokenStore]:
@@ -171,7 +169,7 @@ def raw_ids(cfg, pool: stores.TokenStore, within: np.ndarray | None = None) -> n
   rows = max(1, int(d.raw_tokens) // pool.seq_len)
   if not d.raw_tokens or rows >= n:
     return within
-  sample = select_lib.random_sample(n, rows, seed_of(cfg), d.block_rows)
+  sample = selection_lib.random_sample(n, rows, seed_of(cfg), d.block_rows)
   return sample if within is None else within[sample]
 
 
@@ -179,7 +177,7 @@ def run(cfg) -> pathlib.Path:
   check_settings(cfg)
   workdir = pathlib.Path(cfg.workdir).resolve()
   pool, target = open_stores(cfg)
-  within, within_id = select_lib.within_ids(cfg.dsir.within, pool, "dsir.within")
+  within, within_id = selection_lib.within_ids(cfg.dsir.within, pool, "dsir.within")
   request = dsir_request(cfg, pool.id, target.id, within_id)
   if lineage.up_to_date(workdir, request, "another selection", "choose another --config.workdir"):
     print(f"dsir: {workdir} is up to date; nothing to do")
@@ -204,48 +202,34 @@ def _dsir(cfg, workdir, pool, target, request, k: int, within: np.ndarray | None
   sample = raw_ids(cfg, pool, within)
   raw_counts = total_counts(_blocks(pool, sample, d.block_rows), d.buckets, d.ngram, skip)
   log_ratio = fit(target_counts, raw_counts, d.smoothing)
-  partial = workdir.with_name(workdir.name + ".partial")
-  if partial.exists():
-    shutil.rmtree(partial)
-  partial.mkdir(parents=True)
-  weights = np.lib.format.open_memmap(partial / "log_weights.npy", mode="w+", dtype=np.float32, shape=(n,))
-  for first, tokens in zip(range(0, n, d.block_rows), _blocks(pool, within, d.block_rows)):
-    weights[first:first + tokens.shape[0]] = log_weights(tokens, log_ratio, d.ngram, skip)
-  weights.flush()
-  ids, threshold = gumbel_top_k(weights, k, seed, d.block_rows)
-  ids = ids if within is None else within[ids]
-  index_bytes = select_lib.npy_bytes(ids)
-  manifest = {
-      "format": formats.SELECTION.format, "id": lineage.content_id(request), "method": "dsir",
-      "tau": float(n / k), "tau_requested": float(d.tau), "tokens_requested": int(d.tokens), "k": int(k),
-      "num_sequences": n, "tokens": int(k) * pool.seq_len, "threshold": threshold, "seed": seed,
-      "conditional": None, "scores": None,
-      "store_id": pool.id, "store_path": lineage.relative(pool.path, workdir),
-      "target": {"id": target.id, "path": lineage.relative(target.path, workdir),
-                 "ngrams": int(target_counts.sum())},
-      "raw": {"sequences": n if sample is None else int(sample.size), "ngrams": int(raw_counts.sum())},
-      "features": {"name": FEATURES, "buckets": int(d.buckets), "ngram": int(d.ngram), "skip_ids": skip,
-                   "smoothing": float(d.smoothing)},
-      "index_sha256": hashlib.sha256(index_bytes).hexdigest(),
-      "score_stats": select_lib.score_statistics(_Keys(weights, seed, d.block_rows, noise=False)),
-      "within": None if within is None else {"path": lineage.relative(d.within, workdir),
-                                             "id": request["within"], "sequences": int(within.size)},
-      "sources": select_lib.label_rates(pool, ids, d.block_rows, within), "seconds": time.time() - start,
-      "request": request, "config": json.loads(cfg.to_json()), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-  }
-  del weights
-  (partial / "index.npy").write_bytes(index_bytes)
-  lineage.write_manifest(partial, manifest)
-  lineage.publish(partial, workdir)
+  with lineage.building(workdir, "a selection", "choose another --config.workdir", lock=False) as partial:
+    weights = np.lib.format.open_memmap(partial / "log_weights.npy", mode="w+", dtype=np.float32, shape=(n,))
+    for first, tokens in zip(range(0, n, d.block_rows), _blocks(pool, within, d.block_rows)):
+      weights[first:first + tokens.shape[0]] = log_weights(tokens, log_ratio, d.ngram, skip)
+    weights.flush()
+    ids, threshold = gumbel_top_k(weights, k, seed, d.block_rows)
+    ids = ids if within is None else within[ids]
+    manifest = selection_lib.stage_manifest(
+        cfg, "dsir", request, "dsir", ids, n, pool, workdir, within, threshold=threshold, seed=seed,
+        conditional=None, scores=None,
+        target={"id": target.id, "path": lineage.relative(target.path, workdir), "ngrams": int(target_counts.sum())},
+        raw={"sequences": n if sample is None else int(sample.size), "ngrams": int(raw_counts.sum())},
+        features={"name": FEATURES, "buckets": int(d.buckets), "ngram": int(d.ngram), "skip_ids": skip,
+                  "smoothing": float(d.smoothing)},
+        score_stats=selection_lib.score_statistics(_Keys(weights, seed, d.block_rows, noise=False)),
+        seconds=time.time() - start)
+    del weights
+    (partial / "index.npy").write_bytes(selection_lib.npy_bytes(ids))
+    lineage.write_manifest(partial, manifest)
   print(f"dsir: k={k:,} of {n:,} (tau {manifest['tau']:.2f}) toward {target.path} -> {workdir}")
-  select_lib.print_sources(manifest["sources"])
+  selection_lib.print_sources(manifest["sources"])
   return workdir
 
 
 def describe(cfg) -> None:
   check_settings(cfg)
   pool, target = open_stores(cfg)
-  within, _ = select_lib.within_ids(cfg.dsir.within, pool, "dsir.within")
+  within, _ = selection_lib.within_ids(cfg.dsir.within, pool, "dsir.within")
   n = pool.num_sequences if within is None else within.size
   k = selection_size(cfg, n, pool.seq_len)
   sample = raw_ids(cfg, pool, within)
@@ -253,3 +237,31 @@ def describe(cfg) -> None:
         f"token 1..{cfg.dsir.ngram}-gram importance ({cfg.dsir.buckets:,} buckets) toward "
         f"{target.num_sequences:,} target sequences; raw model on {n if sample is None else sample.size:,} pool "
         "sequences")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The pipeline's view of this stage (colorjax.selection_stage)
+
+
+def pipeline_config(cfg, inputs: selection_stage.Inputs, selection: selection_stage.Selection):
+  """The dsir stage's config for one of a pipeline's selections: the pool resampled toward its target text."""
+  dcfg = config_lib.stage_config(cfg, "dsir")
+  dcfg.dsir.store = str(inputs.pool)
+  dcfg.dsir.target = str(inputs.target_text)
+  dcfg.dsir.tau = selection.tau
+  selection_stage.keep_within(dcfg.dsir, selection, inputs.seq_len)
+  dcfg.workdir = str(selection.workdir)
+  dcfg.seed = selection.seed
+  return dcfg
+
+
+def expected(dcfg, known: selection_stage.Known) -> list:
+  """The selection's request from the ids the preflight knows (dsir_request, as `run` builds it)."""
+  within = known.within(dcfg.dsir.within)
+  ready = known.pool and known.target_text and (not dcfg.dsir.within or (within and within[0]))
+  request = dsir_request(dcfg, known.pool, known.target_text, within[0] if within else None) if ready else None
+  return [("selection", pathlib.Path(dcfg.workdir), request)]
+
+
+STAGE = selection_stage.register(selection_stage.SelectionStage("dsir", pipeline_config, expected,
+                                                                 selection_stage.no_cost, run))

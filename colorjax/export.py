@@ -16,12 +16,12 @@ from colorjax import console
 from colorjax import errors
 from colorjax import methods
 from colorjax import score as score_lib
-from colorjax import select as select_lib
 from colorjax.artifacts import formats
 from colorjax.artifacts import lineage
 from colorjax.data import stores
 from colorjax.data import tokenizer as tokenizer_lib
 from colorjax.model import losses
+from colorjax.selection import artifact as selection_lib
 
 BREAKDOWN = "breakdown.json"
 
@@ -31,7 +31,7 @@ def run(cfg) -> pathlib.Path:
     raise errors.ConfigError("set --config.export.selection to a selection folder (select stage output)")
   selection = pathlib.Path(cfg.export.selection).resolve()
   manifest = formats.open_manifest(selection, formats.SELECTION)
-  store = stores.TokenStore(select_lib.store_of(selection, manifest))
+  store = stores.TokenStore(selection_lib.store_of(selection, manifest))
   ids = stores.load_index(selection, store)
   if cfg.export.max_rows:
     ids = ids[: cfg.export.max_rows]
@@ -51,7 +51,7 @@ def run(cfg) -> pathlib.Path:
               manifest.get("conditional") or "conditional_0")
 
   def finish():
-    breakdown = select_lib.label_rates(store, ids, 1 << 20)
+    breakdown = selection_lib.label_rates(store, ids, 1 << 20)
     (workdir / BREAKDOWN).write_text(json.dumps(breakdown, indent=1))
     print(f"export: {ids.size:,} sequences -> {workdir / output_names(hosts)[0]}"
           f"{f' (+ {hosts - 1} more files, one per host)' if hosts > 1 else ''}")

@@ -10,48 +10,22 @@ Memory is a block of rows plus 65,536 counters, and the output itself.
 Output: `index.npy` (selected global ids, int64, ascending) and `manifest.json` (method, τ, k, threshold, score
 statistics and histogram, per-source selection rates, the scores and store it came from).
 """
-import hashlib
-import io
-import json
 import math
 import pathlib
-import shutil
 import time
 
 import numpy as np
 
+from colorjax import config as config_lib
 from colorjax import console
 from colorjax import errors
 from colorjax import methods
 from colorjax import score as score_lib
-from colorjax.artifacts import formats
+from colorjax.selection import stage as selection_stage
 from colorjax.artifacts import lineage
 from colorjax.data import stores
 from colorjax.model import losses
-
-HIST_BINS = 100
-
-
-def sortable_keys(values: np.ndarray) -> np.ndarray:
-  """uint32 keys whose unsigned order is the float32 order of `values` (−0.0 and +0.0 aside)."""
-  bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
-  negative = (bits >> np.uint32(31)).astype(bool)
-  return np.where(negative, ~bits, bits | np.uint32(0x80000000))
-
-
-def key_to_float(key: int) -> float:
-  key = np.uint32(key)
-  bits = key & np.uint32(0x7FFFFFFF) if key >> np.uint32(31) else ~key
-  return float(np.array([bits], np.uint32).view(np.float32)[0])
-
-
-def _kth_bucket(counts: np.ndarray, k: int) -> tuple[int, int]:
-  """Bucket holding the k-th largest element, and how many elements lie in buckets above it."""
-  above = np.cumsum(counts[::-1])  # above[i] = elements in the top i+1 buckets
-  i = int(np.searchsorted(above, k))  # first i with above[i] >= k
-  bucket = counts.size - 1 - i
-  return bucket, int(above[i - 1]) if i else 0
-
+from colorjax.selection import artifact as selection_lib
 
 class ScoreStream:
   """Streams fp32 scores of one selection method over the score array, `block_rows` rows at a time; with `ids`
@@ -77,85 +51,6 @@ class ScoreStream:
       yield start, values.astype(np.float32)
 
 
-def top_k(stream, k: int):
-  """(sorted ids of the k largest scores, ties broken by lower id; the k-th largest score)."""
-  if k <= 0:
-    return np.zeros(0, np.int64), float("nan")
-  high = np.zeros(1 << 16, np.int64)
-  for _, values in stream:
-    high += np.bincount(sortable_keys(values) >> np.uint32(16), minlength=1 << 16)
-  bucket_high, above_high = _kth_bucket(high, k)
-  low = np.zeros(1 << 16, np.int64)
-  for _, values in stream:
-    keys = sortable_keys(values)
-    inside = keys[(keys >> np.uint32(16)) == bucket_high]
-    low += np.bincount(inside & np.uint32(0xFFFF), minlength=1 << 16)
-  bucket_low, above_low = _kth_bucket(low, k - above_high)
-  threshold = (bucket_high << 16) | bucket_low
-  ties_needed = k - above_high - above_low
-  chosen = []
-  for start, values in stream:
-    keys = sortable_keys(values)
-    chosen.append(start + np.nonzero(keys > threshold)[0])
-    if ties_needed:
-      ties = start + np.nonzero(keys == threshold)[0][:ties_needed]
-      chosen.append(ties)
-      ties_needed -= ties.size
-  ids = np.sort(np.concatenate(chosen)).astype(np.int64)
-  assert ids.size == k, (ids.size, k)
-  return ids, key_to_float(threshold)
-
-
-RANDOM_STREAM = 7  # the random baseline's (and the nested pools') permutation stream; other draws use their own
-
-
-def random_sample(n: int, k: int, seed: int, block_rows: int, stream: int = RANDOM_STREAM) -> np.ndarray:
-  """k distinct ids of [0, n), uniform, sorted: the first k positions of a seeded permutation (of `stream`: two
-  draws of one seed and stream are prefixes of each other), built blockwise so the temporaries stay O(block_rows)
-  beside the output."""
-  perm = stores.Permutation(n, seed, stream=stream) if n else None
-  ids = np.empty(k, np.int64)
-  for start in range(0, k, block_rows):
-    stop = min(k, start + block_rows)
-    ids[start:stop] = perm(np.arange(start, stop))
-  ids.sort()
-  return ids
-
-
-def score_statistics(stream) -> dict:
-  """Mean, std, extremes and a fixed-bin histogram of the scores (two streaming passes)."""
-  count, total, total_sq, lo, hi = 0, 0.0, 0.0, np.inf, -np.inf
-  for _, values in stream:
-    v = values.astype(np.float64)
-    count += v.size
-    total += v.sum()
-    total_sq += np.square(v).sum()
-    lo, hi = min(lo, float(v.min())), max(hi, float(v.max()))
-  edges = np.linspace(lo, hi if hi > lo else lo + 1.0, HIST_BINS + 1)
-  hist = np.zeros(HIST_BINS, np.int64)
-  for _, values in stream:
-    hist += np.histogram(values, bins=edges)[0]
-  mean = total / max(count, 1)
-  return {"count": count, "mean": mean, "std": float(np.sqrt(max(total_sq / max(count, 1) - mean ** 2, 0.0))),
-          "min": lo, "max": hi, "hist_edges": edges.tolist(), "hist_counts": hist.tolist()}
-
-
-def label_rates(store: stores.TokenStore, ids: np.ndarray, block_rows: int,
-                within: np.ndarray | None = None) -> dict:
-  """Per-source pool counts (of the candidates `within`, else the store), selected counts and selection rates (by
-  each sequence's first document's source)."""
-  labels = store.labels() or ["all"]
-  pool = np.zeros(len(labels), np.int64)
-  n = store.num_sequences if within is None else within.size
-  for start in range(0, n, block_rows):
-    stop = min(n, start + block_rows)
-    candidates = np.arange(start, stop) if within is None else within[start:stop]
-    pool += np.bincount(store.label_ids(candidates), minlength=len(labels))
-  chosen = np.bincount(store.label_ids(ids), minlength=len(labels)) if ids.size else np.zeros(len(labels), np.int64)
-  return {name: {"pool": int(p), "selected": int(c), "rate": float(c / p) if p else 0.0}
-          for name, p, c in zip(labels, pool, chosen)}
-
-
 def selection_request(cfg, scores_id: str, store_id: str, within_id: str | None = None) -> dict:
   """What decides a selection's content: the method and its settings, the pool (and the candidates within it, by
   id, when `select.within` is set), and (except for a random draw, which a retrained prior or conditional leaves
@@ -170,17 +65,6 @@ def selection_request(cfg, scores_id: str, store_id: str, within_id: str | None 
   return request
 
 
-def within_ids(path: str, store: stores.TokenStore, setting: str) -> tuple[np.ndarray | None, str | None]:
-  """The candidates a selection draws from when `setting` names a selection folder or .npy of ids (a fixed-n pool):
-  their sorted unique pool ids and content id; (None, None) when it is unset: the whole pool."""
-  if not path:
-    return None, None
-  ids = np.unique(stores.load_index(path, store, setting))
-  if not ids.size:
-    raise errors.DataError(f"{setting}={path} holds no sequences; point it at a non-empty selection of the pool")
-  return ids, stores.index_id(path, setting)
-
-
 def check_settings(cfg) -> None:
   scfg = cfg.select
   methods.get(scfg.method, "select.method", "select")
@@ -193,20 +77,7 @@ def check_settings(cfg) -> None:
 def selection_size(cfg, n: int, seq_len: int) -> int:
   """k: the sequences a selection keeps; refuses settings that keep none."""
   check_settings(cfg)
-  return keep_count(n, seq_len, cfg.select.tau, cfg.select.tokens, "select")
-
-
-def keep_count(n: int, seq_len: int, tau: float, tokens: int, section: str) -> int:
-  """floor(N / tau), or the token budget's whole sequences; refuses a count of 0 naming `section`'s field."""
-  k = min(n, int(tokens) // seq_len) if tokens else int(n // tau)
-  if tokens and int(tokens) // seq_len > n and console.is_main():
-    print(f"{section}: warning: {section}.tokens={int(tokens):,} is more than the pool's {n:,} sequences "
-          f"({n * seq_len:,} tokens); the selection is the whole pool")
-  if k <= 0:
-    how = f"{section}.tokens={tokens}" if tokens else f"{section}.tau={tau:g}"
-    raise errors.ConfigError(f"{how} keeps 0 of the pool's {n:,} sequences of {seq_len} tokens; lower tau (at most "
-                             f"{n:,}) or raise the token budget")
-  return k
+  return selection_lib.keep_count(n, seq_len, cfg.select.tau, cfg.select.tokens, "select")
 
 
 def run(cfg) -> pathlib.Path:
@@ -226,7 +97,7 @@ def run(cfg) -> pathlib.Path:
   if store.id != scores.manifest["store"]["id"]:
     raise errors.DataError(f"store {store.path} changed since it was scored (id {store.id}, scores say "
                            f"{scores.manifest['store']['id']}); re-run the score stage")
-  within, within_id = within_ids(scfg.within, store, "select.within")
+  within, within_id = selection_lib.within_ids(scfg.within, store, "select.within")
   request = selection_request(cfg, scores.id, store.id, within_id)
   if lineage.up_to_date(workdir, request, "another selection", "choose another --config.workdir"):
     print(f"select: {workdir} is up to date; nothing to do")
@@ -243,7 +114,7 @@ def run(cfg) -> pathlib.Path:
 
 def _draw(cfg, workdir: pathlib.Path, store: stores.TokenStore) -> pathlib.Path:
   """A random selection from the pool store itself (no scores needed: a pipeline of cheap methods scores none)."""
-  within, within_id = within_ids(cfg.select.within, store, "select.within")
+  within, within_id = selection_lib.within_ids(cfg.select.within, store, "select.within")
   request = selection_request(cfg, None, store.id, within_id)
   if lineage.up_to_date(workdir, request, "another selection", "choose another --config.workdir"):
     print(f"select: {workdir} is up to date; nothing to do")
@@ -260,58 +131,25 @@ def _select(cfg, workdir, scores, store, request, n: int, k: int, within: np.nda
   start = time.time()
   stats, threshold = None, None
   if not method.ranks_scores:
-    rows = random_sample(n, k, cfg.seed, scfg.block_rows)
+    rows = selection_lib.random_sample(n, k, cfg.seed, scfg.block_rows)
   else:
     stream = ScoreStream(scores, method, scfg.conditional, scfg.block_rows, within)
-    rows, threshold = top_k(stream, k)
-    stats = score_statistics(stream)
+    rows, threshold = selection_lib.top_k(stream, k)
+    stats = selection_lib.score_statistics(stream)
   # the pool's ids: positions in the candidates, or rows of the score folder (a score.index holds a subset)
   ids = within[rows] if within is not None else (rows if scores is None else scores.global_ids(rows))
-  manifest = {
-      "format": formats.SELECTION.format, "id": lineage.content_id(request), "method": scfg.method,
-      "tau": float(n / k), "tau_requested": float(scfg.tau), "tokens_requested": int(scfg.tokens), "k": int(k),
-      "num_sequences": n, "tokens": int(k) * store.seq_len, "threshold": threshold,
-      "seed": None if method.ranks_scores else cfg.seed,
-      "conditional": scfg.conditional if method.ranks_scores else None,
-      "scores": None if scores is None else {"path": lineage.relative(scores.path, workdir), "id": scores.id,
-                                             "models": scores.manifest["models"]},
-      "store_id": store.id, "store_path": lineage.relative(store.path, workdir),
-      "index_sha256": hashlib.sha256(npy_bytes(ids)).hexdigest(), "score_stats": stats,
-      "within": None if within is None else {"path": lineage.relative(scfg.within, workdir),
-                                             "id": request["within"], "sequences": int(within.size)},
-      "sources": label_rates(store, ids, scfg.block_rows, within), "seconds": time.time() - start,
-      "request": request, "config": json.loads(cfg.to_json()), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-  }
+  manifest = selection_lib.stage_manifest(
+      cfg, "select", request, scfg.method, ids, n, store, workdir, within, threshold=threshold,
+      seed=None if method.ranks_scores else cfg.seed, conditional=scfg.conditional if method.ranks_scores else None,
+      scores=None if scores is None else {"path": lineage.relative(scores.path, workdir), "id": scores.id,
+                                          "models": scores.manifest["models"]},
+      score_stats=stats, seconds=time.time() - start)
   if console.is_main():
-    partial = workdir.with_name(workdir.name + ".partial")
-    if partial.exists():
-      shutil.rmtree(partial)
-    partial.mkdir(parents=True)
-    (partial / "index.npy").write_bytes(npy_bytes(ids))
-    lineage.write_manifest(partial, manifest)
-    lineage.publish(partial, workdir)
+    selection_lib.publish(workdir, ids, manifest, lock=False)  # run holds the selection's lock
     print(f"select: {scfg.method} k={k:,} of {n:,} (tau {manifest['tau']:.2f})"
           + (f", threshold {threshold:.4f}" if threshold is not None else "") + f" -> {workdir}")
-    print_sources(manifest["sources"])
+    selection_lib.print_sources(manifest["sources"])
   return workdir
-
-
-def print_sources(sources: dict) -> None:
-  """Per-source selected / pool counts, highest selection rate first."""
-  for name, r in sorted(sources.items(), key=lambda x: -x[1]["rate"]):
-    print(f"  {name:<16} {r['selected']:,}/{r['pool']:,} ({r['rate']:.1%})")
-
-
-def npy_bytes(ids: np.ndarray) -> bytes:
-  """A selection's index.npy, as bytes: what the manifest's index_sha256 hashes and the folder stores."""
-  buffer = io.BytesIO()
-  np.save(buffer, ids)
-  return buffer.getvalue()
-
-
-def store_of(selection: pathlib.Path, manifest: dict) -> pathlib.Path:
-  """The pool store a selection indexes, as recorded relative to the selection folder."""
-  return lineage.resolve(manifest["store_path"], selection)
 
 
 def describe(cfg) -> None:
@@ -321,7 +159,41 @@ def describe(cfg) -> None:
   else:
     scores = score_lib.Scores(cfg.select.scores)
     store, total = stores.TokenStore(scores.store_path()), scores.num_sequences
-  within, _ = within_ids(cfg.select.within, store, "select.within")
+  within, _ = selection_lib.within_ids(cfg.select.within, store, "select.within")
   n = total if within is None else within.size
   k = selection_size(cfg, n, store.seq_len)
   print(f"select (dry run): {cfg.select.method} keeps {k:,} of {n:,} sequences ({k * store.seq_len:,} tokens)")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The pipeline's view of this stage (colorjax.selection_stage)
+
+
+def pipeline_config(cfg, inputs: selection_stage.Inputs, selection: selection_stage.Selection):
+  """The select stage's config for one of a pipeline's selections: ranked from the pool's scores, or (a random draw
+  in a pipeline that scores no whole pool) drawn from the pool store itself."""
+  scfg = config_lib.stage_config(cfg, "select")
+  if inputs.scores is not None:
+    scfg.select.scores = str(inputs.scores)
+  else:
+    scfg.select.store = str(inputs.pool)
+  scfg.select.method = selection.method
+  scfg.select.tau = selection.tau
+  selection_stage.keep_within(scfg.select, selection, inputs.seq_len)
+  scfg.workdir = str(selection.workdir)
+  scfg.seed = selection.seed
+  return scfg
+
+
+def expected(scfg, known: selection_stage.Known) -> list:
+  """The selection's request from the ids the preflight knows (selection_request, as `run` builds it)."""
+  method = methods.get(scfg.select.method, "select.method", "select")
+  within = known.within(scfg.select.within)
+  ready = known.scores or (not method.ranks_scores and known.pool)
+  ready = ready and (not scfg.select.within or (within and within[0]))
+  request = selection_request(scfg, known.scores, known.pool, within[0] if within else None) if ready else None
+  return [("selection", pathlib.Path(scfg.workdir), request)]
+
+
+STAGE = selection_stage.register(selection_stage.SelectionStage("select", pipeline_config, expected,
+                                                                 selection_stage.no_cost, run))

@@ -97,13 +97,13 @@ def test_finetune_configs_of_the_paper_sizes_accumulate_like_pretraining():
 
 def test_pipeline_refuses_top_level_sections_it_does_not_read_and_passes_the_ones_it_does():
   from colorjax import errors
-  from colorjax.pipeline import runner
+  from colorjax.pipeline import plan
   for override, message in ((dict(train__lr=3e-4), "train.lr: a pipeline does not read the top-level 'train'"),
                             (dict(model__d_model=256), "set them in prior.model"),
                             (dict(prepare__seq_len=256), "set it in pipeline.seq_len"),
                             (dict(pipeline__seeds=(0, -1)), "seeds are integers >= 0")):
     with pytest.raises(errors.ConfigError, match=message.replace("(", r"\(")):
-      runner.check_settings(make_config("pipeline", "books", **override))
+      plan.check_settings(make_config("pipeline", "books", **override))
   cfg = make_config("pipeline", "books", dsir__ngram=3, prepare__workers=3, profile_steps="2:4")
   dsir_cfg = config.stage_config(cfg, "dsir")
   assert (dsir_cfg.dsir.ngram, dsir_cfg.prepare.workers, dsir_cfg.profile_steps) == (3, 3, "2:4")

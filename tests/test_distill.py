@@ -11,6 +11,7 @@ from colorjax import distill
 from colorjax import errors
 from colorjax import score
 from colorjax.data import stores
+from colorjax.pipeline import plan
 from colorjax.pipeline import runner
 from colorjax.training import ngram_scorer as scorer_lib
 from conftest import SMALL_DEMO, make_config
@@ -332,14 +333,14 @@ def test_the_preflight_asks_the_distill_stage_for_its_requests(demo_run, tmp_pat
 
   def stale(**extra):
     c = make_config("pipeline", "demo", workdir=str(work), **dict(settings, **extra))
-    return {e.label for e, _ in preflight.stale(preflight.lineage(c, work, runner.stage_configs(c, work)), work)}
+    return {e.label for e, _ in preflight.stale(preflight.lineage(c, work, plan.stage_configs(c, work)), work)}
 
   assert stale() == set()
   assert stale(pipeline__seeds=(1, 0)) == set()  # the sample's seed is distill.seed, not the first target seed
   labels = stale(score__fp8=True)
   assert {"distill sample_scores", "distill scorer", "distill predictions"} <= labels and "distill sample" not in labels
   fp8 = make_config("pipeline", "demo", workdir=str(work), **dict(settings, score__fp8=True))
-  sel = runner.stage_configs(fp8, work).selections["color_distilled-tau8"]
+  sel = plan.stage_configs(fp8, work).selections["color_distilled-tau8"]
   models = [{"name": "prior", "id": "p"}, {"name": "conditional_0", "id": "c"}]
   requests = distill.expected_requests(sel, stores.TokenStore(work / "stores" / "pool"), models)
   # what the score stage itself records for an fp8 job: a fresh fp8 pipeline's parts are up to date on its re-run
@@ -352,7 +353,7 @@ def test_the_preflight_asks_the_distill_stage_for_its_requests(demo_run, tmp_pat
   shutil.copytree(demo_run[0], tmp_path / "reuse", symlinks=True)
   runner.run(c)
   assert not (tmp_path / "reuse" / "distill" / "sample").exists()
-  assert {e.label for e, _ in preflight.stale(preflight.lineage(c, tmp_path / "reuse", runner.stage_configs(
+  assert {e.label for e, _ in preflight.stale(preflight.lineage(c, tmp_path / "reuse", plan.stage_configs(
       c, tmp_path / "reuse")), tmp_path / "reuse")} == set()
 
 

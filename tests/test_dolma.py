@@ -17,6 +17,7 @@ from colorjax.data import stores
 from colorjax.interop import dolma
 from colorjax.interop import dolma_export
 from colorjax.interop import dolma_scores
+from colorjax.selection import artifact as selection_lib
 from conftest import REPO, make_config, run_cli, tiny_train_overrides
 
 POOL_FILES = ["data/pool/part-000.npy", "data/pool/part-001.npy", "data/pool/part-002.npy"]
@@ -183,7 +184,7 @@ def test_imported_selection_is_the_originals_and_trains(fixture, pool, reference
   assert ids.dtype == np.int64 and ids.tolist() == sorted(reference["selection"]["selected_indices"])
   m = formats.read_manifest(workdir)
   assert (m["method"], m["k"], m["tau"], m["store_id"], m["scores"]) == ("imported", 64, 4.0, pool.id, None)
-  assert select_lib.store_of(workdir, m) == pool.path.resolve()
+  assert selection_lib.store_of(workdir, m) == pool.path.resolve()
   assert stores.index_id(workdir) == m["id"] == lineage.content_id(m["request"])
   run = tmp_path / "run"
   cfg = make_config("pretrain", "demo", **tiny_train_overrides(pool.path, run, data__index=str(workdir),

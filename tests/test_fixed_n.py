@@ -10,7 +10,9 @@ from colorjax import errors
 from colorjax import score
 from colorjax.data import stores
 from colorjax.model import losses
+from colorjax.pipeline import plan
 from colorjax.pipeline import runner
+from colorjax.selection import artifact as selection_lib
 from conftest import SMALL_DEMO, make_config
 
 ALL_METHODS = ("color", "conditional_only", "random", "dsir", "rho_down", "rho_down_prior")
@@ -201,13 +203,12 @@ def test_recall_compute_and_gain_follow_each_selections_own_pool(fixed_n_run):
 def test_the_distill_sample_is_drawn_once_from_the_largest_pool_by_its_own_stream(fixed_n_run):
   """Issue 29.7: not the nested pools' permutation (the first 10% of the store in pool order), but a draw of its own
   from the largest pool, shared by every τ."""
-  from colorjax import select  # pylint: disable=import-outside-toplevel
   root = fixed_n_run
   largest, sample = _ids(root / "pools" / "tau4"), _ids(root / "distill" / "sample")
   assert sample.size == round(0.2 * largest.size) and np.isin(sample, largest).all()
   assert not np.isin(sample, _ids(root / "pools" / "tau2")).all()
   pool = stores.TokenStore(root / "stores" / "pool")
-  assert not np.array_equal(sample, np.sort(select.random_sample(pool.num_sequences, sample.size, 0, 1 << 20)))
+  assert not np.array_equal(sample, np.sort(selection_lib.random_sample(pool.num_sequences, sample.size, 0, 1 << 20)))
   manifest = json.loads((root / "distill" / "sample" / "manifest.json").read_text())
   assert manifest["within"]["sequences"] == largest.size and manifest["request"]["stream"] == 13
 
@@ -236,6 +237,6 @@ def test_tau_values_whose_names_collide_are_refused():
   """Issue 29.16: 8 and 8.000001 both name runs tau8 and would share each other's runs."""
   cfg = make_config("pipeline", "demo", **dict(FIXED_N, pipeline__taus=(8.0, 8.000001)))
   with pytest.raises(errors.ConfigError, match=r"8\.0 and 8\.000001 are both named '8'"):
-    runner.check_settings(cfg)
+    plan.check_settings(cfg)
   with pytest.raises(errors.ConfigError, match=r"random_budgets has 9\.0: each is a multiple of n in \(1, 4\]"):
-    runner.check_settings(make_config("pipeline", "demo", **dict(FIXED_N, pipeline__random_budgets=(9.0,))))
+    plan.check_settings(make_config("pipeline", "demo", **dict(FIXED_N, pipeline__random_budgets=(9.0,))))

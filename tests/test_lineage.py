@@ -11,6 +11,7 @@ from colorjax.artifacts import formats
 from colorjax.artifacts import lineage
 from colorjax.data import corpus
 from colorjax.pipeline import preflight
+from colorjax.pipeline import plan
 from colorjax.pipeline import runner
 from conftest import SMALL_DEMO, make_config, run_cli
 
@@ -23,7 +24,7 @@ def _copy(demo_run, tmp_path, name="w"):
 
 
 def _stale_labels(cfg, root):
-  stages = runner.stage_configs(cfg, root)
+  stages = plan.stage_configs(cfg, root)
   return [e.label for e, _ in preflight.stale(preflight.lineage(cfg, root, stages), root)]
 
 
@@ -48,7 +49,7 @@ def test_a_retrained_prior_makes_everything_built_from_it_stale(demo_run, tmp_pa
   labels = _stale_labels(cfg, root)
   assert "prior" not in labels and labels[0] == "conditional"
 
-  found = preflight.stale(preflight.lineage(cfg, root, runner.stage_configs(cfg, root)), root)
+  found = preflight.stale(preflight.lineage(cfg, root, plan.stage_configs(cfg, root)), root)
   redo = make_config("pipeline", "demo", workdir=str(root), **dict(SMALL_DEMO, prior__train__max_steps=30,
                                                                    pipeline__on_stale="redo"))
   preflight.handle_stale(redo, root, found)
@@ -62,7 +63,7 @@ def test_turning_on_fp8_scoring_makes_the_bf16_scores_and_their_selections_stale
   was selected from them goes with them; random selections stay."""
   root, _ = demo_run
   cfg = make_config("pipeline", "demo", workdir=str(root), **dict(SMALL_DEMO, score__fp8=True))
-  found = preflight.stale(preflight.lineage(cfg, root, runner.stage_configs(cfg, root)), root)
+  found = preflight.stale(preflight.lineage(cfg, root, plan.stage_configs(cfg, root)), root)
   why = {e.label: reason for e, reason in found}
   assert why["scores"].endswith("(numerics)")
   assert "selection color-tau8" in why and not any("random" in label for label in why)
@@ -161,9 +162,9 @@ def test_an_unusable_target_split_fails_before_any_training(tmp_path):
   with pytest.raises(errors.ConfigError, match="> 1"):
     corpus.Split.from_config(_split_config(tmp_path, pipeline__target_split=(0.6, 0.3)).pipeline)
   with pytest.raises(errors.ConfigError, match="repeats a value"):
-    runner.check_settings(_split_config(tmp_path, pipeline__taus=(8.0, 8.0)))
+    plan.check_settings(_split_config(tmp_path, pipeline__taus=(8.0, 8.0)))
   with pytest.raises(errors.ConfigError, match="keep the top 1/tau"):
-    runner.check_settings(_split_config(tmp_path, pipeline__taus=(float("nan"),)))
+    plan.check_settings(_split_config(tmp_path, pipeline__taus=(float("nan"),)))
 
 
 @pytest.mark.parametrize("preset", ["demo", "books", "tasks", "paper-150m"])
@@ -210,7 +211,7 @@ def test_baseline_methods_join_a_finished_pipeline_with_compute_accounting(demo_
   assert rows["random"]["compute"]["shared"] == rows["dsir"]["compute"]["shared"] == 0
   assert (root / "plots" / "loss_vs_selection_compute.png").exists()
   assert "## Compute" in (root / "report.md").read_text()
-  assert preflight.stale(preflight.lineage(cfg, root, runner.stage_configs(cfg, root)), root) == []
+  assert preflight.stale(preflight.lineage(cfg, root, plan.stage_configs(cfg, root)), root) == []
 
 
 # The ids main at 9713a8e (before the subpackages) gave these requests: a work directory built then must stay up to

@@ -21,6 +21,7 @@ from colorjax.artifacts import formats
 from colorjax.data import stores
 from colorjax.model import losses
 from colorjax.training import checkpoint
+from colorjax.selection import artifact as selection_lib
 from conftest import REPO, make_config, run_cli
 
 
@@ -161,16 +162,16 @@ def test_top_k_equals_argsort_reference(n, tau, distinct, block):
   if distinct:
     values = rng.integers(-distinct // 2, distinct - distinct // 2, n).astype(np.float32) / 4  # many exact ties
   k = n // tau
-  ids, threshold = select_lib.top_k(ArrayStream(values, block), k)
+  ids, threshold = selection_lib.top_k(ArrayStream(values, block), k)
   np.testing.assert_array_equal(ids, reference_top_k(values, k))
   assert ids.dtype == np.int64 and threshold == np.sort(values)[::-1][k - 1]
 
 
 def test_sortable_keys_preserve_float_order():
   values = np.array([-np.inf, -1e30, -2.5, -1e-40, 0.0, 1e-40, 1.0, 3.5e20, np.inf], np.float32)
-  keys = select_lib.sortable_keys(values)
+  keys = selection_lib.sortable_keys(values)
   assert np.all(np.diff(keys.astype(np.int64)) > 0)
-  assert [select_lib.key_to_float(k) for k in keys] == values.tolist()
+  assert [selection_lib.key_to_float(k) for k in keys] == values.tolist()
 
 
 def _fake_scores(folder, store, nll):

@@ -112,3 +112,58 @@ def test_a_new_selection_method_is_one_registry_entry(demo_run, tmp_path, monkey
   nll = scores.read(0, scores.num_sequences)[:, scores.column("conditional_0")]
   expected = np.sort(np.argsort(nll, kind="stable")[:ids.size])
   np.testing.assert_array_equal(ids, expected)
+
+
+def test_a_new_ranking_stage_is_one_module_of_four_functions(demo_run, tmp_path, monkeypatch):
+  """docs/architecture.md "Add a selection stage": a stage that ranks the pool by something new (here: the most
+  documents per sequence, counted by EOS tokens) is its four functions registered, and its method's entry; the
+  pipeline configures, checks, plans and runs it, trains its target and reports it, and a re-run finds it up to date
+  — nothing else in the package changes."""
+  from colorjax import config as config_lib  # pylint: disable=import-outside-toplevel
+  from colorjax.data import stores  # pylint: disable=import-outside-toplevel
+  from colorjax.pipeline import plan, preflight  # pylint: disable=import-outside-toplevel
+  from colorjax.selection import artifact as selection_lib  # pylint: disable=import-outside-toplevel
+  from colorjax.selection import stage as selection_stage  # pylint: disable=import-outside-toplevel
+
+  def configure(cfg, inputs, selection):
+    c = config_lib.stage_config(cfg, "eos_count")
+    c.select.store, c.select.method, c.select.tau = str(inputs.pool), selection.method, selection.tau
+    selection_stage.keep_within(c.select, selection, inputs.seq_len)
+    c.workdir, c.seed = str(selection.workdir), selection.seed
+    return c
+
+  def request(c, pool_id):
+    return {"method": c.select.method, "tau": c.select.tau, "tokens": c.select.tokens, "store": pool_id}
+
+  def expected(c, known):
+    return [("selection", pathlib.Path(c.workdir), request(c, known.pool) if known.pool else None)]
+
+  def counts(store):
+    return np.concatenate([(store.read(np.arange(i, min(i + 512, store.num_sequences))) == store.eos_id).sum(axis=1)
+                           for i in range(0, store.num_sequences, 512)])
+
+  def run(c):
+    store, folder = stores.TokenStore(c.select.store), pathlib.Path(c.workdir)
+    if (folder / "manifest.json").exists():
+      return folder
+    k = selection_lib.keep_count(store.num_sequences, store.seq_len, c.select.tau, c.select.tokens, "select")
+    ids = np.sort(np.argsort(-counts(store), kind="stable")[:k])
+    manifest = selection_lib.manifest(request(c, store.id), c.select.method, ids, store.num_sequences, store, folder)
+    return selection_lib.publish(folder, ids, manifest)
+
+  monkeypatch.setitem(selection_stage.STAGES, "eos_count",
+                      selection_stage.SelectionStage("eos_count", configure, expected, selection_stage.no_cost, run))
+  monkeypatch.setitem(methods.REGISTRY, "most_documents", methods.Method("most_documents", "eos_count"))
+  work = tmp_path / "work"
+  shutil.copytree(demo_run[0], work, symlinks=True)
+  cfg = make_config("pipeline", "demo", workdir=str(work), pipeline__methods=("color", "random", "most_documents"),
+                    **SMALL_DEMO)
+  runner.run(cfg)
+  store = stores.TokenStore(work / "stores" / "pool")
+  ids = np.load(work / "selections" / "most_documents-tau8" / "index.npy")
+  np.testing.assert_array_equal(ids, np.sort(np.argsort(-counts(store), kind="stable")[:ids.size]))
+  report = json.loads((work / "report.json").read_text())
+  (row,) = [r for r in report["runs"] if r["method"] == "most_documents"]
+  assert row["finished"] and row["target_loss"] > 0
+  stages = plan.stage_configs(cfg, work)
+  assert preflight.stale(preflight.lineage(cfg, work, stages), work) == []

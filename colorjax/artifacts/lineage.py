@@ -7,6 +7,7 @@ preflight, decides whether an existing artifact is up to date by recomputing the
 inputs that are there now. Paths recorded in manifests are relative to the artifact's folder, so a work directory
 can be moved, copied or synced elsewhere and still reads its own artifacts.
 """
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -83,6 +84,41 @@ def write_manifest(folder: pathlib.Path, manifest: dict) -> None:
   tmp = path.with_name(formats.MANIFEST + ".tmp")
   tmp.write_text(formats.json_text(manifest))
   os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def building(folder, what: str = "an artifact", fix: str = "choose another --config.workdir", lock: bool = True,
+             marker: str = formats.MANIFEST):
+  """The one way a finished artifact is written: the block writes it into the yielded `<folder>.partial` (made fresh),
+  `marker` (the manifest) last; when the block ends it is moved into place in one rename, so readers never see half
+  an artifact. A folder already at `folder` that is not the artifact is refused first (nothing is overwritten), and
+  the artifact's lock is held throughout (`lock=False` when the caller holds it already). A failed block leaves no
+  partial folder behind."""
+  folder = pathlib.Path(folder)
+  check_new(folder, what, fix)
+  with Lock(folder) if lock else contextlib.nullcontext():
+    partial = folder.with_name(folder.name + ".partial")
+    if partial.exists():
+      shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    try:
+      yield partial
+    except BaseException:
+      shutil.rmtree(partial, ignore_errors=True)
+      raise
+    if not (partial / marker).exists():
+      raise RuntimeError(f"{partial}: an artifact is published with its {marker} written last")
+    publish(partial, folder)
+
+
+def publish_folder(folder, manifest: dict, files: dict, what: str = "an artifact",
+                   fix: str = "choose another --config.workdir", lock: bool = True) -> pathlib.Path:
+  """`building` for an artifact of small files: `files` (name -> bytes), then its manifest."""
+  with building(folder, what, fix, lock) as partial:
+    for name, data in files.items():
+      (partial / name).write_bytes(data)
+    write_manifest(partial, manifest)
+  return pathlib.Path(folder)
 
 
 def publish(partial: pathlib.Path, final: pathlib.Path) -> pathlib.Path:

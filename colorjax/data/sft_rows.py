@@ -3,7 +3,6 @@ it is built), and building it. Task finetuning renders the rows with the tokeniz
 """
 import json
 import pathlib
-import shutil
 import socket
 import time
 
@@ -38,45 +37,39 @@ def build_sft_store(task_names, data_dir, split: str, tokenizer_path, tok_info: 
   request = sft_request(task_names, data_dir, split, tok_info, seq_len, limit)
   if lineage.up_to_date(output, request, "SFT rows", "delete it or choose another folder"):
     return output
-  lineage.check_new(output, "a token store of SFT rows", "delete it or choose another folder")
-  partial = output.with_name(output.name + ".partial")
-  if partial.exists():
-    shutil.rmtree(partial)
-  partial.mkdir(parents=True)
-  dtype, pad = stores.token_dtype(tok_info["vocab_size"]), tok_info["pad_id"]
-  entries, offset = [], 0
-  for i, task in enumerate(task_names):
-    path = tasks.split_path(task, split, data_dir) if data_dir else None
-    docs = tasks.load_docs(task, split, data_dir or None, limit=limit or None)
-    encodings = tokenizer.encode_batch([tasks.render_sft(task, doc) for doc in docs], add_special_tokens=False)
-    rows = np.full((len(docs), seq_len), pad, dtype)
-    truncated = 0
-    for row, encoding in zip(rows, encodings):
-      ids = encoding.ids[-seq_len:]
-      truncated += len(encoding.ids) > seq_len
-      row[: len(ids)] = ids
-    array = f"seqs-{i:05d}.npy"
-    np.save(partial / array, rows)
-    entries.append({"path": str(path or f"hf:{tasks.HF_SOURCES[task][0]}"), "sha256": request["files"][i],
-                    "documents": len(docs), "tokens": int(sum(len(e.ids) for e in encodings)),
-                    "sequences": len(docs), "truncated_rows": int(truncated), "array": array, "label": i,
-                    "first_id": offset})
-    offset += len(docs)
-  if offset == 0:
-    shutil.rmtree(partial)
-    raise errors.DataError(f"tasks {', '.join(task_names)} have no {split!r} documents in {data_dir or 'the hub'}; "
-                           "fix --config.sft.data_dir or the task list")
-  manifest = {
-      "format": formats.STORE.format, "version": formats.STORE.version, "kind": "sft", "padded": True,
-      "id": lineage.content_id(request), "seq_len": int(seq_len), "dtype": dtype.name,
-      "tokenizer": tok_info, "num_sequences": offset, "num_tokens": offset * int(seq_len),
-      "num_documents": offset, "labels": list(task_names), "files": entries, "request": request,
-      "created_by": {"stage": "sft", "split": split, "host": socket.gethostname(),
-                     "time": time.strftime("%Y-%m-%dT%H:%M:%S")},
-  }
-  (partial / tokenizer_lib.TOKENIZER).write_text(tokenizer.to_str())
-  lineage.write_manifest(partial, manifest)
-  lineage.publish(partial, output)
+  with lineage.building(output, "a token store of SFT rows", "delete it or choose another folder") as partial:
+    dtype, pad = stores.token_dtype(tok_info["vocab_size"]), tok_info["pad_id"]
+    entries, offset = [], 0
+    for i, task in enumerate(task_names):
+      path = tasks.split_path(task, split, data_dir) if data_dir else None
+      docs = tasks.load_docs(task, split, data_dir or None, limit=limit or None)
+      encodings = tokenizer.encode_batch([tasks.render_sft(task, doc) for doc in docs], add_special_tokens=False)
+      rows = np.full((len(docs), seq_len), pad, dtype)
+      truncated = 0
+      for row, encoding in zip(rows, encodings):
+        ids = encoding.ids[-seq_len:]
+        truncated += len(encoding.ids) > seq_len
+        row[: len(ids)] = ids
+      array = f"seqs-{i:05d}.npy"
+      np.save(partial / array, rows)
+      entries.append({"path": str(path or f"hf:{tasks.HF_SOURCES[task][0]}"), "sha256": request["files"][i],
+                      "documents": len(docs), "tokens": int(sum(len(e.ids) for e in encodings)),
+                      "sequences": len(docs), "truncated_rows": int(truncated), "array": array, "label": i,
+                      "first_id": offset})
+      offset += len(docs)
+    if offset == 0:
+      raise errors.DataError(f"tasks {', '.join(task_names)} have no {split!r} documents in {data_dir or 'the hub'}; "
+                             "fix --config.sft.data_dir or the task list")
+    manifest = {
+        "format": formats.STORE.format, "version": formats.STORE.version, "kind": "sft", "padded": True,
+        "id": lineage.content_id(request), "seq_len": int(seq_len), "dtype": dtype.name,
+        "tokenizer": tok_info, "num_sequences": offset, "num_tokens": offset * int(seq_len),
+        "num_documents": offset, "labels": list(task_names), "files": entries, "request": request,
+        "created_by": {"stage": "sft", "split": split, "host": socket.gethostname(),
+                       "time": time.strftime("%Y-%m-%dT%H:%M:%S")},
+    }
+    (partial / tokenizer_lib.TOKENIZER).write_text(tokenizer.to_str())
+    lineage.write_manifest(partial, manifest)
   print(f"sft rows: {output}: {offset:,} rows of {seq_len} ({', '.join(task_names)}; split {split})")
   return output
 

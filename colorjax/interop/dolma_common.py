@@ -4,7 +4,6 @@ dolma_export.py) need not import the stage, dolma.py, which imports them.
 """
 import os
 import pathlib
-import shutil
 
 from colorjax import console
 from colorjax import errors
@@ -45,15 +44,11 @@ def byte_rows(path: pathlib.Path, itemsize: int, what: str, fix: str) -> int:
 
 
 def publish(output: pathlib.Path, write) -> pathlib.Path:
-  """Build an artifact in `<output>.partial` with `write(folder)` (manifest last), under the output's lock, then move
-  it into place."""
-  partial = output.with_name(output.name + ".partial")
-  with lineage.Lock(output):
-    if partial.exists():
-      shutil.rmtree(partial)
-    partial.mkdir(parents=True)
+  """Build an artifact with `write(folder)` (manifest last) through lineage.building: under the output's lock, in
+  `<output>.partial`, moved into place."""
+  with lineage.building(output, "an artifact of this stage", "choose another --config.workdir") as partial:
     write(partial)
-    return lineage.publish(partial, output)
+  return output
 
 
 def read_yaml(path) -> dict:

@@ -18,12 +18,12 @@ from colorjax import errors
 from colorjax import export as export_lib
 from colorjax import methods
 from colorjax import score as score_lib
-from colorjax import select as select_lib
 from colorjax.artifacts import formats as formats_lib
 from colorjax.artifacts import lineage
 from colorjax.data import stores
 from colorjax.data import tokenizer as tokenizer_lib
 from colorjax.interop import dolma_common as common
+from colorjax.selection import artifact as selection_lib
 
 FORMATS = ("tokens", "parquet")
 BLOCK_ROWS = 4096  # sequences read from a store at a time when exporting
@@ -54,7 +54,7 @@ def _export_inputs(cfg):
     raise errors.ConfigError(f"dolma.formats={tuple(formats)}: choose one or more of {FORMATS}")
   selection = pathlib.Path(d.selection).resolve()
   manifest = formats_lib.open_manifest(selection, formats_lib.SELECTION)
-  store = stores.TokenStore(select_lib.store_of(selection, manifest))
+  store = stores.TokenStore(selection_lib.store_of(selection, manifest))
   ids = stores.load_index(selection, store)
   per_file = int(d.max_tokens_per_file) // store.seq_len
   if "tokens" in formats and per_file < 1:

@@ -30,13 +30,13 @@ import tensorstore as ts
 
 from colorjax import errors
 from colorjax import score as score_lib
-from colorjax import select as select_lib
 from colorjax.artifacts import formats
 from colorjax.artifacts import hub_paths
 from colorjax.artifacts import lineage
 from colorjax.data import stores
 from colorjax.interop import dolma_common as common
 from colorjax.training import checkpoint
+from colorjax.selection import artifact as selection_lib
 
 PRESIZED_ROWS = 1 << 20  # DictMemmapWriter's file_seqs: the rows every score file N.npy is created with
 SCORE_CHUNK_ROWS = 1 << 16  # nll.zarr row chunk of imported scores
@@ -346,14 +346,14 @@ def import_selection(cfg) -> pathlib.Path:
   if output.exists():
     raise errors.DataError(f"{output} exists but is not a selection; choose another --config.workdir")
   ids, n, k = np.sort(ranked), store.num_sequences, int(ranked.size)
-  index_bytes = select_lib.npy_bytes(ids)
+  index_bytes = selection_lib.npy_bytes(ids)
   manifest = {
       "format": formats.SELECTION.format, "id": lineage.content_id(request), "method": "imported",
       "tau": float(n / k), "tau_requested": None, "tokens_requested": 0, "k": k, "num_sequences": n,
       "tokens": k * store.seq_len, "threshold": None, "seed": None, "conditional": None, "scores": None,
       "store_id": store.id, "store_path": lineage.relative(store.path, output),
       "index_sha256": hashlib.sha256(index_bytes).hexdigest(), "score_stats": None,
-      "sources": select_lib.label_rates(store, ids, 1 << 20),
+      "sources": selection_lib.label_rates(store, ids, 1 << 20),
       "imported": {"from": "original CoLoR-Filter select_index_np.py", "path": str(path),
                    "order": "file: ascending score (best last); index.npy: ascending id"},
       "request": request, "config": json.loads(cfg.to_json()), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),

@@ -79,11 +79,7 @@ def export(params_dir, out, model_cfg, card: bool = False) -> pathlib.Path:
   tokenizer = tokenizer_lib.load_tokenizer(str(tok_path))
   params, _ = checkpoint.load_params(params_dir, spec)
   state = olmo_weights.params_to_state(params, spec)
-  partial = out.with_name(out.name + ".partial")
-  with lineage.Lock(out):
-    if partial.exists():
-      shutil.rmtree(partial)
-    partial.mkdir(parents=True)
+  with lineage.building(out, "a transformers folder", "choose another --config.workdir", marker=CONFIG) as partial:
     torch_files.write_safetensors(partial / WEIGHTS, state, metadata={"format": "pt"})
     shutil.copyfile(pathlib.Path(__file__).with_name(MODELING), partial / MODELING)
     shutil.copyfile(tok_path, partial / tokenizer_lib.TOKENIZER)
@@ -93,7 +89,6 @@ def export(params_dir, out, model_cfg, card: bool = False) -> pathlib.Path:
     if card:
       (partial / "README.md").write_text(model_card(manifest, spec))
     (partial / CONFIG).write_text(json.dumps(hf_config(spec, tok, manifest), indent=1))  # last: marks it complete
-    lineage.publish(partial, out)
   print(f"hub transformers: {params_dir} (id {manifest.get('id')}) -> {out}: {len(state)} tensors, load with "
         f"AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)")
   return out

@@ -30,7 +30,6 @@ import ml_collections
 
 from colorjax import console
 from colorjax import errors
-from colorjax import select as select_lib
 from colorjax.artifacts import formats
 from colorjax.artifacts import hub_paths
 from colorjax.artifacts import lineage
@@ -45,6 +44,7 @@ from colorjax.interop import hub_ids
 from colorjax.interop import olmo
 from colorjax.interop import olmo_config
 from colorjax.training import checkpoint
+from colorjax.selection import artifact as selection_lib
 
 ACTIONS = ("models", "selection", "push_selection", "push_model", "transformers", "lm_eval")
 CHECKS = ("refuse", "warn", "off")
@@ -192,7 +192,7 @@ def dataset_card(manifest: dict, store: stores.TokenStore, parquet: list[str]) -
 
 def stage_dataset(cfg, folder: pathlib.Path, selection: pathlib.Path, manifest: dict, request: dict) -> None:
   """The dataset repo's files, built in `<folder>.partial` and moved into place (manifest.json last)."""
-  store = stores.TokenStore(select_lib.store_of(selection, manifest))
+  store = stores.TokenStore(selection_lib.store_of(selection, manifest))
   ids = stores.load_index(selection, store)
   tokenizer = tokenizer_lib.load_tokenizer(str(store.tokenizer_path()))
 

@@ -14,17 +14,14 @@ Every target's steps and learning-rate schedule follow its own token budget (`fi
 runs, b·n for random's budget runs (`pipeline.random_budgets`, read between n and the curve run's 8n) and the curve
 run, whatever the preset's nominal `target.train.max_steps` is.
 """
-import hashlib
 import pathlib
-import shutil
 
 import numpy as np
 
 from colorjax import errors
-from colorjax import select
-from colorjax.artifacts import formats
 from colorjax.artifacts import lineage
 from colorjax.data import stores
+from colorjax.selection import artifact as selection_lib
 
 PROTOCOLS = ("fixed_pool", "fixed_n")
 METHOD = "nested_pool"
@@ -134,7 +131,7 @@ def make(path: pathlib.Path, store: stores.TokenStore, sequences: int, seed: int
   if lineage.up_to_date(path, req, "another pool", "choose another --config.workdir"):
     return path
   lineage.check_new(path, "a nested pool", "choose another --config.workdir")
-  ids = select.random_sample(store.num_sequences, sequences, seed, 1 << 20)
+  ids = selection_lib.random_sample(store.num_sequences, sequences, seed, 1 << 20)
   _write(path, store, ids, req, {"seed": int(seed)})
   return path
 
@@ -156,16 +153,5 @@ def make_prior(cfg, root: pathlib.Path, store: stores.TokenStore) -> pathlib.Pat
 
 
 def _write(path: pathlib.Path, store: stores.TokenStore, ids: np.ndarray, req: dict, extra: dict) -> None:
-  data = select.npy_bytes(ids)
-  manifest = {"format": formats.SELECTION.format, "id": lineage.content_id(req), "method": req["method"],
-              "k": int(ids.size), "num_sequences": store.num_sequences, "tau": store.num_sequences / max(ids.size, 1),
-              "tokens": int(ids.size) * store.seq_len, "store_id": store.id,
-              "store_path": lineage.relative(store.path, path), **extra,
-              "index_sha256": hashlib.sha256(data).hexdigest(), "request": req}
-  partial = path.with_name(path.name + ".partial")
-  if partial.exists():
-    shutil.rmtree(partial)
-  partial.mkdir(parents=True)
-  (partial / "index.npy").write_bytes(data)
-  lineage.write_manifest(partial, manifest)
-  lineage.publish(partial, path)
+  selection_lib.publish(path, ids, selection_lib.manifest(req, req["method"], ids, store.num_sequences, store, path,
+                                                          **extra))

@@ -11,13 +11,11 @@ import pathlib
 import shutil
 import time
 
-from colorjax import distill
-from colorjax import dsir
 from colorjax import errors
 from colorjax import methods
 from colorjax import prepare
 from colorjax import score
-from colorjax import select
+from colorjax.selection import stage as selection_stage
 from colorjax.artifacts import formats
 from colorjax.artifacts import lineage as lineage_lib
 from colorjax.data import corpus
@@ -28,6 +26,7 @@ from colorjax.data import tasks as tasks_lib
 from colorjax.data import tokenizer as tokenizer_lib
 from colorjax.model import transformer
 from colorjax.pipeline import pools
+from colorjax.pipeline import protocol as protocol_lib
 from colorjax.training import run_folder
 from colorjax.training import step_plan
 
@@ -41,46 +40,39 @@ def check_stage_settings(cfg, stages, sizes: dict, data_parallel: int) -> list[t
     except errors.ConfigError as e:
       problems.append(f"{name}: {e}")
   seq = sizes["seq_len"]
-  prior_items = sizes["pool"]
-  if pools.fixed_n(cfg) is not None:
+  proto = protocol_lib.of(cfg)
+  if proto.fixed_n:
     try:
       pools.check_fits(cfg, sizes["pool"])
     except errors.ConfigError as e:
       problems.append(str(e))
-    prior_items = prior_sequences(cfg, sizes["pool"])
-  step("prior", stages.prior, prior_items, seq)
-  for name, sel in stages.selections.items():  # a distill sample too small to fit a scorer: before any scoring
-    if sel.stage == "distill" and not sel.distill.scorer:
-      sampled = pools.sizes(cfg)[pools.largest(cfg)] if sel.distill.sample_within else sizes["pool"]
-      try:
-        distill.check_sample(sel, sampled)
-      except errors.ConfigError as e:
-        problems.append(f"select {name}: {e}")
+  step("prior", stages.prior, proto.prior_sequences(sizes["pool"]), seq)
   step("conditional", stages.conditional, sizes["target_train"], sizes.get("sft_seq_len", seq))
   if stages.reference is not None:
     step("reference", stages.reference, sizes.get("target_text", sizes["target_train"]), seq)
+  checked = set()
   for r in stages.runs:
-    candidates, k = pools.candidates_and_kept(cfg, r, sizes["pool"])
-    if not r["selection"]:  # RHO-down: a single pass over its candidates, tau x batch of them per step
-      step(r["name"], r["config"], candidates, seq)
+    candidates, k = proto.candidates_and_kept(r, sizes["pool"])
+    if not r.selection:  # RHO-down: a single pass over its candidates, tau x batch of them per step
+      step(r.name, r.config, candidates, seq)
       continue
     if k <= 0:
-      problems.append(f"select {r['selection']}: tau {r['tau']:g} keeps 0 of {candidates:,} pool sequences")
+      problems.append(f"select {r.selection}: tau {r.tau:g} keeps 0 of {candidates:,} pool sequences")
       continue
-    step(r["name"], r["config"], k, seq)
+    if r.selection not in checked:  # the stage's own data checks (a distill sample too small to fit): before scoring
+      checked.add(r.selection)
+      sel = stages.selections[r.selection]
+      try:
+        selection_stage.get(sel.stage).fits(sel, selection_stage.Sizes(
+            candidates, proto.shared_from(sizes["pool"]), seq, cfg.score.tokens_per_s_per_device))
+      except errors.ConfigError as e:
+        problems.append(f"select {r.selection}: {e}")
+    step(r.name, r.config, k, seq)
   if problems:
     raise errors.ConfigError("the pipeline's settings do not fit its data (nothing was trained):\n  "
                              + "\n  ".join(problems))
   return plans
 
-
-
-def prior_sequences(cfg, pool_sequences: int) -> int:
-  """The sequences the prior draws from: under fixed n, the store outside the largest pool when it is large enough
-  (pools.prior_outside), else the whole store."""
-  if pools.fixed_n(cfg) is None or not pools.prior_outside(cfg, pool_sequences):
-    return pool_sequences
-  return pool_sequences - pools.sizes(cfg)[pools.largest(cfg)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,22 +141,22 @@ def lineage(cfg, root: pathlib.Path, stages) -> list[Expected]:
       ids[name] = _id(out[-1])
   prior_spec = transformer.ModelSpec.from_config(stages.prior.model)
   pool_id = ids.get("pool")
-  pool_ids, pool_sizes = {}, {}  # nested pool folder -> id, sequences (fixed n)
-  if pools.fixed_n(cfg) is not None:
-    for tau, size in pools.sizes(cfg).items():
-      folder = pools.folder(root, tau)
-      req = pools.request(pool_id, size, pcfg.split_seed) if pool_id else None
-      out.append(_expect(f"nested pool tau{tau:g}", folder, req, folder / formats.MANIFEST))
-      pool_ids[str(folder)], pool_sizes[str(folder)] = _id(out[-1]), size
-  within = lambda path: pool_ids.get(str(path)) if path else None
+  proto = protocol_lib.of(cfg)
+  nested = {}  # nested pool folder -> (id, sequences) (fixed n)
+  for tau, size in (proto.sizes.items() if proto.fixed_n else ()):
+    folder = pools.folder(root, tau)
+    req = pools.request(pool_id, size, pcfg.split_seed) if pool_id else None
+    out.append(_expect(f"nested pool tau{tau:g}", folder, req, folder / formats.MANIFEST))
+    nested[str(folder)] = (_id(out[-1]), size)
+  within = lambda path: (nested.get(str(path)) or (None, 0))[0] if path else None
   prior_index = None
-  if pools.fixed_n(cfg) is not None and pool_id:  # pools/prior: known once the pool store (its size) is up to date
+  if proto.fixed_n and pool_id:  # pools/prior: known once the pool store (its size) is up to date
     folder, store_path = pools.folder(root, pools.PRIOR), pathlib.Path(stages.stores["pool"])
     store = stores.TokenStore(store_path) if (store_path / formats.MANIFEST).exists() else None
     req = pools.prior_request(cfg, pool_id, store.num_sequences) if store and store.id == pool_id else None
     out.append(_expect("the prior's pool", folder, req, folder / formats.MANIFEST))
     prior_index = _id(out[-1])
-  prior_known = pool_id and (prior_index or pools.fixed_n(cfg) is None)
+  prior_known = pool_id and (prior_index or not proto.fixed_n)
   prior_req = (run_folder.run_request(stages.prior, prior_spec, pool_id, False, prior_index, None) if prior_known
                else None)
   out.append(_expect("prior", root / "runs" / "prior", prior_req))
@@ -196,46 +188,27 @@ def lineage(cfg, root: pathlib.Path, stages) -> list[Expected]:
   if methods.needs_pool_scores(pcfg.methods):
     out.append(_expect("scores", root / "scores", scores_req, root / "scores" / formats.MANIFEST))
     scores_id = _id(out[-1])
+  known = selection_stage.Known(pool_id, ids.get("target_train"), prior_id, cond_id, scores_id, nested)
   selection_ids = {}
-  for name, sel in stages.selections.items():
-    if sel.stage == "dsir":
-      target_id = ids.get("target_train")
-      known = pool_id and target_id and (within(sel.dsir.within) or not sel.dsir.within)
-      req = dsir.dsir_request(sel, pool_id, target_id, within(sel.dsir.within)) if known else None
-    elif sel.stage == "distill":  # the stage's own requests (distill.expected_requests: what its run checks)
-      requests = {}
-      subset, sampled_from = within(sel.distill.within), within(sel.distill.sample_within)
-      known = all(pool_ids.get(str(p)) for p in (sel.distill.within, sel.distill.sample_within) if p)
-      if pool_id and known:
-        models = ([{"name": "prior", "id": prior_id}, {"name": "conditional_0", "id": cond_id}]
-                  if prior_id and cond_id else None)
-        requests = distill.expected_requests(
-            sel, stores.TokenStore(stages.stores["pool"]), models,
-            (subset, pool_sizes[sel.distill.within]) if subset else None,
-            (sampled_from, pool_sizes[sel.distill.sample_within]) if sampled_from else None)
-      for part, folder in distill.parts(sel, requests).items():  # the τ-independent ones are listed once
-        if all(e.path != folder for e in out):
-          out.append(_expect(f"distill {part}", folder, requests.get(part), folder / formats.MANIFEST))
-      req = requests.get("selection")
-    else:
-      known = scores_id or (not methods.REGISTRY[sel.select.method].ranks_scores and pool_id)
-      known = known and (within(sel.select.within) or not sel.select.within)
-      req = select.selection_request(sel, scores_id, pool_id, within(sel.select.within)) if known else None
-    folder = pathlib.Path(sel.workdir)
-    out.append(_expect(f"selection {name}", folder, req, folder / formats.MANIFEST))
-    selection_ids[name] = _id(out[-1])
+  for name, sel in stages.selections.items():  # every artifact each stage will write, as its run builds them
+    for label, folder, req in selection_stage.get(sel.stage).expected(sel, known):
+      if label == "selection":
+        out.append(_expect(f"selection {name}", folder, req, folder / formats.MANIFEST))
+        selection_ids[name] = _id(out[-1])
+      elif all(e.path != folder for e in out):  # parts shared by several selections are listed once
+        out.append(_expect(label, folder, req, folder / formats.MANIFEST))
   for r in stages.runs:
-    tcfg = r["config"]
+    tcfg = r.config
     spec = transformer.ModelSpec.from_config(tcfg.model)
-    if r["selection"]:
-      sel_id = selection_ids[r["selection"]]
+    if r.selection:
+      sel_id = selection_ids[r.selection]
       req = run_folder.run_request(tcfg, spec, pool_id, False, sel_id, None) if sel_id else None
     else:
       ref_id = references[pathlib.Path(tcfg.train.rho_reference).parent.name]
       index_id = within(tcfg.data.index)
       known = pool_id and ref_id and (index_id or not tcfg.data.index)
       req = run_folder.run_request(tcfg, spec, pool_id, False, index_id, None, ref_id) if known else None
-    out.append(_expect(f"target {r['name']}", pathlib.Path(tcfg.workdir), req))
+    out.append(_expect(f"target {r.name}", pathlib.Path(tcfg.workdir), req))
   return out
 
 

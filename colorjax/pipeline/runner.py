@@ -20,24 +20,18 @@ Work directory (paths recorded relative to it, so it can be moved or copied):
   pipeline.json      the runs of this pipeline (what report.py reads)
   report.md, report.json, plots/
 """
-import dataclasses
 import json
-import math
 import pathlib
 import time
 
 import jax
-import ml_collections
 
-from colorjax import config
 from colorjax import console
-from colorjax import distill
-from colorjax import dsir
 from colorjax import errors
 from colorjax import methods
 from colorjax import prepare
 from colorjax import score
-from colorjax import select
+from colorjax.selection import stage as selection_stage
 from colorjax import sharding
 from colorjax import train
 from colorjax.artifacts import formats
@@ -47,25 +41,12 @@ from colorjax.data import sft_rows
 from colorjax.data import stores as stores_lib
 from colorjax.data import tasks as tasks_lib
 from colorjax.model import transformer
+from colorjax.pipeline import plan
 from colorjax.pipeline import pools
 from colorjax.pipeline import preflight
+from colorjax.pipeline import protocol as protocol_lib
 from colorjax.report import results
-from colorjax.training import metrics
 from colorjax.training import rho as rho_lib
-
-STORE_NAMES = ("pool", "target_train", "target_eval")
-ON_STALE = ("refuse", "redo")
-# The pipeline's list settings: (field, what each entry must be, an example value).
-LISTS = (("taus", "numbers", "(4, 8)"), ("seeds", "integers", "(0, 1)"), ("methods", "names", "('color', 'random')"))
-
-
-def _is(value, kind: str) -> bool:
-  """Whether one entry of a list setting is of `kind` (a bool is no number; 2.0 is no integer seed)."""
-  if kind == "names":
-    return isinstance(value, str)
-  if isinstance(value, bool) or not isinstance(value, (int, float)):
-    return False
-  return kind == "numbers" or isinstance(value, int)
 
 
 class Steps:
@@ -84,249 +65,6 @@ class Steps:
     return result
 
 
-def check_settings(cfg) -> None:
-  """Settings that need no data: lists without repeats, known methods, τ ≥ 1, split fractions."""
-  pcfg = cfg.pipeline
-  for field, kind, example in LISTS:
-    values = pcfg[field]
-    if not isinstance(values, (tuple, list)) or not all(_is(v, kind) for v in values):
-      raise errors.ConfigError(f"pipeline.{field}={values!r}: give a tuple of {kind}, e.g. "
-                               f"--config.pipeline.{field}=\"{example}\"")
-    if not values:
-      raise errors.ConfigError(f"pipeline.{field} is empty")
-    if len(set(values)) != len(values):
-      raise errors.ConfigError(f"pipeline.{field}={tuple(values)} repeats a value; give each once")
-  for name in pcfg.methods:
-    methods.get(name, "pipeline.methods")
-  if pcfg.protocol not in pools.PROTOCOLS:
-    raise errors.ConfigError(f"pipeline.protocol={pcfg.protocol!r}; choose {' or '.join(pools.PROTOCOLS)}")
-  if pcfg.protocol == "fixed_n" and not (cfg.prior.train.max_steps > 0 and cfg.prior.train.global_batch_size > 0):
-    raise errors.ConfigError("pipeline.protocol=fixed_n: n is the prior's prior.train.max_steps x global_batch_size "
-                             "sequences; set both > 0")
-  if min(pcfg.seeds) < 0 or cfg.seed < 0:
-    raise errors.ConfigError(f"seed={cfg.seed}, pipeline.seeds={tuple(pcfg.seeds)}: seeds are integers >= 0")
-  check_names(pcfg)
-  pools.check_budgets(cfg)
-  if any(methods.REGISTRY[m].stage == "distill" for m in pcfg.methods):
-    distill.check_values(cfg)  # before any work, not after scoring
-  named = [(f"pipeline.taus has {tau}", tau) for tau in pcfg.taus]
-  named += [(f"pipeline.curve_tau={pcfg.curve_tau}", pcfg.curve_tau)] if pcfg.curve_tau else []
-  for name, tau in named:
-    if not (math.isfinite(tau) and tau >= 1):
-      raise errors.ConfigError(f"{name}: keep the top 1/tau of the pool, so tau is a number >= 1")
-  if pcfg.on_stale not in ON_STALE:
-    raise errors.ConfigError(f"pipeline.on_stale={pcfg.on_stale!r}; choose {' or '.join(ON_STALE)}")
-  if not pcfg.pool_store:
-    corpus.Split.from_config(pcfg)
-  elif pcfg.target != "tasks" and not (pcfg.target_train_store and pcfg.target_eval_store):
-    raise errors.ConfigError("with pipeline.pool_store, a text target needs pipeline.target_train_store and "
-                             "target_eval_store (token stores of the target's finetune and held-out text)")
-  for section in ("prior", "conditional", "reference", "target"):  # a missing mirror package: before any stage runs
-    metrics.check_mirrors(cfg[section].train, f"{section}.train")
-  check_unused_sections(cfg)
-
-
-def check_names(pcfg) -> None:
-  """Runs and selections are named by τ as `tau{τ:g}`: τ values (and random budgets) whose names collide would
-  share, and overwrite, each other's runs."""
-  for field in ("taus", "random_budgets"):
-    by_name: dict = {}
-    for value in pcfg[field]:
-      by_name.setdefault(f"{value:g}", []).append(value)
-    for name, values in by_name.items():
-      if len(values) > 1:
-        raise errors.ConfigError(f"pipeline.{field}={tuple(pcfg[field])}: {' and '.join(map(repr, values))} are both "
-                                 f"named {name!r} in run and selection names; give values that differ in their first "
-                                 "6 significant digits")
-
-
-# Top-level fields a pipeline never reads (each stage has its own section), and where the setting goes instead.
-UNUSED = {"train": "prior.train, conditional.train, reference.train or target.train",
-          "model": "prior.model (prior and conditional) or target.model",
-          "prepare.seq_len": "pipeline.seq_len", "prepare.tokenizer": "pipeline.tokenizer",
-          "prepare.inputs": "pipeline.target_files / pool_files", "prepare.output": "(the pipeline's workdir)"}
-
-
-def check_unused_sections(cfg) -> None:
-  """An override of a field the pipeline ignores fails here, naming the field that takes the setting."""
-  defaults = config.get_config()
-  for name, instead in UNUSED.items():
-    section, _, field = name.partition(".")
-    given, default = cfg[section], defaults[section]
-    if field:
-      changed = [field] if given[field] != default[field] else []
-    else:
-      changed = [k for k, v in given.to_dict().items() if v != default[k]]
-    if changed:
-      fields = ", ".join(f"{section}.{k}" for k in changed) if not field else name
-      raise errors.ConfigError(f"{fields}: a pipeline does not read the top-level {section!r} settings; set "
-                               f"{'it' if field else 'them'} in {instead}")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Every step's stage config
-
-
-@dataclasses.dataclass
-class StageConfigs:
-  stores: dict  # name -> token store path
-  prior: ml_collections.ConfigDict
-  conditional: ml_collections.ConfigDict
-  score: ml_collections.ConfigDict
-  selections: dict  # selection name -> select (or dsir) stage config
-  runs: list  # target runs: dicts (name, method, tau, seed, selection, role) with "config"
-  reference: ml_collections.ConfigDict | None = None  # RHO-down's reference: a model trained on target text only
-
-
-def target_runs(cfg) -> list[dict]:
-  """Every selection and target run: (method, τ, seed) -> names; the random-curve runs last. Under the fixed-n
-  protocol each run also names the nested pool it draws from ("pool_tau"), the random baseline runs at τ=1 too, at
-  each of pipeline.random_budgets x n (role "budget") and the curve run takes 1/curve_tau of the largest pool (named
-  "curve": its τ may equal a compared τ)."""
-  pcfg = cfg.pipeline
-  fixed_n = pools.fixed_n(cfg) is not None
-  baseline = methods.BASELINE.name
-  runs = []
-  for tau in pcfg.taus:
-    for seed in pcfg.seeds:
-      for name in pcfg.methods:
-        method = methods.REGISTRY[name]
-        selection = None if method.stage == "train" else f"{name}-tau{tau:g}" + (f"-s{seed}" if method.seeded else "")
-        runs.append({"name": f"target-{name}-tau{tau:g}-s{seed}", "method": name, "tau": float(tau),
-                     "seed": int(seed), "selection": selection, "role": "compare",
-                     "pool_tau": float(tau) if fixed_n else None})
-  if fixed_n and 1.0 not in pcfg.taus:
-    for seed in pcfg.seeds:
-      runs.append({"name": f"target-{baseline}-tau1-s{seed}", "method": baseline, "tau": 1.0, "seed": int(seed),
-                   "selection": f"{baseline}-tau1-s{seed}", "role": "compare", "pool_tau": 1.0})
-  for budget in pcfg.random_budgets if fixed_n else ():  # fixed n: random on b·n from the largest pool
-    for seed in pcfg.seeds:
-      runs.append({"name": f"target-{baseline}-{budget:g}n-s{seed}", "method": baseline,
-                   "tau": pools.largest(cfg) / float(budget), "seed": int(seed), "budget": float(budget),
-                   "selection": f"{baseline}-{budget:g}n-s{seed}", "role": "budget", "pool_tau": pools.largest(cfg)})
-  if pcfg.curve_tau:
-    part = f"curve-tau{pcfg.curve_tau:g}" if fixed_n else f"tau{pcfg.curve_tau:g}"  # fixed n: never a compare run's
-    for seed in pcfg.seeds:
-      runs.append({"name": f"target-{baseline}-{part}-s{seed}", "method": baseline,
-                   "tau": float(pcfg.curve_tau), "seed": int(seed),
-                   "selection": f"{baseline}-{part}-s{seed}", "role": "curve",
-                   "pool_tau": pools.largest(cfg) if fixed_n else None})
-  return runs
-
-
-def _train_config(cfg, section, stage: str, workdir: pathlib.Path, store, eval_stores, seed=None, **data_kw):
-  architecture = section.model if "model" in section else cfg.prior.model
-  tcfg = config.stage_config(cfg, stage, model=architecture, train=section.train)
-  tcfg.workdir = str(workdir)
-  tcfg.data.train_store = str(store) if store else ""
-  tcfg.data.eval_stores = tuple(f"{k}={v}" for k, v in eval_stores.items())
-  tcfg.train.resume = True
-  if seed is not None:
-    tcfg.seed = seed
-  for key, value in data_kw.items():
-    tcfg.data[key] = value
-  return tcfg
-
-
-def stage_configs(cfg, root: pathlib.Path) -> StageConfigs:
-  pcfg = cfg.pipeline
-  tasks_target = pcfg.target == "tasks"
-  # DSIR and RHO-down model the target's text: with the tasks as target, their rendered train examples
-  tasks_text = tasks_target and any(methods.REGISTRY[m].text_target for m in pcfg.methods)
-  if pcfg.pool_store:
-    stores = {"pool": pathlib.Path(pcfg.pool_store).resolve()}
-    if not tasks_target:
-      stores["target_train"] = pathlib.Path(pcfg.target_train_store).resolve()
-      stores["target_eval"] = pathlib.Path(pcfg.target_eval_store).resolve()
-    elif tasks_text:
-      stores["target_train"] = (pathlib.Path(pcfg.target_train_store).resolve() if pcfg.target_train_store
-                                else root / "stores" / "target_train")
-  else:
-    names = (("pool", "target_train") if tasks_text else ("pool",)) if tasks_target else STORE_NAMES
-    stores = {name: root / "stores" / name for name in names}
-  evals = {} if tasks_target else {"target": stores["target_eval"]}
-  prior = _train_config(cfg, cfg.prior, "pretrain", root / "runs" / "prior", stores["pool"], evals)
-  if pools.fixed_n(cfg) is not None:  # n sequences from outside the largest pool when the store holds them
-    prior.data.index = str(pools.folder(root, pools.PRIOR))
-  cond = _train_config(cfg, cfg.conditional, "finetune", root / "runs" / "conditional",
-                       None if tasks_target else stores["target_train"], evals)
-  cond.train.init_from = str(root / "runs" / "prior" / "params")
-  if tasks_target:
-    cond.sft.tasks = tuple(pcfg.tasks)
-    evals = {f"tasks_{cfg.sft.eval_split}": root / "runs" / "conditional" / "sft_eval"}
-  score_cfg = config.stage_config(cfg, "score", model=cfg.prior.model)
-  score_cfg.workdir = str(root / "scores")
-  score_cfg.score.store = str(stores["pool"])
-  score_cfg.score.prior = str(root / "runs" / "prior" / "params")
-  score_cfg.score.conditionals = (str(root / "runs" / "conditional" / "params"),)
-  if pools.fixed_n(cfg) is not None:  # one scoring pass of the largest nested pool serves every τ
-    score_cfg.score.index = str(pools.folder(root, pools.largest(cfg)))
-  reference = None
-  if "reference" in methods.shared_work(pcfg.methods):
-    reference = _train_config(cfg, cfg.reference, "pretrain", root / "runs" / "reference", stores["target_train"],
-                              evals)
-  runs, selections = target_runs(cfg), {}
-  for r in runs:
-    if r["selection"] is None:  # selects online from the whole pool, against its reference (RHO-down)
-      tcfg = _train_config(cfg, cfg.target, "pretrain", root / "runs" / r["name"], stores["pool"], evals,
-                           seed=r["seed"])
-      tcfg.train.rho_tau = r["tau"]
-      tcfg.train.rho_reference = str(root / "runs" / methods.REGISTRY[r["method"]].reference / "params")
-      if r["pool_tau"] is not None:  # fixed n: one pass over its nested pool of τ·n keeps n
-        tcfg.data.index = str(pools.folder(root, r["pool_tau"]))
-    else:
-      sel = selections.setdefault(r["selection"], _selection_config(cfg, root, stores, r))
-      tcfg = _train_config(cfg, cfg.target, "pretrain", root / "runs" / r["name"], stores["pool"], evals,
-                           seed=r["seed"], index=sel.workdir)
-    if r["role"] == "curve":
-      tcfg.train.eval_every = pcfg.curve_eval_every or tcfg.train.eval_every
-    if r["pool_tau"] is not None:  # fixed n: steps and schedule follow this run's own tokens
-      pools.fit_schedule(tcfg.train, pools.candidates_and_kept(cfg, r, 0)[1])
-    r["config"] = tcfg
-  return StageConfigs(stores, prior, cond, score_cfg, selections, runs, reference)
-
-
-def _selection_config(cfg, root: pathlib.Path, stores: dict, r: dict) -> ml_collections.ConfigDict:
-  """The config of the stage that makes a method's selection (methods.Method.stage): select, dsir or distill."""
-  stage = methods.REGISTRY[r["method"]].stage
-  if stage == "dsir":
-    sel = config.stage_config(cfg, "dsir")
-    sel.dsir.store = str(stores["pool"])
-    sel.dsir.target = str(stores["target_train"])
-    sel.dsir.tau = r["tau"]
-  elif stage == "distill":  # the sample, its scores, the scorer and the predictions serve every τ
-    sel = config.stage_config(cfg, "distill", model=cfg.prior.model)
-    sel.distill.store = str(stores["pool"])
-    sel.distill.prior = str(root / "runs" / "prior" / "params")
-    sel.distill.conditional = str(root / "runs" / "conditional" / "params")
-    sel.distill.parts = str(root / "distill")
-    sel.distill.method = r["method"]
-    sel.distill.tau = r["tau"]
-    if r["pool_tau"] is not None:  # fixed n: one sample of the largest pool serves every τ
-      sel.distill.sample_within = str(pools.folder(root, pools.largest(cfg)))
-  else:
-    sel = config.stage_config(cfg, "select")
-    if methods.REGISTRY[r["method"]].ranks_scores or methods.needs_pool_scores(cfg.pipeline.methods):
-      sel.select.scores = str(root / "scores")
-    else:  # a random draw in a pipeline that scores no whole pool
-      sel.select.store = str(stores["pool"])
-    sel.select.method = r["method"]
-    sel.select.tau = r["tau"]
-  if r["pool_tau"] is not None:  # fixed n: n sequences from its nested pool (the curve run: 1/curve_tau of it)
-    section = sel[stage] if stage in ("dsir", "distill") else sel.select
-    section.within = str(pools.folder(root, r["pool_tau"]))
-    if r["role"] != "curve":
-      section.tokens = pools.candidates_and_kept(cfg, r, 0)[1] * seq_len(cfg)
-  sel.workdir = str(root / "selections" / r["selection"])
-  sel.seed = r["seed"]
-  return sel
-
-
-def seq_len(cfg) -> int:
-  """Tokens per sequence of the pipeline's stores (an existing pool store's own)."""
-  return stores_lib.TokenStore(cfg.pipeline.pool_store).seq_len if cfg.pipeline.pool_store else cfg.pipeline.seq_len
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Running
 
@@ -334,7 +72,7 @@ def seq_len(cfg) -> int:
 def run(cfg):
   if not cfg.workdir:
     raise errors.ConfigError("set --config.workdir to the pipeline's work directory")
-  check_settings(cfg)
+  plan.check_settings(cfg)
   root = pathlib.Path(cfg.workdir).resolve()
   if cfg.pipeline.target == "tasks":
     _default_task_dirs(cfg)
@@ -346,7 +84,8 @@ def run(cfg):
 def _run(cfg, root: pathlib.Path):
   pcfg = cfg.pipeline
   step = Steps()
-  stages = stage_configs(cfg, root)
+  stages = plan.stage_configs(cfg, root)
+  proto = protocol_lib.of(cfg)
   if not pcfg.pool_store:
     console.on_main_then_sync(lambda: corpus.data_dir(cfg, root), "synthesize")
   preflight.handle_stale(cfg, root, preflight.stale(preflight.lineage(cfg, root, stages), root))
@@ -366,13 +105,8 @@ def _run(cfg, root: pathlib.Path):
   if pcfg.target == "tasks" and "target_train" in stages.stores and not pcfg.target_train_store:
     step("prepare target_train (the tasks' rendered train examples)", console.on_main_then_sync,
          lambda: _tasks_text_store(cfg, root, stages), "prepare target_train")
-  if pools.fixed_n(cfg) is not None:
-    pool_store = stores_lib.TokenStore(stages.stores["pool"])
-    pools.check_fits(cfg, pool_store.num_sequences)
-    for tau, size in pools.sizes(cfg).items():
-      console.on_main_then_sync(lambda t=tau, m=size: pools.make(pools.folder(root, t), pool_store, m,
-                                                                  pcfg.split_seed), "nested pools")
-    console.on_main_then_sync(lambda: pools.make_prior(cfg, root, pool_store), "the prior's pool")
+  pool_store = stores_lib.TokenStore(stages.stores["pool"])
+  console.on_main_then_sync(lambda: proto.draw_pools(root, pool_store), "nested pools")  # fixed n
   data_parallel = sharding.data_parallel_size(sharding.make_mesh(cfg.mesh))
   # before anything trains
   preflight.check_stage_settings(cfg, stages, preflight.store_sizes(stages, cfg), data_parallel)
@@ -386,18 +120,17 @@ def _run(cfg, root: pathlib.Path):
   if methods.needs_pool_scores(pcfg.methods):  # cascade, distilled, DSIR and random score no whole pool
     scores = step("score pool", score.run, stages.score)
   selections = {}
-  for name, sel in stages.selections.items():
-    stage = {"dsir": dsir.run, "distill": distill.run}.get(sel.stage, select.run)
+  for name, sel in stages.selections.items():  # each by its stage (colorjax.selection_stage)
+    stage = selection_stage.get(sel.stage).run
     selections[name] = console.on_main_then_sync(lambda c=sel, n=name, f=stage: step(f"select {n}", f, c),
                                                  "select") or pathlib.Path(sel.workdir)
 
   # 4. targets (evaluated in-loop: held-out target loss, and the task suite when configured)
   runs = []
   for r in stages.runs:
-    step(f"train {r['name']}", train.run, r["config"])
-    runs.append({k: v for k, v in r.items() if k != "config"} | {
-        "workdir": lineage.relative(r["config"].workdir, root),
-        "selection_dir": lineage.relative(selections[r["selection"]], root) if r["selection"] else None})
+    step(f"train {r.name}", train.run, r.config)
+    runs.append(r.record() | {"workdir": lineage.relative(r.config.workdir, root),
+                              "selection_dir": lineage.relative(selections[r.selection], root) if r.selection else None})
 
   # 5. report
   rel = lambda p: lineage.relative(p, root)
@@ -407,9 +140,8 @@ def _run(cfg, root: pathlib.Path):
             "conditional": rel(conditional), "split": None if pcfg.pool_store else "data/split.json",
             "reference": rel(stages.reference.workdir) if stages.reference is not None else None,
             "distill": rel(root / "distill") if (root / "distill").is_dir() else None,
-            "pool_scoring": {"sequences": int(pools.sizes(cfg)[pools.largest(cfg)] if pools.fixed_n(cfg) is not None
-                                              else stores_lib.TokenStore(stages.stores["pool"]).num_sequences),
-                             "seq_len": stores_lib.TokenStore(stages.stores["pool"]).seq_len},
+            "pool_scoring": {"sequences": proto.scored_sequences(pool_store.num_sequences),
+                             "seq_len": pool_store.seq_len},
             "config": json.loads(cfg.to_json())}
   if console.is_main():
     (root / "pipeline.json").write_text(formats.json_text(record))
@@ -418,7 +150,7 @@ def _run(cfg, root: pathlib.Path):
   return root
 
 
-def _tasks_text_store(cfg, root: pathlib.Path, stages: StageConfigs) -> None:
+def _tasks_text_store(cfg, root: pathlib.Path, stages: plan.StageConfigs) -> None:
   """The target text of DSIR and RHO-down's reference when the target is the task suite: the tasks' train examples
   rendered as the conditional finetunes on them (prompt + gold answer), as a token store with the pool's tokenizer."""
   cond = stages.conditional
@@ -440,57 +172,36 @@ def _default_task_dirs(cfg):
 # Dry run
 
 
-def _distill_cost(cfg, name: str, sel, candidates: int, sampled_from: int, seq: int, sampled: bool) -> float:
-  """Prints the scoring a distill-stage selection needs (the sample; a cascade's rescored candidates), in FLOPs and
-  device-hours at score.tokens_per_s_per_device, and its share of scoring its candidates (distill.scoring_plan: the
-  report's count); returns what it adds to the plan's total (the sample, drawn once for every τ and both methods,
-  only once: `sampled` says it is counted already)."""
-  per_sequence = 2 * transformer.flops_per_token(transformer.ModelSpec.from_config(cfg.prior.model), seq,
-                                                 training=False) * seq
-  plan = distill.scoring_plan(sel, candidates, sampled_from, seq)
-  flops = per_sequence * (plan["sample"] + plan["rescored"])
-  hours = (plan["sample"] + plan["rescored"]) * seq / max(cfg.score.tokens_per_s_per_device, 1.0) / 3600
-  print(f"  {name}: scores {plan['sample']:,} sampled (of {sampled_from:,}, shared by every tau) + "
-        f"{plan['rescored']:,} rescored sequences = {flops:.3e} FLOPs, {hours:,.2f} device-hours at "
-        f"{cfg.score.tokens_per_s_per_device:,.0f} pool tok/s per device; charged {plan['share']:.1%} of scoring its "
-        f"{candidates:,} candidates"
-        + (f" (planned at cascade_factor {sel.distill.cascade_factor:g}: with distill.target_recall "
-           f"{sel.distill.target_recall:g} the factor is chosen after the fit, printed with its cost)"
-           if sel.distill.method == distill.CASCADE and sel.distill.target_recall else ""))
-  return per_sequence * plan["rescored"] if sampled else flops
-
-
 def describe(cfg):
   """Dry run of every stage: sizes, steps, tokens, FLOPs and per-device memory; checks every step's settings."""
-  check_settings(cfg)
+  plan.check_settings(cfg)
   pcfg = cfg.pipeline
   if pcfg.target == "tasks":
     _default_task_dirs(cfg)
   root = pathlib.Path(cfg.workdir or f"runs/{pcfg.preset}").resolve()
-  stages = stage_configs(cfg, root)
+  stages = plan.stage_configs(cfg, root)
+  proto = protocol_lib.of(cfg)
   sizes, how = preflight.estimated_sizes(cfg, root, stages)
   devices = cfg.dry_run_devices or jax.device_count()
   mesh = sharding.abstract_mesh(cfg.mesh, devices)
-  dp = sharding.data_parallel_size(mesh)
-  preflight.check_stage_settings(cfg, stages, sizes, dp)
+  preflight.check_stage_settings(cfg, stages, sizes, sharding.data_parallel_size(mesh))
   n, seq = sizes["pool"], sizes["seq_len"]
   print(f"pipeline {pcfg.preset} (dry run): pool {n:,} sequences x {seq} tokens, conditional data "
         f"{sizes['target_train']:,} sequences ({how}); taus {list(pcfg.taus)}, seeds {list(pcfg.seeds)}, methods "
         f"{list(pcfg.methods)}; {devices} device(s)\n")
-  prior_items = preflight.prior_sequences(cfg, n)
+  prior_items = proto.prior_sequences(n)
   prior_note = how if prior_items == n else f"the {prior_items:,} outside the largest pool, {how}"
   total_flops = train.describe(stages.prior, prior_items, seq, prior_note)["total_flops"]
   print()
   total_flops += train.describe(stages.conditional, sizes["target_train"], sizes.get("sft_seq_len", seq),
                                 how)["total_flops"]
   print()
-  fixed_n = pools.fixed_n(cfg)
-  if fixed_n is not None:
+  if proto.fixed_n:
     outside = ("the prior's n come from outside the largest pool" if pools.prior_outside(cfg, n) else
                "the store is too small to keep the prior's n outside the largest pool: the prior draws from all of it")
-    print(f"fixed n: n = {fixed_n:,} sequences ({fixed_n * seq:,} tokens, the prior's); nested pools of tau x n: "
-          + ", ".join(f"tau {t:g}: {m:,}" for t, m in pools.sizes(cfg).items()) + f"; {outside}\n")
-  scored = pools.sizes(cfg)[pools.largest(cfg)] if fixed_n is not None else n
+    print(f"fixed n: n = {proto.n:,} sequences ({proto.n * seq:,} tokens, the prior's); nested pools of tau x n: "
+          + ", ".join(f"tau {t:g}: {m:,}" for t, m in proto.sizes.items()) + f"; {outside}\n")
+  scored = proto.scored_sequences(n)
   if methods.needs_pool_scores(pcfg.methods):
     total_flops += score.describe_nominal(stages.score, scored, seq, models=2)
   else:
@@ -501,35 +212,40 @@ def describe(cfg):
     total_flops += train.describe(stages.reference, sizes.get("target_text", sizes["target_train"]), seq,
                                   how)["total_flops"]
     print()
+  return total_flops + _describe_targets(cfg, stages, proto, n, seq, how)
+
+
+def _describe_targets(cfg, stages, proto, n: int, seq: int, how: str) -> float:
+  """The selections (each stage's own plan) and the target runs, grouped by τ, role and size; prints the total."""
   groups: dict = {}
-  sampled = False
+  counted: set = set()  # shared parts a stage's plan has priced already
+  total_flops = 0.0
   for r in stages.runs:
-    groups.setdefault((r["tau"], r["role"], pools.candidates_and_kept(cfg, r, n)), []).append(r)
+    groups.setdefault((r.tau, r.role, proto.candidates_and_kept(r, n)), []).append(r)
   for (tau, role, (candidates, k)), runs in groups.items():
-    offline, online = [r for r in runs if r["selection"]], [r for r in runs if not r["selection"]]
+    offline, online = [r for r in runs if r.selection], [r for r in runs if not r.selection]
     drawn = "the pool" if candidates == n else f"a pool of {candidates:,}"
     if offline:
-      head = (f"select random at {offline[0]['budget']:g}n" if role == "budget" else
+      head = (f"select random at {offline[0].budget:g}n" if role == "budget" else
               f"select tau={tau:g}{' (random curve)' if role == 'curve' else ''}")
       print(f"{head}: {k:,} of {drawn} sequences ({k * seq:,} tokens); {len(offline)} target runs")
-      for name in dict.fromkeys(r["selection"] for r in offline):  # each selection of this group once
+      sizes = selection_stage.Sizes(candidates, proto.shared_from(n) if proto.fixed_n else candidates, seq,
+                                    cfg.score.tokens_per_s_per_device)
+      for name in dict.fromkeys(r.selection for r in offline):  # each selection of this group once
         sel = stages.selections[name]
-        if sel.stage == "distill":
-          sampled_from = pools.sizes(cfg)[pools.largest(cfg)] if sel.distill.sample_within else n
-          total_flops += _distill_cost(cfg, name, sel, candidates, sampled_from, seq, sampled)
-          sampled = True
-      planned = train.describe(offline[0]["config"], k, seq, f"{k:,} of {drawn}, {how}")
+        total_flops += selection_stage.get(sel.stage).plan(sel, sizes, counted)
+      planned = train.describe(offline[0].config, k, seq, f"{k:,} of {drawn}, {how}")
       print(f"each target: {planned['tokens']:,} tokens ({planned['steps']:,} steps x {planned['global_batch']} x "
-            f"{seq}), schedule {planned['schedule_steps']:,} steps, warmup {offline[0]['config'].train.warmup_steps:,}")
+            f"{seq}), schedule {planned['schedule_steps']:,} steps, warmup {offline[0].config.train.warmup_steps:,}")
       total_flops += planned["total_flops"] * len(offline)
       print()
     if online:
       print(f"RHO-down tau={tau:g}: {len(online)} target runs selecting online from {drawn}")
-      planned = train.describe(online[0]["config"], candidates, seq, how)
+      planned = train.describe(online[0].config, candidates, seq, how)
       reference = transformer.ModelSpec.from_config(cfg.prior.model)
       rho = rho_lib.Rho(transformer.ModelSpec.from_config(cfg.target.model), reference, 0, None, 0)
       extra = rho_lib.forward_flops_per_step(rho, int(round(tau * planned["global_batch"])), seq) * planned["steps"]
       print(f"selection forwards: {extra:.3e} FLOPs per run (both models over every candidate)\n")
       total_flops += (planned["total_flops"] + extra) * len(online)
   print(f"pipeline total: {total_flops:.3e} FLOPs")
-
+  return total_flops

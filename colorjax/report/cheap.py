@@ -25,12 +25,12 @@ import numpy as np
 
 from colorjax import distill
 from colorjax import score as score_lib
-from colorjax import select as select_lib
 from colorjax.artifacts import formats
 from colorjax.artifacts import lineage
 from colorjax.data import stores
 from colorjax.model import losses
 from colorjax.training import ngram_scorer as scorer_lib
+from colorjax.selection import artifact as selection_lib
 
 SAMPLE_SHARES = (0.005, 0.01, 0.02, 0.05, 0.1)
 FACTORS = (1.0, 1.25, 1.5, 2.0, 3.0, 4.0, 6.0)
@@ -50,7 +50,7 @@ def _rows(scores: score_lib.Scores, max_rows: int, seed: int) -> np.ndarray:
   n = scores.num_sequences
   if n <= max_rows:
     return np.arange(n)
-  return select_lib.random_sample(n, max_rows, seed, 1 << 20, SUBSET_STREAM)
+  return selection_lib.random_sample(n, max_rows, seed, 1 << 20, SUBSET_STREAM)
 
 
 def _read_rows(read, rows: np.ndarray, block: int = 1 << 16) -> np.ndarray:
@@ -97,7 +97,7 @@ def exact_curves(cfg, scores: score_lib.Scores, store: stores.TokenStore, taus, 
     m = int(round(share * true.size))
     if m // distill.folds(cfg) < distill.MIN_FIT:
       continue
-    sampled = select_lib.random_sample(true.size, m, int(d.seed), 1 << 20, distill.SAMPLE_STREAM)
+    sampled = selection_lib.random_sample(true.size, m, int(d.seed), 1 << 20, distill.SAMPLE_STREAM)
     fit, oof, _ = scorer_lib.cross_fit(lambda r, s=sampled: table(s[r]), true[sampled], features.buckets,
                                        distill.folds(cfg), int(d.seed), steps=int(d.steps), batch=int(d.batch),
                                        lr=float(d.lr), l2=float(d.l2), objective=d.objective,

@@ -39,6 +39,7 @@ from colorjax.report import plots
 from colorjax.report import setup
 from colorjax.report import sweep
 from colorjax.training import metrics
+from colorjax.selection import artifact as selection_lib
 
 EFFICIENCY_METHOD = (
     "Every finished random run (the random comparison run at each τ; under fixed n the runs at n, at each "
@@ -218,10 +219,10 @@ def selection_diagnostics(root: pathlib.Path) -> dict:
   for folder in sorted((root / "selections").glob("*")):
     if (folder / formats.MANIFEST).exists():
       m = json.loads((folder / formats.MANIFEST).read_text())
-      out[folder.name] = {"method": m["method"], "tau": m["tau"], "k": m["k"], "threshold": m["threshold"],
+      out[folder.name] = {"method": m["method"], "tau": m["tau"], "k": m["k"], "threshold": m.get("threshold"),
                           "tau_requested": m.get("tau_requested"), "within": (m.get("within") or {}).get("id"),
                           "candidates": m.get("num_sequences"),
-                          "sources": m["sources"], "score_stats": m.get("score_stats"),
+                          "sources": m.get("sources") or {}, "score_stats": m.get("score_stats"),
                           "spearman": ((m.get("scorer") or {}).get("quality") or {}).get("spearman_heldout"),
                           "cascade": m.get("cascade")}
       indexes[folder.name] = folder / "index.npy"
@@ -262,7 +263,7 @@ def examples(pipeline_record: dict, root: pathlib.Path, k: int = 3, chars: int =
   stream = select_lib.ScoreStream(scores, methods.HEADLINE, "conditional_0", 1 << 20)
   out = {}
   for name, source in (("top", stream), ("bottom", _Negated(stream))):
-    positions, _ = select_lib.top_k(source, min(k, scores.num_sequences))
+    positions, _ = selection_lib.top_k(source, min(k, scores.num_sequences))
     ids = scores.global_ids(positions)
     rows = scores.read_ids(ids)
     values = losses.color_score(rows[:, scores.column("prior")], rows[:, scores.column("conditional_0")])

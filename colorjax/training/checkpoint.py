@@ -5,7 +5,6 @@ the config; they are written asynchronously and the last `keep` are kept. A para
 `<folder>/manifest.json`) is what finetune, score and eval read: the manifest names the architecture, the
 tokenizer and the data that made it, so a stage can refuse parameters that do not fit instead of trusting a path.
 """
-import json
 import pathlib
 import shutil
 import time

@@ -233,7 +233,7 @@ def recall_curve(true: np.ndarray, predicted: np.ndarray, taus=RECALL_TAUS, fact
   top holds fewer than 4 sequences are left out: too few to measure). With `resamples`, the `quantile` of that share
   over bootstrap resamples of the rows instead: a cautious estimate, which also feels how the 1/τ boundary moves with
   the sample's composition (in a clustered pool a sample can split the clusters more cleanly than the pool does)."""
-  n, out = true.size, {}
+  n = true.size
   kept = [(tau, int(n // tau)) for tau in taus if int(n // tau) >= 4]
   cut = lambda tau, f: int(math.ceil(f * n / tau - 1e-9))
   if not resamples:

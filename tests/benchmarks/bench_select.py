@@ -46,11 +46,12 @@ CHILD = """
 import json, resource, sys, time
 sys.path.insert(0, {repo!r})
 from colorjax import methods, score as score_lib, select as select_lib
+from colorjax.selection import artifact as selection_lib
 scores = score_lib.Scores({folder!r})
 stream = select_lib.ScoreStream(scores, methods.HEADLINE, "conditional_0", {block})
 baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # interpreter + jax/tensorstore imports
 start = time.time()
-ids, threshold = select_lib.top_k(stream, {k})
+ids, threshold = selection_lib.top_k(stream, {k})
 seconds = time.time() - start
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 print(json.dumps(dict(k=int(ids.size), threshold=threshold, seconds=seconds, peak_bytes=peak, baseline=baseline,
