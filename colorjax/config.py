@@ -290,3 +290,83 @@ def pretrain_config(size: str = "150m") -> ml_collections.ConfigDict:
     c.train.warmup_steps = 8000
     c.train.micro_batch_size = 16
   return c
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The pipeline's sections: pipeline (the experiment), prior, conditional, reference and target (each step's recipe)
+
+TASKS_WITH_TRAIN = ("piqa", "hellaswag", "winogrande", "openbookqa", "boolq", "arc_easy", "arc_challenge")
+ALL_TASKS = ("piqa", "hellaswag", "winogrande", "openbookqa", "boolq", "sciq", "arc_easy", "arc_challenge")
+
+
+def small_train(steps: int, batch: int = 16, warmup: int = 10) -> ml_collections.ConfigDict:
+  """A short CPU recipe: the pipeline presets' prior, conditional, reference and targets start from it."""
+  t = train_config()
+  t.global_batch_size = batch
+  t.max_steps = steps
+  t.warmup_steps = warmup
+  t.log_every = 25
+  t.eval_every = 0
+  t.eval_batches = 0
+  t.checkpoint_every = 200
+  return t
+
+
+def pipeline_config() -> ml_collections.ConfigDict:
+  """The pipeline stage's config: every stage's sections, plus the pipeline's own (configs/pipeline.py's presets
+  override some)."""
+  c = get_config()
+  c.stage = "pipeline"
+  c.workdir = "runs/pipeline"
+
+  p = c.pipeline = ml_collections.ConfigDict()
+  p.preset = ""  # which preset built this config (recorded in the report)
+  p.target = "text"  # text: target = held-out documents of target files | tasks: the downstream task suite
+  p.data_dir = ""  # folder the file lists below are relative to ("" = $COLORJAX_DATA/corpus or ../shared/data/corpus)
+  p.target_files = ("shakespeare.jsonl.gz",)  # target-domain documents (split into finetune / eval / pool parts)
+  p.target_split = (0.4, 0.2)  # fractions of target works used to finetune the conditional and to evaluate
+  p.target_pool_split = 0.4  # fraction of target works put into the candidate pool (the rest is unused)
+  p.group_field = ""  # JSON field naming each target document's work (same value = one work; "" = group_regex)
+  p.group_regex = r"\n\nby William Shakespeare"  # a document matching this starts a new work ("" = each doc)
+  p.split_seed = 0  # seed of the work-level split and of pool sampling
+  p.pool_files = ("*.jsonl.gz",)  # candidate pool files (target files are swapped for their pool part)
+  p.max_chars_per_file = 0  # sample whole documents up to about this many characters per pool file (0 = all)
+  p.tokenizer = ""  # tokenizer.json for every store ("" = train a byte-level BPE on the pool text)
+  p.tokenizer_vocab = 4096  # vocabulary of that BPE (model.vocab_size must be >= it, a multiple of 64)
+  p.seq_len = 256  # tokens per sequence of every store
+  p.tasks = TASKS_WITH_TRAIN  # target=tasks: tasks whose train splits finetune the conditional
+  p.taus = (4.0, 8.0)  # selection ratios: keep the top 1/tau of the pool
+  p.protocol = "fixed_pool"  # fixed_pool: keep 1/tau of one pool | fixed_n: keep n (the prior's tokens) of tau*n
+  p.seeds = (0, 1)  # target-model seeds (init and data order; and the random selection's draw)
+  p.methods = ("color", "random")  # compared at each tau: color random conditional_only dsir rho_down rho_down_prior
+  p.curve_tau = 2.0  # one random run per seed over 1/curve_tau of the pool, its learning curve gives data efficiency
+  p.curve_eval_every = 0  # eval interval of those curve runs (0 = the target's train.eval_every)
+  p.random_budgets = ()  # fixed n: more random runs on these multiples of n (from the largest pool), e.g. (2, 4)
+  p.synthetic_docs = 0  # demo: documents per synthetic domain (0 = read real files instead)
+  p.synthetic_seed = 0  # demo: seed of the synthetic text
+  p.pool_store = ""  # paper presets: an existing pool token store (skips split and prepare)
+  p.target_train_store = ""  # paper presets, target=text: token store of target text for the conditional
+  p.target_eval_store = ""  # paper presets, target=text: held-out target token store
+  p.pool_sequences = 0  # dry runs: pool size to plan with when the pool store does not exist yet
+  p.target_sequences = 0  # dry runs: conditional's data size to plan with
+  p.chars_per_token = 4.0  # dry runs: characters per token, to estimate store sizes from the input text's size
+  p.on_stale = "refuse"  # stale artifacts in the work directory: refuse (list them) | redo (move to stale/, rebuild)
+
+  c.prior = ml_collections.ConfigDict()
+  c.prior.model = model_config("demo")  # the prior's (and conditional's) architecture
+  c.prior.model.vocab_size = 4096
+  c.prior.train = small_train(600)  # the prior's pretraining recipe
+  c.conditional = ml_collections.ConfigDict()
+  c.conditional.train = small_train(0, warmup=20)  # finetuning recipe: one epoch (max_steps <= 0)
+  c.conditional.train.single_pass = True
+  c.conditional.train.anneal_to_data = True
+  c.reference = ml_collections.ConfigDict()
+  c.reference.train = small_train(300, warmup=20)  # RHO-down's reference: trained from scratch on the target text
+  c.target = ml_collections.ConfigDict()
+  c.target.model = model_config("demo")  # the target models' architecture
+  c.target.model.vocab_size = 4096
+  c.target.train = small_train(100000)  # target recipe: single pass over each selection
+  c.target.train.single_pass = True
+  c.target.train.anneal_to_data = True  # miniature: each run completes its schedule (paper presets: nominal)
+  c.target.train.eval_every = 100
+  return c
