@@ -40,7 +40,7 @@ STAGES = {
     "report": "colorjax.report.results",
     "dolma": "colorjax.interop.dolma",
     "dsir": "colorjax.dsir",
-    "distill": "colorjax.distill",
+    "distill": "colorjax.distill.stage",
     "hub": "colorjax.interop.hub",
 }
 

@@ -8,7 +8,8 @@ import jax
 import numpy as np
 import pytest
 
-from colorjax import distill
+from colorjax.distill import parts as distill_parts
+from colorjax.distill import stage as distill
 from colorjax import score
 from colorjax.data import stores
 from colorjax.model import losses
@@ -98,11 +99,11 @@ def test_a_target_recall_sizes_the_cascade_from_its_estimate(demo_run, tmp_path,
 
 
 def test_the_sample_is_a_count_at_most_a_share():
-  """Issue 31.4: distill.sample_size sequences, capped by distill.sample_fraction of what it is drawn from."""
+  """Issue 31.4: distill_parts.sample_size sequences, capped by distill.sample_fraction of what it is drawn from."""
   cfg = make_config("distill", "8", distill__sample_size=100, distill__sample_fraction=0.1)
-  assert [distill.sample_size(cfg, n) for n in (5000, 500, 10)] == [100, 50, 2]
-  assert distill.sample_size(make_config("distill", "8", distill__sample_size=0), 5000) == 500
-  assert distill.sample_size(make_config("distill", "8"), 342_000_000) == 200_000  # C4: the default count
+  assert [distill_parts.sample_size(cfg, n) for n in (5000, 500, 10)] == [100, 50, 2]
+  assert distill_parts.sample_size(make_config("distill", "8", distill__sample_size=0), 5000) == 500
+  assert distill_parts.sample_size(make_config("distill", "8"), 342_000_000) == 200_000  # C4: the default count
 
 
 def test_prefix_nlls_equal_scoring_the_prefix_alone():

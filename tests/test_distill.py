@@ -7,7 +7,9 @@ import shutil
 import numpy as np
 import pytest
 
-from colorjax import distill
+from colorjax.distill import cascade as distill_cascade
+from colorjax.distill import parts as distill_parts
+from colorjax.distill import stage as distill
 from colorjax import errors
 from colorjax import score
 from colorjax.data import stores
@@ -68,8 +70,8 @@ def fitted(demo_run, tmp_path):
 def test_prediction_streams_in_blocks_and_a_killed_run_resumes_identically(fitted, tmp_path, monkeypatch):
   root, cfg = fitted
   store = stores.TokenStore(root / "stores" / "pool")
-  scorer = distill.open_scorer(tmp_path / "sel-parts" / "scorer", store)
-  want = np.load(tmp_path / "sel-parts" / "predictions" / distill.PREDICTIONS)
+  scorer = distill_parts.open_scorer(tmp_path / "sel-parts" / "scorer", store)
+  want = np.load(tmp_path / "sel-parts" / "predictions" / distill_parts.PREDICTIONS)
   cfg.unlock()
   cfg.distill.block_rows = 500
   reads, real_read = [], stores.TokenStore.read
@@ -83,10 +85,10 @@ def test_prediction_streams_in_blocks_and_a_killed_run_resumes_identically(fitte
   monkeypatch.setattr(stores.TokenStore, "read", dies_after_three)
   folder = tmp_path / "predictions"
   with pytest.raises(KeyboardInterrupt):
-    distill.predict_pool(cfg, folder, store, scorer)
+    distill_parts.predict_pool(cfg, folder, store, scorer)
   assert max(reads) <= 500 and np.load(folder / "done.npy").sum() == 3
   monkeypatch.setattr(stores.TokenStore, "read", real_read)
-  got = distill.predict_pool(cfg, folder, store, scorer)
+  got = distill_parts.predict_pool(cfg, folder, store, scorer)
   assert np.load(folder / "done.npy").all()
   np.testing.assert_array_equal(np.asarray(got).view(np.uint32), want.view(np.uint32))
 
@@ -95,14 +97,14 @@ def test_a_scorer_that_does_not_fit_the_pool_is_refused(fitted, synthetic_store,
   root, _ = fitted
   scorer_path = tmp_path / "sel-parts" / "scorer"
   with pytest.raises(errors.DataError, match=r"scorer .* tokenizer|tokenizer .* scorer"):
-    distill.open_scorer(scorer_path, stores.TokenStore(synthetic_store))
+    distill_parts.open_scorer(scorer_path, stores.TokenStore(synthetic_store))
   other = tmp_path / "other-features"
   shutil.copytree(scorer_path, other)
   manifest = json.loads((other / "manifest.json").read_text())
   manifest["features"]["name"] = "word-ngrams-v0"
   (other / "manifest.json").write_text(json.dumps(manifest))
   with pytest.raises(errors.DataError, match=r"uses features 'word-ngrams-v0'.*fit the scorer again"):
-    distill.open_scorer(other, stores.TokenStore(root / "stores" / "pool"))
+    distill_parts.open_scorer(other, stores.TokenStore(root / "stores" / "pool"))
 
 
 def test_pipeline_color_distilled_keeps_most_of_colors_selection(demo_run, tmp_path):
@@ -159,7 +161,7 @@ def test_a_cascade_with_factor_tau_is_exactly_color(demo_run, tmp_path):
   n = stores.TokenStore(root / "stores" / "pool").num_sequences
   sampled = round(0.2 * n)  # the sample keeps its true scores and is never rescored
   assert manifest["cascade"]["reused_sample"] == sampled and manifest["method"] == "color_cascade"
-  assert manifest["cascade"]["rescored"] == distill.rescore_count(2.0, n - sampled, n / (n // 8))
+  assert manifest["cascade"]["rescored"] == distill_cascade.rescore_count(2.0, n - sampled, n / (n // 8))
   assert np.isin(color, np.load(cheap / "index.npy")).mean() > 0.8
 
 
@@ -195,7 +197,7 @@ def test_the_standalone_cascade_dry_run_counts_its_rescoring(demo_run):
                  f"--config.distill.conditional={root / 'runs' / 'conditional' / 'params'}"]).stdout
   n = stores.TokenStore(root / "stores" / "pool").num_sequences
   sampled = round(0.1 * n)
-  rescored = distill.rescore_count(1.5, n - sampled, n / (n // 8))
+  rescored = distill_cascade.rescore_count(1.5, n - sampled, n / (n // 8))
   assert f"the cascade rescores the top {rescored:,} unsampled by prediction" in out
   assert f"2 models x {round(0.1 * n) + rescored:,} sequences" in out
 
@@ -218,7 +220,7 @@ def test_damaged_predictions_and_scorer_weights_are_never_used(fitted, tmp_path,
   parts = tmp_path / "sel-parts"
   want = np.load(tmp_path / "sel" / "index.npy")
   shutil.rmtree(tmp_path / "sel")
-  predictions = parts / "predictions" / distill.PREDICTIONS
+  predictions = parts / "predictions" / distill_parts.PREDICTIONS
   data = predictions.read_bytes()
   predictions.write_bytes(data[:-4000])
   with pytest.raises(errors.DataError, match=r"predictions.npy holds .*\(truncated or replaced\); delete .* re-run"):
@@ -239,21 +241,21 @@ def test_damaged_predictions_and_scorer_weights_are_never_used(fitted, tmp_path,
   weights.write_bytes(bytes(bad))
   store = stores.TokenStore(cfg.distill.store)
   with pytest.raises(errors.DataError, match=r"weights.npy does not match the sha256 .* delete .* fit it again"):
-    distill.open_scorer(parts / "scorer", store)
+    distill_parts.open_scorer(parts / "scorer", store)
   weights.write_bytes(good[:100])
   with pytest.raises(errors.DataError, match="weights.npy does not match the sha256"):
-    distill.open_scorer(parts / "scorer", store)
+    distill_parts.open_scorer(parts / "scorer", store)
   weights.unlink()
   with pytest.raises(errors.DataError, match="weights.npy is missing; delete"):
-    distill.open_scorer(parts / "scorer", store)
+    distill_parts.open_scorer(parts / "scorer", store)
   weights.write_bytes(good)
   done = parts / "predictions" / "done.npy"
   done.write_bytes(done.read_bytes()[:70])
   with pytest.raises(errors.DataError, match=r"done.npy (is not a readable|holds)"):
-    distill.open_predictions(parts / "predictions", store.num_sequences)
+    distill_parts.open_predictions(parts / "predictions", store.num_sequences)
   done.unlink()
   with pytest.raises(errors.DataError, match=r"done.npy is missing; delete"):
-    distill.open_predictions(parts / "predictions", store.num_sequences)
+    distill_parts.open_predictions(parts / "predictions", store.num_sequences)
 
 
 def test_the_output_folder_and_shared_parts_are_checked_before_any_work(demo_run, tmp_path):
@@ -296,17 +298,17 @@ def test_a_signal_during_the_fit_or_the_prediction_ends_with_the_preemption_line
       return real(*args, **kwargs)
     return call
 
-  real_batches, real_predict = scorer_lib.SampleFeatures.__call__, distill.predict
+  real_batches, real_predict = scorer_lib.SampleFeatures.__call__, distill_parts.predict
   monkeypatch.setattr(scorer_lib.SampleFeatures, "__call__", signalled(real_batches, 5))  # the fit's 5th batch
   with pytest.raises(errors.Preempted, match="during the scorer's fit at step 5"):
     distill.run(cfg)
   assert not (tmp_path / "parts" / "scorer").exists()
   calls.clear()
   monkeypatch.setattr(scorer_lib.SampleFeatures, "__call__", real_batches)
-  monkeypatch.setattr(distill, "predict", signalled(real_predict, 2))  # the pool's second block
+  monkeypatch.setattr(distill_parts, "predict", signalled(real_predict, 2))  # the pool's second block
   with pytest.raises(errors.Preempted, match=r"during the pool's prediction: 2 of \d+ chunks"):
     distill.run(cfg)
-  monkeypatch.setattr(distill, "predict", real_predict)
+  monkeypatch.setattr(distill_parts, "predict", real_predict)
   selected = np.load(distill.run(cfg) / "index.npy")
   fresh = make_config("distill", "8", workdir=str(tmp_path / "fresh"),
                       **_common(root, tmp_path / "other", distill__block_rows=256))
@@ -317,7 +319,7 @@ def test_json_never_holds_nan(tmp_path):
   from colorjax.artifacts import formats, lineage  # pylint: disable=import-outside-toplevel
   lineage.write_manifest(tmp_path, {"rho": float("nan"), "nested": [1.0, float("inf")]})
   assert json.loads((tmp_path / "manifest.json").read_text()) == {"rho": None, "nested": [1.0, None]}
-  assert "NaN" not in formats.json_text({"x": float("nan")}) and distill.spearman(np.ones(1), np.ones(1)) is None
+  assert "NaN" not in formats.json_text({"x": float("nan")}) and distill_parts.spearman(np.ones(1), np.ones(1)) is None
 
 
 def test_the_preflight_asks_the_distill_stage_for_its_requests(demo_run, tmp_path):
@@ -342,10 +344,10 @@ def test_the_preflight_asks_the_distill_stage_for_its_requests(demo_run, tmp_pat
   fp8 = make_config("pipeline", "demo", workdir=str(work), **dict(settings, score__fp8=True))
   sel = plan.stage_configs(fp8, work).selections["color_distilled-tau8"]
   models = [{"name": "prior", "id": "p"}, {"name": "conditional_0", "id": "c"}]
-  requests = distill.expected_requests(sel, stores.TokenStore(work / "stores" / "pool"), models)
+  requests = distill_cascade.expected_requests(sel, stores.TokenStore(work / "stores" / "pool"), models)
   # what the score stage itself records for an fp8 job: a fresh fp8 pipeline's parts are up to date on its re-run
   assert requests["sample_scores"]["numerics"] == {"precision": "original", "fp8": True}
-  assert requests["sample_scores"]["numerics"] == score.numerics_of(distill.score_config(sel))
+  assert requests["sample_scores"]["numerics"] == score.numerics_of(distill_parts.score_config(sel))
   scorer = tmp_path / "scorer"
   shutil.copytree(work / "distill" / "scorer", scorer)
   reuse = dict(settings, distill__scorer=str(scorer), pipeline__methods=("color", "random", "color_distilled"))

@@ -66,12 +66,12 @@ def test_top_level_is_small_and_families_are_folders():
 
 def test_method_names_live_in_the_registry_and_their_ranking_code():
   """A method's name as a string literal appears in colorjax/ only in methods.py, its own ranking stage (dsir.py and
-  distill.py write their names into their selections) and the config schema's defaults."""
-  allowed = {"methods.py", "dsir.py", "distill.py", "config.py"}
+  the distill family write their names into their selections) and the config schema's defaults."""
+  allowed = {"colorjax/methods.py", "colorjax/dsir.py", "colorjax/distill/cascade.py", "colorjax/config.py"}
   pattern = re.compile(r"""["'](%s)["']""" % "|".join(methods.REGISTRY))
   found = []
   for path in PACKAGE.rglob("*.py"):
-    if path.name in allowed:
+    if str(path.relative_to(REPO)) in allowed:
       continue
     for node in ast.walk(ast.parse(path.read_text())):
       if isinstance(node, ast.Compare):  # a stage name compared (sel.stage == "dsir") is a stage, not a method

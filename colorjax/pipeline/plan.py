@@ -1,7 +1,7 @@
 """The pipeline's plan: its settings checked, every target run (a `TargetRun`) and every step's stage config, built
 from the config alone — what the runner runs, the preflight checks and the dry run prices.
 
-A selection's stage config comes from its stage (colorjax.selection_stage: select, dsir, distill, or one registered
+A selection's stage config comes from its stage (colorjax.selection.stage: select, dsir, distill, or one registered
 later), given the pipeline's shared artifacts (`inputs`) and what the protocol (protocol.py) says it selects from.
 """
 import dataclasses
@@ -11,13 +11,13 @@ import pathlib
 import ml_collections
 
 from colorjax import config
-from colorjax import distill  # pylint: disable=unused-import  (registers the distill selection stage)
 from colorjax import dsir  # pylint: disable=unused-import  (registers the dsir selection stage)
 from colorjax import errors
 from colorjax import methods
 from colorjax import select  # pylint: disable=unused-import  (registers the select selection stage)
 from colorjax.selection import stage as selection_stage
 from colorjax.data import corpus
+from colorjax.distill import stage as distill  # pylint: disable=unused-import  (registers the distill stage)
 from colorjax.data import stores as stores_lib
 from colorjax.pipeline import pools
 from colorjax.pipeline import protocol as protocol_lib

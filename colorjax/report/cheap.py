@@ -23,7 +23,8 @@ import pathlib
 import ml_collections
 import numpy as np
 
-from colorjax import distill
+from colorjax.distill import cascade as distill_cascade
+from colorjax.distill import parts as distill_parts
 from colorjax import score as score_lib
 from colorjax.artifacts import formats
 from colorjax.artifacts import lineage
@@ -76,7 +77,7 @@ def cascade_point(true: np.ndarray, predicted: np.ndarray, sampled: np.ndarray, 
   n = true.size
   k = int(n // tau)
   unsampled = np.setdiff1d(np.arange(n), sampled)
-  m = distill.rescore_count(factor, unsampled.size, tau)
+  m = distill_cascade.rescore_count(factor, unsampled.size, tau)
   rescored = unsampled[_top(predicted[unsampled], m)]
   pool = np.concatenate([sampled, rescored])
   chosen = pool[_top(true[pool], k)]
@@ -90,16 +91,16 @@ def exact_curves(cfg, scores: score_lib.Scores, store: stores.TokenStore, taus, 
   rows = _rows(scores, max_rows, int(d.seed))
   true = _true_scores(scores, rows)
   ids = scores.global_ids(rows)
-  features = distill.Features(int(d.buckets), int(d.ngram), tuple(sorted({store.eos_id, store.pad_id})))
+  features = distill_parts.Features(int(d.buckets), int(d.ngram), tuple(sorted({store.eos_id, store.pad_id})))
   table = scorer_lib.SampleFeatures(features, store, ids, max_bytes=4 << 30)
   out = {"candidates": int(true.size), "of": scores.num_sequences, "shares": {}}
   for share in SAMPLE_SHARES:
     m = int(round(share * true.size))
-    if m // distill.folds(cfg) < distill.MIN_FIT:
+    if m // distill_parts.folds(cfg) < distill_parts.MIN_FIT:
       continue
-    sampled = selection_lib.random_sample(true.size, m, int(d.seed), 1 << 20, distill.SAMPLE_STREAM)
+    sampled = selection_lib.random_sample(true.size, m, int(d.seed), 1 << 20, distill_parts.SAMPLE_STREAM)
     fit, oof, _ = scorer_lib.cross_fit(lambda r, s=sampled: table(s[r]), true[sampled], features.buckets,
-                                       distill.folds(cfg), int(d.seed), steps=int(d.steps), batch=int(d.batch),
+                                       distill_parts.folds(cfg), int(d.seed), steps=int(d.steps), batch=int(d.batch),
                                        lr=float(d.lr), l2=float(d.l2), objective=d.objective,
                                        eval_every=int(d.eval_every))
     predicted = np.concatenate([scorer_lib.predict(fit.weights, fit.bias, table(np.arange(i, min(i + 4096, true.size))))
@@ -160,7 +161,7 @@ def analyse(root: pathlib.Path, pipeline_record: dict, at, max_rows: int = 100_0
     return {}
   cfg = ml_collections.ConfigDict(pipeline_record.get("config") or {})
   taus = sorted(set(float(t) for t in cfg.pipeline.taus))
-  wanted = {m for m in cfg.pipeline.methods if m in (distill.METHOD, distill.CASCADE)}
+  wanted = {m for m in cfg.pipeline.methods if m in (distill_cascade.METHOD, distill_cascade.CASCADE)}
   request = {"scores": scores.id, "taus": taus, "max_rows": int(max_rows), "curves": bool(wanted),
              "distill": {k: cfg.distill[k] for k in ("buckets", "ngram", "steps", "batch", "lr", "l2", "seed",
                                                       "objective", "holdout_fraction", "eval_every")},
