@@ -6,7 +6,7 @@ code reads the schema without importing the presets, and the presets import noth
 """
 import ml_collections
 
-# Model sizes. The 150m and 1.2b rows are the paper's (SPEC §2); tiny is for CPU development and tests.
+# Model sizes. The 150m and 1.2b rows are the paper's (docs/definitions.md#model); tiny is for CPU development.
 MODEL_SIZES = {
     "demo": dict(d_model=64, n_layers=2, n_heads=2, mlp_hidden=256),
     "tiny": dict(d_model=128, n_layers=2, n_heads=2, mlp_hidden=512),
@@ -16,7 +16,7 @@ MODEL_SIZES = {
 
 
 def model_config(size: str = "150m") -> ml_collections.ConfigDict:
-  """OLMo-style decoder hyperparameters (SPEC §2)."""
+  """OLMo-style decoder hyperparameters (docs/definitions.md#model)."""
   if size not in MODEL_SIZES:
     raise ValueError(f"unknown model size {size!r}; choose one of {sorted(MODEL_SIZES)}")
   m = ml_collections.ConfigDict()
@@ -37,7 +37,7 @@ def model_config(size: str = "150m") -> ml_collections.ConfigDict:
 
 
 def train_config() -> ml_collections.ConfigDict:
-  """Optimizer, schedule, batch and loop settings (SPEC §3); pretrain, finetune and target training share it."""
+  """Optimizer, schedule, batch and loop settings (docs/definitions.md#recipe); every training stage shares it."""
   t = ml_collections.ConfigDict()
   t.global_batch_size = 256  # sequences per optimizer step (all hosts together)
   t.micro_batch_size = 0  # sequences per forward/backward pass; 0 = whole batch (no accumulation)
@@ -87,7 +87,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.mesh.tensor = 1  # tensor-parallel shards of heads/MLP/vocab
   c.mesh.distributed = "auto"  # multi-host init: auto (when the environment names a cluster) | on | off
   # Added to $XLA_FLAGS (a flag already there wins; "" = none). Triton GEMMs off: cuBLAS was faster on the
-  # 150M/1.2B shapes (H200, jax 0.11.2: train +1.5%, scoring +3.5%; README "Performance").
+  # 150M/1.2B shapes (H200, jax 0.11.2: train +1.5%, scoring +3.5%; docs/performance.md).
   c.mesh.xla_flags = "--xla_gpu_enable_triton_gemm=false"
 
   c.prepare = ml_collections.ConfigDict()
@@ -120,7 +120,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.params = ""  # eval stage: the params export to evaluate (<run>/params)
   c.eval.tasks = ()  # multiple-choice tasks (eval stage, and in-loop during training when set)
   c.eval.tasks_dir = ""  # folder of <task>/<split>.jsonl(.gz) files; empty = HuggingFace datasets (online)
-  c.eval.split = ""  # split for every task ("" = each task's eval split of SPEC §4)
+  c.eval.split = ""  # split for every task ("" = each task's eval split of docs/definitions.md#tasks-and-metrics)
   c.eval.limit = 0  # documents per task (0 = all)
   c.eval.batch_size = 0  # sequences per held-out eval batch (0 = the train micro-batch)
   c.eval.shuffle = False  # held-out: a fixed seeded random sample of each store, not its first batches in id order
@@ -134,7 +134,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.score.batch_size = 256  # sequences per scoring step (all hosts together)
   c.score.loss_chunk = 64  # head + log-softmax over this many positions at a time (bounds logits memory)
   c.score.vocab_tile = 0  # head + log-softmax over this many vocabulary columns at a time, online (0 = all at once)
-  c.score.fp8 = False  # opt-in: trunk matmuls in fp8 e4m3 (H100/H200 fp8 GEMMs); changes the scores (README, fp8)
+  c.score.fp8 = False  # opt-in: trunk matmuls in fp8 e4m3 (H100/H200 fp8 GEMMs); changes the scores (performance.md)
   c.score.tokens_per_s_per_device = 464_000.0  # dry-run time estimate: pool tok/s per device (150M x2, one H200)
   c.score.chunk_rows = 0  # rows per output chunk, the unit of writing and resuming (0 = about 65,536)
   c.score.shard = ""  # "i/n": score only the i-th of n row ranges (independent jobs, one shared output)
@@ -279,14 +279,14 @@ def pretrain_config(size: str = "150m") -> ml_collections.ConfigDict:
     c.train.eval_every = 100
     c.train.eval_batches = 4
     c.train.checkpoint_every = 100
-  if size in ("150m", "1.2b"):  # the paper's models: held-out loss on 100 x 64 shuffled sequences (SPEC §3)
+  if size in ("150m", "1.2b"):  # the paper's models: held-out loss on 100 x 64 shuffled sequences (the recipe)
     c.train.eval_batches = 100
     c.eval.batch_size = 64
     c.eval.shuffle = True
   if size == "150m":
     c.train.micro_batch_size = 64  # 4 accumulation steps: fits one 80 GB GPU (see the dry run's memory estimate)
   if size == "1.2b":
-    c.train.max_steps = 192000  # the paper's 1.2B schedule (SPEC §1); prior/aux models use 150m
+    c.train.max_steps = 192000  # the paper's 1.2B schedule (docs/definitions.md#pipeline); prior/aux models use 150m
     c.train.warmup_steps = 8000
     c.train.micro_batch_size = 16
   return c

@@ -169,7 +169,8 @@ def make_buckets(requests, max_len: int, batch_tokens: int, data_parallel: int, 
 
 
 def load_task_examples(task_names, data_dir, split: str = "", limit: int = 0) -> dict:
-  """{task: (split, [MCExample])} for the given tasks, each on its SPEC §4 eval split unless `split` is set."""
+  """{task: (split, [MCExample])} for the given tasks, each on its eval split (docs/definitions.md#tasks-and-metrics)
+  unless `split` is set."""
   out = {}
   for task in task_names:
     task_split = split or tasks.EVAL_SPLIT[task]

@@ -198,7 +198,8 @@ def numerics_of(cfg) -> dict:
 FP8_NOTE = ("score: fp8 (score.fp8, opt-in): both operands of every trunk projection (qkv, attention out, MLP up and "
             "down) in e4m3 with one power-of-two scale per tensor; embeddings, norms, attention, the head and the "
             "log-softmax unchanged. The scores differ from bf16's (another artifact: its request records fp8); on the "
-            "books-fixed-n pool the top-1/tau selections kept 99.9/99.5/99.0% of bf16's at tau 4/8/16 (README, fp8)")
+            "books-fixed-n pool the top-1/tau selections kept 99.9/99.5/99.0% of bf16's at tau 4/8/16 "
+            "(docs/performance.md, fp8)")
 
 
 def describe_models(entries) -> list[dict]:

@@ -1,4 +1,5 @@
-"""Training: pretraining the prior, finetuning conditionals, and training targets on a selection (SPEC §3).
+"""Training: pretraining the prior, finetuning conditionals, and training targets on a selection
+(docs/definitions.md#recipe).
 
 One jitted step per optimizer update (gradient accumulation over micro-batches is a `lax.scan` inside it), with
 explicit in/out shardings and the train state donated. Metrics are fetched one step late so the host never stalls
@@ -217,7 +218,8 @@ def load_reference(cfg, spec, inputs: run_folder.Inputs, mesh, steps: step_plan.
 
 
 def compute(spec, steps: step_plan.StepPlan, rho) -> dict:
-  """The run's FLOPs (SPEC §5 counts): training, and RHO-down's extra scoring forwards."""
+  """The run's FLOPs (docs/definitions.md#flop-counts-and-reference-figures): training, and RHO-down's extra scoring
+  forwards."""
   train_flops = float(transformer.flops_per_token(spec, steps.seq_len, training=True)) * steps.tokens
   selection = rho_lib.forward_flops_per_step(rho, steps.candidates, steps.seq_len) * steps.total_steps if rho else 0.0
   return {"train_flops": train_flops, "selection_forward_flops": selection}

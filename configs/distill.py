@@ -13,5 +13,5 @@ def get_config(tau: str = "8"):
   c.model = config.model_config("demo")  # compute settings; the architecture comes from the params' manifests
   c.distill.tau = float(tau)
   c.score.batch_size = 64
-  c.score.loss_chunk = 8  # the fastest head chunk on CPU (README "Performance": CPU scoring)
+  c.score.loss_chunk = 8  # the fastest head chunk on CPU (docs/performance.md, CPU scoring)
   return c

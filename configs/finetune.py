@@ -1,6 +1,6 @@
 """Finetune a prior into a conditional model. Arg: "<target>[,<size>]", target books | tasks, size tiny|150m|1.2b.
 
-  books: one epoch over a token store of target-domain text (warmup 20, lr 1e-3; SPEC §3)
+  books: one epoch over a token store of target-domain text (warmup 20, lr 1e-3; docs/definitions.md#recipe)
       python -m colorjax.main --config configs/finetune.py:books --config.train.init_from=runs/prior/params \
           --config.data.train_store=stores/books --config.workdir=runs/cond-books
   tasks: one epoch over the downstream tasks' train splits rendered as padded SFT rows (warmup 100, lr 1e-3)

@@ -53,11 +53,11 @@ def get_config(arg: str = "demo"):
     c.target.train.global_batch_size = 8
     c.target.train.eval_every = 20
     c.score.batch_size = 64
-    c.score.loss_chunk = 8  # the fastest head chunk on CPU (README "Performance": CPU scoring)
+    c.score.loss_chunk = 8  # the fastest head chunk on CPU (docs/performance.md, CPU scoring)
   elif preset == "books":
     p.max_chars_per_file = 1_000_000
     c.score.batch_size = 16  # CPU: a small step keeps each head tile in cache
-    c.score.loss_chunk, c.score.vocab_tile = 32, 2048  # the fastest CPU head (README "Performance": CPU scoring)
+    c.score.loss_chunk, c.score.vocab_tile = 32, 2048  # the fastest CPU head (docs/performance.md, CPU scoring)
   elif preset == "tasks":
     p.target = "tasks"
     p.max_chars_per_file = 1_000_000
@@ -68,7 +68,7 @@ def get_config(arg: str = "demo"):
     c.eval.tasks_dir = ""  # set to <data>/tasks (e.g. ../shared/data/tasks); "" = HuggingFace datasets
     c.conditional.train.warmup_steps = 100
     c.score.batch_size = 16  # CPU: a small step keeps each head tile in cache
-    c.score.loss_chunk, c.score.vocab_tile = 32, 2048  # the fastest CPU head (README "Performance": CPU scoring)
+    c.score.loss_chunk, c.score.vocab_tile = 32, 2048  # the fastest CPU head (docs/performance.md, CPU scoring)
   elif preset.endswith("fixed-n"):
     _fixed_n(c, preset, size or "demo")
   else:
@@ -86,7 +86,7 @@ def _fixed_n(c, preset: str, size: str):
   p.curve_tau = 2.0  # the random curve run: half the τ=16 pool = 8n tokens (the paper's "random with 8x data")
   p.random_budgets = (2.0, 4.0)  # random at 2n and 4n too: data efficiency read between neighbouring budgets
   c.score.batch_size = 16  # CPU: a small step keeps each head tile in cache
-  c.score.loss_chunk, c.score.vocab_tile = 32, 2048  # the fastest CPU head (README "Performance": CPU scoring)
+  c.score.loss_chunk, c.score.vocab_tile = 32, 2048  # the fastest CPU head (docs/performance.md, CPU scoring)
   if preset == "tasks-fixed-n":
     p.target = "tasks"
     c.sft.limit = 2000
@@ -114,7 +114,7 @@ def _fixed_n(c, preset: str, size: str):
 
 
 def _paper(c, preset: str):
-  """SPEC §1-3: 150M prior 24k x 256 x 512 on C4, conditionals on tasks, taus 7..64, 150M or 1.2B targets."""
+  """docs/definitions.md: 150M prior 24k x 256 x 512 on C4, conditionals on tasks, taus 7..64, 150M or 1.2B targets."""
   p = c.pipeline
   p.target = "tasks"
   p.tokenizer = "gpt-neox-20b-pii-special.json"  # GPT-NeoX-20B; point at your copy
@@ -122,14 +122,14 @@ def _paper(c, preset: str):
   p.taus = (7.0, 16.0, 32.0, 64.0)
   p.seeds = (0,)
   p.curve_tau = 0.0
-  p.pool_sequences = 342_000_000  # C4: ~175B tokens in 512-token sequences (SPEC §1)
+  p.pool_sequences = 342_000_000  # C4: ~175B tokens in 512-token sequences (docs/definitions.md#pipeline)
   p.target_sequences = 114_170  # the 7 offline tasks' train documents, one SFT row each
   c.eval.tasks = ALL_TASKS
-  c.eval.batch_size = 64  # held-out loss as the original: 100 batches x 64 shuffled sequences per eval (SPEC §3)
+  c.eval.batch_size = 64  # held-out loss as the original: 100 batches x 64 shuffled sequences per eval (the recipe)
   c.eval.shuffle = True
-  c.sft.loss_on_padding = True  # the original's SFT loss counted PAD positions (SPEC §3); False = the fix
+  c.sft.loss_on_padding = True  # the original's SFT loss counted PAD positions (the recipe); False = the fix
   c.prior.model = config.model_config("150m")
-  c.prior.train = config.train_config()  # 24,000 x 256 x 512, warmup 1000, SPEC §3
+  c.prior.train = config.train_config()  # 24,000 x 256 x 512, warmup 1000, docs/definitions.md#recipe
   c.prior.train.micro_batch_size = 64
   c.conditional.train = config.train_config()
   c.conditional.train.max_steps = 0

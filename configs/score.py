@@ -13,5 +13,5 @@ def get_config(size: str = "150m"):
   c.model = config.model_config(size)  # compute settings; the architecture comes from the params' manifests
   if size in ("tiny", "demo"):
     c.score.batch_size = 32
-    c.score.loss_chunk = 8  # the fastest head chunk on CPU (README "Performance": CPU scoring)
+    c.score.loss_chunk = 8  # the fastest head chunk on CPU (docs/performance.md, CPU scoring)
   return c

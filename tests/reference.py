@@ -1,4 +1,4 @@
-"""An independent float64 numpy implementation of SPEC §2's forward pass, for checking the JAX model."""
+"""An independent float64 numpy implementation of docs/definitions.md#model's forward pass, for checking the JAX model."""
 import math
 
 import jax
@@ -25,7 +25,7 @@ def _np_gelu(x):
 
 
 def reference_logits(spec, params, tokens):
-  """SPEC §2 written out directly in float64 numpy, one sequence at a time."""
+  """docs/definitions.md#model written out directly in float64 numpy, one sequence at a time."""
   p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
   out = []
   for seq in np.asarray(tokens):

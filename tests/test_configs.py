@@ -1,4 +1,4 @@
-"""The paper's recipe (SPEC §1-3) pinned in every config that claims to be it: the standalone 150M/1.2B pretrain and
+"""The paper's recipe (docs/definitions.md) pinned in every config that claims to be it: the standalone 150M/1.2B pretrain and
 target configs and the paper pipeline presets, as the stages they run would see them."""
 import pytest
 
@@ -6,12 +6,12 @@ from colorjax import config
 
 from conftest import make_config
 
-# SPEC §3: AdamW, clip, z-loss and the schedule's floor, shared by every stage of the paper.
+# docs/definitions.md#recipe: AdamW, clip, z-loss and the schedule's floor, shared by every stage of the paper.
 OPTIMIZER = dict(lr=1e-3, b1=0.9, b2=0.95, eps=1e-15, weight_decay=0.0, grad_clip=1.0, z_loss=1e-4,
                  min_lr_ratio=0.1)
-# SPEC §1/§3: 24,000 steps x 256 x 512 (about 3.1B tokens), warmup 1000 for the 150M prior and targets.
+# docs/definitions.md#pipeline/§3: 24,000 steps x 256 x 512 (about 3.1B tokens), warmup 1000 for the 150M prior and targets.
 RECIPE_150M = dict(OPTIMIZER, global_batch_size=256, max_steps=24_000, warmup_steps=1000)
-# SPEC §1/§3: 1.2B targets on a 192k-step schedule, warmup 8000.
+# docs/definitions.md#pipeline/§3: 1.2B targets on a 192k-step schedule, warmup 8000.
 RECIPE_1_2B = dict(OPTIMIZER, global_batch_size=256, max_steps=192_000, warmup_steps=8000)
 
 
@@ -20,7 +20,7 @@ def _check_train(train, recipe):
 
 
 def _check_heldout_eval(cfg):
-  """SPEC §3: the original's held-out loss is 100 batches x 64 shuffled sequences per eval."""
+  """docs/definitions.md#recipe: the original's held-out loss is 100 batches x 64 shuffled sequences per eval."""
   assert (cfg.train.eval_batches, cfg.eval.batch_size, cfg.eval.shuffle) == (100, 64, True)
 
 
@@ -60,16 +60,16 @@ def test_paper_presets_follow_the_paper(preset, size, target_recipe):
   _check_train(stages["target"].train, target_recipe)
   assert stages["target"].train.single_pass and not stages["target"].train.anneal_to_data
   cond = stages["conditional"].train
-  _check_train(cond, dict(OPTIMIZER, warmup_steps=100))  # the tasks conditional (SPEC §1)
+  _check_train(cond, dict(OPTIMIZER, warmup_steps=100))  # the tasks conditional (docs/definitions.md#pipeline)
   assert cond.max_steps <= 0 and cond.single_pass and cond.anneal_to_data  # one epoch, its own schedule
   for stage in stages.values():
     _check_heldout_eval(stage)
-  assert stages["target"].train.eval_every == 2000  # SPEC §1: the original evaluated every 2000 steps
+  assert stages["target"].train.eval_every == 2000  # docs/definitions.md#pipeline: the original evaluated every 2000 steps
 
 
 @pytest.mark.parametrize("preset", ["paper-150m", "paper-1.2b"])
 def test_paper_presets_keep_the_originals_precision_and_sft_loss(preset):
-  """SPEC §3: bf16 activations (precision "original", not fp32_residual) and an SFT loss that counts PAD."""
+  """docs/definitions.md#recipe: bf16 activations (precision "original", not fp32_residual) and an SFT loss that counts PAD."""
   cfg, stages = _pipeline_stages(preset)
   for stage in stages.values():
     assert stage.model.precision == "original" and stage.model.compute_dtype == "bfloat16"

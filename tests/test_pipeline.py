@@ -95,7 +95,7 @@ def test_books_split_keeps_plays_whole_and_parts_disjoint(data_dir, tmp_path):
 def test_paper_presets_dry_run(preset, target_steps):
   out = run_cli(["--config", f"configs/pipeline.py:{preset}", "--config.dry_run=True",
                  "--config.dry_run_devices=8"]).stdout
-  assert "24,000 x 256 x 512 = 3,145,728,000 tokens" in out  # the prior (SPEC §1)
+  assert "24,000 x 256 x 512 = 3,145,728,000 tokens" in out  # the prior (docs/definitions.md#pipeline)
   assert "params: total=254,067,712 non_embedding=151,045,120" in out
   assert target_steps in out  # tau=7: 342M/7 sequences, single pass (1.2B: 192k-step schedule)
   assert out.count("memory/device (estimate)") >= 6 and "pipeline total:" in out

@@ -93,7 +93,7 @@ def test_registry_entries_are_consistent():
 
 
 def test_a_new_selection_method_is_one_registry_entry(demo_run, tmp_path, monkeypatch):
-  """README "Add a selection method": one entry (here: rank by the conditional's NLL alone, under a new name) and
+  """docs/architecture.md "Add a selection method": one entry (here: rank by the conditional's NLL alone, under a new name) and
   the pipeline selects with it, trains its target, and reports it with its compute."""
   work = tmp_path / "work"
   shutil.copytree(demo_run[0], work, symlinks=True)

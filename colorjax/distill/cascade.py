@@ -86,8 +86,8 @@ def rescore_candidates(cfg, folders: dict, store: stores.TokenStore, values, pre
   d = cfg.distill
   n = store.num_sequences if within is None else within.size
   tau = n / selection_lib.keep_count(n, store.seq_len, d.tau, d.tokens, "distill")
-  parts, name = folders["predictions"].parent, candidates_folder(factor, within_id) + f"-tau{d.tau:g}"
-  candidates, rescored = parts / f"candidates-{name}", parts / f"rescored-{name}"
+  root, name = folders["predictions"].parent, candidates_folder(factor, within_id) + f"-tau{d.tau:g}"
+  candidates, rescored = root / f"candidates-{name}", root / f"rescored-{name}"
   request = candidates_request(cfg, factor, predictions_id, sample_id, store.id, within_id)
 
   def write_candidates():
@@ -106,7 +106,8 @@ def rescore_candidates(cfg, folders: dict, store: stores.TokenStore, values, pre
 
 
 def scoring_flops(scores: score_lib.Scores) -> float:
-  """FLOPs the prior and the conditional spent on a score folder (SPEC §5: 2N + 4LdT per token per model)."""
+  """FLOPs the prior and the conditional spent on a score folder (2N + 4LdT per token per model:
+  docs/definitions.md#flop-counts-and-reference-figures)."""
   spec = transformer.ModelSpec(**scores.manifest["model"])
   seq = int(scores.manifest["store"]["seq_len"])
   return float(transformer.flops_per_token(spec, seq, training=False)) * scores.num_sequences * seq * len(
@@ -114,8 +115,8 @@ def scoring_flops(scores: score_lib.Scores) -> float:
 
 
 def select(cfg, folder: pathlib.Path, store: stores.TokenStore, values, request: dict, scorer: dict,
-            cascade: dict | None, within: np.ndarray | None) -> pathlib.Path:
-  """The top k of the candidates (the pool, or `distill.within`) by prediction, or (cascade) by the true CoLoR score
+            chosen: dict | None, within: np.ndarray | None) -> pathlib.Path:
+  """The top k of the candidates (the pool, or `distill.within`) by prediction, or (chosen) by the true CoLoR score
   among the rescored candidates and the sampled ones."""
   if lineage.up_to_date(folder, request, "another selection", "choose another --config.workdir"):
     print(f"distill: {folder} is up to date; nothing to do")
@@ -123,13 +124,13 @@ def select(cfg, folder: pathlib.Path, store: stores.TokenStore, values, request:
   d = cfg.distill
   n = store.num_sequences if within is None else within.size
   k = selection_lib.keep_count(n, store.seq_len, d.tau, d.tokens, "distill")
-  if cascade is None:
+  if chosen is None:
     stream = parts.Stream(values, d.block_rows, within)
     ids, threshold = selection_lib.top_k(stream, k)
     ids = ids if within is None else within[ids]
     summary = None
   else:
-    rescored, sample_scores, sampled = cascade["rescored"], cascade["sample_scores"], cascade["sampled"]
+    rescored, sample_scores, sampled = chosen["rescored"], chosen["sample_scores"], chosen["sampled"]
     streams = [(select_lib.ScoreStream(rescored, methods.HEADLINE, "conditional_0", d.block_rows),
               rescored.num_sequences)]
     if sampled.size:
@@ -139,13 +140,13 @@ def select(cfg, folder: pathlib.Path, store: stores.TokenStore, values, request:
     rows, threshold = selection_lib.top_k(stream, k)
     first = rows < rescored.num_sequences
     ids = np.sort(np.concatenate([rescored.global_ids(rows[first]), sampled[rows[~first] - rescored.num_sequences]]))
-    summary = {"factor": cascade["factor"], "target_recall": float(d.target_recall) or None,
-               "estimated_recall": cascade["estimate"], "rescored": rescored.num_sequences,
+    summary = {"factor": chosen["factor"], "target_recall": float(d.target_recall) or None,
+               "estimated_recall": chosen["estimate"], "rescored": rescored.num_sequences,
                "reused_sample": int(sampled.size), "scoring_flops": scoring_flops(rescored)}
-  rescored = None if cascade is None else cascade["rescored"]
+  rescored = None if chosen is None else chosen["rescored"]
   manifest = selection_lib.stage_manifest(
       cfg, "distill", request, d.method, ids, n, store, folder, within, threshold=threshold, seed=None,
-      conditional=None if cascade is None else "conditional_0",
+      conditional=None if chosen is None else "conditional_0",
       scores=None if rescored is None else {"path": lineage.relative(rescored.path, folder), "id": rescored.id,
                                             "models": rescored.manifest["models"]},
       cascade=summary, scorer={"id": scorer["id"], "quality": scorer["quality"]},
@@ -190,7 +191,8 @@ def expected_requests(cfg, store: stores.TokenStore, models: list[dict] | None,
     sample = lineage.content_id(out["sample"])
     out["sample_scores"] = score_lib.scores_request(store.id, models, numerics, sample)
     sample_scores_id = lineage.content_id(out["sample_scores"])
-    out["scorer"] = parts.scorer_request(cfg, sample_scores_id, parts.features_of(cfg, store), store.manifest["tokenizer"]["sha256"])
+    out["scorer"] = parts.scorer_request(cfg, sample_scores_id, parts.features_of(cfg, store),
+                                         store.manifest["tokenizer"]["sha256"])
     scorer_id = lineage.content_id(out["scorer"])
     saved = pathlib.Path(parts.folders_of(cfg, pathlib.Path(cfg.workdir).resolve())["scorer"]) / formats.MANIFEST
     scorer_manifest = formats.read_json(saved) if saved.is_file() else None
@@ -202,7 +204,8 @@ def expected_requests(cfg, store: stores.TokenStore, models: list[dict] | None,
   if d.method != CASCADE:
     out["selection"] = selection_request(cfg, predictions_id, store.id, within_id)
     return out
-  factor, _ = cascade_factor(cfg, scorer_manifest, 0.0 if d.scorer else parts.sample_size(cfg, sampled_from) / sampled_from)
+  share = 0.0 if d.scorer else parts.sample_size(cfg, sampled_from) / sampled_from
+  factor, _ = cascade_factor(cfg, scorer_manifest, share)
   if models is None or factor is None:
     return out
   name = candidates_folder(factor, within_id) + f"-tau{d.tau:g}"

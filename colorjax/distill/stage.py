@@ -155,7 +155,8 @@ def scoring_plan(cfg, candidates: int, sampled_from: int, seq_len: int) -> dict:
   charged_sample = sample * candidates / max(sampled_from, 1)
   rescored = 0
   if d.method == cascade.CASCADE:
-    rescored = cascade.rescore_count(float(d.cascade_factor), max(candidates - round(charged_sample), 1), candidates / k)
+    unsampled = max(candidates - round(charged_sample), 1)
+    rescored = cascade.rescore_count(float(d.cascade_factor), unsampled, candidates / k)
   charged = charged_sample + rescored
   return {"k": k, "sample": sample, "rescored": rescored, "charged": charged, "share": charged / candidates}
 
@@ -174,13 +175,13 @@ def describe(cfg) -> None:
   plan = scoring_plan(cfg, n, sampled_from, store.seq_len)
   scorer = f"reuses the scorer {d.scorer}" if d.scorer else (
       f"the prior and conditional score a sample of {plan['sample']:,} of {sampled_from:,}, a linear model on hashed "
-      f"token 1..{d.ngram}-grams ({d.buckets:,} buckets, {d.objective}, {parts.folds(cfg)} parts.folds) predicts the rest")
-  cascade = ""
+      f"token 1..{d.ngram}-grams ({d.buckets:,} buckets, {d.objective}, {parts.folds(cfg)} folds) predicts the rest")
+  rescoring = ""
   if d.method == cascade.CASCADE:
     how = (f"the factor reaching an estimated recall of {d.target_recall:g}, chosen after the fit (planned at "
            f"{d.cascade_factor:g})" if d.target_recall else f"{d.cascade_factor:g} x the top 1/tau")
-    cascade = f"; the cascade rescores the top {plan['rescored']:,} unsampled by prediction ({how})"
-  print(f"distill (dry run): {d.method} keeps {plan['k']:,} of {n:,} sequences; {scorer}{cascade}: "
+    rescoring = f"; the cascade rescores the top {plan['rescored']:,} unsampled by prediction ({how})"
+  print(f"distill (dry run): {d.method} keeps {plan['k']:,} of {n:,} sequences; {scorer}{rescoring}: "
         f"{plan['share']:.1%} of scoring the {n:,} candidates")
   if plan["sample"] or plan["rescored"]:
     scfg = parts.score_config(cfg)
@@ -219,7 +220,8 @@ def expected(dcfg, known: selection_stage.Known) -> list:
   requests = {}
   if ready:
     requests = cascade.expected_requests(dcfg, stores.TokenStore(store_path), known.models(), within, sample_from)
-  out = [(f"distill {part}", folder, requests.get(part)) for part, folder in cascade.part_folders(dcfg, requests).items()]
+  folders = cascade.part_folders(dcfg, requests)
+  out = [(f"distill {part}", folder, requests.get(part)) for part, folder in folders.items()]
   return out + [("selection", pathlib.Path(dcfg.workdir), requests.get("selection"))]
 
 
@@ -233,8 +235,10 @@ def plan(dcfg, sizes: selection_stage.Sizes, counted: set) -> float:
   p = scoring_plan(dcfg, sizes.candidates, sizes.shared_from, sizes.seq_len)
   flops = per_sequence * (p["sample"] + p["rescored"])
   hours = (p["sample"] + p["rescored"]) * sizes.seq_len / max(sizes.tokens_per_s, 1.0) / 3600
-  planned = (f" (planned at cascade.cascade_factor {d.cascade_factor:g}: with distill.target_recall {d.target_recall:g} the "
-             "factor is chosen after the fit, printed with its cost)" if d.method == cascade.CASCADE and d.target_recall else "")
+  planned = ""
+  if d.method == cascade.CASCADE and d.target_recall:
+    planned = (f" (planned at cascade_factor {d.cascade_factor:g}: with distill.target_recall {d.target_recall:g} the "
+               "factor is chosen after the fit, printed with its cost)")
   print(f"  {pathlib.Path(dcfg.workdir).name}: scores {p['sample']:,} sampled (of {sizes.shared_from:,}, shared by "
         f"every tau) + {p['rescored']:,} rescored sequences = {flops:.3e} FLOPs, {hours:,.2f} device-hours at "
         f"{sizes.tokens_per_s:,.0f} pool tok/s per device; charged {p['share']:.1%} of scoring its "

@@ -32,7 +32,7 @@ from colorjax.training import checkpoint
 SAFETENSORS = "model.safetensors"
 TORCH_WEIGHTS = "model.pt"
 CONFIG = "config.yaml"
-NEOX_TOKENIZER = "gpt-neox-20b-pii-special"  # the original's tokenizer (SPEC §2), in ../shared/data/tokenizer
+NEOX_TOKENIZER = "gpt-neox-20b-pii-special"  # the original's tokenizer (docs/definitions.md#model)
 
 
 def locate(weights: str, config: str) -> tuple[pathlib.Path, pathlib.Path]:

@@ -34,7 +34,7 @@ EXPORT_MODEL_DEFAULTS = dict(OLMO_MODEL_DEFAULTS, activation_type="gelu", rope=T
                              include_bias=False, bias_for_layer_norm=False, weight_tying=False, init_device="meta",
                              init_fn="mitchell", precision="amp_bf16")
 
-# (field, test, why): options whose math colorjax's model (SPEC §2) does not have.
+# (field, test, why): options whose math colorjax's model (docs/definitions.md#model) does not have.
 _RUNNABLE = (
     ("activation_type", lambda v, m: v == "gelu", "colorjax's MLP is exact GELU (no SwiGLU or ReLU)"),
     ("block_type", lambda v, m: v == "sequential", "colorjax runs OLMo's sequential pre-norm block only"),
@@ -104,7 +104,8 @@ def check_runnable(m: dict, where) -> None:
   for field, ok, why in _RUNNABLE:
     if not ok(m[field], m):
       raise errors.DataError(f"{where}: model.{field}={m[field]!r} is not supported: {why}; colorjax runs only the "
-                             "OLMo architecture of SPEC §2 and refuses one it would compute differently")
+                             "OLMo architecture (docs/definitions.md#model) and refuses one it would compute "
+                             "differently")
   if m["d_model"] % m["n_heads"]:
     raise errors.DataError(f"{where}: model.d_model={m['d_model']} is not divisible by model.n_heads={m['n_heads']}")
   if m["n_layers"] % m["block_group_size"]:

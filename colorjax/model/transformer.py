@@ -1,10 +1,10 @@
-"""The OLMo-style decoder of SPEC §2, in Flax NNX.
+"""The OLMo-style decoder of docs/definitions.md#model, in Flax NNX.
 
 Parameters are fp32; matmuls and attention run in `compute_dtype` (bf16 by default). `precision` says what else:
-  original       what the paper's runs did (FSDP bf16 params under autocast, SPEC §3): bf16 residual stream and
-                 activations, norm gains applied as bf16, LayerNorm/QK-norm statistics and RoPE in fp32 inside the
-                 op (the QK-norm output rounded to bf16 before RoPE, as OLMo), bf16 logits (cross-entropy in fp32 on
-                 them). Faithful, and the fastest: half the bytes.
+  original       what the paper's runs did (FSDP bf16 params under autocast; docs/definitions.md#recipe): bf16
+                 residual stream and activations, norm gains applied as bf16, LayerNorm/QK-norm statistics and RoPE in
+                 fp32 inside the op (the QK-norm output rounded to bf16 before RoPE, as OLMo), bf16 logits
+                 (cross-entropy in fp32 on them). Faithful, and the fastest: half the bytes.
   fp32_residual  more precise than the original: fp32 residual stream, norm gains and logits.
 Every parameter carries `logical_axes` metadata;
 `sharding.py` maps those names to mesh axes, so nothing here knows about devices. Activations are annotated through
@@ -348,7 +348,8 @@ def param_counts(spec: ModelSpec) -> dict:
 
 
 def flops_per_token(spec: ModelSpec, seq_len: int, training: bool = True) -> float:
-  """SPEC §5's convention: 6N + 12·L·d·T (train) or 2N + 4·L·d·T (forward), N = non-embedding + head params."""
+  """6N + 12·L·d·T (train) or 2N + 4·L·d·T (forward), N = non-embedding + head params
+  (docs/definitions.md#flop-counts-and-reference-figures)."""
   counts = param_counts(spec)
   n = counts["non_embedding"] + counts["head"]
   if training:

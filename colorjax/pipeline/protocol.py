@@ -4,8 +4,8 @@ the prior trains on, what the scoring pass covers and how a target's schedule is
 - fixed pool (the paper's 1.2B experiments): every selection keeps 1/τ of the pool; the random curve run keeps
   1/curve_tau of it.
 - fixed n (the 150M experiments, Fig. 2; pools.py): n = the prior's sequences; each τ selects n from a nested pool
-  of τ·n, random also runs at τ=1, at each `pipeline.random_budgets` multiple of n and on the curve run (1/curve_tau of
-  the largest pool); one scoring pass of the largest pool serves every τ; the prior trains outside it when the
+  of τ·n, random also runs at τ=1, at each `pipeline.random_budgets` multiple of n and on the curve run (1/curve_tau
+  of the largest pool); one scoring pass of the largest pool serves every τ; the prior trains outside it when the
   store allows; every target's steps and schedule follow its own budget.
 """
 import pathlib
@@ -35,8 +35,10 @@ class FixedPool:
   def extra_runs(self, cfg) -> list[dict]:
     """The runs besides each (method, τ, seed): the random curve run over 1/curve_tau of the pool."""
     baseline, tau = methods.BASELINE.name, float(cfg.pipeline.curve_tau)
+    if not tau:
+      return []
     return [dict(name=f"target-{baseline}-tau{tau:g}-s{seed}", method=baseline, tau=tau, seed=int(seed),
-                 selection=f"{baseline}-tau{tau:g}-s{seed}", role="curve") for seed in cfg.pipeline.seeds] if tau else []
+                 selection=f"{baseline}-tau{tau:g}-s{seed}", role="curve") for seed in cfg.pipeline.seeds]
 
   def score_index(self, root: pathlib.Path) -> str:
     """What the whole-pool scoring pass covers ("" = the pool)."""

@@ -129,8 +129,8 @@ def _run(cfg, root: pathlib.Path):
   runs = []
   for r in stages.runs:
     step(f"train {r.name}", train.run, r.config)
-    runs.append(r.record() | {"workdir": lineage.relative(r.config.workdir, root),
-                              "selection_dir": lineage.relative(selections[r.selection], root) if r.selection else None})
+    selection_dir = lineage.relative(selections[r.selection], root) if r.selection else None
+    runs.append(r.record() | {"workdir": lineage.relative(r.config.workdir, root), "selection_dir": selection_dir})
 
   # 5. report
   rel = lambda p: lineage.relative(p, root)

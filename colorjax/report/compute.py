@@ -1,6 +1,6 @@
 """Compute accounting of a pipeline's methods, as the paper compares them: what each selection method spends to
-reach its held-out loss, in FLOPs from colorjax's own counters (SPEC §5: 6N + 12LdT per trained token, 2N + 4LdT per
-scored token).
+reach its held-out loss, in FLOPs from colorjax's own counters (6N + 12LdT per trained token, 2N + 4LdT per scored
+token: docs/definitions.md#flop-counts-and-reference-figures).
 
 Per target run: its training, plus RHO-down's scoring forwards of every candidate; plus the work its method needs
 before training — CoLoR: prior, conditional and scoring the pool with both; conditional-only: prior, conditional and
@@ -169,7 +169,8 @@ def markdown(rows: list[dict], costs: dict, done: dict | None = None) -> list[st
   steps = ", ".join(f"{k} {e(v)}" for k, v in costs.items() if k != "scoring_one")
   needs = "; ".join(f"{m.name}: {', '.join(m.shared_work) or 'none'}" for m in methods.REGISTRY.values()
                     if any(r["method"] == m.name for r in compared))
-  lines = ["## Compute", "", "FLOPs each method spent to reach its held-out loss (SPEC §5 counts). Shared: the steps "
+  lines = ["## Compute", "", "FLOPs each method spent to reach its held-out loss (6N + 12LdT per trained token, "
+           "2N + 4LdT per scored token). Shared: the steps "
            f"a method needs before it selects ({needs}). Shared steps: {steps}.",
            "", "| run | method | τ | loss | training | selection forwards | shared | total |",
            "|---|---|---|---|---|---|---|---|"]

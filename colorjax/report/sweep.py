@@ -1,5 +1,5 @@
 """The paper's Figure 2 in miniature: each method's held-out target loss (and, for a tasks target, the mean task
-accuracy) against τ, with the seeds' spread, beside the ordering the paper reports (SPEC §5, §7)."""
+accuracy) against τ, with the seeds' spread, beside the ordering the paper reports (docs/definitions.md#protocols)."""
 import pathlib
 
 import numpy as np

@@ -12,7 +12,8 @@ import jax
 from colorjax import console
 from colorjax import errors
 
-# Dense bf16 peak FLOP/s per device, by substrings of jax's device_kind (SPEC §5 uses 989 TFLOP/s for H100).
+# Dense bf16 peak FLOP/s per device, by substrings of jax's device_kind (989 TFLOP/s for an H100:
+# docs/definitions.md#flop-counts-and-reference-figures).
 PEAK_FLOPS = (
     ("H200", 989e12), ("H100", 989e12), ("GH200", 989e12), ("A100", 312e12), ("L4", 121e12), ("A10", 125e12),
     ("B200", 2250e12), ("TPU v6", 918e12), ("TPU v5p", 459e12), ("TPU v5 lite", 197e12), ("TPU v5e", 197e12),

@@ -3,7 +3,8 @@
 Each step draws τ·b candidate sequences; the model being trained and a fixed reference model score them (forward
 only, per-sequence mean NLL, fp32), and the step trains on the b candidates with the largest reducible loss
 NLL_θ − NLL_ref. Reference = a model trained on target data only (RHO-down) or the conditional (RHO-down + prior,
-the paper's strongest baseline, SPEC §6). Everything happens in the one jitted step: no host round trip.
+the paper's strongest baseline, docs/definitions.md#baselines). Everything happens in the one jitted step: no host
+round trip.
 """
 import dataclasses
 
