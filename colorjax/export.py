@@ -15,13 +15,13 @@ import numpy as np
 from colorjax import console
 from colorjax import errors
 from colorjax import methods
-from colorjax import score as score_lib
 from colorjax.artifacts import formats
 from colorjax.artifacts import lineage
 from colorjax.data import stores
 from colorjax.data import tokenizer as tokenizer_lib
 from colorjax.model import losses
 from colorjax.selection import artifact as selection_lib
+from colorjax.artifacts import scores as scores_lib
 
 BREAKDOWN = "breakdown.json"
 
@@ -43,7 +43,7 @@ def run(cfg) -> pathlib.Path:
   console.on_main_then_sync(lambda: None, f"export {workdir} checked")  # before any host writes
   tokenizer = tokenizer_lib.load_tokenizer(str(store.tokenizer_path()))
   scores_ref = manifest.get("scores")
-  scores = score_lib.Scores(lineage.resolve(scores_ref["path"], selection)) if scores_ref else None
+  scores = scores_lib.Scores(lineage.resolve(scores_ref["path"], selection)) if scores_ref else None
   workdir.mkdir(parents=True, exist_ok=True)
   mine = np.array_split(ids, hosts)[host]  # every host writes its own contiguous share of the ids, in parallel
   out_path = workdir / output_names(hosts)[host]

@@ -29,6 +29,7 @@ from colorjax import sharding
 from colorjax.artifacts import formats
 from colorjax.artifacts import lineage
 from colorjax.artifacts import object_storage
+from colorjax.artifacts import scores as scores_lib
 from colorjax.data import stores
 from colorjax.model import estimate
 from colorjax.model import losses
@@ -37,30 +38,6 @@ from colorjax.training import checkpoint
 from colorjax.training import metrics
 from colorjax.training import preemption
 
-
-
-def _zarr(path: pathlib.Path, create: bool = False, **kw):
-  """Open a score array; `create` also opens one of the same shape and dtype already there: a start that died
-  before its manifest, or a shard job of the same request starting at the same moment (no chunk is scored before
-  the manifest exists, so nothing in it is trusted)."""
-  spec = {"driver": "zarr", "kvstore": {"driver": "file", "path": str(path)}}
-  try:
-    return ts.open(spec, create=create, open=True, **kw).result()
-  except ValueError as e:
-    if create:
-      raise errors.DataError(f"{path} exists with another shape or dtype, and {path.parent} has no manifest (a start "
-                             "of another job that died); delete that folder or choose another --config.workdir") from e
-    raise errors.DataError(f"{path} is missing or unreadable ({e}); re-run the score stage into a new "
-                           "--config.workdir") from e
-
-
-VERIFY_FLAG = "--config.score.verify=True"
-IDS = "ids.npy"  # an index-restricted score folder: the pool ids of its rows, ascending
-PREFIXES = "prefix_nll.zarr"  # [rows, models, prefixes]: mean NLL of each sequence's first k tokens (diagnostics)
-
-
-def _first_line(error: Exception) -> str:
-  return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -73,98 +50,6 @@ def parse_shard(text: str) -> tuple[int, int]:
   if not 0 <= i < n:
     raise errors.ConfigError(f"score.shard={text!r}: need 0 <= i < n")
   return i, n
-
-
-class Scores:
-  """Read access to a score folder (manifest + nll.zarr + done.zarr)."""
-
-  def __init__(self, path):
-    self.path = pathlib.Path(path)
-    self.manifest = formats.open_manifest(self.path, formats.SCORES)
-    self.num_sequences = int(self.manifest["num_sequences"])
-    self.columns = [m["name"] for m in self.manifest["models"]]
-    self.chunk_rows = int(self.manifest["chunk_rows"])
-    self._nll = None
-    # an index-restricted folder's row r holds sequence ids[r] of the pool; a whole-pool folder's row r is id r
-    self.ids = np.load(self.path / IDS) if self.manifest.get("index") else None
-
-  @property
-  def prefixes(self) -> tuple:
-    """Token counts of the prefix NLLs recorded beside the scores (() for a folder without them)."""
-    return tuple(self.manifest.get("prefixes") or ())
-
-  def read_prefixes(self, start: int, stop: int) -> np.ndarray:
-    """[rows, models, prefixes] prefix mean NLLs of rows [start, stop)."""
-    return np.asarray(_zarr(self.path / PREFIXES)[start:stop].read().result(), np.float32)
-
-  def global_ids(self, rows: np.ndarray) -> np.ndarray:
-    """The pool ids of rows of this folder."""
-    rows = np.asarray(rows, np.int64)
-    return rows if self.ids is None else self.ids[rows]
-
-  def rows_of(self, ids: np.ndarray) -> np.ndarray:
-    """The rows holding pool sequences `ids`; a DataError names an id this folder did not score."""
-    ids = np.asarray(ids, np.int64)
-    if self.ids is None:
-      return ids
-    rows = np.minimum(np.searchsorted(self.ids, ids), self.ids.size - 1)
-    missing = ids[self.ids[rows] != ids] if ids.size else ids
-    if missing.size:
-      raise errors.DataError(f"{self.path} scored {self.ids.size:,} sequences of its index, not sequence "
-                             f"{int(missing[0])}: the selection was not made from these scores")
-    return rows
-
-  @property
-  def nll(self):
-    if self._nll is None:
-      self._nll = _zarr(self.path / "nll.zarr")
-    return self._nll
-
-  def done(self) -> np.ndarray:
-    try:
-      return _zarr(self.path / "done.zarr").read().result().astype(bool)
-    except ValueError as e:
-      raise errors.DataError(f"{self.path / 'done.zarr'} is unreadable ({_first_line(e)}); delete {self.path} and "
-                             "re-run the score stage") from e
-
-  def check_complete(self):
-    done = self.done()
-    if not done.all():
-      raise errors.DataError(f"{self.path} is incomplete: {int((~done).sum())} of {done.size} row chunks are not "
-                             "scored yet; finish the score stage (re-run it, or every --config.score.shard job)")
-
-  @property
-  def id(self) -> str:
-    """Content id: the pool and the models, by their ids (older score folders: derived the same way)."""
-    return self.manifest.get("id") or lineage.content_id(scores_request(self.manifest["store"]["id"],
-                                                                        self.manifest["models"]))
-
-  def store_path(self) -> pathlib.Path:
-    """The scored pool store, as recorded relative to this folder (so a moved work directory finds its own)."""
-    return lineage.resolve(self.manifest["store"]["path"], self.path)
-
-  def column(self, name: str) -> int:
-    if name not in self.columns:
-      raise errors.DataError(f"{self.path} has no model column {name!r}; columns: {self.columns}")
-    return self.columns.index(name)
-
-  def read(self, start: int, stop: int) -> np.ndarray:
-    """Rows [start, stop) of the [num_sequences, models] NLL array (stop clipped to the end)."""
-    stop = min(stop, self.num_sequences)
-    return self._checked(lambda: self.nll[start:stop].read().result(), f"rows {start:,}..{stop - 1:,}")
-
-  def read_ids(self, ids: np.ndarray) -> np.ndarray:
-    """The NLL rows of pool sequences `ids` (only those rows' chunks are read)."""
-    rows = self.rows_of(ids)
-    return self._checked(lambda: self.nll.oindex[rows].read().result(), f"{rows.size:,} selected rows")
-
-  def _checked(self, read, what: str) -> np.ndarray:
-    """A read whose failure (a chunk damaged on disk) names the folder and the fix."""
-    try:
-      return read()
-    except ValueError as e:
-      raise errors.DataError(f"{self.path / 'nll.zarr'}: {what} are unreadable ({_first_line(e)}); re-score the "
-                             f"damaged chunks: re-run the score stage (or the pipeline) with {VERIFY_FLAG}") from e
 
 
 def model_entries(cfg):
@@ -242,11 +127,11 @@ def is_complete(workdir: pathlib.Path, request: dict) -> bool:
   """Whether `workdir` already holds finished scores for this request (pool and models)."""
   if not (workdir / formats.MANIFEST).exists():
     return False
-  scores = Scores(workdir)
+  scores = scores_lib.Scores(workdir)
   return scores.manifest.get("request") == lineage.normalized(request) and bool(scores.done().all())
 
 
-def damaged_chunks(scores: Scores) -> list[int]:
+def damaged_chunks(scores: scores_lib.Scores) -> list[int]:
   """Row chunks whose file is damaged (a disk fault, a truncated copy): marked done but unreadable or holding a NaN,
   or not done with a file left that cannot be read (a re-score would read it before writing a short last chunk)."""
   done, bad = scores.done(), []
@@ -268,14 +153,14 @@ def reopen_damaged(workdir: pathlib.Path, request: dict) -> None:
   """score.verify: the damaged chunks of this request's scores lose their done flag, so this run re-scores them."""
   if not (workdir / formats.MANIFEST).exists():
     return
-  scores = Scores(workdir)
+  scores = scores_lib.Scores(workdir)
   if scores.manifest.get("request") != lineage.normalized(request):
     return
   bad = damaged_chunks(scores)
   if bad and console.is_main():
     print(f"score: {len(bad)} of {scores.done().size} chunks of {workdir} are damaged (chunks {bad[:10]}"
           f"{' ...' if len(bad) > 10 else ''}); re-scoring them")
-    done = _zarr(workdir / "done.zarr")
+    done = scores_lib.zarr(workdir / "done.zarr")
     for chunk in bad:
       done[chunk].write(np.uint8(0)).result()
       # the damaged file goes: a write of a short last chunk would read it first (one chunk spans all columns)
@@ -351,16 +236,16 @@ def _open_output(workdir: pathlib.Path, manifest: dict, num_chunks: int, ids: np
   if console.is_main():
     workdir.mkdir(parents=True, exist_ok=True)
     n, k = manifest["num_sequences"], len(manifest["models"])
-    _zarr(workdir / "nll.zarr", create=True, dtype=ts.float32, shape=[n, k], fill_value=np.nan,
+    scores_lib.zarr(workdir / "nll.zarr", create=True, dtype=ts.float32, shape=[n, k], fill_value=np.nan,
           chunk_layout=ts.ChunkLayout(chunk_shape=[manifest["chunk_rows"], k]))
-    _zarr(workdir / "done.zarr", create=True, dtype=ts.uint8, shape=[num_chunks], fill_value=0,
+    scores_lib.zarr(workdir / "done.zarr", create=True, dtype=ts.uint8, shape=[num_chunks], fill_value=0,
           chunk_layout=ts.ChunkLayout(chunk_shape=[1]))
     if manifest.get("prefixes"):
       p = len(manifest["prefixes"])
-      _zarr(workdir / PREFIXES, create=True, dtype=ts.float32, shape=[n, k, p], fill_value=np.nan,
+      scores_lib.zarr(workdir / scores_lib.PREFIXES, create=True, dtype=ts.float32, shape=[n, k, p], fill_value=np.nan,
             chunk_layout=ts.ChunkLayout(chunk_shape=[manifest["chunk_rows"], k, p]))
     if ids is not None:
-      np.save(workdir / IDS, ids)
+      np.save(workdir / scores_lib.IDS, ids)
     lineage.write_manifest(workdir, manifest)
 
 
@@ -438,7 +323,7 @@ def _score(cfg, workdir, store, request, profiler, shard_i, shard_n, peak_flops:
   console.on_main_then_sync(lambda: _open_output(workdir, manifest, num_chunks, index), "score output")
   if not console.is_main():
     _open_output(workdir, manifest, num_chunks)  # every host checks the folder it will write into
-  out = Scores(workdir)
+  out = scores_lib.Scores(workdir)
   mine = np.arange(num_chunks)[shard_i * num_chunks // shard_n:(shard_i + 1) * num_chunks // shard_n]
   todo = mine[~out.done()[mine]]
   per_host = [todo[h::hosts] for h in range(hosts)]
@@ -489,9 +374,9 @@ def _score(cfg, workdir, store, request, profiler, shard_i, shard_n, peak_flops:
       chunk = int(my_chunks[slot])
       first, stop = chunk * chunk_rows, min(n, (chunk + 1) * chunk_rows)
       if prefixes:  # before the scores: a chunk whose scores are written has its prefixes too
-        _zarr(workdir / PREFIXES)[first:stop].write(prefix_buffer[: stop - first]).result()
+        scores_lib.zarr(workdir / scores_lib.PREFIXES)[first:stop].write(prefix_buffer[: stop - first]).result()
       out.nll[first:stop].write(buffer[: stop - first]).result()
-      _zarr(workdir / "done.zarr")[chunk].write(np.uint8(1)).result()
+      scores_lib.zarr(workdir / "done.zarr")[chunk].write(np.uint8(1)).result()
       object_storage.flush()
     elapsed = max(time.time() - start, 1e-9)
     seq_per_s = bar.count / elapsed

@@ -20,36 +20,11 @@ from colorjax import config as config_lib
 from colorjax import console
 from colorjax import errors
 from colorjax import methods
-from colorjax import score as score_lib
 from colorjax.selection import stage as selection_stage
 from colorjax.artifacts import lineage
 from colorjax.data import stores
-from colorjax.model import losses
 from colorjax.selection import artifact as selection_lib
-
-class ScoreStream:
-  """Streams fp32 scores of one selection method over the score array, `block_rows` rows at a time; with `ids`
-  (sorted pool ids, e.g. a fixed-n pool) over those sequences only, positions counting within `ids`."""
-
-  def __init__(self, scores: score_lib.Scores, method: methods.Method, conditional: str, block_rows: int,
-               ids: np.ndarray | None = None):
-    self.scores, self.block_rows, self.ids = scores, int(block_rows), ids
-    self.cond = scores.column(conditional)
-    self.prior = scores.column("prior") if "prior" in method.score_columns else None
-
-  def __iter__(self):
-    n = self.scores.num_sequences if self.ids is None else self.ids.size
-    for start in range(0, n, self.block_rows):
-      stop = min(n, start + self.block_rows)
-      rows = self.scores.read(start, stop) if self.ids is None else self.scores.read_ids(self.ids[start:stop])
-      values = losses.color_score(None if self.prior is None else rows[:, self.prior], rows[:, self.cond])
-      if np.isnan(values).any():
-        at = start + int(np.argmax(np.isnan(values)))
-        bad = int(self.scores.global_ids([at])[0] if self.ids is None else self.ids[at])
-        raise errors.DataError(f"{self.scores.path}: score of sequence {bad} is NaN (unscored or corrupt); re-run the "
-                               f"score stage with {score_lib.VERIFY_FLAG} (it re-scores damaged chunks)")
-      yield start, values.astype(np.float32)
-
+from colorjax.artifacts import scores as scores_lib
 
 def selection_request(cfg, scores_id: str, store_id: str, within_id: str | None = None) -> dict:
   """What decides a selection's content: the method and its settings, the pool (and the candidates within it, by
@@ -92,7 +67,7 @@ def run(cfg) -> pathlib.Path:
     raise errors.ConfigError("set --config.select.scores to a score folder (the score stage's workdir)"
                              + ("" if method.ranks_scores else ", or --config.select.store to draw from the pool"))
   workdir = pathlib.Path(cfg.workdir).resolve()
-  scores = score_lib.Scores(scfg.scores)
+  scores = scores_lib.Scores(scfg.scores)
   store = stores.TokenStore(scores.store_path())
   if store.id != scores.manifest["store"]["id"]:
     raise errors.DataError(f"store {store.path} changed since it was scored (id {store.id}, scores say "
@@ -133,7 +108,7 @@ def _select(cfg, workdir, scores, store, request, n: int, k: int, within: np.nda
   if not method.ranks_scores:
     rows = selection_lib.random_sample(n, k, cfg.seed, scfg.block_rows)
   else:
-    stream = ScoreStream(scores, method, scfg.conditional, scfg.block_rows, within)
+    stream = selection_lib.ScoreStream(scores, method, scfg.conditional, scfg.block_rows, within)
     rows, threshold = selection_lib.top_k(stream, k)
     stats = selection_lib.score_statistics(stream)
   # the pool's ids: positions in the candidates, or rows of the score folder (a score.index holds a subset)
@@ -157,7 +132,7 @@ def describe(cfg) -> None:
     store = stores.TokenStore(cfg.select.store)
     total = store.num_sequences
   else:
-    scores = score_lib.Scores(cfg.select.scores)
+    scores = scores_lib.Scores(cfg.select.scores)
     store, total = stores.TokenStore(scores.store_path()), scores.num_sequences
   within, _ = selection_lib.within_ids(cfg.select.within, store, "select.within")
   n = total if within is None else within.size

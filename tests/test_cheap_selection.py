@@ -10,12 +10,12 @@ import pytest
 
 from colorjax.distill import parts as distill_parts
 from colorjax.distill import stage as distill
-from colorjax import score
 from colorjax.data import stores
 from colorjax.model import losses
 from colorjax.model import transformer
 from colorjax.pipeline import runner
 from colorjax.training import ngram_scorer as scorer_lib
+from colorjax.artifacts import scores as scores_lib
 from conftest import SMALL_DEMO, make_config, run_cli
 
 # a fixed cascade factor: the dry run's plan is then exact (with distill.target_recall the factor is chosen after
@@ -69,7 +69,7 @@ def test_the_cascade_reuses_the_samples_true_scores(cheap_run):
   (rescored,) = list((work / "distill").glob("rescored-*"))
   union = []
   for folder in (work / "distill" / "sample_scores", rescored):
-    s = score.Scores(folder)
+    s = scores_lib.Scores(folder)
     nll = s.read(0, s.num_sequences)
     union.append((s.global_ids(np.arange(s.num_sequences)), losses.color_score(nll[:, 0], nll[:, 1])))
   ids, values = np.concatenate([u[0] for u in union]), np.concatenate([u[1] for u in union])
@@ -119,7 +119,7 @@ def test_prefix_nlls_equal_scoring_the_prefix_alone():
 
 def test_the_score_stage_records_prefix_nlls_beside_the_scores(demo_run):
   root, _ = demo_run
-  scores = score.Scores(root / "scores")
+  scores = scores_lib.Scores(root / "scores")
   assert scores.prefixes == (16, 32)  # score.prefix_fractions (0.25, 0.5) of 64 tokens
   prefix = scores.read_prefixes(0, scores.num_sequences)
   assert prefix.shape == (scores.num_sequences, 2, 2) and np.isfinite(prefix).all()
@@ -142,7 +142,7 @@ def test_the_exact_curves_follow_the_pool(demo_run, tmp_path):
     cascade = entry["taus"]["8"]["cascade"]
     recalls, costs = [c["recall"] for c in cascade], [c["share"] for c in cascade]
     assert recalls == sorted(recalls) and costs == sorted(costs) and 0 < recalls[-1] <= 1
-  pool_scores = score.Scores(work / "scores")
+  pool_scores = scores_lib.Scores(work / "scores")
   true = cheap._true_scores(pool_scores, np.arange(pool_scores.num_sequences))  # pylint: disable=protected-access
   everything = cheap.cascade_point(true, np.zeros_like(true), np.arange(0), 8.0, 8.0)
   assert everything["recall"] == 1.0 and everything["share"] == 1.0  # rescoring all is exactly CoLoR

@@ -18,6 +18,7 @@ from colorjax.interop import dolma
 from colorjax.interop import dolma_export
 from colorjax.interop import dolma_scores
 from colorjax.selection import artifact as selection_lib
+from colorjax.artifacts import scores as scores_lib
 from conftest import REPO, make_config, run_cli, tiny_train_overrides
 
 POOL_FILES = ["data/pool/part-000.npy", "data/pool/part-001.npy", "data/pool/part-002.npy"]
@@ -55,10 +56,10 @@ def adopt(workdir, tokenizer, **overrides) -> stores.TokenStore:
   return stores.TokenStore(workdir)
 
 
-def import_scores(workdir, store, prior, conditionals, **overrides) -> score_lib.Scores:
+def import_scores(workdir, store, prior, conditionals, **overrides) -> scores_lib.Scores:
   dolma.run(make_config("dolma", "import_scores", workdir=str(workdir), dolma__store=str(store), dolma__prior=prior,
                         dolma__conditionals=tuple(conditionals), **overrides))
-  return score_lib.Scores(workdir)
+  return scores_lib.Scores(workdir)
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +139,7 @@ def test_imported_scores_are_the_originals_floats_at_every_id(scores, pool, refe
                       dolma__prior="+".join(s["path"] for s in m["imported"]["shards"]["prior"]),
                       dolma__conditionals=("+".join(s["path"] for s in m["imported"]["shards"]["conditional_0"]),))
   assert dolma.run(again) == scores.path.resolve()  # the same request: reused, nothing rewritten
-  assert score_lib.Scores(scores.path).manifest["time"] == m["time"]
+  assert scores_lib.Scores(scores.path).manifest["time"] == m["time"]
 
 
 def test_model_ids_can_name_params_exports_or_ids(fixture, pool, tmp_path):

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 
 from colorjax import errors
-from colorjax import score
 from colorjax.data import stores
 from colorjax.model import losses
 from colorjax.pipeline import plan
 from colorjax.pipeline import runner
 from colorjax.selection import artifact as selection_lib
+from colorjax.artifacts import scores as scores_lib
 from conftest import SMALL_DEMO, make_config
 
 ALL_METHODS = ("color", "conditional_only", "random", "dsir", "rho_down", "rho_down_prior")
@@ -42,7 +42,7 @@ def test_pools_are_nested_and_every_selection_keeps_n_of_its_own(fixed_n_run):
   pools = {tau: _ids(root / "pools" / f"tau{tau:g}") for tau in (1, 2, 4)}
   assert [pools[t].size for t in (1, 2, 4)] == [N, 2 * N, 4 * N]
   assert np.isin(pools[1], pools[2]).all() and np.isin(pools[2], pools[4]).all()
-  scores = score.Scores(root / "scores")  # one pass over the largest pool
+  scores = scores_lib.Scores(root / "scores")  # one pass over the largest pool
   np.testing.assert_array_equal(scores.ids, pools[4])
   for tau in (2, 4):
     rows = scores.read_ids(pools[tau])

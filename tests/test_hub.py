@@ -15,7 +15,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from colorjax import errors
-from colorjax import score as score_lib
 from colorjax import select as select_lib
 from colorjax.artifacts import formats
 from colorjax.artifacts import hub_paths
@@ -26,6 +25,7 @@ from colorjax.interop import dolma
 from colorjax.interop import hub
 from colorjax.interop import hub_ids
 from colorjax.training import checkpoint
+from colorjax.artifacts import scores as scores_lib
 from conftest import make_config, run_cli
 from fake_hub import FakeHub
 from test_olmo import FIXTURE, FP32, pool_rows, tokenizer_path  # pylint: disable=unused-import  # a fixture
@@ -240,7 +240,7 @@ def test_hf_paths_work_in_the_dolma_stage_and_record_the_commit(released_selecti
   object_storage.mirror_config(cfg)
   assert cfg.dolma.prior.startswith(str(hub_paths.cache_dir())) and "+" in cfg.dolma.prior
   dolma.run(cfg)
-  scores = score_lib.Scores(tmp_path / "scores")
+  scores = scores_lib.Scores(tmp_path / "scores")
   ref = json.loads((FIXTURE / "reference.json").read_text())
   values = scores.read(0, scores.num_sequences)
   np.testing.assert_array_equal(values[:, 0], np.asarray(ref["prior_nll"], np.float32))

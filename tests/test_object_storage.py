@@ -14,6 +14,7 @@ import pytest
 
 from colorjax.artifacts import formats
 from colorjax.artifacts import object_storage
+from colorjax.artifacts import scores as scores_lib
 from conftest import run_cli
 
 BUCKET = "colorjax-test"
@@ -110,14 +111,13 @@ def _stages(root: str, inputs: list[str], tokenizer: str, env: dict, cache) -> N
 
 def _results(root) -> dict:
   """What the stages produced, read from a local folder or a fresh mirror of a bucket prefix."""
-  from colorjax import score
   from colorjax.training import checkpoint  # pylint: disable=import-outside-toplevel
   if object_storage.is_remote(root):
     root = object_storage.mirror(root)
   losses = {name: [r["loss"] for r in map(json.loads, (root / name / "metrics.jsonl").read_text().splitlines())
                    if "loss" in r] for name in ("prior", "cond", "target")}
   target = checkpoint.read_params_manifest(root / "target" / "params")
-  scores = score.Scores(root / "scores")
+  scores = scores_lib.Scores(root / "scores")
   return {"store_id": json.loads((root / "store" / "manifest.json").read_text())["id"], "losses": losses,
           "nll_bits": scores.read(0, scores.num_sequences).view(np.uint32).tolist(),
           "index": np.load(root / "selection" / "index.npy").tolist(), "target_id": target["id"]}

@@ -31,6 +31,7 @@ from colorjax.model import losses
 from colorjax.model import transformer
 from colorjax.training import checkpoint
 from colorjax.training import step_plan
+from colorjax.artifacts import scores as scores_lib
 from conftest import REPO, make_config, run_cli
 
 FIXTURE = REPO.parent / "shared" / "fixtures" / "olmo-original"
@@ -351,7 +352,7 @@ def test_cli_import_feeds_the_score_stage(imported, tmp_path, tokenizer_path, re
   cfg = make_config("score", "demo", **FP32, workdir=str(tmp_path / "scores"), score__store=str(store),
                     score__prior=str(tmp_path / "prior" / "params"),
                     score__conditionals=(str(imported["conditional"]),))
-  nll = score.Scores(score.run(cfg)).read(0, 256)
+  nll = scores_lib.Scores(score.run(cfg)).read(0, 256)
   assert np.abs(nll[:, 0] - np.asarray(ref["prior_nll"], np.float32)).max() < 1e-5
   assert np.abs(nll[:, 1] - np.asarray(ref["cond_nll"], np.float32)).max() < 1e-5
   chosen = select.run(make_config("select", "color,4", workdir=str(tmp_path / "sel"),

@@ -22,6 +22,7 @@ from colorjax.data import stores
 from colorjax.model import losses
 from colorjax.training import checkpoint
 from colorjax.selection import artifact as selection_lib
+from colorjax.artifacts import scores as scores_lib
 from conftest import REPO, make_config, run_cli
 
 
@@ -47,7 +48,7 @@ def score_args(store, prior, conditional, workdir, **extra):
 
 
 def read_bits(folder):
-  scores = score_lib.Scores(folder)
+  scores = scores_lib.Scores(folder)
   return scores.read(0, scores.num_sequences).view(np.uint32)
 
 
@@ -60,7 +61,7 @@ def test_vmapped_scores_equal_separate_plain_forward_on_1_and_8_devices(syntheti
     tiled = ["--config.score.vocab_tile=64"] if devices == 8 else []  # the online-logsumexp head, same scores
     run_cli(score_args(str(synthetic_store), str(prior), conditional, str(tmp_path / f"d{devices}")) + tiled,
             env_extra=env)
-    outs[devices] = score_lib.Scores(tmp_path / f"d{devices}")
+    outs[devices] = scores_lib.Scores(tmp_path / f"d{devices}")
   store = stores.TokenStore(synthetic_store)
   n = store.num_sequences
   got = outs[1].read(0, n)
@@ -80,7 +81,7 @@ def test_vmapped_scores_equal_separate_plain_forward_on_1_and_8_devices(syntheti
 
 def _done_count(folder):
   try:
-    return int(score_lib.Scores(folder).done().sum())
+    return int(scores_lib.Scores(folder).done().sum())
   except Exception:  # not created yet
     return 0
 
@@ -90,7 +91,7 @@ def test_killed_scoring_resumes_to_a_byte_identical_array(synthetic_store, synth
   reference = tmp_path / "reference"
   run_cli(score_args(str(synthetic_store), str(prior), conditional, str(reference)))
   want = read_bits(reference)
-  total = score_lib.Scores(reference).done().size
+  total = scores_lib.Scores(reference).done().size
   env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
   for kill_after in (1, total // 2, total - 2):
     folder = tmp_path / f"killed{kill_after}"
@@ -117,7 +118,7 @@ def test_independent_shards_fill_one_array(synthetic_store, synthetic_prior, con
                              **{"score.shard": shard})).stdout
     assert "complete" not in out.splitlines()[-1] or shard == "0/3"
   with pytest.raises(errors.DataError, match="incomplete"):
-    score_lib.Scores(tmp_path / "sharded").check_complete()
+    scores_lib.Scores(tmp_path / "sharded").check_complete()
   run_cli(score_args(str(synthetic_store), str(prior), conditional, str(tmp_path / "sharded"),
                      **{"score.shard": "2/3"}))
   np.testing.assert_array_equal(read_bits(tmp_path / "sharded"), read_bits(tmp_path / "whole"))
@@ -136,8 +137,8 @@ def test_two_hosts_write_their_own_rows(synthetic_store, synthetic_prior, condit
       str(synthetic_store), str(prior), conditional, str(tmp_path / "two")), cwd=REPO, env=env, capture_output=True,
       text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  np.testing.assert_allclose(score_lib.Scores(tmp_path / "two").read(0, 10 ** 6),
-                             score_lib.Scores(tmp_path / "one").read(0, 10 ** 6), rtol=2e-5)
+  np.testing.assert_allclose(scores_lib.Scores(tmp_path / "two").read(0, 10 ** 6),
+                             scores_lib.Scores(tmp_path / "one").read(0, 10 ** 6), rtol=2e-5)
 
 
 class ArrayStream:
@@ -180,9 +181,9 @@ def _fake_scores(folder, store, nll):
               "models": [{"name": "prior"}, {"name": "conditional_0"}], "chunk_rows": 64, "batch_size": 16,
               "store": {"path": str(store.path), "id": store.id, "seq_len": store.seq_len}}
   score_lib._open_output(folder, manifest, -(-len(nll) // 64))
-  scores = score_lib.Scores(folder)
+  scores = scores_lib.Scores(folder)
   scores.nll[:].write(nll).result()
-  score_lib._zarr(folder / "done.zarr")[:].write(np.ones(-(-len(nll) // 64), np.uint8)).result()
+  scores_lib.zarr(folder / "done.zarr")[:].write(np.ones(-(-len(nll) // 64), np.uint8)).result()
   return scores
 
 
@@ -231,7 +232,7 @@ def test_select_stage_methods_and_manifest(synthetic_store, tmp_path):
   with pytest.raises(errors.ConfigError, match="set --config.select.scores"):
     select_lib.run(make_config("select", "color,7", workdir=str(tmp_path / "unset")))
   nll[5, 0] = np.nan
-  score_lib.Scores(tmp_path / "scores").nll[:].write(nll).result()
+  scores_lib.Scores(tmp_path / "scores").nll[:].write(nll).result()
   with pytest.raises(errors.DataError, match="sequence 5 is NaN"):
     select_lib.run(make_config("select", "color,7", workdir=str(tmp_path / "nan"), **common))
 
@@ -313,13 +314,13 @@ def test_sigterm_stops_scoring_after_the_finished_chunks(synthetic_store, synthe
   found = re.search(r"colorjax score: preempted after step \d+ of \d+: (\d+) of (\d+) row chunks are written", err)
   assert found, err[-3000:]
   partial, total = int(found.group(1)), int(found.group(2))
-  done = score_lib.Scores(folder).done()
+  done = scores_lib.Scores(folder).done()
   assert 2 <= partial < total == done.size and done.sum() == partial
   assert done[:partial].all()  # one host scores its chunks in order
   got = read_bits(folder)
   rows = partial * 16
   np.testing.assert_array_equal(got[:rows], want[:rows])
-  assert np.isnan(score_lib.Scores(folder).read(rows, 10 ** 6)).all()  # nothing past them was written
+  assert np.isnan(scores_lib.Scores(folder).read(rows, 10 ** 6)).all()  # nothing past them was written
 
   capsys.readouterr()
   score_lib.run(config(folder))
@@ -395,7 +396,7 @@ def test_fp8_scoring_is_an_opt_in_artifact_near_the_bf16_scores(synthetic_store,
   assert "score: fp8" not in capsys.readouterr().out
   score_lib.run(config("fp8", True))
   assert "score: fp8 (score.fp8, opt-in)" in capsys.readouterr().out
-  bf16, fp8 = score_lib.Scores(tmp_path / "bf16"), score_lib.Scores(tmp_path / "fp8")
+  bf16, fp8 = scores_lib.Scores(tmp_path / "bf16"), scores_lib.Scores(tmp_path / "fp8")
   assert fp8.manifest["request"]["numerics"] == {"precision": "original", "fp8": True}
   assert fp8.id != bf16.id
   nll_bf16, nll_fp8 = bf16.read(0, bf16.num_sequences), fp8.read(0, fp8.num_sequences)
@@ -469,7 +470,7 @@ def test_scoring_restricted_to_an_index(synthetic_store, synthetic_prior, condit
   ids = np.unique(np.random.default_rng(3).choice(store.num_sequences, 300, replace=False))
   np.save(tmp_path / "subset.npy", ids[::-1])  # any order, as a hand-made index may be
   score_lib.run(config(tmp_path / "part", score__index=str(tmp_path / "subset.npy")))
-  full, part = score_lib.Scores(tmp_path / "full"), score_lib.Scores(tmp_path / "part")
+  full, part = scores_lib.Scores(tmp_path / "full"), scores_lib.Scores(tmp_path / "part")
   assert part.num_sequences == ids.size and part.manifest["request"]["index"] == stores.index_id(
       tmp_path / "subset.npy") and "index" not in full.manifest["request"]
   np.testing.assert_array_equal(part.read(0, ids.size).view(np.uint32), full.read_ids(ids).view(np.uint32))

@@ -9,8 +9,8 @@ import shutil
 import numpy as np
 
 from colorjax import methods
-from colorjax import score as score_lib
 from colorjax.pipeline import runner
+from colorjax.artifacts import scores as scores_lib
 from conftest import REPO, SMALL_DEMO, make_config
 
 PACKAGE = REPO / "colorjax"
@@ -108,7 +108,7 @@ def test_a_new_selection_method_is_one_registry_entry(demo_run, tmp_path, monkey
   assert row["finished"] and row["target_loss"] > 0 and row["compute"]["shared"] > 0
   selection = work / "selections" / f"{new.name}-tau8"
   ids = np.load(selection / "index.npy")
-  scores = score_lib.Scores(work / "scores")
+  scores = scores_lib.Scores(work / "scores")
   nll = scores.read(0, scores.num_sequences)[:, scores.column("conditional_0")]
   expected = np.sort(np.argsort(nll, kind="stable")[:ids.size])
   np.testing.assert_array_equal(ids, expected)

@@ -9,7 +9,6 @@ import numpy as np
 from colorjax import console
 from colorjax import methods
 from colorjax import score as score_lib
-from colorjax import select as select_lib
 from colorjax.artifacts import formats
 from colorjax.artifacts import lineage
 from colorjax.data import stores
@@ -18,6 +17,7 @@ from colorjax.selection import artifact as selection_lib
 from colorjax.training import ngram_scorer as scorer_lib
 
 from colorjax.distill import parts
+from colorjax.artifacts import scores as scores_lib
 
 METHOD = "color_distilled"
 CASCADE = "color_cascade"
@@ -80,7 +80,7 @@ def rescore_count(factor: float, unsampled: int, tau: float) -> int:
 
 def rescore_candidates(cfg, folders: dict, store: stores.TokenStore, values, predictions_id: str, factor: float,
                        sampled: np.ndarray, sample_id: str | None, within: np.ndarray | None = None,
-                       within_id: str | None = None) -> score_lib.Scores:
+                       within_id: str | None = None) -> scores_lib.Scores:
   """The top of the unsampled candidates (the pool, or `distill.within`) by prediction (process 0 writes them),
   parts.scored by the prior and the conditional (every host: the score stage, restricted to them)."""
   d = cfg.distill
@@ -105,7 +105,7 @@ def rescore_candidates(cfg, folders: dict, store: stores.TokenStore, values, pre
   return parts.scored(cfg, rescored, candidates)
 
 
-def scoring_flops(scores: score_lib.Scores) -> float:
+def scoring_flops(scores: scores_lib.Scores) -> float:
   """FLOPs the prior and the conditional spent on a score folder (2N + 4LdT per token per model:
   docs/definitions.md#flop-counts-and-reference-figures)."""
   spec = transformer.ModelSpec(**scores.manifest["model"])
@@ -131,10 +131,10 @@ def select(cfg, folder: pathlib.Path, store: stores.TokenStore, values, request:
     summary = None
   else:
     rescored, sample_scores, sampled = chosen["rescored"], chosen["sample_scores"], chosen["sampled"]
-    streams = [(select_lib.ScoreStream(rescored, methods.HEADLINE, "conditional_0", d.block_rows),
+    streams = [(selection_lib.ScoreStream(rescored, methods.HEADLINE, "conditional_0", d.block_rows),
               rescored.num_sequences)]
     if sampled.size:
-      streams.append((select_lib.ScoreStream(sample_scores, methods.HEADLINE, "conditional_0", d.block_rows, sampled),
+      streams.append((selection_lib.ScoreStream(sample_scores, methods.HEADLINE, "conditional_0", d.block_rows, sampled),
                     sampled.size))
     stream = parts.Concat(streams)
     rows, threshold = selection_lib.top_k(stream, k)

@@ -23,6 +23,7 @@ from colorjax.model import losses
 from colorjax.selection import artifact as selection_lib
 from colorjax.training import ngram_scorer as scorer_lib
 from colorjax.training import preemption
+from colorjax.artifacts import scores as scores_lib
 
 SCORER = formats.Kind("colorjax.scorer", "a fitted scorer", "the distill stage (<workdir>/scorer)")
 PREDICTIONS = "predictions.npy"  # float32 [pool sequences], with done.npy and crc32.npy (artifacts.chunked)
@@ -107,10 +108,10 @@ def score_config(cfg, workdir="", index=""):
   return scfg
 
 
-def scored(cfg, workdir: pathlib.Path, index: pathlib.Path) -> score_lib.Scores:
+def scored(cfg, workdir: pathlib.Path, index: pathlib.Path) -> scores_lib.Scores:
   """The prior's and conditional's scores of `index`: the score stage, restricted to it (every host)."""
   score_lib.run(score_config(cfg, workdir, index))
-  scores = score_lib.Scores(workdir)
+  scores = scores_lib.Scores(workdir)
   scores.check_complete()
   return scores
 
@@ -139,7 +140,7 @@ def scorer_request(cfg, scores_id: str, features: Features, tokenizer_sha: str) 
           "recall_estimate": {"resamples": scorer_lib.RESAMPLES, "quantile": scorer_lib.CAUTION}}
 
 
-def fit_scorer(cfg, folder: pathlib.Path, store: stores.TokenStore, scores: score_lib.Scores) -> pathlib.Path:
+def fit_scorer(cfg, folder: pathlib.Path, store: stores.TokenStore, scores: scores_lib.Scores) -> pathlib.Path:
   """Cross-fit the scorer on the sample's CoLoR scores (training.ngram_scorer) and publish it with its
   out-of-fold quality: Spearman ρ and the recall estimate."""
   d = cfg.distill

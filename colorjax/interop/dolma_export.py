@@ -17,13 +17,13 @@ from colorjax import console
 from colorjax import errors
 from colorjax import export as export_lib
 from colorjax import methods
-from colorjax import score as score_lib
 from colorjax.artifacts import formats as formats_lib
 from colorjax.artifacts import lineage
 from colorjax.data import stores
 from colorjax.data import tokenizer as tokenizer_lib
 from colorjax.interop import dolma_common as common
 from colorjax.selection import artifact as selection_lib
+from colorjax.artifacts import scores as scores_lib
 
 FORMATS = ("tokens", "parquet")
 BLOCK_ROWS = 4096  # sequences read from a store at a time when exporting
@@ -145,7 +145,7 @@ def selection_scores(selection: pathlib.Path, manifest: dict):
   imported selections)."""
   if not manifest.get("scores"):
     return lambda ids: None
-  scores = score_lib.Scores(lineage.resolve(manifest["scores"]["path"], selection))
+  scores = scores_lib.Scores(lineage.resolve(manifest["scores"]["path"], selection))
   conditional = manifest.get("conditional") or "conditional_0"
   columns = methods.score_columns_of(manifest["method"])
   return lambda ids: export_lib.scores_of(scores, columns, conditional, ids)

@@ -37,6 +37,7 @@ from colorjax.data import stores
 from colorjax.interop import dolma_common as common
 from colorjax.training import checkpoint
 from colorjax.selection import artifact as selection_lib
+from colorjax.artifacts import scores as scores_lib
 
 PRESIZED_ROWS = 1 << 20  # DictMemmapWriter's file_seqs: the rows every score file N.npy is created with
 SCORE_CHUNK_ROWS = 1 << 16  # nll.zarr row chunk of imported scores
@@ -270,11 +271,11 @@ def import_scores(cfg) -> pathlib.Path:
   }
 
   def write(folder):
-    nll = score_lib._zarr(folder / "nll.zarr", create=True, dtype=ts.float32, shape=[n, k],
+    nll = scores_lib.zarr(folder / "nll.zarr", create=True, dtype=ts.float32, shape=[n, k],
                           fill_value=np.nan, chunk_layout=ts.ChunkLayout(chunk_shape=[chunk_rows, k]))
     nll.write(np.stack(columns, axis=1)).result()
     num_chunks = -(-n // chunk_rows)
-    done = score_lib._zarr(folder / "done.zarr", create=True, dtype=ts.uint8, shape=[num_chunks],
+    done = scores_lib.zarr(folder / "done.zarr", create=True, dtype=ts.uint8, shape=[num_chunks],
                            fill_value=0, chunk_layout=ts.ChunkLayout(chunk_shape=[1]))
     done.write(np.ones(num_chunks, np.uint8)).result()
     lineage.write_manifest(folder, manifest)

@@ -25,13 +25,13 @@ import numpy as np
 
 from colorjax.distill import cascade as distill_cascade
 from colorjax.distill import parts as distill_parts
-from colorjax import score as score_lib
 from colorjax.artifacts import formats
 from colorjax.artifacts import lineage
 from colorjax.data import stores
 from colorjax.model import losses
 from colorjax.training import ngram_scorer as scorer_lib
 from colorjax.selection import artifact as selection_lib
+from colorjax.artifacts import scores as scores_lib
 
 SAMPLE_SHARES = (0.005, 0.01, 0.02, 0.05, 0.1)
 FACTORS = (1.0, 1.25, 1.5, 2.0, 3.0, 4.0, 6.0)
@@ -46,7 +46,7 @@ def _top(values: np.ndarray, count: int) -> np.ndarray:
   return np.argsort(-values, kind="stable")[:count]
 
 
-def _rows(scores: score_lib.Scores, max_rows: int, seed: int) -> np.ndarray:
+def _rows(scores: scores_lib.Scores, max_rows: int, seed: int) -> np.ndarray:
   """The score folder's rows the analysis runs on: all, or a seeded uniform subset of `max_rows` (sorted)."""
   n = scores.num_sequences
   if n <= max_rows:
@@ -66,7 +66,7 @@ def _read_rows(read, rows: np.ndarray, block: int = 1 << 16) -> np.ndarray:
   return np.concatenate(out)
 
 
-def _true_scores(scores: score_lib.Scores, rows: np.ndarray) -> np.ndarray:
+def _true_scores(scores: scores_lib.Scores, rows: np.ndarray) -> np.ndarray:
   nll = _read_rows(scores.read, rows)
   return losses.color_score(nll[:, scores.column("prior")], nll[:, scores.column("conditional_0")])
 
@@ -85,7 +85,7 @@ def cascade_point(true: np.ndarray, predicted: np.ndarray, sampled: np.ndarray, 
           "recall": float(np.isin(_top(true, k), chosen).mean())}
 
 
-def exact_curves(cfg, scores: score_lib.Scores, store: stores.TokenStore, taus, max_rows: int) -> dict:
+def exact_curves(cfg, scores: scores_lib.Scores, store: stores.TokenStore, taus, max_rows: int) -> dict:
   """See the module docstring; `cfg`: the pipeline's config (its distill section's fit settings and seed)."""
   d = cfg.distill
   rows = _rows(scores, max_rows, int(d.seed))
@@ -128,7 +128,7 @@ def exact_curves(cfg, scores: score_lib.Scores, store: stores.TokenStore, taus, 
   return out
 
 
-def prefix_agreement(scores: score_lib.Scores, taus, max_rows: int, seed: int) -> dict:
+def prefix_agreement(scores: scores_lib.Scores, taus, max_rows: int, seed: int) -> dict:
   """Per recorded prefix: Spearman ρ of its CoLoR score with the full one, and per τ and factor the share of the top
   1/τ (full score) within the prefix score's top factor/τ. {} without recorded prefixes."""
   if not scores.prefixes:
@@ -156,7 +156,7 @@ def analyse(root: pathlib.Path, pipeline_record: dict, at, max_rows: int = 100_0
   scores_path = at(pipeline_record.get("scores"))
   if scores_path is None or not (scores_path / formats.MANIFEST).is_file():
     return {}
-  scores = score_lib.Scores(scores_path)
+  scores = scores_lib.Scores(scores_path)
   if not scores.done().all():
     return {}
   cfg = ml_collections.ConfigDict(pipeline_record.get("config") or {})

@@ -26,8 +26,6 @@ import numpy as np
 
 from colorjax import errors
 from colorjax import methods
-from colorjax import score as score_lib
-from colorjax import select as select_lib
 from colorjax.artifacts import formats
 from colorjax.data import stores
 from colorjax.data import tokenizer as tokenizer_lib
@@ -40,6 +38,7 @@ from colorjax.report import setup
 from colorjax.report import sweep
 from colorjax.training import metrics
 from colorjax.selection import artifact as selection_lib
+from colorjax.artifacts import scores as scores_lib
 
 EFFICIENCY_METHOD = (
     "Every finished random run (the random comparison run at each τ; under fixed n the runs at n, at each "
@@ -257,10 +256,10 @@ def examples(pipeline_record: dict, root: pathlib.Path, k: int = 3, chars: int =
   pool_path = setup.at(root, (pipeline_record.get("stores") or {}).get("pool"))
   if not all(p is not None and (p / formats.MANIFEST).is_file() for p in (scores_path, pool_path)):
     return {}
-  scores = score_lib.Scores(scores_path)
+  scores = scores_lib.Scores(scores_path)
   store = stores.TokenStore(pool_path)
   tokenizer = tokenizer_lib.load_tokenizer(str(store.tokenizer_path()))
-  stream = select_lib.ScoreStream(scores, methods.HEADLINE, "conditional_0", 1 << 20)
+  stream = selection_lib.ScoreStream(scores, methods.HEADLINE, "conditional_0", 1 << 20)
   out = {}
   for name, source in (("top", stream), ("bottom", _Negated(stream))):
     positions, _ = selection_lib.top_k(source, min(k, scores.num_sequences))

@@ -18,9 +18,12 @@ import numpy as np
 
 from colorjax import console
 from colorjax import errors
+from colorjax import methods
 from colorjax.artifacts import formats
 from colorjax.artifacts import lineage
+from colorjax.artifacts import scores as scores_lib
 from colorjax.data import stores
+from colorjax.model import losses
 
 HIST_BINS = 100
 
@@ -44,6 +47,30 @@ def _kth_bucket(counts: np.ndarray, k: int) -> tuple[int, int]:
   i = int(np.searchsorted(above, k))  # first i with above[i] >= k
   bucket = counts.size - 1 - i
   return bucket, int(above[i - 1]) if i else 0
+
+
+class ScoreStream:
+  """Streams fp32 scores of one selection method over the score array, `block_rows` rows at a time; with `ids`
+  (sorted pool ids, e.g. a fixed-n pool) over those sequences only, positions counting within `ids`."""
+
+  def __init__(self, scores: scores_lib.Scores, method: methods.Method, conditional: str, block_rows: int,
+               ids: np.ndarray | None = None):
+    self.scores, self.block_rows, self.ids = scores, int(block_rows), ids
+    self.cond = scores.column(conditional)
+    self.prior = scores.column("prior") if "prior" in method.score_columns else None
+
+  def __iter__(self):
+    n = self.scores.num_sequences if self.ids is None else self.ids.size
+    for start in range(0, n, self.block_rows):
+      stop = min(n, start + self.block_rows)
+      rows = self.scores.read(start, stop) if self.ids is None else self.scores.read_ids(self.ids[start:stop])
+      values = losses.color_score(None if self.prior is None else rows[:, self.prior], rows[:, self.cond])
+      if np.isnan(values).any():
+        at = start + int(np.argmax(np.isnan(values)))
+        bad = int(self.scores.global_ids([at])[0] if self.ids is None else self.ids[at])
+        raise errors.DataError(f"{self.scores.path}: score of sequence {bad} is NaN (unscored or corrupt); re-run the "
+                               f"score stage with {scores_lib.VERIFY_FLAG} (it re-scores damaged chunks)")
+      yield start, values.astype(np.float32)
 
 
 def top_k(stream, k: int):

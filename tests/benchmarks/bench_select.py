@@ -19,18 +19,19 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from colorjax import score as score_lib  # noqa: E402
-from colorjax.artifacts import formats
+from colorjax.artifacts import formats  # noqa: E402
+from colorjax.artifacts import scores as scores_lib  # noqa: E402
 
 
 def make_scores(folder: pathlib.Path, n: int, block: int = 1 << 22) -> None:
-  if (folder / "manifest.json").exists() and score_lib.Scores(folder).num_sequences == n:
+  if (folder / "manifest.json").exists() and scores_lib.Scores(folder).num_sequences == n:
     return
   chunk = 1 << 20
   manifest = {"format": formats.SCORES.format, "num_sequences": n, "columns": ["prior", "conditional_0"],
               "models": [{"name": "prior"}, {"name": "conditional_0"}], "chunk_rows": chunk, "batch_size": 0,
               "store": {"path": "", "id": "benchmark", "seq_len": 512}}
   score_lib._open_output(folder, manifest, -(-n // chunk))  # pylint: disable=protected-access
-  scores = score_lib.Scores(folder)
+  scores = scores_lib.Scores(folder)
   rng = np.random.default_rng(0)
   start = time.time()
   for first in range(0, n, block):
@@ -38,17 +39,18 @@ def make_scores(folder: pathlib.Path, n: int, block: int = 1 << 22) -> None:
     nll = rng.normal(3.5, 0.5, (rows, 2)).astype(np.float32)
     nll[:, 1] = np.round(nll[:, 1], 2)  # coarse values: plenty of exact ties in the score
     scores.nll[first:first + rows].write(nll).result()
-  score_lib._zarr(folder / "done.zarr")[:].write(np.ones(-(-n // chunk), np.uint8)).result()  # pylint: disable=protected-access
+  scores_lib.zarr(folder / "done.zarr")[:].write(np.ones(-(-n // chunk), np.uint8)).result()  # pylint: disable=protected-access
   print(f"wrote {n:,} scores in {time.time() - start:.0f}s")
 
 
 CHILD = """
 import json, resource, sys, time
 sys.path.insert(0, {repo!r})
-from colorjax import methods, score as score_lib, select as select_lib
+from colorjax import methods
 from colorjax.selection import artifact as selection_lib
-scores = score_lib.Scores({folder!r})
-stream = select_lib.ScoreStream(scores, methods.HEADLINE, "conditional_0", {block})
+from colorjax.artifacts import scores as scores_lib
+scores = scores_lib.Scores({folder!r})
+stream = selection_lib.ScoreStream(scores, methods.HEADLINE, "conditional_0", {block})
 baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # interpreter + jax/tensorstore imports
 start = time.time()
 ids, threshold = selection_lib.top_k(stream, {k})
