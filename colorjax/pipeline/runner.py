@@ -40,6 +40,7 @@ from colorjax import score
 from colorjax import select
 from colorjax import sharding
 from colorjax import train
+from colorjax.aot import steps as aot_steps
 from colorjax.artifacts import lineage
 from colorjax.data import corpus
 from colorjax.data import sft_rows
@@ -298,6 +299,9 @@ def seq_len(cfg) -> int:
 
 
 def run(cfg):
+  if cfg.compile_for:  # every stage's step compiled for a slice; nothing runs
+    root = pathlib.Path(cfg.workdir or f"runs/{cfg.pipeline.preset}").resolve()
+    return aot_steps.compile_pipeline(cfg, stage_configs(cfg, root), seq_len(cfg))
   if not cfg.workdir:
     raise errors.ConfigError("set --config.workdir to the pipeline's work directory")
   check_settings(cfg)
@@ -476,4 +480,7 @@ def describe(cfg):
       print(f"selection forwards: {extra:.3e} FLOPs per run (both models over every candidate)\n")
       total_flops += (planned["total_flops"] + extra) * len(online)
   print(f"pipeline total: {total_flops:.3e} FLOPs")
+  if cfg.compile_for:  # and compiled: the steps' memory and cost as the compiler reports them
+    print()
+    aot_steps.compile_pipeline(cfg, stages, seq)
 
