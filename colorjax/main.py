@@ -183,7 +183,8 @@ def main(argv):
     else:
       sharding.maybe_initialize_distributed(cfg.mesh.distributed)
     stage = importlib.import_module(STAGES[stage_name])
-    if object_storage.mirror_config(cfg):
+    # compile_for reads no data: remote stores and work directories stay unread (nominal shapes)
+    if not cfg.compile_for and object_storage.mirror_config(cfg):
       sys.stdout, sys.stderr = object_storage.UrlStream(sys.stdout), object_storage.UrlStream(sys.stderr)
     if cfg.compile_for and stage_name != "pipeline":  # the pipeline compiles its stages' steps itself
       importlib.import_module("colorjax.aot.steps").compile_stage(cfg)

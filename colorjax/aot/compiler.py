@@ -74,17 +74,25 @@ def compile_step(jitted, args, mesh) -> Result:
                 float(cost.get("optimal_seconds", -1.0)))
 
 
+def size(nbytes: float) -> str:
+  """Bytes as GiB, or MiB under a tenth of a GiB."""
+  return f"{nbytes / targets.GIB:.2f} GiB" if nbytes >= targets.GIB / 10 else f"{nbytes / 2 ** 20:.1f} MiB"
+
+
+def memory_parts(result: Result, usable: float) -> str:
+  """'arguments A + temporaries T + outputs O (X aliased to arguments) + code C; peak P of U usable (N%)'."""
+  m = result.memory
+  of = f" of {size(usable)} usable ({result.needed / usable:.0%})" if usable else ""
+  return (f"arguments {size(m['argument'])} + temporaries {size(m['temp'])} + outputs {size(m['output'])} "
+          f"({size(m['alias'])} aliased to arguments) + code {size(m['code'])}; peak {size(result.needed)}{of}")
+
+
 def memory_line(result: Result, target) -> str:
   """One line: a step's per-device memory as the compiler laid it out, against what a device holds."""
   if result.error:
     return f"memory/device (compiled by XLA for {target.name}): does not fit: {result.error}"
-  m, gib = result.memory, targets.GIB
-  of = f" of {target.usable_bytes / gib:.2f} GiB usable ({result.needed / target.usable_bytes:.0%})" \
-      if target.usable_bytes else ""
   return (f"memory/device (compiled by XLA for {target.name}; the figure to plan with, the estimate above is "
-          f"hand-computed): arguments {m['argument'] / gib:.2f} + temporaries {m['temp'] / gib:.2f} + outputs "
-          f"{m['output'] / gib:.2f} ({m['alias'] / gib:.2f} aliased to arguments) + code {m['code'] / gib:.2f} GiB; "
-          f"peak {result.needed / gib:.2f} GiB{of}")
+          f"hand-computed): {memory_parts(result, target.usable_bytes)}")
 
 
 def code_hashes() -> dict:

@@ -186,22 +186,12 @@ def compile_one(label: str, built: Built, rebuild, target, mesh, estimate: bool)
   return Report(label, built, result, seconds, source, flops, fits, twin_seconds)
 
 
-def size(nbytes: float) -> str:
-  """Bytes as GiB, or MiB under a tenth of a GiB."""
-  return f"{nbytes / GIB:.2f} GiB" if nbytes >= GIB / 10 else f"{nbytes / 2 ** 20:.1f} MiB"
-
-
 def report_lines(report: Report, target, devices: int) -> list[str]:
-  m = report.result.memory
-  usable = f" of {size(target.usable_bytes)} usable" if target.usable_bytes else ""
   lines = [f"{report.label} ({report.built.kind}): {report.built.describe}"]
   if report.result.error:
     lines.append(f"  does not fit: {report.result.error}")
     return lines
-  share = f" ({report.result.needed / target.usable_bytes:.0%})" if target.usable_bytes else ""
-  lines.append(f"  memory/chip: arguments {size(m['argument'])} + temporaries {size(m['temp'])} + outputs "
-               f"{size(m['output'])} ({size(m['alias'])} aliased to arguments) + code {size(m['code'])}; peak "
-               f"{size(report.result.needed)}{usable}{share}: "
+  lines.append(f"  memory/chip: {compiler.memory_parts(report.result, target.usable_bytes)}: "
                f"{'fits' if report.fits else 'DOES NOT FIT'}; compiled in {report.result.seconds:.1f} s"
                + (f" (+ {report.twin_seconds:.1f} s its loop-free twin)" if report.twin_seconds else ""))
   model = report.built.model_flops / devices
