@@ -64,6 +64,22 @@ def test_chip_table_is_googles():
   assert all(0.95 * c.hbm_gib <= c.usable_gib <= c.hbm_gib * 1.01 for c in targets.CHIPS.values())
 
 
+@pytest.mark.parametrize("name,arg,chips", [("pretrain", "150m,v5p-64", 32), ("pretrain", "1.2b,v5e:2x4", 8),
+                                             ("target", "1.2b,anneal,v6e-8", 8), ("finetune", "tasks,150m,v4-16", 8),
+                                             ("pretrain", "1.2b,v5e:16x16", 256)])
+def test_slice_presets_take_the_compiled_per_chip_defaults(name, arg, chips):
+  """configs/<stage>.py:<size>,<slice>: the per-chip micro-batch and remat of docs/tpu.md's table, times the chips,
+  at most the global batch (one pass)."""
+  cfg = make_config(name, arg)
+  size = arg.split(",")[1] if name == "finetune" else arg.split(",")[0]
+  chip = targets.parse(arg.split(",")[-1])[0].name
+  per_chip, remat = targets.TRAIN_DEFAULTS[(chip, size)]
+  assert cfg.train.micro_batch_size == min(256, per_chip * chips) and cfg.model.remat == remat
+  assert cfg.train.global_batch_size % cfg.train.micro_batch_size == 0
+  with pytest.raises(ValueError, match=r"^the config's TPU slice='v9:2x2': write a TPU slice as"):
+    make_config(name, arg.replace(arg.split(",")[-1], "v9:2x2"))
+
+
 def test_without_libtpu_one_line_says_how_to_install(monkeypatch):
   real = importlib.util.find_spec
   monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "libtpu" else real(name, *a))
@@ -202,25 +218,29 @@ def test_tiny_train_and_score_steps_compile_for_single_and_multi_host_slices(top
   assert trained.result.memory["argument"] == pytest.approx(13.27e6 * 12 / devices, rel=0.1)
 
 
+SHORT = dict(model__max_seq_len=128)  # the tiny model on 128-token sequences: quicker compiles
+
+
 @needs_libtpu
 def test_per_chip_memory_grows_with_the_micro_batch():
-  needed = [_compile("pretrain", "tiny", "v5e:2x2", train__global_batch_size=64,
-                     train__micro_batch_size=micro)[0].result.needed for micro in (8, 32, 64)]
-  assert needed[0] < needed[1] < needed[2]
+  small, large = [_compile("pretrain", "tiny", "v5e:2x2", train__global_batch_size=64, train__micro_batch_size=micro,
+                           **SHORT)[0].result for micro in (8, 64)]
+  assert small.memory["argument"] == large.memory["argument"]  # the same state; only the activations grow
+  assert 2 * small.memory["temp"] < large.memory["temp"] and small.needed < large.needed
 
 
 @needs_libtpu
 def test_a_micro_batch_too_large_for_the_chip_is_refused_with_the_one_that_fits(capsys):
   with pytest.raises(errors.ConfigError) as caught:
-    _compile("pretrain", "tiny", "v5e:2x2", train__global_batch_size=2048, train__micro_batch_size=2048)
+    _compile("pretrain", "tiny", "v5e:2x2", train__global_batch_size=4096, train__micro_batch_size=4096, **SHORT)
   message = str(caught.value)
-  assert "\n" not in message and "does not fit a v5e:2x2 chip; would fit with --config.train.micro_batch_size=" \
-      in message
-  fitting = int(re.search(r"micro_batch_size=(\d+)", message).group(1))
-  assert fitting < 2048 and 2048 % fitting == 0
-  assert "RESOURCE_EXHAUSTED" in capsys.readouterr().out  # the compiler's own refusal, in the report
-  (report,) = _compile("pretrain", "tiny", "v5e:2x2", train__global_batch_size=2048, train__micro_batch_size=fitting)
-  assert report.fits and report.result.needed <= targets.target("v5e:2x2").usable_bytes
+  assert "\n" not in message and message.startswith("pretrain train_step (4096 x 128 tokens per step, micro-batch "
+                                                    "4096 (1024 per data-parallel device) x 1, remat off) does not "
+                                                    "fit a v5e:2x2 chip; would fit with "
+                                                    "--config.train.micro_batch_size=")
+  assert "RESOURCE_EXHAUSTED: Ran out of memory on HBM" in capsys.readouterr().out  # the compiler's own refusal
+  fitting, peak = re.search(r"micro_batch_size=(\d+) \(peak ([\d.]+) GiB per chip\)$", message).groups()
+  assert int(fitting) in (2048, 1024, 512) and 15.75 / 4 < float(peak) <= 15.75
 
 
 @needs_libtpu
@@ -242,7 +262,8 @@ def test_a_saved_executable_is_refused_for_another_topology(tmp_path):
 def test_the_estimate_counts_every_micro_batch_and_head_chunk():
   """XLA counts a loop body once; the loop-free twin (x micro-batches) matches 6N+12LdT within a few percent."""
   (report,) = aot_steps.compile_stage(make_config("pretrain", "tiny", compile_for="v5p:2x2x1",
-                                                  train__global_batch_size=32, train__micro_batch_size=16))
+                                                  train__global_batch_size=32, train__micro_batch_size=16,
+                                                  train__loss_chunk=32, **SHORT))
   per_chip = report.built.model_flops / 4
   assert report.flops_per_chip == pytest.approx(per_chip, rel=0.1)
   assert report.result.flops < 0.6 * per_chip  # the step itself: one micro-batch, one head chunk counted

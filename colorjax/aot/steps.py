@@ -176,14 +176,17 @@ def compile_one(label: str, built: Built, rebuild, target, mesh, estimate: bool)
   """Compile `built`; if it fits and `estimate`, also its cost twin (`rebuild(unroll=True)`)."""
   result = compiler.compile_step(built.jitted, built.args, mesh)
   fits = not result.error and (not target.usable_bytes or result.needed <= target.usable_bytes)
-  seconds, source, flops, twin_seconds = 0.0, "not estimated (compile_estimate=False)", 0.0, 0.0
-  if fits and estimate:
-    twin = next(b for b in rebuild(unroll=True) if b.kind == built.kind)
-    twin_result = compiler.compile_step(twin.jitted, twin.args, mesh)
-    seconds, source = _estimate(target, twin_result, twin.repeat)
-    flops = twin_result.flops * twin.repeat
-    twin_seconds = twin_result.seconds
-  return Report(label, built, result, seconds, source, flops, fits, twin_seconds)
+  report = Report(label, built, result, 0.0, "not estimated (compile_estimate=False)", 0.0, fits)
+  return add_estimate(report, rebuild, target, mesh) if fits and estimate else report
+
+
+def add_estimate(report: Report, rebuild, target, mesh) -> Report:
+  """`report` with the step time, its source and XLA's FLOPs from the step's cost twin (`rebuild(unroll=True)`)."""
+  twin = next(b for b in rebuild(unroll=True) if b.kind == report.built.kind)
+  twin_result = compiler.compile_step(twin.jitted, twin.args, mesh)
+  seconds, source = _estimate(target, twin_result, twin.repeat)
+  return dataclasses.replace(report, seconds=seconds, source=source, flops_per_chip=twin_result.flops * twin.repeat,
+                             twin_seconds=twin_result.seconds)
 
 
 def report_lines(report: Report, target, devices: int) -> list[str]:
@@ -236,26 +239,63 @@ def _search_runs(cfg, kind: str, mesh) -> list[list[tuple[str, dict]]]:
   return runs
 
 
-def would_fit(cfg, kind: str, step_kind: str, target, mesh) -> str:
+def _boundary(fits, count: int, start: int) -> int:
+  """The first index of a list whose entries fail up to some point and fit from it on (memory falls along it):
+  probe `start`, gallop away from it (1, 2, 4 ... entries) until the answer flips, bisect the bracket. A guess on
+  the boundary or one entry off costs two or three compiles. `count` when none fits."""
+  if count == 0:
+    return 0
+  start = min(max(start, 0), count - 1)
+  offsets = [1 << k for k in range(count.bit_length() + 1)]
+  if fits(start):  # the boundary is at or before start: probe start-1, start-2, start-4 ...
+    lo, hi = 0, start
+    for offset in offsets:
+      if start - offset < 0:
+        break
+      if not fits(start - offset):
+        lo = start - offset + 1
+        break
+      hi = start - offset
+  else:  # after start: probe start+1, start+2, start+4 ...
+    lo, hi = start + 1, count
+    for offset in offsets:
+      if start + offset >= count:
+        break
+      if fits(start + offset):
+        hi = start + offset
+        break
+      lo = start + offset + 1
+  while lo < hi:  # fits(hi) is known (or hi == count); entries before lo fail
+    mid = (lo + hi) // 2
+    if fits(mid):
+      hi = mid
+    else:
+      lo = mid + 1
+  return lo
+
+
+def would_fit(cfg, kind: str, step_kind: str, target, mesh, needed: float = 0.0) -> str:
   """The flags of the largest smaller micro-batch (or batch) that fits, else of remat with the largest that fits,
-  with its peak memory; "" when nothing does. Bisection within each run: memory falls along it."""
-  def fits(flags: str, change: dict) -> tuple[bool, str]:
+  with its peak memory; "" when nothing does. The first probe scales the batch by usable / `needed` (memory grows
+  about linearly with it), so a good guess costs two compiles."""
+  texts = {}
+
+  def fits(flags: str, change: dict) -> bool:
     built = next(b for b in BUILDERS[kind](_copy(cfg, **change), mesh) if b.kind == step_kind)
     result = compiler.compile_step(built.jitted, built.args, mesh)
-    ok = not result.error and (not target.usable_bytes or result.needed <= target.usable_bytes)
-    return ok, f"{flags} (peak {result.needed / GIB:.2f} GiB per chip)"
+    texts[flags] = f"{flags} (peak {result.needed / GIB:.2f} GiB per chip)"
+    return not result.error and (not target.usable_bytes or result.needed <= target.usable_bytes)
 
-  for run in _search_runs(cfg, kind, mesh):
-    lo, hi, found = 0, len(run) - 1, ""
-    while lo <= hi:
-      mid = (lo + hi) // 2
-      ok, text = fits(*run[mid])
-      if ok:
-        found, hi = text, mid - 1
-      else:
-        lo = mid + 1
-    if found:
-      return found
+  for number, run in enumerate(_search_runs(cfg, kind, mesh)):
+    start = len(run) // 2
+    if number == 0 and run and needed and target.usable_bytes:
+      sizes = [next(iter(change.values())) for _, change in run]
+      current = 2 * sizes[0] if kind != "train" else int(cfg.train.micro_batch_size or cfg.train.global_batch_size)
+      guess = current * 0.9 * target.usable_bytes / needed
+      start = next((i for i, size in enumerate(sizes) if size <= guess), len(run) - 1)
+    found = _boundary(lambda i, r=run: fits(*r[i]), len(run), start)
+    if found < len(run):
+      return texts[run[found][0]]
   return ""
 
 
@@ -310,7 +350,7 @@ def compile_all(cfg, entries) -> list[Report]:
       reports.append(report)
       print("\n".join(report_lines(report, target, len(target.devices))), flush=True)
       if not report.fits:
-        hint = would_fit(stage_cfg, kind, built.kind, target, mesh)
+        hint = would_fit(stage_cfg, kind, built.kind, target, mesh, report.result.needed)
         fix = (f"would fit with {hint}" if hint else "no smaller batch fits, with or without remat: use more "
                "chips or --config.mesh.tensor")
         print(f"  {fix}", flush=True)

@@ -48,8 +48,17 @@ CHIPS = {
 SHAPES = {2: {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"},
           3: {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8",
               512: "8x8x8", 1024: "8x8x16", 2048: "8x16x16", 4096: "16x16x16"}}
+# Training the paper's models on a slice: (largest per-chip micro-batch, remat), chosen from docs/tpu.md's compiled
+# table (8-chip slices, global batch 256 x 512, FSDP over every chip): the largest micro-batch that fits with the
+# best estimated tokens/s. `configs/pretrain.py:<size>,<slice>` (and finetune.py, target.py) apply it.
+TRAIN_DEFAULTS = {
+    ("v4", "150m"): (32, False), ("v5e", "150m"): (32, False), ("v5p", "150m"): (32, False),
+    ("v6e", "150m"): (32, False),
+    ("v4", "1.2b"): (16, False), ("v5e", "1.2b"): (8, False), ("v5p", "1.2b"): (16, False),
+    ("v6e", "1.2b"): (16, False),
+}
 _TOPOLOGY = re.compile(r"^(v4|v5e|v5p|v6e):(\d+(?:x\d+)+)$")
-_ACCELERATOR = re.compile(r"^(v4|v5p|v5litepod|v6e)-(\d+)$")
+_ACCELERATOR = re.compile(r"^(v4|v5p|v5litepod|v5e|v6e)-(\d+)$")  # v5e-N: as v5litepod-N
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,30 +86,46 @@ class Target:
     return f"{self.name}: " + ", ".join(parts)
 
 
-def parse(text: str) -> tuple[Chip, str]:
-  """(chip, canonical topology name) of `v5p:2x2x2` or an accelerator type (`v5p-16`, `v5litepod-16`)."""
+def parse(text: str, setting: str = "compile_for") -> tuple[Chip, str]:
+  """(chip, canonical topology name) of `v5p:2x2x2` or an accelerator type (`v5p-16`, `v5litepod-16`); errors name
+  `setting`, where the text came from."""
   text = text.strip().lower()
   match = _TOPOLOGY.match(text)
   if match:
     chip = CHIPS[match.group(1)]
     if len(match.group(2).split("x")) != chip.rank:
-      raise errors.ConfigError(f"compile_for={text!r}: a {chip.name} slice has {chip.rank} dimensions, e.g. "
+      raise errors.ConfigError(f"{setting}={text!r}: a {chip.name} slice has {chip.rank} dimensions, e.g. "
                                f"{chip.name}:{SHAPES[chip.rank][8]}")
     return chip, text
   match = _ACCELERATOR.match(text)
   if match:
-    chip = next(c for c in CHIPS.values() if c.accelerator == match.group(1))
+    chip = next(c for c in CHIPS.values() if match.group(1) in (c.accelerator, c.name))
     chips = int(match.group(2)) // chip.cores_per_chip
     if chips not in SHAPES[chip.rank]:
-      raise errors.ConfigError(f"compile_for={text!r}: no default shape for {chips} {chip.name} chips; name the "
+      raise errors.ConfigError(f"{setting}={text!r}: no default shape for {chips} {chip.name} chips; name the "
                                f"slice, e.g. {chip.name}:{SHAPES[chip.rank][8]}")
     return chip, f"{chip.name}:{SHAPES[chip.rank][chips]}"
   if re.match(r"^(h100|h200|b200|a100|gpu|cuda)", text):
-    raise errors.ConfigError(f"compile_for={text!r}: jax 0.10.2 compiles for a GPU only on one; run with "
+    raise errors.ConfigError(f"{setting}={text!r}: jax 0.10.2 compiles for a GPU only on one; run with "
                              f"--config.compile_for={LOCAL} on the GPU machine")
-  raise errors.ConfigError(f"compile_for={text!r}: write a TPU slice as <chip>:<shape> with chip one of "
+  raise errors.ConfigError(f"{setting}={text!r}: write a TPU slice as <chip>:<shape> with chip one of "
                            f"{', '.join(CHIPS)} (v5p:2x2x2, v5e:4x4) or an accelerator type (v5p-16, v5litepod-16), "
                            f"or {LOCAL} for this machine's devices")
+
+
+def train_defaults(size: str, text: str, global_batch: int) -> tuple[int, bool]:
+  """(train.micro_batch_size, model.remat) for model `size` on slice `text`: TRAIN_DEFAULTS' per-chip micro-batch
+  times the chips, at most the global batch, rounded down to a multiple of the chips that divides it."""
+  chip, name = parse(text, "the config's TPU slice")
+  if (chip.name, size) not in TRAIN_DEFAULTS:
+    raise errors.ConfigError(f"no {chip.name} defaults for model size {size!r}; sizes with defaults: "
+                             f"{sorted({s for c, s in TRAIN_DEFAULTS if c == chip.name})}")
+  per_chip, remat = TRAIN_DEFAULTS[(chip.name, size)]
+  chips = 1
+  for extent in name.split(":")[1].split("x"):
+    chips *= int(extent)
+  fitting = [m for m in range(chips, min(global_batch, per_chip * chips) + 1, chips) if global_batch % m == 0]
+  return (fitting[-1] if fitting else global_batch), remat
 
 
 def is_slice(text: str) -> bool:
