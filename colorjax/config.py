@@ -230,7 +230,6 @@ def stage_config(cfg, stage: str, **sections) -> ml_collections.ConfigDict:
   out.seed = cfg.seed
   out.dry_run_devices = cfg.dry_run_devices
   out.profile_steps = cfg.profile_steps
-  out.compile_load = cfg.compile_load
   for name in ("mesh", "data", "eval", "sft", "score", "select", "dsir", "distill", "prepare"):
     out[name] = ml_collections.ConfigDict(cfg[name].to_dict())
   for name, value in sections.items():

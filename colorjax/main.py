@@ -176,6 +176,9 @@ def main(argv):
     if stage_name not in STAGES:
       raise errors.ConfigError(f"config.stage={stage_name!r} is not a stage; choose one of {', '.join(STAGES)}")
     where = stage_name
+    if cfg.compile_load and stage_name not in ("pretrain", "finetune", "score"):
+      raise errors.ConfigError(f"compile_load applies to pretrain, finetune and score runs, not {stage_name} (a "
+                               "pipeline compiles its own steps; its stages can be run alone with compile_load)")
     logging.set_verbosity(logging.WARNING)  # orbax reports every save at INFO
     sharding.add_xla_flags(cfg.mesh.xla_flags)  # before anything initializes a backend
     if targets.is_slice(cfg.compile_for):

@@ -126,6 +126,22 @@ def test_manifest_mismatch_names_what_differs(monkeypatch):
       "colorjax's step code changed since it was compiled (colorjax/model/losses.py)")
 
 
+def test_compile_load_outside_train_and_score_runs_is_one_line():
+  proc = run_cli(["--config", "configs/pipeline.py:demo", "--config.compile_load=/nonexistent"], check=False)
+  assert proc.returncode == 2 and proc.stderr == (
+      "colorjax pipeline: error: compile_load applies to pretrain, finetune and score runs, not pipeline (a pipeline "
+      "compiles its own steps; its stages can be run alone with compile_load)\n")
+
+
+def test_eval_compiles_its_held_out_and_multiple_choice_steps(capsys):
+  reports = aot_steps.compile_stage(make_config("eval", "tiny", compile_for="local", compile_estimate=False,
+                                                eval__batch_size=8, model__max_seq_len=128))
+  assert [(r.built.kind, r.built.args[1].shape) for r in reports] == [("heldout_step", (8, 128)),
+                                                                       ("choice_step", (128, 128))]
+  assert all(r.fits and r.result.memory["argument"] > 0 for r in reports)
+  assert "| eval choice_step | 128 x 128 tokens per step, 64 continuation tokens (nominal) |" in capsys.readouterr().out
+
+
 def test_compile_for_a_stage_without_a_step_is_refused():
   with pytest.raises(errors.ConfigError, match="stage 'select' has no jitted step"):
     aot_steps.compile_stage(make_config("select", compile_for="local"))
