@@ -156,6 +156,7 @@ class Report:
   flops_per_chip: float  # XLA's count for the whole step (twin x repeat), 0 = not estimated
   fits: bool
   twin_seconds: float = 0.0  # compile time of the cost twin
+  bytes_per_chip: float = 0.0  # XLA's HBM bytes accessed for the whole step (twin x repeat)
 
 
 def _estimate(target, twin: compiler.Result, repeat: int) -> tuple[float, str]:
@@ -186,7 +187,7 @@ def add_estimate(report: Report, rebuild, target, mesh) -> Report:
   twin_result = compiler.compile_step(twin.jitted, twin.args, mesh)
   seconds, source = _estimate(target, twin_result, twin.repeat)
   return dataclasses.replace(report, seconds=seconds, source=source, flops_per_chip=twin_result.flops * twin.repeat,
-                             twin_seconds=twin_result.seconds)
+                             twin_seconds=twin_result.seconds, bytes_per_chip=twin_result.bytes_accessed * twin.repeat)
 
 
 def report_lines(report: Report, target, devices: int) -> list[str]:

@@ -139,6 +139,7 @@ def record_of(report, target, size, args, per_chip, remat, start) -> dict:
           "tokens_per_s_per_chip": built.tokens / chips / report.seconds if report.seconds else None,
           "mfu": built.model_flops / chips / report.seconds / target.peak_flops if report.seconds else None,
           "xla_flops_per_chip": report.flops_per_chip, "model_flops_per_chip": built.model_flops / chips,
+          "xla_bytes_per_chip": report.bytes_per_chip,
           "error": report.result.error, "wall_s": round(time.time() - start, 1)}
 
 
