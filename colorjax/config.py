@@ -78,6 +78,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.dry_run = False  # validate, build everything abstractly, print sizes/FLOPs/memory, exit
   c.dry_run_devices = 0  # dry run only: pretend the mesh has this many devices (0 = the real ones)
   c.profile_steps = ""  # "a:b": jax.profiler trace of steps [a, b) of train/score into <workdir>/profile
+  c.compile_for = ""  # compile every jitted step for a TPU slice (v5p:2x2x2, v5litepod-16) or "local"; run nothing
+  c.compile_save = ""  # compile_for: write each step's serialized executable and its manifest into this folder
+  c.compile_load = ""  # a run: take its train/score step from this folder (refused unless everything matches)
+  c.compile_estimate = True  # compile_for: also compile each step with loops unrolled for the cost estimate
 
   c.model = model_config("150m")
 

@@ -52,6 +52,51 @@ def heldout_ids(num_sequences: int, count: int, shuffle: bool) -> np.ndarray:
   return np.sort(sample)
 
 
+def build_heldout_step(spec, param_sh, row_sh, weight_sh, pad_id, chunk: int, unroll: bool = False):
+  """params, [batch, seq] tokens, [batch] weights -> (weighted sum of per-sequence mean NLL, sum of weights)."""
+  def weighted_sum(params, tokens_bt, weight_b):
+    per_seq = losses.sequence_nll(spec, params, tokens_bt, pad_id, chunk, unroll=unroll)
+    return jnp.sum(per_seq * weight_b), jnp.sum(weight_b)
+  return jax.jit(weighted_sum, in_shardings=(param_sh, row_sh, weight_sh))
+
+
+def build_choice_step(spec, param_sh, row_sh, out_sh, chunk: int, unroll: bool = False):
+  """params, [batch, length] inputs, [batch, k] positions, targets and mask -> [batch] summed continuation
+  log-probs."""
+  def logprob_sums(params, inputs_bt, positions_bk, targets_bk, mask_bk):
+    nll_bk = losses.gathered_nll(spec, params, inputs_bt, positions_bk, targets_bk, chunk, unroll)
+    return -jnp.sum(nll_bk * mask_bk, axis=1)
+  return jax.jit(logprob_sums, in_shardings=(param_sh,) + (row_sh,) * 4, out_shardings=out_sh)
+
+
+NOMINAL_CONTINUATION = 64  # compile_for: continuation tokens of the longest multiple-choice bucket (data decide it)
+
+
+def abstract_steps(cfg, spec, mesh, seq_len: int, pad_id, token_dtype, unroll: bool = False) -> list:
+  """[(kind, jitted step, ShapeDtypeStructs of its arguments on `mesh`, key)]: the held-out step at the eval batch,
+  and with eval.tasks the multiple-choice step of the full-length bucket (a nominal continuation length)."""
+  param_abstract = transformer.abstract_params(spec)
+  param_sh = sharding.tree_shardings(param_abstract, transformer.param_axes(spec), mesh)
+  params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), param_abstract, param_sh)
+  row_sh, weight_sh = sharding.batch_sharding(mesh), sharding.batch_sharding(mesh, ndim=1)
+  batch = eval_batch_size(cfg, mesh)
+  key = {"model": spec.to_dict(), "mesh": dict(mesh.shape), "loss_chunk": int(cfg.train.loss_chunk)}
+  found = [("heldout_step", build_heldout_step(spec, param_sh, row_sh, weight_sh, pad_id, cfg.train.loss_chunk, unroll),
+            (params, jax.ShapeDtypeStruct((batch, seq_len), token_dtype, sharding=row_sh),
+             jax.ShapeDtypeStruct((batch,), jnp.float32, sharding=weight_sh)),
+            key | {"step": "heldout", "batch": batch, "seq_len": seq_len, "pad_id": pad_id})]
+  if cfg.eval.tasks:
+    dp = sharding.data_parallel_size(mesh)
+    length, k = spec.max_seq_len, min(NOMINAL_CONTINUATION, spec.max_seq_len)
+    rows = max(dp, int(cfg.eval.batch_tokens) // length // dp * dp)
+    arrays = [jax.ShapeDtypeStruct((rows, length), jnp.int32, sharding=row_sh)]
+    arrays += [jax.ShapeDtypeStruct((rows, k), dtype, sharding=row_sh) for dtype in (jnp.int32, jnp.int32, jnp.float32)]
+    found.append(("choice_step", build_choice_step(spec, param_sh, row_sh, sharding.replicated(mesh),
+                                                   cfg.train.loss_chunk, unroll),
+                  (params, *arrays), key | {"step": "choice", "batch": rows, "length": length, "continuation": k}))
+  return found
+
+
 class HeldoutEvaluator:
   """Mean per-sequence CE of params on each named token store: `max_batches` batches (0 = the whole store), in id
   order or (eval.shuffle) a fixed random sample of the store."""
@@ -70,10 +115,8 @@ class HeldoutEvaluator:
 
   def _fn(self, pad_id):
     if pad_id not in self._fns:
-      def weighted_sum(params, tokens_bt, weight_b):
-        per_seq = losses.sequence_nll(self.spec, params, tokens_bt, pad_id, self.chunk)
-        return jnp.sum(per_seq * weight_b), jnp.sum(weight_b)
-      self._fns[pad_id] = jax.jit(weighted_sum, in_shardings=(self.param_sh, self.row_sh, self.weight_sh))
+      self._fns[pad_id] = build_heldout_step(self.spec, self.param_sh, self.row_sh, self.weight_sh, pad_id,
+                                             self.chunk)
     return self._fns[pad_id]
 
   def sample_ids(self, store: stores_lib.TokenStore) -> np.ndarray:
@@ -199,12 +242,7 @@ class MultipleChoiceEvaluator:
                                 info["pad_id"])
     self.row_sh = sharding.batch_sharding(mesh)
 
-    def logprob_sums(params, inputs_bt, positions_bk, targets_bk, mask_bk):
-      nll_bk = losses.gathered_nll(spec, params, inputs_bt, positions_bk, targets_bk, chunk)
-      return -jnp.sum(nll_bk * mask_bk, axis=1)
-
-    self._fn = jax.jit(logprob_sums, in_shardings=(param_sh,) + (self.row_sh,) * 4,
-                       out_shardings=sharding.replicated(mesh))
+    self._fn = build_choice_step(spec, param_sh, self.row_sh, sharding.replicated(mesh), chunk)
 
   def logprobs(self, params, progress: bool = False) -> np.ndarray:
     """Summed continuation log-prob of every request (flat, example-major)."""

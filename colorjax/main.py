@@ -21,6 +21,7 @@ from ml_collections import config_flags
 
 from colorjax import errors
 from colorjax import sharding
+from colorjax.aot import targets
 from colorjax.artifacts import object_storage
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -176,13 +177,22 @@ def main(argv):
     if stage_name not in STAGES:
       raise errors.ConfigError(f"config.stage={stage_name!r} is not a stage; choose one of {', '.join(STAGES)}")
     where = stage_name
+    if cfg.compile_load and stage_name not in ("pretrain", "finetune", "score"):
+      raise errors.ConfigError(f"compile_load applies to pretrain, finetune and score runs, not {stage_name} (a "
+                               "pipeline compiles its own steps; its stages can be run alone with compile_load)")
     logging.set_verbosity(logging.WARNING)  # orbax reports every save at INFO
     sharding.add_xla_flags(cfg.mesh.xla_flags)  # before anything initializes a backend
-    sharding.maybe_initialize_distributed(cfg.mesh.distributed)
+    if targets.is_slice(cfg.compile_for):
+      targets.quiet_environment(cfg.compile_for)  # a TPU slice's compiler on any machine: no backend, no cluster
+    else:
+      sharding.maybe_initialize_distributed(cfg.mesh.distributed)
     stage = importlib.import_module(STAGES[stage_name])
-    if object_storage.mirror_config(cfg):
+    # compile_for reads no data: remote stores and work directories stay unread (nominal shapes)
+    if not cfg.compile_for and object_storage.mirror_config(cfg):
       sys.stdout, sys.stderr = object_storage.UrlStream(sys.stdout), object_storage.UrlStream(sys.stderr)
-    if cfg.dry_run:
+    if cfg.compile_for and stage_name != "pipeline":  # the pipeline compiles its stages' steps itself
+      importlib.import_module("colorjax.aot.steps").compile_stage(cfg)
+    elif cfg.dry_run:
       stage.describe(cfg)
     else:
       stage.run(cfg)

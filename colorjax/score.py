@@ -26,6 +26,8 @@ import tensorstore as ts
 from colorjax import console
 from colorjax import errors
 from colorjax import sharding
+from colorjax.aot import compiler
+from colorjax.aot import targets
 from colorjax.artifacts import formats
 from colorjax.artifacts import lineage
 from colorjax.artifacts import object_storage
@@ -105,18 +107,23 @@ def scores_request(store_id: str, models: list[dict], numerics: dict | None = No
   return request
 
 
+def stacked_layout(spec, n_models: int, mesh):
+  """(abstract [models, ...] stacked params, their shardings, one model's params' shardings) on `mesh`."""
+  axes = transformer.param_axes(spec)
+  param_sh = sharding.tree_shardings(transformer.abstract_params(spec), axes, mesh)
+  stacked_axes = jax.tree.map(lambda a: ("models",) + a, axes, is_leaf=sharding.is_axes)
+  stacked_abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct((n_models,) + a.shape, a.dtype),
+                                  transformer.abstract_params(spec))
+  return stacked_abstract, sharding.tree_shardings(stacked_abstract, stacked_axes, mesh), param_sh
+
+
 def load_models(cfg, mesh):
   """Prior + conditionals: checked to share an architecture, stacked along a leading "models" axis."""
   entries, spec = model_entries(cfg)
   paths = [(name, path) for name, path, _ in entries]
   manifests = [m for _, _, m in entries]
-  axes = transformer.param_axes(spec)
-  param_sh = sharding.tree_shardings(transformer.abstract_params(spec), axes, mesh)
-  sharding.warn_replicated(transformer.abstract_params(spec), axes, mesh)
-  stacked_axes = jax.tree.map(lambda a: ("models",) + a, axes, is_leaf=sharding.is_axes)
-  stacked_abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct((len(paths),) + a.shape, a.dtype),
-                                  transformer.abstract_params(spec))
-  stacked_sh = sharding.tree_shardings(stacked_abstract, stacked_axes, mesh)
+  sharding.warn_replicated(transformer.abstract_params(spec), transformer.param_axes(spec), mesh)
+  _, stacked_sh, param_sh = stacked_layout(spec, len(paths), mesh)
   loaded = [checkpoint.load_params(p, spec, param_sh)[0] for _, p in paths]
   stacked = jax.jit(lambda *ps: jax.tree.map(lambda *xs: jnp.stack(xs), *ps), out_shardings=stacked_sh)(*loaded)
   del loaded
@@ -194,21 +201,23 @@ def pool_rows_per_step(schedule: list, per_host: list, n: int, chunk_rows: int, 
 
 
 def build_score_step(spec, stacked_sh, batch_sh, out_sh, pad_id, chunk: int, vocab_tile: int = 0,
-                     prefixes: tuple = (), prefix_sh=None):
+                     prefixes: tuple = (), unroll: bool = False):
   """[batch, seq] tokens -> [batch, models] mean NLL, all models in one vmapped pass over the batch; with `prefixes`
   (token counts) also [batch, models, P] mean NLL of each sequence's first k tokens (losses.sequence_nll_and_prefixes).
-  """
+  `unroll`: the head's loops as straight-line code, for the compile-ahead cost estimate."""
 
   def score(stacked, tokens_bt):
-    per_model = jax.vmap(lambda p: losses.sequence_nll(spec, p, tokens_bt, pad_id, chunk, vocab_tile))(stacked)
+    per_model = jax.vmap(lambda p: losses.sequence_nll(spec, p, tokens_bt, pad_id, chunk, vocab_tile, unroll))(
+        stacked)
     return per_model.T
 
   def score_with_prefixes(stacked, tokens_bt):
     full_mb, prefix_mbp = jax.vmap(lambda p: losses.sequence_nll_and_prefixes(spec, p, tokens_bt, pad_id, prefixes,
-                                                                              chunk, vocab_tile))(stacked)
+                                                                              chunk, vocab_tile, unroll))(stacked)
     return full_mb.T, jnp.transpose(prefix_mbp, (1, 0, 2))
 
   if prefixes:
+    prefix_sh = sharding.batch_sharding(batch_sh.mesh, ndim=3)
     return jax.jit(score_with_prefixes, in_shardings=(stacked_sh, batch_sh), out_shardings=(out_sh, prefix_sh))
   return jax.jit(score, in_shardings=(stacked_sh, batch_sh), out_shardings=out_sh)
 
@@ -218,6 +227,31 @@ def prefix_lengths(scfg, seq_len: int) -> tuple:
   sequence; each >= 2 and < seq_len, once)."""
   lengths = sorted({int(round(f * seq_len)) for f in scfg.prefix_fractions})
   return tuple(k for k in lengths if 2 <= k < seq_len)
+
+
+def step_key(spec, n_models: int, batch: int, seq_len: int, pad_id, token_dtype, mesh, scfg,
+             prefixes: tuple = ()) -> dict:
+  """Everything a compiled score step depends on besides the code (`aot.compiler.load`)."""
+  return {"step": "score", "model": spec.to_dict() | {"fp8": spec.fp8}, "models": n_models, "batch": batch,
+          "seq_len": seq_len, "loss_chunk": int(scfg.loss_chunk), "vocab_tile": int(scfg.vocab_tile),
+          "pad_id": pad_id, "tokens": np.dtype(token_dtype).name, "mesh": dict(mesh.shape),
+          "prefixes": list(prefixes)}
+
+
+def abstract_step(cfg, spec, n_models: int, seq_len: int, pad_id, token_dtype, mesh, unroll: bool = False):
+  """(the jitted score step, ShapeDtypeStructs of its arguments on `mesh`, its key): the step `_score` runs, for
+  compiling ahead of time on any devices."""
+  dp = sharding.data_parallel_size(mesh)
+  batch = -(-int(cfg.score.batch_size) // dp) * dp
+  stacked_abstract, stacked_sh, _ = stacked_layout(spec, n_models, mesh)
+  batch_sh = sharding.batch_sharding(mesh)
+  prefixes = prefix_lengths(cfg.score, seq_len)
+  jitted = build_score_step(spec, stacked_sh, batch_sh, batch_sh, pad_id, int(cfg.score.loss_chunk),
+                            int(cfg.score.vocab_tile), prefixes, unroll)
+  stacked = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), stacked_abstract, stacked_sh)
+  tokens = jax.ShapeDtypeStruct((batch, seq_len), token_dtype, sharding=batch_sh)
+  return jitted, (stacked, tokens), step_key(spec, n_models, batch, seq_len, pad_id, token_dtype, mesh, cfg.score,
+                                             prefixes)
 
 
 def _open_output(workdir: pathlib.Path, manifest: dict, num_chunks: int, ids: np.ndarray | None = None):
@@ -297,6 +331,21 @@ def _score(cfg, workdir, store, request, profiler, shard_i, shard_n, peak_flops:
   chunk_rows = int(scfg.chunk_rows) or host_batch * max(1, 65536 // host_batch)
   if chunk_rows % host_batch:
     raise errors.ConfigError(f"score.chunk_rows={chunk_rows} must be a multiple of the per-host batch {host_batch}")
+  pad_id = losses.pad_to_mask(store)  # scores are means over real tokens, whatever the training policy
+  if spec.fp8 and console.is_main():
+    print(FP8_NOTE, flush=True)
+  # prefix NLLs: diagnostics beside the scores (not in the request: the scores are the same with or without them);
+  # a folder started without them is resumed without them
+  saved = formats.read_json(workdir / formats.MANIFEST) if (workdir / formats.MANIFEST).exists() else None
+  prefixes = tuple((saved or {}).get("prefixes") or ()) if saved else prefix_lengths(scfg, store.seq_len)
+  step_fn = build_score_step(spec, stacked_sh, batch_sh, out_sh, pad_id, int(scfg.loss_chunk), int(scfg.vocab_tile),
+                             prefixes)
+  if cfg.compile_load:  # the same step, compiled ahead of time (compile_for + compile_save); before any output
+    step_fn = compiler.load(cfg.compile_load, "score_step", mesh.devices.flat,
+                            step_key(spec, len(models), batch, store.seq_len, pad_id, store.dtype, mesh, scfg,
+                                     prefixes))
+    if console.is_main():
+      print(f"score: step loaded from {cfg.compile_load} (compiled ahead of time)", flush=True)
   # score.index: rows are the index's ids, ascending, each once
   index = np.unique(stores.load_index(scfg.index, store, "score.index")) if scfg.index else None
   n = store.num_sequences if index is None else index.size
@@ -314,10 +363,6 @@ def _score(cfg, workdir, store, request, profiler, shard_i, shard_n, peak_flops:
   if index is not None:
     manifest["index"] = {"path": lineage.relative(scfg.index, workdir), "id": request["index"],
                          "pool": store.num_sequences}
-  # prefix NLLs: diagnostics beside the scores (not in the request: the scores are the same with or without them);
-  # a folder started without them is resumed without them
-  saved = formats.read_json(workdir / formats.MANIFEST) if (workdir / formats.MANIFEST).exists() else None
-  prefixes = tuple((saved or {}).get("prefixes") or ()) if saved else prefix_lengths(scfg, store.seq_len)
   if prefixes:
     manifest["prefixes"] = list(prefixes)
   console.on_main_then_sync(lambda: _open_output(workdir, manifest, num_chunks, index), "score output")
@@ -329,11 +374,6 @@ def _score(cfg, workdir, store, request, profiler, shard_i, shard_n, peak_flops:
   per_host = [todo[h::hosts] for h in range(hosts)]
   my_chunks = per_host[jax.process_index()]
   schedule = step_schedule(per_host, n, chunk_rows, host_batch)
-  pad_id = losses.pad_to_mask(store)  # scores are means over real tokens, whatever the training policy
-  if spec.fp8 and console.is_main():
-    print(FP8_NOTE, flush=True)
-  step_fn = build_score_step(spec, stacked_sh, batch_sh, out_sh, pad_id, int(scfg.loss_chunk), int(scfg.vocab_tile),
-                             prefixes, sharding.batch_sharding(mesh, ndim=3))
   prefix_buffer = np.empty((chunk_rows, len(models), len(prefixes)), np.float32) if prefixes else None
   flops = transformer.flops_per_token(spec, store.seq_len, training=False) * len(models)
   peak = metrics.peak_flops(peak_flops)
@@ -448,6 +488,11 @@ def describe_nominal(cfg, num_sequences: int, seq_len: int, models: int) -> floa
     print(f"expected time: {seconds / 3600:,.1f} h for {num_sequences * seq_len:,} pool tokens at {rate:,.0f} pool "
           f"tokens/s per device (score.tokens_per_s_per_device) x {devices} devices, if scoring scales linearly "
           "(it has no cross-device traffic but the per-sequence results)")
+  if targets.local_compiler(cfg):  # on this machine's accelerators: XLA's own memory figures too
+    real = sharding.make_mesh(cfg.mesh)
+    jitted, args, _ = abstract_step(cfg, scoring_spec(spec, cfg.score), models, seq_len, None,
+                                    stores.token_dtype(spec.vocab_size), real)
+    print(compiler.memory_line(compiler.compile_step(jitted, args, real), targets.target(targets.LOCAL)))
   return total
 
 

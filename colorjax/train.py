@@ -5,6 +5,7 @@ One jitted step per optimizer update (gradient accumulation over micro-batches i
 explicit in/out shardings and the train state donated. Metrics are fetched one step late so the host never stalls
 the device. The data order depends only on (seed, step), so a resumed run reproduces an uninterrupted one.
 """
+import dataclasses
 import functools
 import json
 import math
@@ -22,6 +23,8 @@ from colorjax import console
 from colorjax import errors
 from colorjax import evaluate
 from colorjax import sharding
+from colorjax.aot import compiler
+from colorjax.aot import targets
 from colorjax.artifacts import formats
 from colorjax.artifacts import lineage
 from colorjax.data import stores
@@ -56,18 +59,21 @@ def make_optimizer(tcfg, schedule_steps: int):
 
 
 def build_train_step(spec, tx, schedule, steps: step_plan.StepPlan, state_sh, batch_sh, param_sh, z_weight: float,
-                     pad_id: int | None, loss_chunk: int, rho: rho_lib.Rho | None = None, reference_sh=None):
+                     pad_id: int | None, loss_chunk: int, rho: rho_lib.Rho | None = None, reference_sh=None,
+                     unroll: bool = False):
   """The jitted update: token-mean CE + z-loss over the whole global batch, accumulated over micro-batches. With
-  `rho`, the step takes the candidates and the reference params and first keeps the batch it trains on."""
+  `rho`, the step takes the candidates and the reference params and first keeps the batch it trains on. `unroll`:
+  every loop as straight-line code, for the compile-ahead report's cost estimate (XLA counts a loop body once)."""
 
-  micro_loss = functools.partial(losses.batch_loss, spec, pad_id=pad_id, z_weight=z_weight, chunk=loss_chunk)
+  micro_loss = functools.partial(losses.batch_loss, spec, pad_id=pad_id, z_weight=z_weight, chunk=loss_chunk,
+                                 unroll=unroll)
   grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
   def step_fn(state, tokens_mbt, reference_params=None):
     params = state["params"]
     selection = {}
     if rho is not None:
-      tokens_mbt, selection = rho_lib.select(rho, params, reference_params, tokens_mbt)
+      tokens_mbt, selection = rho_lib.select(rho, params, reference_params, tokens_mbt, unroll)
       tokens_mbt = jax.lax.with_sharding_constraint(tokens_mbt, batch_sh)
     if tokens_mbt.shape[0] == 1:
       (_, (ce, z, count)), grads = grad_fn(params, tokens_mbt[0])
@@ -78,7 +84,7 @@ def build_train_step(spec, tx, schedule, steps: step_plan.StepPlan, state_sh, ba
         acc = jax.lax.with_sharding_constraint(jax.tree.map(jnp.add, acc, g), param_sh)
         return (acc, ce + ce_i, z + z_i, count + count_i), None
       zeros = jax.lax.with_sharding_constraint(jax.tree.map(jnp.zeros_like, params), param_sh)
-      (grads, ce, z, count), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0, 0.0), tokens_mbt)
+      (grads, ce, z, count), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0, 0.0), tokens_mbt, unroll=unroll)
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
@@ -182,6 +188,10 @@ def _train(cfg, workdir, spec, mesh, inputs: run_folder.Inputs, index, started: 
     rho, reference, reference_sh = load_reference(cfg, spec, inputs, mesh, steps, pad_id)
     jitted = build_train_step(spec, tx, schedule, steps, state_sh, batch_sh, param_sh, cfg.train.z_loss, pad_id,
                               cfg.train.loss_chunk, rho, reference_sh)
+    if cfg.compile_load:  # the same step, compiled ahead of time (compile_for + compile_save)
+      key = step_key(spec, steps, cfg.train, pad_id, store.dtype, mesh, rho)
+      jitted = compiler.load(cfg.compile_load, "train_step", mesh.devices.flat, key)
+      _print(f"{cfg.stage}: train step loaded from {cfg.compile_load} (compiled ahead of time)")
     train_step = jitted if rho is None else (lambda state, batch: jitted(state, batch, reference))
     evaluators = [e for e in evaluate.build_evaluators(cfg, spec, mesh, param_sh, store.tokenizer_path(), eval_sets)
                   if e is not None]
@@ -225,19 +235,27 @@ def compute(spec, steps: step_plan.StepPlan, rho) -> dict:
   return {"train_flops": train_flops, "selection_forward_flops": selection}
 
 
+def _init_state(spec, tx, key, params=None):
+  params = transformer.init_params(spec, key) if params is None else params
+  return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+
+
+def state_layout(spec, tx, mesh):
+  """(abstract train state, its shardings, the params' shardings) on `mesh`. Outside `use_mesh` for a mesh of
+  compile-only devices (compile_for), where nothing may run eagerly."""
+  param_sh = sharding.tree_shardings(transformer.abstract_params(spec), transformer.param_axes(spec), mesh)
+  abstract_state = jax.eval_shape(functools.partial(_init_state, spec, tx), jax.random.key(0))
+  state_sh = {"params": param_sh, "step": sharding.replicated(mesh),
+              "opt_state": sharding.opt_state_shardings(tx, abstract_state["opt_state"], param_sh, mesh)}
+  return abstract_state, state_sh, param_sh
+
+
 def init_or_restore(cfg, spec, mesh, tx, ckpt: checkpoint.Checkpointer):
   """The sharded train state: the latest checkpoint (resume), else params from train.init_from, else a fresh init.
   Returns (state, state shardings, param shardings, start step)."""
-  param_sh = sharding.tree_shardings(transformer.abstract_params(spec), transformer.param_axes(spec), mesh)
   sharding.warn_replicated(transformer.abstract_params(spec), transformer.param_axes(spec), mesh)
-
-  def init_state(key, params=None):
-    params = transformer.init_params(spec, key) if params is None else params
-    return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
-
-  abstract_state = jax.eval_shape(init_state, jax.random.key(0))
-  state_sh = {"params": param_sh, "step": sharding.replicated(mesh),
-              "opt_state": sharding.opt_state_shardings(tx, abstract_state["opt_state"], param_sh, mesh)}
+  init_state = functools.partial(_init_state, spec, tx)
+  abstract_state, state_sh, param_sh = state_layout(spec, tx, mesh)
   latest = ckpt.latest_step() if cfg.train.resume else None
   if latest is not None:
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_sh)
@@ -325,30 +343,91 @@ def train_loop(cfg, state, train_step, source, start_step: int, steps: step_plan
   return state
 
 
-def describe(cfg, num_items: int | None = None, seq_len: int | None = None, size_note: str = "") -> dict:
-  """Dry run: sizes, FLOPs, steps, tokens and per-device memory, all without allocating. `num_items` and `seq_len`
-  stand in for the data when the store (or index) does not exist yet, e.g. when planning a whole pipeline."""
-  spec = transformer.ModelSpec.from_config(cfg.model)
-  num_devices = cfg.dry_run_devices or jax.device_count()
-  mesh = sharding.abstract_mesh(cfg.mesh, num_devices)
+@dataclasses.dataclass(frozen=True)
+class DataPlan:
+  """What a run's step is cut from, known before its data is read: from the store (and index) when they exist,
+  else from the figures given (the pipeline's plan) or nominal ones."""
+  steps: step_plan.StepPlan
+  pad_id: int | None  # the PAD id the loss skips (padded SFT stores); None = no mask
+  token_dtype: np.dtype  # the store's token dtype, the step's input dtype
+  notes: tuple  # what was assumed, for the user
+
+
+def data_plan(cfg, spec, data_parallel: int, num_items: int | None = None, seq_len: int | None = None,
+              size_note: str = "") -> DataPlan:
   seq_len = seq_len or spec.max_seq_len
+  pad_id, dtype = None, stores.token_dtype(spec.vocab_size)
   store_exists = bool(cfg.data.train_store) and pathlib.Path(cfg.data.train_store, formats.MANIFEST).exists()
   if store_exists:
     store = stores.TokenStore(cfg.data.train_store)
     stores.check_store_fits(store, spec)
-    seq_len = store.seq_len
+    seq_len, pad_id, dtype = store.seq_len, losses.pad_to_mask(store, cfg.sft.loss_on_padding), store.dtype
     if cfg.data.index and pathlib.Path(cfg.data.index).exists():
       num_items = stores.load_index(cfg.data.index, store).size
     elif not cfg.data.index:
       num_items = store.num_sequences
-  steps = step_plan.step_plan(cfg, num_items, seq_len, sharding.data_parallel_size(mesh))
-  tx, _ = make_optimizer(cfg.train, steps.schedule_steps)
-  abstract_params = transformer.abstract_params(spec)
-  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  steps = step_plan.step_plan(cfg, num_items, seq_len, data_parallel)
   notes = [steps.note] if steps.note else []
   if num_items is None:
     notes.append("train store not found: the step count is the nominal max_steps")
   elif not store_exists or (cfg.data.index and not pathlib.Path(cfg.data.index).exists()):
     notes.append(f"data size taken as {num_items:,} sequences ({size_note or 'nominal'})")
-  return estimate.print_model_and_training(cfg.stage, spec, mesh, steps, abstract_params, abstract_opt, tx=tx,
-                                           data_note="; ".join(notes) or None, loss_chunk=cfg.train.loss_chunk)
+  return DataPlan(steps, pad_id, dtype, tuple(notes))
+
+
+def step_key(spec, steps: step_plan.StepPlan, tcfg, pad_id, token_dtype, mesh, rho=None) -> dict:
+  """Everything a compiled train step depends on besides the code: an executable saved for one key serves only a
+  run with the same key (`aot.compiler.load`)."""
+  train = {k: tcfg[k] for k in ("lr", "warmup_steps", "min_lr_ratio", "b1", "b2", "eps", "weight_decay",
+                                "grad_clip", "z_loss", "loss_chunk")}
+  return {"step": "train", "model": spec.to_dict(), "mesh": dict(mesh.shape), "global_batch": steps.global_batch,
+          "micro_batch": steps.micro_batch, "seq_len": steps.seq_len, "candidates": steps.candidates,
+          "schedule_steps": steps.schedule_steps, "train": train, "pad_id": pad_id,
+          "tokens": np.dtype(token_dtype).name, "reference": rho.reference_spec.to_dict() if rho else None}
+
+
+def abstract_step(cfg, spec, plan: DataPlan, mesh, reference_spec=None, unroll: bool = False):
+  """(the jitted train step, ShapeDtypeStructs of its arguments laid out on `mesh`, its key) for compiling ahead of
+  time on any devices, compile-only ones too; the step `_train` runs, built by the same function."""
+  steps = plan.steps
+  tx, schedule = make_optimizer(cfg.train, steps.schedule_steps)
+  abstract_state, state_sh, param_sh = state_layout(spec, tx, mesh)
+  batch_sh = sharding.batch_sharding(mesh, ndim=3, batch_dim=1)
+  rho = reference_sh = None
+  if steps.candidates:
+    reference_spec = reference_spec or spec
+    reference_abstract = transformer.abstract_params(reference_spec)
+    reference_sh = sharding.tree_shardings(reference_abstract, transformer.param_axes(reference_spec), mesh)
+    rho = rho_lib.Rho(spec, reference_spec, steps.global_batch, plan.pad_id, cfg.train.loss_chunk)
+  jitted = build_train_step(spec, tx, schedule, steps, state_sh, batch_sh, param_sh, cfg.train.z_loss, plan.pad_id,
+                            cfg.train.loss_chunk, rho, reference_sh, unroll)
+  laid_out = lambda tree, shardings: jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
+  tokens = jax.ShapeDtypeStruct((steps.rows_per_step // steps.micro_batch, steps.micro_batch, steps.seq_len),
+                                plan.token_dtype, sharding=batch_sh)
+  args = (laid_out(abstract_state, state_sh), tokens)
+  if rho is not None:
+    args += (laid_out(transformer.abstract_params(rho.reference_spec), reference_sh),)
+  return jitted, args, step_key(spec, steps, cfg.train, plan.pad_id, plan.token_dtype, mesh, rho)
+
+
+def describe(cfg, num_items: int | None = None, seq_len: int | None = None, size_note: str = "") -> dict:
+  """Dry run: sizes, FLOPs, steps, tokens and per-device memory, all without allocating. `num_items` and `seq_len`
+  stand in for the data when the store (or index) does not exist yet, e.g. when planning a whole pipeline. On this
+  machine's accelerators (or with compile_for=local) the step is also compiled and XLA's memory shown."""
+  spec = transformer.ModelSpec.from_config(cfg.model)
+  num_devices = cfg.dry_run_devices or jax.device_count()
+  mesh = sharding.abstract_mesh(cfg.mesh, num_devices)
+  plan = data_plan(cfg, spec, sharding.data_parallel_size(mesh), num_items, seq_len, size_note)
+  steps = plan.steps
+  tx, _ = make_optimizer(cfg.train, steps.schedule_steps)
+  abstract_params = transformer.abstract_params(spec)
+  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  planned = estimate.print_model_and_training(cfg.stage, spec, mesh, steps, abstract_params, abstract_opt, tx=tx,
+                                              data_note="; ".join(plan.notes) or None,
+                                              loss_chunk=cfg.train.loss_chunk)
+  if targets.local_compiler(cfg):
+    real_mesh = sharding.make_mesh(cfg.mesh)
+    jitted, args, _ = abstract_step(cfg, spec, plan, real_mesh)
+    print(compiler.memory_line(compiler.compile_step(jitted, args, real_mesh), targets.target(targets.LOCAL)))
+  return planned

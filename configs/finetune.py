@@ -1,4 +1,5 @@
-"""Finetune a prior into a conditional model. Arg: "<target>[,<size>]", target books | tasks, size tiny|150m|1.2b.
+"""Finetune a prior into a conditional model. Arg: "<target>[,<size>[,<slice>]]", target books | tasks, size
+tiny|150m|1.2b; a TPU slice such as v5p-64 sets the micro-batch and remat chosen for it (docs/tpu.md).
 
   books: one epoch over a token store of target-domain text (warmup 20, lr 1e-3; docs/definitions.md#recipe)
       python -m colorjax.main --config configs/finetune.py:books --config.train.init_from=runs/prior/params \
@@ -8,13 +9,15 @@
           --config.sft.data_dir=../shared/data/tasks --config.workdir=runs/cond-tasks
 """
 from colorjax import config
+from colorjax.aot import targets
 
 # The 7 tasks with train splits in the offline data (SciQ has none); add "sciq" when loading all 8 from the hub.
 TRAIN_TASKS = ("piqa", "hellaswag", "winogrande", "openbookqa", "boolq", "arc_easy", "arc_challenge")
 
 
 def get_config(arg: str = "books"):
-  target, _, size = arg.partition(",")
+  target, _, rest = arg.partition(",")
+  size, _, tpu_slice = rest.partition(",")
   size = size or "150m"
   if target not in ("books", "tasks"):
     raise ValueError(f"finetune target {target!r}: choose books or tasks (e.g. configs/finetune.py:tasks,tiny)")
@@ -36,4 +39,6 @@ def get_config(arg: str = "books"):
     c.train.eval_batches = 8
   if size in ("150m", "1.2b"):  # as pretrain: the whole 256-row batch in one pass needs ~160 GiB of activations
     c.train.micro_batch_size = 64 if size == "150m" else 16
+  if tpu_slice:
+    c.train.micro_batch_size, c.model.remat = targets.train_defaults(size, tpu_slice, c.train.global_batch_size)
   return c

@@ -67,3 +67,20 @@ pack_checkout() {
     tar -C "$REPO_ROOT" --exclude=.git --exclude=.venv --exclude=__pycache__ -czf "$out" .
   fi
 }
+
+# preflight SLICE ARG...: compile every jitted step of the colorjax command ARG... for the TPU slice SLICE on this
+# machine (--config.compile_for; memory only, no slice needed, libtpu installed here with `pip install -e '.[tpu]'`),
+# so a step that does not fit stops here, naming the micro-batch that would, before a slice is reserved. PYTHON is
+# the interpreter (default: this checkout's .venv, else python3); PREFLIGHT=0 skips it. Printed under DRY_RUN=1.
+preflight() {
+  local slice=$1 python
+  shift
+  if [[ "${PREFLIGHT:-1}" != 1 ]]; then return 0; fi
+  python="${PYTHON:-}"
+  if [[ -z "$python" ]]; then
+    if [[ -x "$REPO_ROOT/.venv/bin/python" ]]; then python="$REPO_ROOT/.venv/bin/python"; else python=python3; fi
+  fi
+  if ! x "$python" -m colorjax.main "$@" --config.compile_for="$slice" --config.compile_estimate=False; then
+    die "preflight: the command above does not compile for $slice (its message says why); fix it, or set PREFLIGHT=0"
+  fi
+}

@@ -3,9 +3,14 @@
 # command on all workers at once, follow its log, stop it, delete the slice. Multi-host: every worker runs the same
 # command and jax.distributed.initialize() finds the slice from the TPU environment (mesh.distributed=auto).
 #
-#   launch/tpu_pod.sh create | setup | run ARGS... | ssh [COMMAND...] | logs | stop | describe | delete
+#   launch/tpu_pod.sh create [ARGS...] | preflight ARGS... | setup | run ARGS... | ssh [COMMAND...] | logs | stop |
+#                     describe | delete
 #
-#   create    gcloud compute tpus tpu-vm create TPU (ACCELERATOR, RUNTIME, SPOT)
+#   create    gcloud compute tpus tpu-vm create TPU (ACCELERATOR, RUNTIME, SPOT); given colorjax ARGS, the preflight
+#             below runs first and a step that does not fit the slice stops before anything is reserved
+#   preflight on this machine, no TPU needed: `python -m colorjax.main ARGS --config.compile_for=COMPILE_FOR`, every
+#             jitted step of ARGS compiled for the slice (per-chip memory; one that does not fit names the
+#             micro-batch that would); needs libtpu here: pip install -e '.[tpu]'
 #   setup     on every worker: this checkout (or REPO_URL at REF) in REPO_DIR, a venv there (REPO_DIR/.venv) with
 #             `pip install -r requirements.txt -e .` and then JAX_TPU. Re-run it after changing the code.
 #   run       `cd REPO_DIR && .venv/bin/python -m colorjax.main ARGS` on every worker (ARGS quoted with printf %q);
@@ -36,6 +41,9 @@
 #                  REMOTE_PYTHON=python3.11
 #   REMOTE_PYTHON  setup: the interpreter that creates the venv (default python3)
 #   JAX_TPU        setup: the TPU build of jax (default "jax[tpu]==0.10.2", the version requirements.txt pins)
+#   COMPILE_FOR    preflight: the slice to compile for (default ACCELERATOR; a topology such as v5p:2x4x4 too)
+#   PREFLIGHT      create: 0 = skip the preflight (default 1)
+#   PYTHON         preflight: the local interpreter (default this checkout's .venv/bin/python, else python3)
 #   LOG            run: detach and write stdout+stderr to this file on each worker (relative to REPO_DIR, or
 #                  absolute); logs: the file to show
 #   RUN_ENV        run: NAME=VALUE words put before the command on every worker (e.g. "WANDB_MODE=offline")
@@ -48,7 +56,10 @@
 #
 # Examples (a v5p-64; token stores, runs and scores on gs://; BUCKET is yours):
 #   export TPU=colorjax-v5p ZONE=us-east5-a
-#   launch/tpu_pod.sh create && launch/tpu_pod.sh setup
+#   # compile the prior's step for the slice here first (stops if it does not fit), then create it
+#   launch/tpu_pod.sh create --config configs/pretrain.py:150m --config.data.train_store=gs://BUCKET/stores/c4 \
+#       --config.workdir=gs://BUCKET/runs/prior
+#   launch/tpu_pod.sh setup
 #   # the 150M prior (24,000 steps x 256 x 512 on C4)
 #   LOG=logs/prior.log launch/tpu_pod.sh run --config configs/pretrain.py:150m \
 #       --config.data.train_store=gs://BUCKET/stores/c4 --config.workdir=gs://BUCKET/runs/prior
@@ -104,10 +115,16 @@ on() {
 
 cmd_create() {
   where
+  if (($#)); then preflight "${COMPILE_FOR:-$ACCELERATOR}" "$@"; fi
   local flags=(--accelerator-type="$ACCELERATOR" --version="$RUNTIME")
   if [[ "$SPOT" == 1 ]]; then flags+=(--spot); fi
   x "$GCLOUD" compute tpus tpu-vm create "$TPU" "${where_flags[@]}" "${flags[@]}" \
     ${create_flags[@]+"${create_flags[@]}"}
+}
+
+cmd_preflight() {
+  (($#)) || die "preflight: give the colorjax arguments, e.g. preflight --config configs/pretrain.py:150m ..."
+  PREFLIGHT=1 preflight "${COMPILE_FOR:-$ACCELERATOR}" "$@"
 }
 
 cmd_setup() {
@@ -205,7 +222,7 @@ cmd_delete() {
 
 subcommand="${1:-help}"
 case "$subcommand" in
-  create | setup | run | ssh | logs | stop | describe | delete)
+  create | preflight | setup | run | ssh | logs | stop | describe | delete)
     shift
     "cmd_$subcommand" "$@"
     ;;
@@ -214,6 +231,6 @@ case "$subcommand" in
   help | -h | --help) usage ;;
   *)
     usage >&2
-    die "unknown subcommand '$subcommand'; choose create, setup, run, ssh, logs, stop, describe or delete"
+    die "unknown subcommand '$subcommand'; choose create, preflight, setup, run, ssh, logs, stop, describe or delete"
     ;;
 esac

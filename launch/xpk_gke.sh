@@ -5,13 +5,16 @@
 # The cluster comes first, made once with `xpk cluster create --cluster CLUSTER --tpu-type v5p-64 --num-slices 1
 # --zone ZONE --project PROJECT` (see xpk's README for reservations and spot capacity).
 #
-#   launch/xpk_gke.sh build-image | create ARGS... | list | logs | delete
+#   launch/xpk_gke.sh build-image | preflight ARGS... | create ARGS... | list | logs | delete
 #
 #   build-image  print a minimal Dockerfile for colorjax (python base, requirements.txt, JAX_TPU) to stdout; with
 #                BUILD=1 build IMAGE from this checkout's files with docker instead (PUSH=1: and push it)
-#   create       xpk workload create --cluster CLUSTER --workload WORKLOAD --tpu-type TPU_TYPE --num-slices
-#                NUM_SLICES --docker-image IMAGE --command "cd APP_DIR && python3 -m colorjax.main ARGS" (ARGS
-#                quoted with printf %q)
+#   preflight    on this machine, no TPU needed: `python -m colorjax.main ARGS --config.compile_for=COMPILE_FOR`,
+#                every jitted step of ARGS compiled for one slice (per-chip memory; one that does not fit names the
+#                micro-batch that would); needs libtpu here: pip install -e '.[tpu]'
+#   create       the preflight, then xpk workload create --cluster CLUSTER --workload WORKLOAD --tpu-type TPU_TYPE
+#                --num-slices NUM_SLICES --docker-image IMAGE --command "cd APP_DIR && python3 -m colorjax.main ARGS"
+#                (ARGS quoted with printf %q); a step that does not fit stops before the workload is created
 #   list         xpk workload list --cluster CLUSTER
 #   logs         kubectl logs of the workload's pods (all hosts, prefixed; FOLLOW=0: print and exit)
 #   delete       xpk workload delete --cluster CLUSTER --workload WORKLOAD
@@ -39,7 +42,11 @@
 #   FOLLOW        logs: 1 = keep following (default), 0 = print and exit
 #   CONTAINER     logs: the workload's main container (default jax-tpu, xpk's --docker-name default)
 #   XPK, KUBECTL, DOCKER  the binaries (default xpk, kubectl, docker)
-#   DRY_RUN       1 = print the xpk / kubectl / docker commands (one shell-quoted line each) instead of running them
+#   COMPILE_FOR   preflight: the slice to compile for (default TPU_TYPE; a topology such as v5p:2x4x4 too)
+#   PREFLIGHT     create: 0 = skip the preflight (default 1)
+#   PYTHON        preflight: the local interpreter (default this checkout's .venv/bin/python, else python3)
+#   DRY_RUN       1 = print the preflight and the xpk / kubectl / docker commands (one shell-quoted line each)
+#                 instead of running them
 #
 # Examples (v5p-64; token stores, runs and scores on gs://; the pods' service account needs access to BUCKET):
 #   export CLUSTER=colorjax-v5p ZONE=us-east5-a PROJECT=my-project IMAGE=gcr.io/my-project/colorjax:v1
@@ -129,11 +136,17 @@ cmd_create() {
   require WORKLOAD "the workload name, lowercase letters, digits and '-'"
   require IMAGE "the container image with colorjax, e.g. gcr.io/PROJECT/colorjax:TAG (see build-image)"
   (($#)) || die "create: give the colorjax arguments, e.g. create --config configs/pretrain.py:150m ..."
+  preflight "${COMPILE_FOR:-$TPU_TYPE}" "$@"
   local command
   command="cd $(printf '%q' "$APP_DIR") && python3 -m colorjax.main $(quote_words "$@")"
   x "$XPK" workload create "${where_flags[@]}" --workload="$WORKLOAD" --tpu-type="$TPU_TYPE" \
     --num-slices="$NUM_SLICES" --docker-image="$IMAGE" --priority="$PRIORITY" --max-restarts="$MAX_RESTARTS" \
     ${xpk_flags[@]+"${xpk_flags[@]}"} --command "$command"
+}
+
+cmd_preflight() {
+  (($#)) || die "preflight: give the colorjax arguments, e.g. preflight --config configs/pretrain.py:150m ..."
+  PREFLIGHT=1 preflight "${COMPILE_FOR:-$TPU_TYPE}" "$@"
 }
 
 cmd_list() {
@@ -158,13 +171,13 @@ cmd_delete() {
 
 subcommand="${1:-help}"
 case "$subcommand" in
-  build-image | create | list | logs | delete)
+  build-image | preflight | create | list | logs | delete)
     shift
     "cmd_${subcommand//-/_}" "$@"
     ;;
   help | -h | --help) usage ;;
   *)
     usage >&2
-    die "unknown subcommand '$subcommand'; choose build-image, create, list, logs or delete"
+    die "unknown subcommand '$subcommand'; choose build-image, preflight, create, list, logs or delete"
     ;;
 esac

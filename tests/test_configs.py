@@ -90,7 +90,8 @@ def test_finetune_configs_of_the_paper_sizes_accumulate_like_pretraining():
   for size in ("150m", "1.2b"):
     want = make_config("pretrain", size).train.micro_batch_size
     assert make_config("finetune", f"books,{size}").train.micro_batch_size == want > 0
-  with pytest.raises(ValueError, match="only option after the size is ',anneal'"):
+  with pytest.raises(ValueError, match="after the size come ',anneal' and a TPU slice \\(v5p-64, v5e:4x4\\); 'aneal' "
+                                      "is neither"):
     make_config("target", "150m,aneal")
   assert make_config("target", "150m,anneal").train.anneal_to_data
 

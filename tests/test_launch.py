@@ -99,6 +99,41 @@ def test_tpu_create():
   assert "--spot" not in argv and not any(a.startswith("--project") for a in argv)
 
 
+def test_tpu_create_with_a_command_compiles_it_for_the_slice_first():
+  """The preflight (issue 30): every step of the command compiled for the slice on this machine, before gcloud
+  reserves it; COMPILE_FOR names another topology, PYTHON the interpreter, PREFLIGHT=0 skips it."""
+  preflight, create = commands(launch("tpu_pod.sh", "create", *TRICKY, **TPU_ENV).stdout)
+  venv = REPO / ".venv" / "bin" / "python"
+  assert preflight == [str(venv) if venv.exists() else "python3", "-m", "colorjax.main", *TRICKY,
+                       "--config.compile_for=v5p-64", "--config.compile_estimate=False"]
+  assert create[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "create"]
+  preflight, _ = commands(launch("tpu_pod.sh", "create", *TRICKY, COMPILE_FOR="v5p:2x4x4", PYTHON="/opt/py/python",
+                                 **TPU_ENV).stdout)
+  assert preflight[0] == "/opt/py/python" and "--config.compile_for=v5p:2x4x4" in preflight
+  (create,) = commands(launch("tpu_pod.sh", "create", *TRICKY, PREFLIGHT=0, **TPU_ENV).stdout)
+  assert create[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "create"]
+  (preflight,) = commands(launch("tpu_pod.sh", "preflight", *TRICKY, ACCELERATOR="v5litepod-16", PREFLIGHT=0,
+                                 **TPU_ENV).stdout)
+  assert preflight[-2:] == ["--config.compile_for=v5litepod-16", "--config.compile_estimate=False"]
+
+
+@pytest.mark.parametrize("script,env", [("tpu_pod.sh", TPU_ENV), ("xpk_gke.sh", None)])
+def test_a_failed_preflight_stops_before_the_slice_is_reserved(script, env, tmp_path):
+  """The interpreter exits 2 (a step does not fit): the launcher stops with its line, and the cloud command never
+  runs (here it would leave a file behind)."""
+  marker = tmp_path / "reserved"
+  cloud = tmp_path / "cloud"
+  cloud.write_text(f"#!/bin/sh\ntouch {marker}\n")
+  cloud.chmod(0o755)
+  fail = tmp_path / "python"
+  fail.write_text("#!/bin/sh\necho 'colorjax pretrain: error: does not fit a v5p:2x4x4 chip' >&2\nexit 2\n")
+  fail.chmod(0o755)
+  env = dict(env or XPK_ENV, DRY_RUN=0, PYTHON=fail, GCLOUD=cloud, XPK=cloud)
+  proc = launch(script, "create", *TRICKY, check=False, **env)
+  assert proc.returncode == 2 and "does not fit a v5p:2x4x4 chip" in proc.stderr
+  assert "preflight: the command above does not compile for v5p-64" in proc.stderr and not marker.exists()
+
+
 def test_tpu_setup_copies_the_checkout_and_installs_on_every_worker():
   scp, ssh = commands(launch("tpu_pod.sh", "setup", **TPU_ENV).stdout)
   assert scp[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "scp"] and "--worker=all" in scp
@@ -140,6 +175,8 @@ def test_tpu_missing_setting_is_named(missing, sub):
 
 
 def test_tpu_unknown_subcommand_and_logs_without_log():
+  proc = launch("tpu_pod.sh", "preflight", check=False, **TPU_ENV)
+  assert proc.returncode != 0 and "preflight: give the colorjax arguments" in proc.stderr
   proc = launch("tpu_pod.sh", "launch", check=False, **TPU_ENV)
   assert proc.returncode != 0 and "unknown subcommand 'launch'" in proc.stderr
   proc = launch("tpu_pod.sh", "logs", check=False, **TPU_ENV)
@@ -186,13 +223,16 @@ XPK_ENV = dict(DRY_RUN=1, CLUSTER="tpu-cluster", WORKLOAD="prior-150m", IMAGE="g
 
 
 def test_xpk_create():
-  (argv,) = commands(launch("xpk_gke.sh", "create", *TRICKY, PROJECT="proj", ZONE="us-east5-a", **XPK_ENV).stdout)
+  preflight_argv, argv = commands(launch("xpk_gke.sh", "create", *TRICKY, PROJECT="proj", ZONE="us-east5-a",
+                                         **XPK_ENV).stdout)
+  assert preflight_argv[1:] == ["-m", "colorjax.main", *TRICKY, "--config.compile_for=v5p-64",
+                                "--config.compile_estimate=False"]
   assert argv[:3] == ["xpk", "workload", "create"]
   assert {"--cluster=tpu-cluster", "--workload=prior-150m", "--tpu-type=v5p-64", "--num-slices=1",
           "--docker-image=gcr.io/proj/colorjax:v1", "--project=proj", "--zone=us-east5-a"} <= set(argv)
   assert shlex.split(option(argv, "--command")) == ["cd", "/app", "&&", "python3", "-m", "colorjax.main", *TRICKY]
   (argv,) = commands(launch("xpk_gke.sh", "create", *TRICKY, TPU_TYPE="v5litepod-256", NUM_SLICES=2,
-                            XPK_FLAGS="--env=WANDB_MODE=offline", **XPK_ENV).stdout)
+                            XPK_FLAGS="--env=WANDB_MODE=offline", PREFLIGHT=0, **XPK_ENV).stdout)
   assert {"--tpu-type=v5litepod-256", "--num-slices=2", "--env=WANDB_MODE=offline"} <= set(argv)
 
 

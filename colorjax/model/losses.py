@@ -70,6 +70,12 @@ def _chunk_size(chunk: int, seq: int) -> int:
   return seq if not chunk or chunk >= seq else int(chunk)
 
 
+def scan_map(fn, xs, unroll: bool = False):
+  """`jax.lax.map(fn, xs)` (a scan over the leading axis), written out as straight-line code when `unroll`: XLA's
+  cost analysis counts a loop body once, so the compile-ahead report's estimate compiles loops unrolled."""
+  return jax.lax.scan(lambda carry, x: (carry, fn(x)), None, xs, unroll=unroll)[1]
+
+
 def vocab_tile_size(tile: int, vocab: int) -> int:
   """The largest divisor of `vocab` that is at most `tile` (0 or >= vocab: the whole vocabulary, no tiling)."""
   if not tile or tile >= vocab:
@@ -77,7 +83,7 @@ def vocab_tile_size(tile: int, vocab: int) -> int:
   return next(size for size in range(int(tile), 0, -1) if vocab % size == 0)
 
 
-def _vocab_tiled_nll(h_xd, head_dv, t_x, logits_dtype, tile: int):
+def _vocab_tiled_nll(h_xd, head_dv, t_x, logits_dtype, tile: int, unroll: bool = False):
   """(NLL, logsumexp) [x] with the head's logits made one vocabulary tile at a time and folded into a running
   (max, rescaled sum, target logit), so the [x, vocab] logits never exist and each tile is reduced while it is hot:
   the forward head's memory traffic drops from the whole logits to one tile (CPU: 1.8x the chunked head at
@@ -99,23 +105,25 @@ def _vocab_tiled_nll(h_xd, head_dv, t_x, logits_dtype, tile: int):
 
   zeros_x = jnp.zeros(t_x.shape, jnp.float32)
   firsts = jnp.arange(vocab // tile, dtype=t_x.dtype) * tile
-  (max_x, sum_x, target_x), _ = jax.lax.scan(fold, (zeros_x - jnp.inf, zeros_x, zeros_x), (tiles_ndv, firsts))
+  (max_x, sum_x, target_x), _ = jax.lax.scan(fold, (zeros_x - jnp.inf, zeros_x, zeros_x), (tiles_ndv, firsts),
+                                              unroll=unroll)
   lse_x = max_x + jnp.log(sum_x)
   return lse_x - target_x, lse_x
 
 
-def head_nll(hidden_btd, head_dv, targets_bt, logits_dtype, chunk: int = 0, vocab_tile: int = 0):
+def head_nll(hidden_btd, head_dv, targets_bt, logits_dtype, chunk: int = 0, vocab_tile: int = 0,
+             unroll: bool = False):
   """Next-token NLL and logsumexp [batch, seq] (fp32) of `targets_bt` from final hidden states, `chunk` positions
   at a time so the [batch, seq, vocab] logits never exist at once, and with `vocab_tile` each chunk's logits made
   and reduced a vocabulary tile at a time (forward only: scoring and evaluation). Differentiable by plain autodiff
-  (tests)."""
+  (tests). `unroll`: the chunk and tile loops as straight-line code (scan_map)."""
   head_dv = head_dv.astype(hidden_btd.dtype)
   tile = vocab_tile_size(vocab_tile, head_dv.shape[-1])
 
   def nll(h_btd, t_bt):
     if tile < head_dv.shape[-1]:
       nll_x, lse_x = _vocab_tiled_nll(h_btd.reshape(-1, h_btd.shape[-1]), head_dv, t_bt.reshape(-1), logits_dtype,
-                                      tile)
+                                      tile, unroll)
       return nll_x.reshape(t_bt.shape), lse_x.reshape(t_bt.shape)
     logits_btv = _logits(h_btd, head_dv, logits_dtype)
     lse_bt = logsumexp(logits_btv)
@@ -125,11 +133,13 @@ def head_nll(hidden_btd, head_dv, targets_bt, logits_dtype, chunk: int = 0, voca
   chunk = _chunk_size(chunk, seq)
   if chunk == seq:
     return nll(hidden_btd, targets_bt)
-  nll_cbt, lse_cbt = jax.lax.map(lambda xs: nll(*xs), (_chunked(hidden_btd, chunk), _chunked(targets_bt, chunk)))
+  nll_cbt, lse_cbt = scan_map(lambda xs: nll(*xs), (_chunked(hidden_btd, chunk), _chunked(targets_bt, chunk)),
+                              unroll)
   return _unchunked(nll_cbt, seq), _unchunked(lse_cbt, seq)
 
 
-def _head_loss_and_grads(hidden_btd, head_dv, targets_bt, weight_bt, z_weight: float, logits_dtype, chunk: int):
+def _head_loss_and_grads(hidden_btd, head_dv, targets_bt, weight_bt, z_weight: float, logits_dtype, chunk: int,
+                         unroll: bool = False):
   """sum(w·(nll + z·lse²)), sum(w·nll), sum(w·lse²) and the gradient of the first w.r.t. hidden and head."""
   seq, vocab = hidden_btd.shape[1], head_dv.shape[1]
   chunk = _chunk_size(chunk, seq)
@@ -155,19 +165,20 @@ def _head_loss_and_grads(hidden_btd, head_dv, targets_bt, weight_bt, z_weight: f
 
   zeros = (jnp.zeros(head_dv.shape, jnp.float32),) + (jnp.zeros((), jnp.float32),) * 3
   xs = tuple(_chunked(x, chunk) for x in (hidden_btd, targets_bt, weight_bt))
-  (grad_head_dv, loss, ce, z), grad_h_cbtd = jax.lax.scan(body, zeros, xs)
+  (grad_head_dv, loss, ce, z), grad_h_cbtd = jax.lax.scan(body, zeros, xs, unroll=unroll)
   return (loss, ce, z), (_unchunked(grad_h_cbtd, seq), grad_head_dv.astype(head_dv.dtype))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def head_loss(hidden_btd, head_dv, targets_bt, weight_bt, z_weight: float, logits_dtype, chunk: int):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def head_loss(hidden_btd, head_dv, targets_bt, weight_bt, z_weight: float, logits_dtype, chunk: int,
+              unroll: bool = False):
   """(loss, ce_sum, z_sum): loss = sum(w·nll) + z_weight·sum(w·lse²), differentiable in `hidden_btd` and `head_dv`
   only through `loss` (ce_sum and z_sum are for logging; their cotangents are ignored)."""
-  return _head_loss_and_grads(hidden_btd, head_dv, targets_bt, weight_bt, z_weight, logits_dtype, chunk)[0]
+  return _head_loss_and_grads(hidden_btd, head_dv, targets_bt, weight_bt, z_weight, logits_dtype, chunk, unroll)[0]
 
 
-def _head_loss_bwd(z_weight, logits_dtype, chunk, grads, cotangents):
-  del z_weight, logits_dtype, chunk
+def _head_loss_bwd(z_weight, logits_dtype, chunk, unroll, grads, cotangents):
+  del z_weight, logits_dtype, chunk, unroll
   grad_h, grad_head = grads
   g = cotangents[0]
   return (grad_h * g.astype(grad_h.dtype), grad_head * g.astype(grad_head.dtype), None, None)
@@ -176,7 +187,8 @@ def _head_loss_bwd(z_weight, logits_dtype, chunk, grads, cotangents):
 head_loss.defvjp(_head_loss_and_grads, _head_loss_bwd)
 
 
-def next_token_nll(spec: transformer.ModelSpec, params: dict, tokens_bt, chunk: int = 0, vocab_tile: int = 0):
+def next_token_nll(spec: transformer.ModelSpec, params: dict, tokens_bt, chunk: int = 0, vocab_tile: int = 0,
+                   unroll: bool = False):
   """Per-position next-token NLL and logsumexp, both fp32 [batch, seq-1] (position t predicts token t+1).
 
   The model runs on all `seq` tokens (as OLMo does) and the last position's prediction is dropped.
@@ -184,33 +196,35 @@ def next_token_nll(spec: transformer.ModelSpec, params: dict, tokens_bt, chunk: 
   module = transformer.bind(spec, params)
   hidden_btd = module.hidden(tokens_bt)[:, :-1]
   return head_nll(hidden_btd, module.head[...], tokens_bt[:, 1:].astype(jnp.int32), spec.logits_dtype, chunk,
-                  vocab_tile)
+                  vocab_tile, unroll)
 
 
-def gathered_nll(spec: transformer.ModelSpec, params: dict, inputs_bt, positions_bk, targets_bk, chunk: int = 0):
+def gathered_nll(spec: transformer.ModelSpec, params: dict, inputs_bt, positions_bk, targets_bk, chunk: int = 0,
+                 unroll: bool = False):
   """NLL [batch, k] of `targets_bk[:, j]` given `inputs_bt[:, :positions_bk[:, j] + 1]`: the head runs only on the
   k gathered positions (a multiple-choice continuation), not on every context position."""
   module = transformer.bind(spec, params)
   hidden_btd = module.hidden(inputs_bt)
   hidden_bkd = jnp.take_along_axis(hidden_btd, positions_bk[..., None].astype(jnp.int32), axis=1)
-  return head_nll(hidden_bkd, module.head[...], targets_bk.astype(jnp.int32), spec.logits_dtype, chunk)[0]
+  return head_nll(hidden_bkd, module.head[...], targets_bk.astype(jnp.int32), spec.logits_dtype, chunk,
+                  unroll=unroll)[0]
 
 
 def sequence_nll(spec: transformer.ModelSpec, params: dict, tokens_bt, pad_id: int | None, chunk: int = 0,
-                 vocab_tile: int = 0):
+                 vocab_tile: int = 0, unroll: bool = False):
   """Mean next-token NLL of each sequence [batch] (fp32), PAD targets excluded when pad_id is given: the
   quantity CoLoR scores and held-out losses are made of."""
-  nll_bt, _ = next_token_nll(spec, params, tokens_bt.astype(jnp.int32), chunk, vocab_tile)
+  nll_bt, _ = next_token_nll(spec, params, tokens_bt.astype(jnp.int32), chunk, vocab_tile, unroll)
   mask_bt = loss_mask(tokens_bt, pad_id)
   return jnp.sum(nll_bt * mask_bt, axis=1) / jnp.maximum(jnp.sum(mask_bt, axis=1), 1.0)
 
 
 def sequence_nll_and_prefixes(spec: transformer.ModelSpec, params: dict, tokens_bt, pad_id: int | None,
-                              prefixes: tuple, chunk: int = 0, vocab_tile: int = 0):
+                              prefixes: tuple, chunk: int = 0, vocab_tile: int = 0, unroll: bool = False):
   """(sequence_nll [batch], the mean NLL of each sequence's first k tokens for every k in `prefixes` [batch, P]).
   Attention is causal, so a prefix's NLL from the whole sequence's pass is what scoring the prefix alone gives: a
   cheaper score measured at no extra cost."""
-  nll_bt, _ = next_token_nll(spec, params, tokens_bt.astype(jnp.int32), chunk, vocab_tile)
+  nll_bt, _ = next_token_nll(spec, params, tokens_bt.astype(jnp.int32), chunk, vocab_tile, unroll)
   mask_bt = loss_mask(tokens_bt, pad_id)
   full_b = jnp.sum(nll_bt * mask_bt, axis=1) / jnp.maximum(jnp.sum(mask_bt, axis=1), 1.0)
   parts = [jnp.sum((nll_bt * mask_bt)[:, :k - 1], axis=1) / jnp.maximum(jnp.sum(mask_bt[:, :k - 1], axis=1), 1.0)
@@ -219,7 +233,7 @@ def sequence_nll_and_prefixes(spec: transformer.ModelSpec, params: dict, tokens_
 
 
 def batch_loss(spec: transformer.ModelSpec, params: dict, tokens_bt, pad_id: int | None, z_weight: float,
-               chunk: int = 0):
+               chunk: int = 0, unroll: bool = False):
   """Summed training loss of a batch (CE + z_weight·logsumexp²) and its parts (CE sum, z sum, counted targets);
   the step divides by the count over the whole global batch, so micro-batching does not change the mean."""
   tokens_bt = tokens_bt.astype(jnp.int32)
@@ -227,5 +241,5 @@ def batch_loss(spec: transformer.ModelSpec, params: dict, tokens_bt, pad_id: int
   hidden_btd = module.hidden(tokens_bt)[:, :-1]
   mask_bt = loss_mask(tokens_bt, pad_id)
   loss, ce_sum, z_sum = head_loss(hidden_btd, module.head[...], tokens_bt[:, 1:], mask_bt, z_weight,
-                                  spec.logits_dtype, chunk)
+                                  spec.logits_dtype, chunk, unroll)
   return loss, (ce_sum, z_sum, jnp.sum(mask_bt))

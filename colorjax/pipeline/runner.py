@@ -34,6 +34,7 @@ from colorjax import score
 from colorjax.selection import stage as selection_stage
 from colorjax import sharding
 from colorjax import train
+from colorjax.aot import steps as aot_steps
 from colorjax.artifacts import formats
 from colorjax.artifacts import lineage
 from colorjax.data import corpus
@@ -70,6 +71,9 @@ class Steps:
 
 
 def run(cfg):
+  if cfg.compile_for:  # every stage's step compiled for a slice; nothing runs
+    root = pathlib.Path(cfg.workdir or f"runs/{cfg.pipeline.preset}").resolve()
+    return aot_steps.compile_pipeline(cfg, stage_configs(cfg, root), seq_len(cfg))
   if not cfg.workdir:
     raise errors.ConfigError("set --config.workdir to the pipeline's work directory")
   plan.check_settings(cfg)
@@ -212,7 +216,11 @@ def describe(cfg):
     total_flops += train.describe(stages.reference, sizes.get("target_text", sizes["target_train"]), seq,
                                   how)["total_flops"]
     print()
-  return total_flops + _describe_targets(cfg, stages, proto, n, seq, how)
+  total_flops += _describe_targets(cfg, stages, proto, n, seq, how)
+  if cfg.compile_for:  # and compiled: the steps' memory and cost as the compiler reports them
+    print()
+    aot_steps.compile_pipeline(cfg, stages, seq)
+  return total_flops
 
 
 def _describe_targets(cfg, stages, proto, n: int, seq: int, how: str) -> float:

@@ -24,19 +24,22 @@ class Rho:
   chunk: int  # head positions per chunk when scoring
 
 
-def reducible_loss(rho: Rho, params, reference_params, tokens_bt):
+def reducible_loss(rho: Rho, params, reference_params, tokens_bt, unroll: bool = False):
   """[batch] NLL_θ − NLL_ref of each sequence (no gradient flows through the selection)."""
-  current = losses.sequence_nll(rho.spec, params, tokens_bt, rho.pad_id, rho.chunk)
-  reference = losses.sequence_nll(rho.reference_spec, reference_params, tokens_bt, rho.pad_id, rho.chunk)
+  current = losses.sequence_nll(rho.spec, params, tokens_bt, rho.pad_id, rho.chunk, unroll=unroll)
+  reference = losses.sequence_nll(rho.reference_spec, reference_params, tokens_bt, rho.pad_id, rho.chunk,
+                                  unroll=unroll)
   return jax.lax.stop_gradient(current - reference)
 
 
-def select(rho: Rho, params, reference_params, candidates_cmt):
+def select(rho: Rho, params, reference_params, candidates_cmt, unroll: bool = False):
   """The `keep` candidates with the largest reducible loss (ties: lower candidate index), in candidate order, laid
   out [keep / micro, micro, seq] for the accumulation loop; plus the mean score of the chosen and of all candidates.
-  Candidates are scored one micro-batch at a time, so scoring memory is that of one forward micro-batch."""
+  Candidates are scored one micro-batch at a time, so scoring memory is that of one forward micro-batch
+  (`unroll`: that loop as straight-line code, losses.scan_map)."""
   c, micro, seq = candidates_cmt.shape
-  scores = jax.lax.map(lambda t: reducible_loss(rho, params, reference_params, t), candidates_cmt).reshape(-1)
+  scores = losses.scan_map(lambda t: reducible_loss(rho, params, reference_params, t, unroll), candidates_cmt,
+                           unroll).reshape(-1)
   chosen_scores, ids = jax.lax.top_k(scores, rho.keep)
   ids = jnp.sort(ids)
   chosen = candidates_cmt.reshape(c * micro, seq)[ids].reshape(rho.keep // micro, micro, seq)
