@@ -73,7 +73,7 @@ class Steps:
 def run(cfg):
   if cfg.compile_for:  # every stage's step compiled for a slice; nothing runs
     root = pathlib.Path(cfg.workdir or f"runs/{cfg.pipeline.preset}").resolve()
-    return aot_steps.compile_pipeline(cfg, stage_configs(cfg, root), seq_len(cfg))
+    return aot_steps.compile_pipeline(cfg, plan.stage_configs(cfg, root), plan.seq_len(cfg))
   if not cfg.workdir:
     raise errors.ConfigError("set --config.workdir to the pipeline's work directory")
   plan.check_settings(cfg)
