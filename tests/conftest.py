@@ -4,6 +4,11 @@ import pathlib
 
 import pytest
 
+# The suite runs on the CPU (CI's machines have no accelerator). Named before jax starts: with an accelerator
+# plugin installed but no accelerator (the CUDA PJRT plugin for compiling for GPUs without one), jax's default
+# platform search would otherwise fail and drop the plugin.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 

@@ -21,7 +21,9 @@ from colorjax import score
 from colorjax import train
 from colorjax.aot import compiler
 from colorjax.aot import steps as aot_steps
+from colorjax.aot import gpus
 from colorjax.aot import targets
+from colorjax.artifacts import scores as scores_lib
 from conftest import REPO, make_config, run_cli, tiny_train_overrides
 
 LIBTPU = importlib.util.find_spec("libtpu") is not None
@@ -51,7 +53,8 @@ def test_slice_names_and_accelerator_types(text, chip, name):
 @pytest.mark.parametrize("text,message", [
     ("v5p:2x2", "a v5p slice has 3 dimensions"), ("v5e:2x2x2", "a v5e slice has 2 dimensions"),
     ("v5p-6", "no default shape for 3 v5p chips"), ("v7:2x2", "write a TPU slice as <chip>:<shape>"),
-    ("h200:8", "compiles for a GPU only on one; run with --config.compile_for=local")])
+    ("h200:8", "write a GPU as h100, h200, with a count (h200x8) or hosts x GPUs (h100:2x8)"),
+    ("a100x8", "on another GPU machine use --config.compile_for=local")])
 def test_bad_slice_names_are_one_line_with_the_fix(text, message):
   with pytest.raises(errors.ConfigError, match=re.escape(message)):
     targets.parse(text)
@@ -188,7 +191,7 @@ def test_local_executable_round_trip_through_a_score_run(synthetic_store, synthe
   plain = score.run(make_config("score", "demo", workdir=str(tmp_path / "plain"), **common))
   loaded = score.run(make_config("score", "demo", workdir=str(tmp_path / "loaded"), compile_load=str(folder),
                                  **common))
-  assert np.array_equal(score.Scores(plain).read(0, 10 ** 9), score.Scores(loaded).read(0, 10 ** 9))
+  assert np.array_equal(scores_lib.Scores(plain).read(0, 10 ** 9), scores_lib.Scores(loaded).read(0, 10 ** 9))
   with pytest.raises(errors.ConfigError, match=r"score_step: its step differs from this run's in batch \(16 there, "
                                                r"32 here\)"):
     score.run(make_config("score", "demo", workdir=str(tmp_path / "other"), compile_load=str(folder),
@@ -298,3 +301,63 @@ def test_cli_reports_the_compiled_step_quietly():
                    r"device\) x 1, remat off\n  memory/chip: arguments .* of 15\.75 GiB usable \(\d+%\): fits; "
                    r"compiled in [\d.]+ s\n", out)
   assert "TPU_WORKER_HOSTNAMES" not in proc.stderr and "E0000" not in proc.stderr, proc.stderr
+
+
+# --- NVIDIA GPUs without one: the CUDA PJRT plugin's compile-only devices ------------------------------------------
+
+CUDA_PJRT = any(importlib.util.find_spec(f"jax_plugins.xla_cuda{v}") for v in (12, 13))
+needs_cuda_pjrt = pytest.mark.skipif(
+    not CUDA_PJRT, reason="the CUDA PJRT plugin is not installed (458 MB; requirements.txt leaves it out); run: "
+    "pip install -e '.[gpu-aot]' && python -m pytest -q tests/test_compile.py -k gpu")
+
+
+@pytest.mark.parametrize("text,name,hosts,per_host", [("h100", "h100", 1, 1), ("H200x8", "h200x8", 1, 8),
+                                                      ("h100:2x8", "h100:2x8", 2, 8), ("h200:1x4", "h200x4", 1, 4)])
+def test_gpu_names(text, name, hosts, per_host):
+  gpu, found_hosts, found_per_host, canonical = gpus.parse(text)
+  assert (gpu.name, found_hosts, found_per_host, canonical) == (name.split(":")[0].split("x")[0], hosts, per_host, name)
+  assert gpus.parse("v5p:2x2x2") is None
+
+
+def test_gpu_target_descriptions_are_the_chips():
+  """The bundled GpuTargetConfigProtos: Hopper (sm 9.0), the H100's and H200's memory and bandwidth."""
+  for gpu in gpus.GPUS.values():
+    text = gpus.target_config(gpu)
+    assert "major: 9" in text and f"device_memory_size: {gpu.hbm_bytes}" in text
+    bandwidth = float(re.search(r"memory_bandwidth: (\d+)", text).group(1))
+    assert bandwidth == pytest.approx(gpu.hbm_bandwidth, rel=0.01)
+
+
+def test_without_the_cuda_plugin_one_line_says_how_to_install(monkeypatch):
+  real = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec",
+                      lambda name, *a: None if name.startswith("jax_plugins.xla_cuda") else real(name, *a))
+  with pytest.raises(errors.ConfigError, match=re.escape("pip install -e '.[gpu-aot]'")) as caught:
+    targets.target("h200x8")
+  assert "\n" not in str(caught.value)
+
+
+@needs_cuda_pjrt
+@pytest.mark.parametrize("text,devices,hosts", [("h100", 1, 1), ("h200:2x4", 8, 2)])
+def test_tiny_train_and_score_steps_compile_for_gpus_without_one(text, devices, hosts):
+  target = targets.target(text)
+  assert (len(target.devices), target.hosts, target.devices[0].platform) == (devices, hosts, "gpu")
+  (trained,) = _compile("pretrain", "tiny", text)
+  (scored,) = _compile("score", "tiny", text)
+  for report, kind in ((trained, "train_step"), (scored, "score_step")):
+    assert report.built.kind == kind and report.fits and report.result.executable is not None
+    assert 0 < report.result.needed < target.usable_bytes
+  assert trained.result.memory["argument"] == pytest.approx(13.27e6 * 12 / devices, rel=0.1)
+
+
+@needs_cuda_pjrt
+def test_a_micro_batch_too_large_for_the_gpu_is_refused_with_the_one_that_fits(monkeypatch):
+  """With jax's share of the H100 cut to 1 GiB (XLA_PYTHON_CLIENT_MEM_FRACTION), micro 512 does not fit; the line
+  names a micro-batch the compiler fits, and the temporaries grow with the micro-batch."""
+  monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", str(gpus.GIB / gpus.GPUS["h100"].hbm_bytes))
+  with pytest.raises(errors.ConfigError) as caught:
+    _compile("pretrain", "tiny", "h100", train__global_batch_size=512, train__micro_batch_size=512, **SHORT)
+  message = str(caught.value)
+  assert "\n" not in message and "does not fit a h100 chip; would fit with --config.train.micro_batch_size=" in message
+  fitting = int(re.search(r"micro_batch_size=(\d+)", message).group(1))
+  assert fitting < 512

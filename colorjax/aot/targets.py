@@ -2,9 +2,8 @@
 `v5p-16`), whose devices libtpu describes without the hardware, or `local`, this machine's own devices.
 
 Per chip: the HBM the compiler may use, nominal HBM and bf16 peak FLOP/s (Google's Cloud TPU pages), and HBM
-bandwidth for the roofline of chips whose compiler gives no step-time estimate. A GPU target without a GPU would be
-one more entry in `_TOPOLOGIES` (jax's `make_pjrt_topology` for "cuda", given a target description); jax 0.10.2 has
-no such description to give, so GPUs are compiled for with `local` on a GPU machine.
+bandwidth for the roofline of chips whose compiler gives no step-time estimate. NVIDIA GPUs without one (`h100`,
+`h200x8`, `h100:2x8`) come from the CUDA PJRT plugin given a target description (gpus.py).
 """
 import dataclasses
 import importlib.metadata
@@ -15,6 +14,7 @@ import re
 import jax
 
 from colorjax import errors
+from colorjax.aot import gpus
 from colorjax.training import metrics
 
 GIB = 1024 ** 3
@@ -105,9 +105,11 @@ def parse(text: str, setting: str = "compile_for") -> tuple[Chip, str]:
       raise errors.ConfigError(f"{setting}={text!r}: no default shape for {chips} {chip.name} chips; name the "
                                f"slice, e.g. {chip.name}:{SHAPES[chip.rank][8]}")
     return chip, f"{chip.name}:{SHAPES[chip.rank][chips]}"
+  if gpus.parse(text) is not None:
+    raise errors.ConfigError(f"{setting}={text!r} is a GPU: it has no TPU slice defaults (compile_for takes it)")
   if re.match(r"^(h100|h200|b200|a100|gpu|cuda)", text):
-    raise errors.ConfigError(f"{setting}={text!r}: jax 0.10.2 compiles for a GPU only on one; run with "
-                             f"--config.compile_for={LOCAL} on the GPU machine")
+    raise errors.ConfigError(f"{setting}={text!r}: write a GPU as {', '.join(gpus.GPUS)}, with a count (h200x8) or "
+                             f"hosts x GPUs (h100:2x8); on another GPU machine use --config.compile_for={LOCAL}")
   raise errors.ConfigError(f"{setting}={text!r}: write a TPU slice as <chip>:<shape> with chip one of "
                            f"{', '.join(CHIPS)} (v5p:2x2x2, v5e:4x4) or an accelerator type (v5p-16, v5litepod-16), "
                            f"or {LOCAL} for this machine's devices")
@@ -144,6 +146,9 @@ def quiet_environment(text: str) -> None:
   hostnames), so compiling for a TPU slice prints nothing but the report, here or on a TPU VM whose chips are busy.
   Only for compile_for processes: a run on a slice needs libtpu's own discovery."""
   if not is_slice(text):
+    return
+  if gpus.parse(text) is not None:  # the CUDA plugin describes the GPUs; jax itself stays on the CPU
+    jax.config.update("jax_platforms", "cpu")
     return
   chip, name = parse(text)
   chips = 1
@@ -183,6 +188,11 @@ def target(text: str) -> Target:
     chip = next((c for c in CHIPS.values() if c.device_kind == kind), None)
     return Target(LOCAL, devices, usable, chip.hbm_gib * GIB if chip else usable, metrics.peak_flops(),
                   chip.hbm_bandwidth if chip else 0.0, estimates_time=chip is None or chip.name == "v5p")
+  gpu = gpus.parse(text)
+  if gpu is not None:  # a GPU without one: its memory analysis, and a roofline for the time
+    gpu, hosts, per_host, name = gpu
+    return Target(name, gpus.devices(gpu, hosts, per_host), gpus.usable_bytes(gpu), gpu.hbm_bytes, gpu.peak_flops,
+                  gpu.hbm_bandwidth, estimates_time=False)
   chip, name = parse(text)
   devices = _TOPOLOGIES["tpu"](chip, name)
   # libtpu 0.0.42 gives a valid optimal_seconds only on v5p (negative elsewhere): the others get a roofline

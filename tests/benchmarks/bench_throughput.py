@@ -15,6 +15,7 @@ N = non-embedding + head; "pool_tokens_per_s" counts each pool token once howeve
       --score-batch 64 --loss-chunk 8 --score-chunk 32 --score-vocab-tile 2048    # the CPU books presets' pair
 """
 import argparse
+import dataclasses
 import json
 import os
 import pathlib
@@ -195,7 +196,9 @@ def bench_score(args, spec, mesh, params, tokens, common, mfu):
                     out_shardings=stacked_sh)(params)
   row_sh = NamedSharding(mesh, P(sharding.RULES["batch"], None))
   pool = jax.device_put(tokens[: args.score_batch], row_sh)
-  score_step = score.build_score_step(spec, stacked_sh, row_sh, row_sh, None, args.score_chunk,
+  # the product's score.fp8 is the spec's flag (its step scores one model at a time: score.over_models)
+  step_spec = dataclasses.replace(spec, fp8=True) if common["variant"] == "fp8" else spec
+  score_step = score.build_score_step(step_spec, stacked_sh, row_sh, row_sh, None, args.score_chunk,
                                       args.score_vocab_tile)
   score_step, compile_s = compiled(score_step, stacked, pool)
   save_hlo(args, score_step, f"score-{common['variant']}")
