@@ -94,7 +94,7 @@ def test_without_libtpu_one_line_says_how_to_install(monkeypatch):
 def test_tpu_extra_pins_the_required_jax():
   pinned = re.search(r"^jax==(\S+)$", (REPO / "requirements.txt").read_text(), re.M).group(1)
   extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
-  assert extras["tpu"] == [f"jax[tpu]=={pinned}"]
+  assert extras["tpu"] == [f"jax[tpu]=={pinned}"] and extras["gpu-aot"] == [f"jax-cuda12-pjrt=={pinned}"]
   assert "libtpu" not in (REPO / "requirements.txt").read_text()
 
 
@@ -305,7 +305,7 @@ def test_cli_reports_the_compiled_step_quietly():
 
 # --- NVIDIA GPUs without one: the CUDA PJRT plugin's compile-only devices ------------------------------------------
 
-CUDA_PJRT = any(importlib.util.find_spec(f"jax_plugins.xla_cuda{v}") for v in (12, 13))
+CUDA_PJRT = gpus.cuda_plugin_installed()
 needs_cuda_pjrt = pytest.mark.skipif(
     not CUDA_PJRT, reason="the CUDA PJRT plugin is not installed (458 MB; requirements.txt leaves it out); run: "
     "pip install -e '.[gpu-aot]' && python -m pytest -q tests/test_compile.py -k gpu")

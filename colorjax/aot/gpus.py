@@ -62,10 +62,17 @@ def target_config(gpu: Gpu) -> str:
   return "\n".join(line for line in lines if not line.lstrip().startswith("#"))
 
 
+def cuda_plugin_installed() -> bool:
+  """Whether a CUDA PJRT plugin (jax-cuda12-pjrt or jax-cuda13-pjrt) is importable; without any jax plugin the
+  `jax_plugins` namespace itself is missing."""
+  if importlib.util.find_spec("jax_plugins") is None:
+    return False
+  return any(importlib.util.find_spec(f"jax_plugins.xla_cuda{v}") is not None for v in (12, 13))
+
+
 def devices(gpu: Gpu, hosts: int, per_host: int) -> tuple:
   """Compile-only devices of `hosts` x `per_host` GPUs, described by the CUDA PJRT plugin."""
-  if importlib.util.find_spec("jax_plugins.xla_cuda12") is None and importlib.util.find_spec(
-      "jax_plugins.xla_cuda13") is None:
+  if not cuda_plugin_installed():
     raise errors.ConfigError(f"compile_for={gpu.name}: the CUDA PJRT plugin is not installed; {INSTALL}")
   from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
   try:
