@@ -21,7 +21,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import tensorstore as ts
 
 from colorjax import console
 from colorjax import errors
@@ -30,15 +29,14 @@ from colorjax.aot import compiler
 from colorjax.aot import targets
 from colorjax.artifacts import formats
 from colorjax.artifacts import lineage
-from colorjax.artifacts import object_storage
 from colorjax.artifacts import scores as scores_lib
 from colorjax.data import stores
 from colorjax.model import estimate
 from colorjax.model import losses
 from colorjax.model import transformer
 from colorjax.training import checkpoint
+from colorjax.training import loops
 from colorjax.training import metrics
-from colorjax.training import preemption
 
 
 
@@ -130,76 +128,6 @@ def load_models(cfg, mesh):
   return spec, stacked, stacked_sh, describe_models(entries), manifests[0]["tokenizer"]
 
 
-def is_complete(workdir: pathlib.Path, request: dict) -> bool:
-  """Whether `workdir` already holds finished scores for this request (pool and models)."""
-  if not (workdir / formats.MANIFEST).exists():
-    return False
-  scores = scores_lib.Scores(workdir)
-  return scores.manifest.get("request") == lineage.normalized(request) and bool(scores.done().all())
-
-
-def damaged_chunks(scores: scores_lib.Scores) -> list[int]:
-  """Row chunks whose file is damaged (a disk fault, a truncated copy): marked done but unreadable or holding a NaN,
-  or not done with a file left that cannot be read (a re-score would read it before writing a short last chunk)."""
-  done, bad = scores.done(), []
-  for chunk in range(done.size):
-    if not done[chunk] and not (scores.path / "nll.zarr" / f"{chunk}.0").exists():
-      continue
-    first, stop = chunk * scores.chunk_rows, min(scores.num_sequences, (chunk + 1) * scores.chunk_rows)
-    try:
-      rows = scores.nll[first:stop].read().result()
-    except ValueError:
-      bad.append(chunk)
-      continue
-    if done[chunk] and np.isnan(rows).any():
-      bad.append(chunk)
-  return bad
-
-
-def reopen_damaged(workdir: pathlib.Path, request: dict) -> None:
-  """score.verify: the damaged chunks of this request's scores lose their done flag, so this run re-scores them."""
-  if not (workdir / formats.MANIFEST).exists():
-    return
-  scores = scores_lib.Scores(workdir)
-  if scores.manifest.get("request") != lineage.normalized(request):
-    return
-  bad = damaged_chunks(scores)
-  if bad and console.is_main():
-    print(f"score: {len(bad)} of {scores.done().size} chunks of {workdir} are damaged (chunks {bad[:10]}"
-          f"{' ...' if len(bad) > 10 else ''}); re-scoring them")
-    done = scores_lib.zarr(workdir / "done.zarr")
-    for chunk in bad:
-      done[chunk].write(np.uint8(0)).result()
-      # the damaged file goes: a write of a short last chunk would read it first (one chunk spans all columns)
-      (workdir / "nll.zarr" / f"{chunk}.0").unlink(missing_ok=True)
-  elif console.is_main():
-    print(f"score: verified the {int(scores.done().sum())} written chunks of {workdir}: none damaged")
-
-
-def step_schedule(per_host: list, n: int, chunk_rows: int, host_batch: int) -> list[tuple[int, int, bool]]:
-  """(slot, batch within the chunk, last batch of the slot) for every global step. Hosts work through their own
-  chunk lists in lockstep; a slot takes as many batches as its largest chunk there needs (a short last chunk of
-  the pool takes fewer), and a chunk is always cut into the same batches, whichever host or job scores it."""
-  schedule = []
-  for slot in range(max((len(c) for c in per_host), default=0)):
-    rows = [min(chunk_rows, n - int(c[slot]) * chunk_rows) for c in per_host if slot < len(c)]
-    steps = -(-max(rows) // host_batch)
-    schedule += [(slot, j, j == steps - 1) for j in range(steps)]
-  return schedule
-
-
-def pool_rows_per_step(schedule: list, per_host: list, n: int, chunk_rows: int, host_batch: int) -> np.ndarray:
-  """Pool sequences each step scores, all hosts together: a batch's padding rows (a short last chunk, a host with
-  no chunk left) are not counted, so progress and throughput count the pool."""
-  rows = np.zeros(len(schedule), np.int64)
-  for step, (slot, j, _) in enumerate(schedule):
-    for chunks in per_host:
-      if slot < len(chunks):
-        in_chunk = min(chunk_rows, n - int(chunks[slot]) * chunk_rows)
-        rows[step] += min(host_batch, max(0, in_chunk - j * host_batch))
-  return rows
-
-
 def over_models(fn, stacked, fp8: bool):
   """fn(one model's params) for every model of `stacked` (a leading models axis), stacked along a new leading axis:
   one vmapped pass, or with fp8 one pass per model in the same step (XLA rewrites quantize -> dequantize -> dot
@@ -267,35 +195,6 @@ def abstract_step(cfg, spec, n_models: int, seq_len: int, pad_id, token_dtype, m
                                              prefixes)
 
 
-def _open_output(workdir: pathlib.Path, manifest: dict, num_chunks: int, ids: np.ndarray | None = None):
-  """Create the score folder, or check that an existing one was made by the same job (store, models, layout)."""
-  path = workdir / formats.MANIFEST
-  keys = ("request", "num_sequences", "chunk_rows", "batch_size", "columns")
-  if path.exists():
-    existing = json.loads(path.read_text())
-    strip = lambda m: {k: m.get(k) for k in keys}
-    if strip(existing) != strip(manifest):
-      diff = lineage.differences(existing.get("request") or {}, lineage.normalized(manifest["request"]))
-      diff += [k for k in keys[1:] if existing.get(k) != manifest.get(k)]
-      raise errors.DataError(f"{workdir} holds scores of another job (differs in {', '.join(diff)}); choose another "
-                             "--config.workdir (nothing was overwritten)")
-    return
-  if console.is_main():
-    workdir.mkdir(parents=True, exist_ok=True)
-    n, k = manifest["num_sequences"], len(manifest["models"])
-    scores_lib.zarr(workdir / "nll.zarr", create=True, dtype=ts.float32, shape=[n, k], fill_value=np.nan,
-          chunk_layout=ts.ChunkLayout(chunk_shape=[manifest["chunk_rows"], k]))
-    scores_lib.zarr(workdir / "done.zarr", create=True, dtype=ts.uint8, shape=[num_chunks], fill_value=0,
-          chunk_layout=ts.ChunkLayout(chunk_shape=[1]))
-    if manifest.get("prefixes"):
-      p = len(manifest["prefixes"])
-      scores_lib.zarr(workdir / scores_lib.PREFIXES, create=True, dtype=ts.float32, shape=[n, k, p], fill_value=np.nan,
-            chunk_layout=ts.ChunkLayout(chunk_shape=[manifest["chunk_rows"], k, p]))
-    if ids is not None:
-      np.save(workdir / scores_lib.IDS, ids)
-    lineage.write_manifest(workdir, manifest)
-
-
 def run(cfg) -> pathlib.Path:
   scfg = cfg.score
   if not cfg.workdir:
@@ -309,8 +208,8 @@ def run(cfg) -> pathlib.Path:
   index_id = stores.index_id(scfg.index, "score.index") if scfg.index else None
   request = scores_request(store.id, describe_models(entries), numerics_of(cfg), index_id)
   if scfg.verify:
-    console.on_main_then_sync(lambda: reopen_damaged(workdir, request), "score verify")
-  if is_complete(workdir, request):
+    console.on_main_then_sync(lambda: scores_lib.reopen_damaged(workdir, request), "score verify")
+  if scores_lib.is_complete(workdir, request):
     if console.is_main():
       print(f"score: {workdir} is complete for this pool and these models; nothing to do")
     return workdir
@@ -320,23 +219,12 @@ def run(cfg) -> pathlib.Path:
     return _score(cfg, workdir, store, request, profiler, shard_i, shard_n, cfg.train.peak_flops)
 
 
-def _score(cfg, workdir, store, request, profiler, shard_i, shard_n, peak_flops: float) -> pathlib.Path:
-  scfg = cfg.score
-  mesh = sharding.make_mesh(cfg.mesh)
-  spec, stacked, stacked_sh, models, tok_info = load_models(cfg, mesh)
-  if tok_info["sha256"] != store.manifest["tokenizer"]["sha256"]:
-    raise errors.DataError(f"pool {store.path} was tokenized with {store.manifest['tokenizer']['name']}, the models "
-                           f"with {tok_info['name']}; prepare the pool with the models' tokenizer")
-  if store.seq_len > spec.max_seq_len:
-    raise errors.DataError(f"pool seq_len {store.seq_len} exceeds the models' context {spec.max_seq_len}")
-
+def layout(scfg, mesh, seq_len: int) -> loops.Layout:
+  """The batch (a multiple of the data-parallel size), this host's part of it and the chunk rows; checked."""
   dp = sharding.data_parallel_size(mesh)
   batch = -(-int(scfg.batch_size) // dp) * dp
-  batch_sh = sharding.batch_sharding(mesh)
-  out_sh = sharding.batch_sharding(mesh)
-  row_start, row_stop = sharding.host_rows(batch_sh, (batch, store.seq_len))
-  host_batch = row_stop - row_start
-  hosts = jax.process_count()
+  row_start, row_stop = sharding.host_rows(sharding.batch_sharding(mesh), (batch, seq_len))
+  host_batch, hosts = row_stop - row_start, jax.process_count()
   if batch % hosts:
     raise errors.ConfigError(f"score.batch_size={batch} must split evenly over {hosts} hosts")
   if int(scfg.vocab_tile) < 0:
@@ -344,6 +232,42 @@ def _score(cfg, workdir, store, request, profiler, shard_i, shard_n, peak_flops:
   chunk_rows = int(scfg.chunk_rows) or host_batch * max(1, 65536 // host_batch)
   if chunk_rows % host_batch:
     raise errors.ConfigError(f"score.chunk_rows={chunk_rows} must be a multiple of the per-host batch {host_batch}")
+  return loops.Layout(batch, row_start, host_batch, chunk_rows, hosts)
+
+
+def _check_pool(store, spec, tok_info) -> None:
+  if tok_info["sha256"] != store.manifest["tokenizer"]["sha256"]:
+    raise errors.DataError(f"pool {store.path} was tokenized with {store.manifest['tokenizer']['name']}, the models "
+                           f"with {tok_info['name']}; prepare the pool with the models' tokenizer")
+  if store.seq_len > spec.max_seq_len:
+    raise errors.DataError(f"pool seq_len {store.seq_len} exceeds the models' context {spec.max_seq_len}")
+
+
+def _manifest(cfg, request, store, workdir, spec, models, tok_info, n, lay, index, prefixes) -> dict:
+  """The score folder's manifest (written before any chunk, so another machine can resume it)."""
+  manifest = {
+      "format": formats.SCORES.format, "num_sequences": n, "columns": [m["name"] for m in models], "models": models,
+      "store": {"path": lineage.relative(store.path, workdir), "id": store.id, "seq_len": store.seq_len},
+      "id": lineage.content_id(request), "request": request, "dtype": "float32",
+      "value": "per-sequence mean next-token NLL (fp32, no z-loss)", "chunk_rows": lay.chunk_rows,
+      "batch_size": lay.batch, "model": spec.architecture(), "tokenizer": tok_info,
+      "config": json.loads(cfg.to_json()), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+  }
+  if index is not None:
+    manifest["index"] = {"path": lineage.relative(cfg.score.index, workdir), "id": request["index"],
+                         "pool": store.num_sequences}
+  if prefixes:
+    manifest["prefixes"] = list(prefixes)
+  return manifest
+
+
+def _score(cfg, workdir, store, request, profiler, shard_i, shard_n, peak_flops: float) -> pathlib.Path:
+  """Set up (models, layout, step, output folder), then score this shard's chunks that are not done."""
+  scfg = cfg.score
+  mesh = sharding.make_mesh(cfg.mesh)
+  spec, stacked, stacked_sh, models, tok_info = load_models(cfg, mesh)
+  _check_pool(store, spec, tok_info)
+  lay = layout(scfg, mesh, store.seq_len)
   pad_id = losses.pad_to_mask(store)  # scores are means over real tokens, whatever the training policy
   if spec.fp8 and console.is_main():
     print(FP8_NOTE, flush=True)
@@ -351,11 +275,12 @@ def _score(cfg, workdir, store, request, profiler, shard_i, shard_n, peak_flops:
   # a folder started without them is resumed without them
   saved = formats.read_json(workdir / formats.MANIFEST) if (workdir / formats.MANIFEST).exists() else None
   prefixes = tuple((saved or {}).get("prefixes") or ()) if saved else prefix_lengths(scfg, store.seq_len)
-  step_fn = build_score_step(spec, stacked_sh, batch_sh, out_sh, pad_id, int(scfg.loss_chunk), int(scfg.vocab_tile),
-                             prefixes)
+  batch_sh = sharding.batch_sharding(mesh)
+  step_fn = build_score_step(spec, stacked_sh, batch_sh, batch_sh, pad_id, int(scfg.loss_chunk),
+                             int(scfg.vocab_tile), prefixes)
   if cfg.compile_load:  # the same step, compiled ahead of time (compile_for + compile_save); before any output
     step_fn = compiler.load(cfg.compile_load, "score_step", mesh.devices.flat,
-                            step_key(spec, len(models), batch, store.seq_len, pad_id, store.dtype, mesh, scfg,
+                            step_key(spec, len(models), lay.batch, store.seq_len, pad_id, store.dtype, mesh, scfg,
                                      prefixes))
     if console.is_main():
       print(f"score: step loaded from {cfg.compile_load} (compiled ahead of time)", flush=True)
@@ -364,102 +289,26 @@ def _score(cfg, workdir, store, request, profiler, shard_i, shard_n, peak_flops:
   n = store.num_sequences if index is None else index.size
   if n == 0:
     raise errors.DataError(f"score.index {scfg.index} selects no sequence; nothing to score")
-  num_chunks = -(-n // chunk_rows)
-  manifest = {
-      "format": formats.SCORES.format, "num_sequences": n, "columns": [m["name"] for m in models], "models": models,
-      "store": {"path": lineage.relative(store.path, workdir), "id": store.id, "seq_len": store.seq_len},
-      "id": lineage.content_id(request), "request": request, "dtype": "float32",
-      "value": "per-sequence mean next-token NLL (fp32, no z-loss)", "chunk_rows": chunk_rows,
-      "batch_size": batch, "model": spec.architecture(), "tokenizer": tok_info,
-      "config": json.loads(cfg.to_json()), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-  }
-  if index is not None:
-    manifest["index"] = {"path": lineage.relative(scfg.index, workdir), "id": request["index"],
-                         "pool": store.num_sequences}
-  if prefixes:
-    manifest["prefixes"] = list(prefixes)
-  console.on_main_then_sync(lambda: _open_output(workdir, manifest, num_chunks, index), "score output")
+  num_chunks = -(-n // lay.chunk_rows)
+  manifest = _manifest(cfg, request, store, workdir, spec, models, tok_info, n, lay, index, prefixes)
+  console.on_main_then_sync(lambda: scores_lib.open_output(workdir, manifest, num_chunks, index), "score output")
   if not console.is_main():
-    _open_output(workdir, manifest, num_chunks)  # every host checks the folder it will write into
+    scores_lib.open_output(workdir, manifest, num_chunks)  # every host checks the folder it will write into
   out = scores_lib.Scores(workdir)
   mine = np.arange(num_chunks)[shard_i * num_chunks // shard_n:(shard_i + 1) * num_chunks // shard_n]
   todo = mine[~out.done()[mine]]
-  per_host = [todo[h::hosts] for h in range(hosts)]
-  my_chunks = per_host[jax.process_index()]
-  schedule = step_schedule(per_host, n, chunk_rows, host_batch)
-  prefix_buffer = np.empty((chunk_rows, len(models), len(prefixes)), np.float32) if prefixes else None
+  if console.is_main():
+    print(f"score: {n:,} sequences x {len(models)} models ({', '.join(m['name'] for m in models)}); "
+          f"{len(mine) - len(todo)} of {len(mine)} chunks already done; batch {lay.batch}, chunk {lay.chunk_rows} "
+          f"rows; {spec.compute_dtype} compute, precision {spec.precision}; mesh {sharding.describe(mesh)}",
+          flush=True)
   flops = transformer.flops_per_token(spec, store.seq_len, training=False) * len(models)
-  peak = metrics.peak_flops(peak_flops)
-
-  print_main = lambda msg: print(msg, flush=True) if console.is_main() else None
-  print_main(f"score: {n:,} sequences x {len(models)} models ({', '.join(m['name'] for m in models)}); "
-             f"{len(mine) - len(todo)} of {len(mine)} chunks already done; batch {batch}, chunk {chunk_rows} rows; "
-             f"{spec.compute_dtype} compute, precision {spec.precision}; mesh {sharding.describe(mesh)}")
-
-  def produce(step: int):
-    slot, j, _ = schedule[step]
-    rows = np.zeros((host_batch, store.seq_len), store.dtype)
-    if slot < len(my_chunks):
-      first = int(my_chunks[slot]) * chunk_rows + j * host_batch
-      ids = np.arange(first, min(first + host_batch, n))
-      if ids.size:
-        rows[: ids.size] = store.read(ids if index is None else index[ids])
-    return sharding.put_host_rows(rows, batch_sh, (batch, store.seq_len), row_start)
-
-  real_rows = pool_rows_per_step(schedule, per_host, n, chunk_rows, host_batch)
-  bar = console.Progress(total=int(real_rows.sum()), unit="seq", desc="score")
-  buffer = np.empty((chunk_rows, len(models)), np.float32)
-  start = time.time()
-  prefetch = stores.Prefetcher(produce, range(len(schedule)), cfg.data.prefetch)
-  pending = None
-
-  def local_rows(array):
-    shards = {s.index[0].start or 0: s for s in array.addressable_shards}  # replicas (tensor axis) once
-    return np.concatenate([np.asarray(shards[k].data) for k in sorted(shards)])[:host_batch]
-
-  def finish(step, result):
-    slot, j, last = schedule[step]
-    full, prefix = result if prefixes else (result, None)
-    buffer[j * host_batch:(j + 1) * host_batch] = local_rows(full)
-    if prefixes:
-      prefix_buffer[j * host_batch:(j + 1) * host_batch] = local_rows(prefix)
-    if last and slot < len(my_chunks):
-      chunk = int(my_chunks[slot])
-      first, stop = chunk * chunk_rows, min(n, (chunk + 1) * chunk_rows)
-      if prefixes:  # before the scores: a chunk whose scores are written has its prefixes too
-        scores_lib.zarr(workdir / scores_lib.PREFIXES)[first:stop].write(prefix_buffer[: stop - first]).result()
-      out.nll[first:stop].write(buffer[: stop - first]).result()
-      scores_lib.zarr(workdir / "done.zarr")[chunk].write(np.uint8(1)).result()
-      object_storage.flush()
-    elapsed = max(time.time() - start, 1e-9)
-    seq_per_s = bar.count / elapsed
-    mfu = f" mfu {seq_per_s * store.seq_len * flops / (peak * jax.device_count()):.1%}" if peak else ""
-    bar.update(int(real_rows[step]), extra=f"{console.human(seq_per_s * store.seq_len)} tok/s{mfu}")
-
-  stopped = None
-  try:
-    with sharding.use_mesh(mesh), preemption.Watch() as watch:
-      for step, tokens in prefetch:
-        profiler.before(step)
-        result = step_fn(stacked, tokens)
-        profiler.after(step, result)
-        if pending is not None:
-          finish(*pending)  # one step late: the device is already busy with the next batch
-        pending = (step, result)
-        if watch.check()[0] and step + 1 < len(schedule):
-          stopped = step + 1  # a SIGTERM: write what is finished (below), leave the rest to a re-run
-          break
-      if pending is not None:
-        finish(*pending)
-  finally:
-    prefetch.close()
-    profiler.close()
-  bar.close()
-  seconds = time.time() - start
+  per_host = [todo[h::lay.hosts] for h in range(lay.hosts)]
+  seconds, scored, stopped, steps = loops.score_chunks(cfg, mesh, step_fn, stacked, store, index, lay, out, per_host,
+                                                  len(models), prefixes, flops * store.seq_len, peak_flops, profiler)
   console.on_main_then_sync(lambda: None, "score finished")  # every host's chunks are written
   done = out.done()
   if console.is_main():
-    scored = int(real_rows[:stopped].sum()) if stopped is not None else int(real_rows.sum())
     record = {"event": "score", "shard": f"{shard_i}/{shard_n}", "chunks": int(done[todo].sum()), "seconds": seconds,
               "sequences": scored, "models": len(models),
               "sequences_per_s": scored / max(seconds, 1e-9),
@@ -469,9 +318,9 @@ def _score(cfg, workdir, store, request, profiler, shard_i, shard_n, peak_flops:
     state = "complete" if done.all() else f"{int(done.sum())} of {done.size} chunks done"
     print(f"score: {state}; {record['tokens_per_s_per_model']:,.0f} tokens/s per model; {workdir}")
   if stopped is not None:
-    raise errors.Preempted(f"{watch.reason()} after step {stopped} of {len(schedule)}: {int(done.sum())} of "
+    raise errors.Preempted(f"{stopped[1]} after step {stopped[0]} of {steps}: {int(done.sum())} of "
                            f"{done.size} row chunks are written (done flags set); re-run the same command to score the "
-                           "rest", stopped, watch.signum)
+                           "rest", stopped[0], stopped[2])
   return workdir
 
 

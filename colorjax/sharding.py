@@ -40,7 +40,8 @@ def maybe_initialize_distributed(mode: str = "auto") -> None:
     raise errors.ConfigError(f"mesh.distributed={mode!r}; choose auto, on or off")
   if mode == "off" or jax.distributed.is_initialized():
     return
-  cluster_env = ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS", "OMPI_MCA_orte_hnp_uri")
+  cluster_env = ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS",
+                 "OMPI_MCA_orte_hnp_uri")
   in_cluster = any(os.environ.get(name) for name in cluster_env)
   in_cluster = in_cluster or int(os.environ.get("SLURM_NTASKS", "1")) > 1
   if mode == "auto" and "TPU_WORKER_HOSTNAMES" in os.environ:

@@ -32,8 +32,8 @@ from colorjax.model import estimate
 from colorjax.model import losses
 from colorjax.model import transformer
 from colorjax.training import checkpoint
+from colorjax.training import loops
 from colorjax.training import metrics
-from colorjax.training import preemption
 from colorjax.training import rho as rho_lib
 from colorjax.training import run_folder
 from colorjax.training import step_plan
@@ -204,8 +204,8 @@ def _train(cfg, workdir, spec, mesh, inputs: run_folder.Inputs, index, started: 
     try:
       log.start(_header(cfg, spec, mesh, steps, store, state, start_step))
       source = BatchSource(store, steps, cfg.seed, index, batch_sh)
-      state = train_loop(cfg, state, train_step, source, start_step, steps, ckpt, log, evaluators, workdir, started,
-                         meta={"config": config, "store_id": store.id})
+      state = loops.train_loop(cfg, state, train_step, source, start_step, steps, ckpt, log, evaluators, workdir,
+                               started, meta={"config": config, "store_id": store.id})
     finally:
       log.close()
     export_dir = run_folder.publish_params(cfg, workdir, spec, store, inputs, steps, state, compute(spec, steps, rho))
@@ -280,67 +280,6 @@ def _header(cfg, spec, mesh, steps: step_plan.StepPlan, store, state, start_step
           "total_steps": steps.total_steps, "schedule_steps": steps.schedule_steps, "schedule": steps.schedule,
           "tokens_planned": steps.tokens, "train_items": steps.num_items, "mesh": dict(mesh.shape),
           "param_bytes_per_device": sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(state["params"]))}
-
-
-def train_loop(cfg, state, train_step, source, start_step: int, steps: step_plan.StepPlan, ckpt, log, evaluators,
-               workdir, started: list, meta: dict):
-  """Steps start_step..total: metrics fetched one step late, evals, checkpoints every checkpoint_every steps and
-  every checkpoint_minutes, a final save. A preemption notice (SIGTERM) saves at the step all hosts agree on and
-  ends the run with errors.Preempted."""
-
-  def log_eval(step: int):
-    if evaluators:
-      results = {}
-      for evaluator in evaluators:
-        results.update(evaluator(state["params"]))
-      log.eval(step, results)
-
-  eval_due = lambda step: step == 0 or bool(cfg.train.eval_every and step % cfg.train.eval_every == 0)
-  if start_step < steps.total_steps and eval_due(start_step):  # a resume: again, see metrics.MetricsWriter
-    log_eval(start_step)
-  prefetch = stores.Prefetcher(source, range(start_step, steps.total_steps), cfg.data.prefetch)
-  profiler = metrics.StepProfiler(cfg.profile_steps, workdir / "profile")
-  pending, stopped = None, None
-  with preemption.Watch(cfg.train.checkpoint_minutes) as watch:  # until the stop's save is on disk
-    try:
-      for step, batch in prefetch:
-        profiler.before(step)
-        state, stats = train_step(state, batch)
-        started.append(step)
-        profiler.after(step, stats)
-        if pending is not None:
-          log.train(*pending)
-        pending = (step + 1, stats)
-        done = step + 1
-        stop, timer = watch.check()  # every step on every host, the last one too
-        if done == steps.total_steps:
-          break  # the final save below
-        if stop or timer or (cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0):
-          ckpt.save(done, state, meta)
-          watch.saved()
-        if stop:
-          stopped = done
-          break
-        if cfg.train.eval_every and done % cfg.train.eval_every == 0:
-          log.train(*pending)
-          pending = None
-          log_eval(done)
-      if pending is not None:
-        log.train(*pending, flush=True)
-    finally:
-      prefetch.close()
-      profiler.close(state)
-    log.done_stepping()
-    if stopped is not None:
-      ckpt.close()
-      raise errors.Preempted(f"{watch.reason()} at step {stopped} of {steps.total_steps}: checkpoint saved in "
-                             f"{ckpt.directory / str(stopped)}; resume with --config.train.resume=True (a pipeline "
-                             "resumes its stages itself: re-run it)", stopped, watch.signum)
-  if start_step < steps.total_steps:
-    ckpt.save(steps.total_steps, state, meta)
-  ckpt.close()
-  log_eval(steps.total_steps)
-  return state
 
 
 @dataclasses.dataclass(frozen=True)

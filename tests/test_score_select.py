@@ -180,7 +180,7 @@ def _fake_scores(folder, store, nll):
   manifest = {"format": formats.SCORES.format, "num_sequences": len(nll), "columns": ["prior", "conditional_0"],
               "models": [{"name": "prior"}, {"name": "conditional_0"}], "chunk_rows": 64, "batch_size": 16,
               "store": {"path": str(store.path), "id": store.id, "seq_len": store.seq_len}}
-  score_lib._open_output(folder, manifest, -(-len(nll) // 64))
+  scores_lib.open_output(folder, manifest, -(-len(nll) // 64))
   scores = scores_lib.Scores(folder)
   scores.nll[:].write(nll).result()
   scores_lib.zarr(folder / "done.zarr")[:].write(np.ones(-(-len(nll) // 64), np.uint8)).result()
@@ -449,12 +449,12 @@ def test_progress_counts_pool_rows_not_padding():
   """Issue 21.7: 282 sequences in chunks of 64, batch 16 per host: the steps add up to 282, not the 288 rows of
   their batches."""
   per_host = [np.arange(5)]
-  schedule = score_lib.step_schedule(per_host, 282, 64, 16)
-  rows = score_lib.pool_rows_per_step(schedule, per_host, 282, 64, 16)
+  schedule = scores_lib.step_schedule(per_host, 282, 64, 16)
+  rows = scores_lib.pool_rows_per_step(schedule, per_host, 282, 64, 16)
   assert len(schedule) * 16 == 288 and rows.sum() == 282 and rows[-1] == 282 - 256 - 16
   two_hosts = [np.array([0, 2, 4]), np.array([1, 3])]
-  schedule = score_lib.step_schedule(two_hosts, 282, 64, 16)
-  assert score_lib.pool_rows_per_step(schedule, two_hosts, 282, 64, 16).sum() == 282
+  schedule = scores_lib.step_schedule(two_hosts, 282, 64, 16)
+  assert scores_lib.pool_rows_per_step(schedule, two_hosts, 282, 64, 16).sum() == 282
 
 
 def test_scoring_restricted_to_an_index(synthetic_store, synthetic_prior, conditional, tmp_path):

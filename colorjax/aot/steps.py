@@ -60,9 +60,6 @@ def _exists(path: str) -> bool:
   return bool(path) and pathlib.Path(path, formats.MANIFEST).exists()
 
 
-# --- the stages' steps -----------------------------------------------------------------------------------------------
-
-
 def train_steps(cfg, mesh, unroll: bool = False, num_items: int | None = None, seq_len: int | None = None) -> list:
   """The train step (pretrain, finetune, RHO-down) of `cfg` on `mesh`; with `unroll`, its cost twin: one
   micro-batch, every loop written out."""
@@ -298,9 +295,6 @@ def would_fit(cfg, kind: str, step_kind: str, target, mesh, needed: float = 0.0)
     if found < len(run):
       return texts[run[found][0]]
   return ""
-
-
-# --- entry points ----------------------------------------------------------------------------------------------------
 
 
 def _header(target, mesh) -> str:

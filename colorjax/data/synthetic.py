@@ -47,7 +47,8 @@ def _story(rng):
 
 
 def _recipe(rng):
-  lines = [f"Recipe: {rng.choice(INGREDIENTS).title()} and {rng.choice(INGREDIENTS)} {rng.choice(['pie', 'soup', 'bake'])}"]
+  first, second = rng.choice(INGREDIENTS).title(), rng.choice(INGREDIENTS)
+  lines = [f"Recipe: {first} and {second} {rng.choice(['pie', 'soup', 'bake'])}"]
   for _ in range(rng.integers(3, 7)):
     lines.append(f"- {rng.integers(1, 9)} {rng.choice(UNITS)} of {rng.choice(INGREDIENTS)}")
   for step in range(1, rng.integers(3, 7)):

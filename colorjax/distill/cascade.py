@@ -134,8 +134,8 @@ def select(cfg, folder: pathlib.Path, store: stores.TokenStore, values, request:
     streams = [(selection_lib.ScoreStream(rescored, methods.HEADLINE, "conditional_0", d.block_rows),
               rescored.num_sequences)]
     if sampled.size:
-      streams.append((selection_lib.ScoreStream(sample_scores, methods.HEADLINE, "conditional_0", d.block_rows, sampled),
-                    sampled.size))
+      streams.append((selection_lib.ScoreStream(sample_scores, methods.HEADLINE, "conditional_0", d.block_rows,
+                                                sampled), sampled.size))
     stream = parts.Concat(streams)
     rows, threshold = selection_lib.top_k(stream, k)
     first = rows < rescored.num_sequences

@@ -30,7 +30,7 @@ def make_scores(folder: pathlib.Path, n: int, block: int = 1 << 22) -> None:
   manifest = {"format": formats.SCORES.format, "num_sequences": n, "columns": ["prior", "conditional_0"],
               "models": [{"name": "prior"}, {"name": "conditional_0"}], "chunk_rows": chunk, "batch_size": 0,
               "store": {"path": "", "id": "benchmark", "seq_len": 512}}
-  score_lib._open_output(folder, manifest, -(-n // chunk))  # pylint: disable=protected-access
+  scores_lib.open_output(folder, manifest, -(-n // chunk))  # pylint: disable=protected-access
   scores = scores_lib.Scores(folder)
   rng = np.random.default_rng(0)
   start = time.time()

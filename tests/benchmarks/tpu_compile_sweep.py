@@ -41,7 +41,7 @@ def table(paths) -> str:
   last = {(r["slice"], r["size"], r["kind"], r["per_chip"], r["remat"]): r for r in rows}  # an estimate written later
   rows = list(last.values())
   out = ["| chip | slice (chips / hosts) | model | step | per chip | remat | peak GiB / usable | s/step | "
-         "tokens/s/chip | MFU | compile s (+ twin) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+         "tokens/s/chip | MFU | estimate from | compile s (+ twin) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     fits = f"{r['peak_gib']:.1f} / {r['usable_gib']:.2f}" if r["fits"] else (
         f"does not fit ({r['peak_gib']:.1f} / {r['usable_gib']:.2f})" if r["peak_gib"] else "does not fit")
@@ -51,7 +51,8 @@ def table(paths) -> str:
                f"{r['step_s']:.3f} | {r['tokens_per_s_per_chip']:,.0f} | {r['mfu']:.1%} | " if estimate else
                f"| {r['chip']} | {r['slice']} ({r['chips']} / {r['hosts']}) | {r['size']} | {r['kind']} | "
                f"{r['per_chip']} | {'on' if r['remat'] else 'off'} | {fits} | - | - | - | ")
-    out[-1] += f"{r['compile_s']:.0f}" + (f" (+ {r['twin_s']:.0f})" if r["twin_s"] else "") + " |"
+    source = "-" if not estimate else "cost model" if r["source"].startswith("XLA TPU") else "roofline"
+    out[-1] += f"{source} | {r['compile_s']:.0f}" + (f" (+ {r['twin_s']:.0f})" if r["twin_s"] else "") + " |"
   return "\n".join(out)
 
 
