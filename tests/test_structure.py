@@ -64,6 +64,14 @@ def test_top_level_is_small_and_families_are_folders():
   assert {"artifacts", "data", "model", "training", "pipeline", "report", "interop"} <= set(packages)
 
 
+def test_every_module_is_at_most_400_lines_of_at_most_120_characters():
+  long_modules = {str(p.relative_to(REPO)): n for p in PACKAGE.rglob("*.py")
+                  if (n := len(p.read_text().splitlines())) > 400}
+  long_lines = [f"{p.relative_to(REPO)}:{i}" for p in PACKAGE.rglob("*.py")
+                for i, line in enumerate(p.read_text().splitlines(), 1) if len(line) > 120]
+  assert not long_modules and not long_lines, (long_modules, long_lines[:10])
+
+
 def test_method_names_live_in_the_registry_and_their_ranking_code():
   """A method's name as a string literal appears in colorjax/ only in methods.py, its own ranking stage (dsir.py and
   the distill family write their names into their selections) and the config schema's defaults."""

@@ -129,7 +129,8 @@ def documents(domain: str, num_docs: int, seed: int):
 
 def train_tokenizer(files, path, vocab_size: int = 1024) -> pathlib.Path:
   """A byte-level BPE trained on the given jsonl.gz files, with <|endoftext|> = 0 and <|padding|> = 1."""
-  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # pylint: disable=import-outside-toplevel
+  # pylint: disable-next=import-outside-toplevel
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
   def texts():
     for file in files:
