@@ -235,6 +235,7 @@ def test_tiny_train_and_score_steps_compile_for_single_and_multi_host_slices(top
     assert report.result.memory["argument"] > 0 and report.result.executable is not None
   # the tiny model's params and Adam state are split over every chip: about 13.3M x 12 bytes / devices
   assert trained.result.memory["argument"] == pytest.approx(13.27e6 * 12 / devices, rel=0.1)
+  assert capsys.readouterr().out.count("attention is XLA's") == 2  # the GPU's cuDNN kernel cannot compile here
 
 
 SHORT = dict(model__max_seq_len=128)  # the tiny model on 128-token sequences: quicker compiles
@@ -339,7 +340,7 @@ def test_without_the_cuda_plugin_one_line_says_how_to_install(monkeypatch):
 
 @needs_cuda_pjrt
 @pytest.mark.parametrize("text,devices,hosts", [("h100", 1, 1), ("h200:2x4", 8, 2)])
-def test_tiny_train_and_score_steps_compile_for_gpus_without_one(text, devices, hosts):
+def test_tiny_train_and_score_steps_compile_for_gpus_without_one(text, devices, hosts, capsys):
   target = targets.target(text)
   assert (len(target.devices), target.hosts, target.devices[0].platform) == (devices, hosts, "gpu")
   (trained,) = _compile("pretrain", "tiny", text)

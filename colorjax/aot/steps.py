@@ -17,6 +17,7 @@ from colorjax import score
 from colorjax import sharding
 from colorjax import train
 from colorjax.aot import compiler
+from colorjax.aot import gpus
 from colorjax.aot import targets
 from colorjax.artifacts import formats
 from colorjax.data import stores
@@ -297,10 +298,6 @@ def would_fit(cfg, kind: str, step_kind: str, target, mesh, needed: float = 0.0)
   return ""
 
 
-def _header(target, mesh) -> str:
-  return f"compile_for {target.describe()}; mesh {sharding.describe(mesh)}"
-
-
 def _hand_estimate(cfg, kind: str, devices: int) -> None:
   """The stage's dry run for the same device count: the hand-computed figures beside the compiler's."""
   planning = _copy(cfg, dry_run_devices=devices, compile_for="")
@@ -327,7 +324,9 @@ def compile_all(cfg, entries) -> list[Report]:
   setting that would, and ends with a ConfigError after every step was reported."""
   target = targets.target(cfg.compile_for)
   mesh = sharding.make_mesh(cfg.mesh, target.devices)
-  print(_header(target, mesh), flush=True)
+  print(f"compile_for {target.describe()}; mesh {sharding.describe(mesh)}", flush=True)
+  if gpus.is_description(target) and cfg.model.attention == "auto":
+    print(gpus.ATTENTION_NOTE, flush=True)
   if len(entries) == 1:
     _hand_estimate(entries[0][1], entries[0][2], len(target.devices))
   reports, seen, refused = [], {}, []
