@@ -137,6 +137,7 @@ def test_pipeline_color_distilled_keeps_most_of_colors_selection(demo_run, tmp_p
   assert 0 < sampled < quality["color_cascade-tau8"]["scoring_share"] < 1
   markdown = (work / "report.md").read_text()
   assert "## Selections: scoring cost and agreement with CoLoR" in markdown
+  assert "| color_distilled-tau8 | color_distilled | 8 | " in markdown  # the τ asked for, not pool / k
   assert (work / "plots" / "loss_vs_selection_compute.png").stat().st_size > 0
   stamp = (work / "selections" / "color_distilled-tau8" / "manifest.json").stat().st_mtime_ns
   runner.run(cfg)

@@ -239,7 +239,8 @@ def _md_selection_cost(selections: dict, gains: list[dict]) -> list[str]:
     rho = "-" if s.get("spearman") is None else f"{s['spearman']:.3f}"
     recall = "-" if s.get("recall") is None else f"{s['recall']:.1%}"
     gain = _gain_cell(by.get((s["method"], s.get("tau_requested") or s["tau"])))
-    lines.append(f"| {name} | {s['method']} | {s['tau']:g} | {share} | {rho} | {recall} | {gain} |")
+    tau = s.get("tau_requested") or s["tau"]  # the τ asked for (the realized pool / k may differ by rounding)
+    lines.append(f"| {name} | {s['method']} | {tau:g} | {share} | {rho} | {recall} | {gain} |")
   return lines + [""]
 
 
