@@ -67,6 +67,18 @@ def test_chip_table_is_googles():
   assert all(0.95 * c.hbm_gib <= c.usable_gib <= c.hbm_gib * 1.01 for c in targets.CHIPS.values())
 
 
+def test_per_chip_defaults_are_the_largest_micro_batch_that_fits_in_the_compiled_table():
+  """TRAIN_DEFAULTS against docs/tpu.md's table: for each chip and size, the chosen micro-batch compiled and fit
+  without remat, and every larger one compiled did not (or none larger was compiled: 32 per chip is one pass)."""
+  rows = re.findall(r"^\| TPU [^|]+ \| (v\w+):[^|]+ \| (150m|1\.2b) \| train \| (\d+) \| (on|off) \| ([^|]+) \|",
+                    (REPO / "docs" / "tpu.md").read_text(), re.M)
+  assert len(rows) >= 20
+  for (chip, size), (per_chip, remat) in targets.TRAIN_DEFAULTS.items():
+    fits = {int(m): "does not fit" not in cell for c, s, m, r, cell in rows if (c, s, r) == (chip, size, "off")}
+    assert not remat and fits.get(per_chip), (chip, size, fits)
+    assert not any(ok for m, ok in fits.items() if m > per_chip), (chip, size, fits)
+
+
 @pytest.mark.parametrize("name,arg,chips", [("pretrain", "150m,v5p-64", 32), ("pretrain", "1.2b,v5e:2x4", 8),
                                              ("target", "1.2b,anneal,v6e-8", 8), ("finetune", "tasks,150m,v4-16", 8),
                                              ("pretrain", "1.2b,v5e:16x16", 256)])
