@@ -254,6 +254,19 @@ def get_config() -> ml_collections.ConfigDict:
   return c
 
 
+def with_fields(cfg, fields: dict) -> ml_collections.ConfigDict:
+  """A copy of cfg with dotted fields (`"train.micro_batch_size": 8`) set; the copy is locked as cfg is."""
+  out = cfg.copy_and_resolve_references()
+  with out.unlocked():
+    for dotted, value in fields.items():
+      *parents, leaf = dotted.split(".")
+      node = out
+      for part in parents:
+        node = node[part]
+      node[leaf] = value
+  return out
+
+
 def stage_config(cfg, stage: str, **sections) -> ml_collections.ConfigDict:
   """A single-stage config derived from the pipeline's: shared sections copied, then the given ones."""
   out = get_config()

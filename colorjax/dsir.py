@@ -249,9 +249,7 @@ def pipeline_config(cfg, inputs: selection_stage.Inputs, selection: selection_st
   dcfg.dsir.store = str(inputs.pool)
   dcfg.dsir.target = str(inputs.target_text)
   dcfg.dsir.tau = selection.tau
-  selection_stage.keep_within(dcfg.dsir, selection, inputs.seq_len)
-  dcfg.workdir = str(selection.workdir)
-  dcfg.seed = selection.seed
+  selection_stage.place(dcfg, "dsir", selection, inputs.seq_len)
   return dcfg
 
 

@@ -154,9 +154,7 @@ def pipeline_config(cfg, inputs: selection_stage.Inputs, selection: selection_st
     scfg.select.store = str(inputs.pool)
   scfg.select.method = selection.method
   scfg.select.tau = selection.tau
-  selection_stage.keep_within(scfg.select, selection, inputs.seq_len)
-  scfg.workdir = str(selection.workdir)
-  scfg.seed = selection.seed
+  selection_stage.place(scfg, "select", selection, inputs.seq_len)
   return scfg
 
 

@@ -136,8 +136,7 @@ def test_a_new_ranking_stage_is_one_module_of_four_functions(demo_run, tmp_path,
   def configure(cfg, inputs, selection):
     c = config_lib.stage_config(cfg, "eos_count")
     c.select.store, c.select.method, c.select.tau = str(inputs.pool), selection.method, selection.tau
-    selection_stage.keep_within(c.select, selection, inputs.seq_len)
-    c.workdir, c.seed = str(selection.workdir), selection.seed
+    selection_stage.place(c, "select", selection, inputs.seq_len)
     return c
 
   def request(c, pool_id):

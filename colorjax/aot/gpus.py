@@ -91,11 +91,11 @@ def usable_bytes(gpu: Gpu) -> float:
 
 
 # Measured on an H200 (jax 0.11.2): compile_for=h200 here vs compile_for=local there vs the step's measured peak.
-ATTENTION_NOTE = ("note: compiled without a GPU, attention is XLA's ([batch, heads, seq, seq] scores in memory), not "
-                  "the cuDNN fused kernel a GPU run uses (model.attention=auto): temporaries are overstated. On an H200 "
-                  "the 150M train step (micro-batch 128) compiled here needs 72.0 GiB, on the GPU 34.9 (measured peak "
-                  "35.8); the 1.2B (micro 32) 88.4 vs 51.9 (57.2); the 150M scoring pair 14.9 vs 6.4 (7.5). "
-                  "compile_for=local on the GPU gives its own figures")
+ATTENTION_NOTE = ("note: compiled without a GPU, attention is XLA's ([batch, heads, seq, seq] scores in memory), "
+                  "not the cuDNN fused kernel a GPU run uses (model.attention=auto): temporaries are overstated. On "
+                  "an H200 the 150M train step (micro-batch 128) compiled here needs 72.0 GiB, on the GPU 34.9 "
+                  "(measured peak 35.8); the 1.2B (micro 32) 88.4 vs 51.9 (57.2); the 150M scoring pair 14.9 vs 6.4 "
+                  "(7.5). compile_for=local on the GPU gives its own figures (docs/tpu.md)")
 
 
 def is_description(target) -> bool:

@@ -11,6 +11,7 @@ every loop unrolled, scaled by the micro-batches per step.
 import dataclasses
 import pathlib
 
+from colorjax import config
 from colorjax import errors
 from colorjax import evaluate
 from colorjax import score
@@ -45,16 +46,8 @@ class Built:
 
 
 def _copy(cfg, **dotted):
-  """An unlocked copy of cfg with `a__b=value` fields set."""
-  out = cfg.copy_and_resolve_references()
-  with out.unlocked():
-    for name, value in dotted.items():
-      *parents, leaf = name.split("__")
-      node = out
-      for part in parents:
-        node = node[part]
-      node[leaf] = value
-  return out
+  """A copy of cfg with `a__b=value` fields set."""
+  return config.with_fields(cfg, {name.replace("__", "."): value for name, value in dotted.items()})
 
 
 def _exists(path: str) -> bool:

@@ -204,9 +204,7 @@ def pipeline_config(cfg, inputs: selection_stage.Inputs, selection: selection_st
   d.parts, d.method, d.tau = str(inputs.parts), selection.method, selection.tau
   if selection.shared_within is not None:
     d.sample_within = str(selection.shared_within)
-  selection_stage.keep_within(d, selection, inputs.seq_len)
-  dcfg.workdir = str(selection.workdir)
-  dcfg.seed = selection.seed
+  selection_stage.place(dcfg, "distill", selection, inputs.seq_len)
   return dcfg
 
 

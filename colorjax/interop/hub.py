@@ -28,6 +28,7 @@ import urllib.parse
 
 import ml_collections
 
+from colorjax import config
 from colorjax import console
 from colorjax import errors
 from colorjax.artifacts import formats
@@ -63,14 +64,7 @@ def release_url(cfg, path: str) -> str:
 
 def derived(cfg, fields: dict) -> ml_collections.ConfigDict:
   """A copy of the config with dotted fields set: the config of a stage this action runs (olmo, dolma)."""
-  out = ml_collections.ConfigDict(cfg.to_dict())
-  for dotted, value in fields.items():
-    node = out
-    *parents, leaf = dotted.split(".")
-    for part in parents:
-      node = node[part]
-    node[leaf] = value
-  return out
+  return config.with_fields(cfg, fields)
 
 
 def workdir(cfg) -> pathlib.Path:

@@ -105,8 +105,12 @@ def get(name: str) -> SelectionStage:
   return STAGES[name]
 
 
-def keep_within(section, selection: Selection, seq_len: int) -> None:
-  """The fixed-n part every stage's config shares: select among `within`, keep `keep` sequences (a token budget)."""
+def place(stage_cfg, section_name: str, selection: Selection, seq_len: int) -> None:
+  """What every selection stage's pipeline config shares: its work directory and seed, and under fixed n, select
+  among `within` and keep `keep` sequences (a token budget)."""
+  stage_cfg.workdir = str(selection.workdir)
+  stage_cfg.seed = selection.seed
+  section = stage_cfg[section_name]
   if selection.within is not None:
     section.within = str(selection.within)
   if selection.keep is not None:
